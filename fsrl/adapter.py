@@ -1,0 +1,224 @@
+"""The FSRL adapter: reads the residual stream, writes a steering vector in SAE feature space.
+
+    x~ = x - b_in                          b_in: the SAE's b_dec, copied at creation   (d_in,)
+    z  = x~ @ W + b                        W: (d_in, d_sae), b: (d_sae,)
+    relu:            v = relu(z)                                     steering only adds
+    soft_threshold:  v = sign(z) * relu(|z| - tau)                   tau: (d_sae,), learnable
+
+`clamp_nonnegative` (fused features clamped at zero, g = relu(f + s v)) is a flag the steering
+module reads; the adapter itself only produces v. Files: `adapter.safetensors` holds the
+tensors, `adapter.json` the metadata of API.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fsrl.errors import CorruptFileError, FsrlError, MismatchError
+
+if TYPE_CHECKING:
+    from fsrl.sae import Sae
+
+ADAPTER_FORMAT = "fsrl-adapter"
+ADAPTER_FORMAT_VERSION = 1
+WEIGHTS_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+
+
+def _relu(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.relu(z)
+
+
+def _soft_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return torch.sign(z) * torch.relu(z.abs() - tau)
+
+
+# activation name -> v = fn(z, tau); resolved once when the adapter is built.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "relu": _relu,
+    "soft_threshold": _soft_threshold,
+}
+
+
+@dataclass
+class AdapterConfig:
+    """What `adapter.json` records. Round-trips through JSON."""
+
+    id: str
+    activation: str
+    clamp_nonnegative: bool
+    d_in: int
+    d_sae: int
+    layer: int
+    base_model: dict[str, str]          # {"name", "fingerprint"}
+    sae: dict[str, str]                 # {"name", "fingerprint"}
+    training: dict[str, Any] = field(default_factory=dict)
+    format: str = ADAPTER_FORMAT
+    format_version: int = ADAPTER_FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "adapter.json") -> "AdapterConfig":
+        if data.get("format") != ADAPTER_FORMAT:
+            raise CorruptFileError(f"{where}: format is {data.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+            raise CorruptFileError(f"{where}: format_version {data['format_version']} is newer than "
+                                   f"this fsrl reads ({ADAPTER_FORMAT_VERSION})")
+        missing = [k for k in ("id", "activation", "clamp_nonnegative", "d_in", "d_sae", "layer",
+                               "base_model", "sae") if k not in data]
+        if missing:
+            raise CorruptFileError(f"{where}: missing field(s) {', '.join(missing)}")
+        if data["activation"] not in ACTIVATIONS:
+            raise CorruptFileError(f"{where}: unknown activation {data['activation']!r}; "
+                                   f"expected one of {', '.join(ACTIVATIONS)}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class FsrlAdapter(nn.Module):
+    """v = activation(x~ @ W + b). Shapes: x (..., d_in) -> v (..., d_sae)."""
+
+    def __init__(self, config: AdapterConfig, b_in: torch.Tensor | None = None,
+                 init_std: float = 1e-4, seed: int = 0):
+        super().__init__()
+        self.config = config
+        self._activation = ACTIVATIONS[config.activation]
+        g = torch.Generator().manual_seed(seed)
+        # Near zero, so training starts at the base model; not exactly zero, or relu'(0) = 0
+        # would leave W without a gradient.
+        self.W = nn.Parameter(torch.randn(config.d_in, config.d_sae, generator=g) * init_std)
+        self.b = nn.Parameter(torch.zeros(config.d_sae))
+        self.tau = nn.Parameter(torch.full((config.d_sae,), 1e-6),
+                                requires_grad=config.activation == "soft_threshold")
+        self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
+                             else torch.zeros(config.d_in))
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def clamp_nonnegative(self) -> bool:
+        return self.config.clamp_nonnegative
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (x.to(self.W.dtype) - self.b_in) @ self.W + self.b  # (..., d_sae)
+        return self._activation(z, self.tau)
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def mean_push(self) -> torch.Tensor:
+        """A data-free proxy for how hard each feature is pushed: relu/|.| of b plus the
+        column norms of W (used to rank features when no activations are at hand)."""
+        return self.b.detach().abs() + self.W.detach().norm(dim=0)
+
+
+def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,
+                layer: int, activation: str = "relu", clamp_nonnegative: bool = False,
+                init_std: float = 1e-4, seed: int = 0) -> FsrlAdapter:
+    """A fresh adapter bound to one base model, SAE and layer."""
+    if activation not in ACTIVATIONS:
+        raise FsrlError(f"unknown adapter activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    config = AdapterConfig(
+        id=adapter_id, activation=activation, clamp_nonnegative=clamp_nonnegative,
+        d_in=sae.d_in, d_sae=sae.d_sae, layer=layer,
+        base_model={"name": base_model_name, "fingerprint": base_model_fingerprint},
+        sae={"name": sae.info.name, "fingerprint": sae.info.fingerprint})
+    return FsrlAdapter(config, b_in=sae.b_dec, init_std=init_std, seed=seed)
+
+
+def save_adapter(adapter: FsrlAdapter, out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"W": adapter.W, "b": adapter.b, "b_in": adapter.b_in}
+    if adapter.config.activation == "soft_threshold":
+        tensors["tau"] = adapter.tau
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, out_dir / WEIGHTS_FILE)
+    (out_dir / META_FILE).write_text(json.dumps(adapter.config.to_json(), indent=2) + "\n")
+    return out_dir
+
+
+def read_adapter_config(folder: str | Path) -> AdapterConfig:
+    folder = Path(folder)
+    meta = folder / META_FILE
+    if not meta.is_file():
+        raise FsrlError(f"{folder}: {META_FILE} is missing")
+    try:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{meta}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{meta}: expected a JSON object")
+    return AdapterConfig.from_json(data, where=str(meta))
+
+
+def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | None = None,
+                 base_model_fingerprint: str | None = None, adapter_id: str | None = None,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FsrlAdapter:
+    """Load and validate an adapter folder.
+
+    Checks the tensors (present, shapes, dtypes, finite) and, where given, that the adapter
+    was made for this base model, SAE and layer. Every failure names what does not match.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    if adapter_id is not None:
+        config.id = adapter_id
+    mismatches = []
+    if base_model_fingerprint is not None and config.base_model.get("fingerprint") != base_model_fingerprint:
+        mismatches.append(f"base model (adapter: {config.base_model.get('name')} "
+                          f"{config.base_model.get('fingerprint')}, served: {base_model_fingerprint})")
+    if sae is not None:
+        if config.sae.get("fingerprint") != sae.info.fingerprint:
+            mismatches.append(f"SAE (adapter: {config.sae.get('name')} {config.sae.get('fingerprint')}, "
+                              f"served: {sae.info.name} {sae.info.fingerprint})")
+        if (config.d_in, config.d_sae) != (sae.d_in, sae.d_sae):
+            mismatches.append(f"shape (adapter d_in={config.d_in} d_sae={config.d_sae}, "
+                              f"SAE d_in={sae.d_in} d_sae={sae.d_sae})")
+    if layer is not None and config.layer != layer:
+        mismatches.append(f"layer (adapter: {config.layer}, served: {layer})")
+    if mismatches:
+        raise MismatchError(f"adapter {config.id!r} was made for another setup: " + "; ".join(mismatches))
+
+    weights_path = folder / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FsrlError(f"{folder}: {WEIGHTS_FILE} is missing")
+    try:
+        tensors = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{weights_path}: cannot read ({exc})") from exc
+    expected = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "b_in": (config.d_in,)}
+    if config.activation == "soft_threshold":
+        expected["tau"] = (config.d_sae,)
+    for name, shape in expected.items():
+        t = tensors.get(name)
+        if t is None:
+            raise CorruptFileError(f"{weights_path}: tensor {name!r} is missing")
+        if tuple(t.shape) != shape:
+            raise CorruptFileError(f"{weights_path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if t.dtype not in ALLOWED_DTYPES:
+            raise CorruptFileError(f"{weights_path}: tensor {name!r} has dtype {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise CorruptFileError(f"{weights_path}: tensor {name!r} holds NaN or infinite values")
+    adapter = FsrlAdapter(config, init_std=0.0)
+    with torch.no_grad():
+        adapter.W.copy_(tensors["W"])
+        adapter.b.copy_(tensors["b"])
+        adapter.b_in.copy_(tensors["b_in"])
+        if "tau" in tensors:
+            adapter.tau.copy_(tensors["tau"])
+    adapter.requires_grad_(False).eval()
+    return adapter.to(device=device, dtype=dtype)

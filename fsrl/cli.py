@@ -1,0 +1,59 @@
+"""The `fsrl` command line. Each subcommand lives in its own module as `add_arguments` + `run`;
+this file only wires them and turns user-facing errors into one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from fsrl.errors import FsrlError
+
+# (argv path, module implementing add_arguments(parser) and run(args) -> int | None, help)
+COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("serve",), "server.cli", "start the steering server"),
+    (("fetch-default",), "fsrl.commands.fetch_default", "fetch and convert the embedded default model"),
+    (("sae", "train"), "fsrl.sae_train", "train an SAE with sae-lens on a local model and corpus"),
+    (("sae", "convert-gemma-scope"), "fsrl.commands.convert_gemma_scope",
+     "convert a Gemma Scope params.npz folder into a sae-lens folder"),
+    (("bench",), "fsrl.bench", "decode throughput, base vs steered; prints a table, writes JSON"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsrl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module, help_text in COMMANDS:
+        subparsers = top
+        for part in path[:-1]:
+            if part not in groups:
+                groups[part] = top.add_parser(part, help=f"{part} commands").add_subparsers(
+                    dest=f"{part}_command", required=True)
+            subparsers = groups[part]
+        sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
+        sub.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = importlib.import_module(args._module).run(args)
+    except FsrlError as exc:
+        print(f"fsrl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fsrl: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Frozen sparse autoencoders, read straight from sae-lens's disk format.
+
+We read `cfg.json` + `sae_weights.safetensors` ourselves instead of importing sae_lens (which
+pulls wandb, datasets and transformer-lens at import and costs seconds at server start). The
+maths is the inference maths of sae-lens for the architectures we support:
+
+    hidden_pre = (x - b_dec * apply_b_dec_to_input) @ W_enc + b_enc      # (..., d_sae)
+    f          = activation(hidden_pre)                                 # relu | topk | jumprelu
+    x_hat      = f @ W_dec + b_dec                                      # (..., d_in)
+
+A Gemma Scope `params.npz` folder is turned into the same format by `convert_gemma_scope`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fsrl.errors import CorruptFileError, FsrlError
+
+SAE_CFG_FILE = "cfg.json"
+SAE_WEIGHTS_FILE = "sae_weights.safetensors"
+SAE_LABELS_FILE = "feature_labels.json"
+
+
+def _relu(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
+    return torch.relu(pre)
+
+
+def _topk(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
+    values, indices = pre.topk(sae.k, dim=-1, sorted=False)
+    return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+
+def _jumprelu(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
+    return pre * (pre > sae.threshold)
+
+
+# architecture string in cfg.json -> activation; resolved once at load.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, "Sae"], torch.Tensor]] = {
+    "standard": _relu,
+    "relu": _relu,
+    "topk": _topk,
+    "jumprelu": _jumprelu,
+}
+
+
+@dataclass
+class SaeInfo:
+    name: str
+    architecture: str
+    hook_name: str | None
+    layer: int | None
+    model_name: str | None
+    fingerprint: str
+    labels: dict[int, str] = field(default_factory=dict)
+    path: str | None = None
+
+
+class Sae(nn.Module):
+    """A frozen SAE. Tensors are buffers, so `.to()` moves them and nothing trains them."""
+
+    def __init__(self, W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tensor,
+                 b_dec: torch.Tensor, architecture: str, info: SaeInfo, k: int | None = None,
+                 threshold: torch.Tensor | None = None, apply_b_dec_to_input: bool = True):
+        super().__init__()
+        if architecture not in ACTIVATIONS:
+            raise FsrlError(f"unsupported SAE architecture {architecture!r}; "
+                            f"supported: {', '.join(sorted(ACTIVATIONS))}")
+        self.register_buffer("W_enc", W_enc)  # (d_in, d_sae)
+        self.register_buffer("b_enc", b_enc)  # (d_sae,)
+        self.register_buffer("W_dec", W_dec)  # (d_sae, d_in)
+        self.register_buffer("b_dec", b_dec)  # (d_in,)
+        self.register_buffer("threshold", threshold if threshold is not None
+                             else torch.zeros_like(b_enc))
+        self.architecture = architecture
+        self._activation = ACTIVATIONS[architecture]
+        self.k = k
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.info = info
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., d_in) -> f: (..., d_sae)"""
+        x = x.to(self.W_enc.dtype)
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return self._activation(x @ self.W_enc + self.b_enc, self)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """f: (..., d_sae) -> x_hat: (..., d_in)"""
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+
+    def label(self, index: int) -> str | None:
+        return self.info.labels.get(index)
+
+
+def sae_fingerprint(W_enc: torch.Tensor, W_dec: torch.Tensor, architecture: str) -> str:
+    """Hash of shapes and a bfloat16-rounded sample of the weights (dtype and device proof)."""
+    h = hashlib.sha256(f"{architecture}:{tuple(W_enc.shape)}:{tuple(W_dec.shape)}".encode())
+    for w in (W_enc, W_dec):
+        flat = w.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel()), dtype=torch.float64).long()
+        sample = flat[idx.to(flat.device)].to(torch.bfloat16).float().cpu().tolist()
+        h.update(",".join(f"{v:.2g}" for v in sample).encode())
+    return h.hexdigest()[:16]
+
+
+def layer_from_hook_name(hook_name: str | None) -> int | None:
+    """'model.layers.12' or 'blocks.12.hook_resid_post' -> 12."""
+    if not hook_name:
+        return None
+    m = re.search(r"(?:layers|blocks|h)\.(\d+)", hook_name)
+    return int(m.group(1)) if m else None
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> Sae:
+    """Load an SAE from a sae-lens folder (or a Gemma Scope `params.npz` folder)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FsrlError(f"SAE folder not found: {path}")
+    if not (path / SAE_CFG_FILE).exists() and (path / "params.npz").exists():
+        raise FsrlError(f"{path} is a Gemma Scope folder: convert it first with "
+                        f"`fsrl sae convert-gemma-scope {path} OUT_DIR --layer L`")
+    for needed in (SAE_CFG_FILE, SAE_WEIGHTS_FILE):
+        if not (path / needed).exists():
+            raise FsrlError(f"{path} is not a sae-lens SAE folder: {needed} is missing")
+    try:
+        cfg = json.loads((path / SAE_CFG_FILE).read_text())
+        weights = load_file(path / SAE_WEIGHTS_FILE)
+    except (json.JSONDecodeError, OSError, Exception) as exc:  # safetensors raises its own types
+        raise CorruptFileError(f"cannot read SAE in {path}: {exc}") from exc
+    arch = cfg.get("architecture", "standard")
+    if cfg.get("normalize_activations", "none") not in ("none", None):
+        raise FsrlError(f"SAE {path}: normalize_activations={cfg['normalize_activations']!r} "
+                        "is not supported; fold the normalisation into the weights first")
+    try:
+        W_enc, b_enc, W_dec, b_dec = (weights[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    except KeyError as exc:
+        raise CorruptFileError(f"SAE {path}: tensor {exc} missing from {SAE_WEIGHTS_FILE}") from exc
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for key, shape in expected.items():
+        if tuple(weights[key].shape) != shape:
+            raise CorruptFileError(f"SAE {path}: {key} has shape {tuple(weights[key].shape)}, "
+                                   f"cfg.json says {shape}")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # Fold the decoder norms into the encoder: exact for reconstruction and top-k choice.
+        norms = W_dec.norm(dim=-1)
+        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
+    meta = cfg.get("metadata") or {}
+    hook_name = meta.get("hook_name") or cfg.get("hook_name")
+    labels: dict[int, str] = {}
+    if (path / SAE_LABELS_FILE).exists():
+        raw = json.loads((path / SAE_LABELS_FILE).read_text())
+        labels = {int(k): str(v) for k, v in raw.items()}
+    info = SaeInfo(
+        name=meta.get("sae_name") or cfg.get("name") or path.resolve().name,
+        architecture=arch, hook_name=hook_name, layer=layer_from_hook_name(hook_name),
+        model_name=meta.get("model_name") or cfg.get("model_name"),
+        fingerprint=sae_fingerprint(W_enc, W_dec, arch), labels=labels, path=str(path))
+    threshold = weights.get("threshold")
+    sae = Sae(W_enc, b_enc, W_dec, b_dec, arch, info, k=cfg.get("k"),
+              threshold=threshold.float() if threshold is not None else None,
+              apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
+    if arch == "topk" and not sae.k:
+        raise CorruptFileError(f"SAE {path}: a topk SAE needs k in cfg.json")
+    return sae.to(device=device, dtype=dtype or torch.float32)
+
+
+def save_sae(sae: Sae, path: str | Path, dtype: torch.dtype = torch.float32,
+             extra_metadata: dict | None = None) -> Path:
+    """Write an SAE in sae-lens's inference disk format."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: getattr(sae, k).detach().to("cpu", dtype).contiguous()
+               for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if sae.architecture == "jumprelu":
+        tensors["threshold"] = sae.threshold.detach().to("cpu", dtype).contiguous()
+    save_file(tensors, path / SAE_WEIGHTS_FILE)
+    cfg = {
+        "architecture": sae.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+        "dtype": str(dtype).removeprefix("torch."), "device": "cpu",
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
+        "reshape_activations": "none",
+        "metadata": {"hook_name": sae.info.hook_name, "model_name": sae.info.model_name,
+                     "sae_name": sae.info.name, **(extra_metadata or {})},
+    }
+    if sae.k is not None:
+        cfg["k"] = sae.k
+    (path / SAE_CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    if sae.info.labels:
+        (path / SAE_LABELS_FILE).write_text(json.dumps({str(k): v for k, v in sorted(sae.info.labels.items())}, indent=1))
+    return path
+
+
+def convert_gemma_scope(npz_dir: str | Path, out_dir: str | Path, layer: int,
+                        model_name: str = "google/gemma-2-2b-it") -> Path:
+    """Turn a Gemma Scope `params.npz` folder (JumpReLU) into a sae-lens folder, offline."""
+    import numpy as np
+
+    npz_dir = Path(npz_dir)
+    npz = npz_dir / "params.npz" if npz_dir.is_dir() else npz_dir
+    if not npz.exists():
+        raise FsrlError(f"no params.npz in {npz_dir}")
+    params = np.load(npz)
+    names = {k.lower(): k for k in params.files}
+    try:
+        t = {k: torch.from_numpy(params[names[k.lower()]]).float()
+             for k in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")}
+    except KeyError as exc:
+        raise CorruptFileError(f"{npz}: Gemma Scope array {exc} missing") from exc
+    hook = f"model.layers.{layer}"
+    info = SaeInfo(name=f"gemma-scope-{npz_dir.name}", architecture="jumprelu", hook_name=hook,
+                   layer=layer, model_name=model_name,
+                   fingerprint=sae_fingerprint(t["W_enc"], t["W_dec"], "jumprelu"))
+    sae = Sae(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], "jumprelu", info,
+              threshold=t["threshold"], apply_b_dec_to_input=False)
+    return save_sae(sae, out_dir)
+
+
+def random_sae(d_in: int, d_sae: int, architecture: str = "topk", k: int = 8, layer: int = 0,
+               seed: int = 0, model_name: str | None = None) -> Sae:
+    """A random SAE of the given shape (tests, benchmarks on random model shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    W_dec = torch.randn(d_sae, d_in, generator=g)
+    W_dec = W_dec / W_dec.norm(dim=-1, keepdim=True)
+    W_enc = W_dec.T.clone() * 0.9
+    b_enc = torch.randn(d_sae, generator=g) * 0.05 - 0.05
+    b_dec = torch.randn(d_in, generator=g) * 0.02
+    threshold = torch.full((d_sae,), 0.05)
+    hook = f"model.layers.{layer}"
+    info = SaeInfo(name=f"random-{architecture}-{d_sae}", architecture=architecture,
+                   hook_name=hook, layer=layer, model_name=model_name,
+                   fingerprint=sae_fingerprint(W_enc, W_dec, architecture))
+    return Sae(W_enc, b_enc, W_dec, b_dec, architecture, info, k=k if architecture == "topk" else None,
+               threshold=threshold if architecture == "jumprelu" else None)

@@ -1,0 +1,281 @@
+"""The steering intervention: the one place that implements API.md's steering semantics.
+
+At the hook layer, for every row b of a batch and every token position t:
+
+    x      residual activation                                         (B, T, d_in)
+    f      = SAE.encode(x)                                             (B, T, d_sae)
+    v      = adapter_b(x)            the row's own adapter, or 0
+    g      = f + s_b * v             (adapter.clamp_nonnegative: g = relu(g))
+    overrides on feature i of row b, applied to g_i in delta form d = g - f:
+        set     d_i = value - f_i           add     d_i = d_i + value
+        scale   d_i = (f_i + d_i) * value - f_i
+        ablate  d_i = -f_i                  unsteer d_i = 0
+    x'     = x + d @ W_dec           (the SAE's error term is kept: decode is linear)
+
+Rows and positions with nothing to do are returned bit-for-bit unchanged.
+
+Working in delta form is what makes steering cheap: f is needed only where a clamp or a
+set/scale/ablate override reads it (and then, for element-wise SAEs, only at the overridden
+features), and since d is sparse only the rows of W_dec that d touches are read. Everything
+per-row is a tensor (adapter slot, scale, override index/op/value, first steered position), so
+the forward has no per-row Python branching and compiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsrl.adapter import FsrlAdapter
+from fsrl.errors import FsrlError
+from fsrl.sae import Sae
+
+OPS = ("set", "add", "scale", "ablate", "unsteer")
+OP_CODE = {name: code for code, name in enumerate(OPS)}
+NOOP = -1  # padding in the override table
+OPS_READING_F = {"set", "scale", "ablate"}
+MAX_FEATURE_OVERRIDES = 256
+
+
+@dataclass(frozen=True)
+class FeatureOverride:
+    index: int
+    op: str
+    value: float = 0.0
+
+
+@dataclass
+class RowSteering:
+    """One row's steering, as a request asks for it."""
+
+    adapter: FsrlAdapter | None = None
+    scale: float = 1.0
+    overrides: Sequence[FeatureOverride] = ()
+    steer_from: int = 0  # first steered position in the row's own sequence (prompt length: "generated")
+
+    @property
+    def is_noop(self) -> bool:
+        return (self.adapter is None or self.scale == 0.0) and not self.overrides
+
+
+def validate_overrides(overrides: Sequence[FeatureOverride], d_sae: int) -> None:
+    """The contract's rules: known op, index in range, one op per index, at most 256."""
+    if len(overrides) > MAX_FEATURE_OVERRIDES:
+        raise FsrlError(f"features: at most {MAX_FEATURE_OVERRIDES} overrides, got {len(overrides)}")
+    seen: set[int] = set()
+    for o in overrides:
+        if o.op not in OP_CODE:
+            raise FsrlError(f"features: unknown op {o.op!r}; expected one of {', '.join(OPS)}")
+        if not 0 <= o.index < d_sae:
+            raise FsrlError(f"features: index {o.index} is out of range [0, {d_sae})")
+        if o.index in seen:
+            raise FsrlError(f"features: index {o.index} has more than one op")
+        seen.add(o.index)
+
+
+@dataclass
+class SteeringBatch:
+    """Per-row steering of a batch, as tensors. Build it with `SteeringBatch.build`."""
+
+    adapters: tuple[FsrlAdapter, ...]   # distinct adapters of this batch; a row points at one by slot
+    adapter_slot: torch.Tensor          # (B,) long, -1: no adapter
+    scale: torch.Tensor                 # (B,)
+    clamp: torch.Tensor                 # (B,) bool, the row's adapter clamps g at zero
+    override_index: torch.Tensor        # (B, M) long; padding points at column d_sae (a sink)
+    override_op: torch.Tensor           # (B, M) long; padding is NOOP
+    override_value: torch.Tensor        # (B, M)
+    steer_from: torch.Tensor            # (B,) long
+    row_active: torch.Tensor            # (B,) bool
+    any_active: bool
+    any_clamp: bool                     # some active row's adapter clamps
+    any_override: bool
+    needs_f: bool                       # some clamp or set/scale/ablate reads f
+    capture_top: int = 0                # >0: report the top-|d| features at the last position
+
+    @classmethod
+    def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32, capture_top: int = 0) -> "SteeringBatch":
+        adapters: list[FsrlAdapter] = []
+        slots, clamps = [], []
+        for row in rows:
+            validate_overrides(row.overrides, d_sae)
+            if row.adapter is None:
+                slots.append(-1)
+                clamps.append(False)
+                continue
+            if row.adapter.config.d_sae != d_sae:
+                raise FsrlError(f"adapter {row.adapter.id!r} has d_sae {row.adapter.config.d_sae}, SAE has {d_sae}")
+            if not any(a is row.adapter for a in adapters):
+                adapters.append(row.adapter)
+            slots.append(next(i for i, a in enumerate(adapters) if a is row.adapter))
+            clamps.append(row.adapter.clamp_nonnegative)
+        width = max([len(r.overrides) for r in rows] + [1])
+        index = torch.full((len(rows), width), d_sae, dtype=torch.long)
+        op = torch.full((len(rows), width), NOOP, dtype=torch.long)
+        value = torch.zeros((len(rows), width), dtype=dtype)
+        for b, row in enumerate(rows):
+            for m, o in enumerate(row.overrides):
+                index[b, m], op[b, m], value[b, m] = o.index, OP_CODE[o.op], float(o.value)
+        active = [not r.is_noop for r in rows]
+        any_clamp = any(c and a for c, a in zip(clamps, active))
+        needs_f = any_clamp or any(o.op in OPS_READING_F for r in rows for o in r.overrides)
+        return cls(
+            adapters=tuple(adapters),
+            adapter_slot=torch.tensor(slots, dtype=torch.long, device=device),
+            scale=torch.tensor([r.scale for r in rows], dtype=dtype, device=device),
+            clamp=torch.tensor(clamps, dtype=torch.bool, device=device),
+            override_index=index.to(device), override_op=op.to(device),
+            override_value=value.to(device),
+            steer_from=torch.tensor([r.steer_from for r in rows], dtype=torch.long, device=device),
+            row_active=torch.tensor(active, dtype=torch.bool, device=device),
+            any_active=any(active), any_clamp=any_clamp,
+            any_override=any(r.overrides for r in rows), needs_f=needs_f, capture_top=capture_top)
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "SteeringBatch":
+        """The same steering for a subset of rows (a batch whose finished rows are dropped)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.adapter_slot.device)
+        active = self.row_active[rows]
+        return SteeringBatch(
+            adapters=self.adapters, adapter_slot=self.adapter_slot[rows], scale=self.scale[rows],
+            clamp=self.clamp[rows], override_index=self.override_index[rows],
+            override_op=self.override_op[rows], override_value=self.override_value[rows],
+            steer_from=self.steer_from[rows], row_active=active,
+            any_active=bool(active.any()), any_clamp=self.any_clamp, any_override=self.any_override,
+            needs_f=self.needs_f, capture_top=self.capture_top)
+
+
+@dataclass
+class SteerOutput:
+    x: torch.Tensor                             # (B, T, d_in) steered residual
+    delta: torch.Tensor | None                  # (B, T, d_sae) d = g - f, zero where unsteered
+    top_index: torch.Tensor | None = None       # (B, K) top-|d| features at the last position
+    top_delta: torch.Tensor | None = None       # (B, K)
+
+
+def _features_at(sae: Sae, x: torch.Tensor, index: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
+    """f at the override indices: (B, T, M). Padding (index d_sae) reads 0."""
+    B, T, _ = x.shape
+    if full is None and sae.architecture != "topk":
+        # Element-wise SAE: encode only the M overridden features of each row.
+        safe = index.clamp(max=sae.d_sae - 1)                                  # (B, M)
+        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
+        pre = torch.einsum("btd,bmd->btm", x_in, sae.W_enc.T[safe]) + sae.b_enc[safe][:, None, :]
+        if sae.architecture == "jumprelu":
+            f_sel = pre * (pre > sae.threshold[safe][:, None, :])
+        else:
+            f_sel = torch.relu(pre)
+    else:
+        full = sae.encode(x) if full is None else full                         # top-k needs all
+        f_sel = F.pad(full, (0, 1)).gather(-1, index[:, None, :].expand(B, T, -1))
+    return f_sel.masked_fill((index == sae.d_sae)[:, None, :], 0.0)
+
+
+def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tensor,
+          keep_delta: bool = False) -> SteerOutput:
+    """Apply the steering of `batch` to the residual `x` at `positions`.
+
+    x: (B, T, d_in); positions: (B, T) long, each token's index in its row's own sequence
+    (-1 for padding, which is never steered).
+    """
+    if not batch.any_active:
+        return SteerOutput(x=x, delta=None)
+    B, T, _ = x.shape
+    d_sae = sae.d_sae
+    xs = x.to(sae.W_dec.dtype)
+    steered = batch.row_active[:, None] & (positions >= batch.steer_from[:, None])  # (B, T)
+
+    d = xs.new_zeros(B, T, d_sae)
+    for slot, adapter in enumerate(batch.adapters):
+        uses = (batch.adapter_slot == slot).to(xs.dtype) * batch.scale                # (B,)
+        d = d + uses[:, None, None] * adapter(xs).to(xs.dtype)                        # (B, T, d_sae)
+
+    full_f = sae.encode(xs) if batch.needs_f and (
+        sae.architecture == "topk" or batch.any_clamp) else None
+    if batch.any_clamp:
+        clamped = torch.relu(full_f + d) - full_f                                     # g = relu(f + s v)
+        d = torch.where(batch.clamp[:, None, None], clamped, d)
+
+    if batch.any_override:
+        index = batch.override_index                                                  # (B, M)
+        idx = index[:, None, :].expand(B, T, -1)                                      # (B, T, M)
+        d_ext = F.pad(d, (0, 1))                                                      # sink column
+        d_sel = d_ext.gather(-1, idx)
+        f_sel = _features_at(sae, xs, index, full_f) if batch.needs_f else torch.zeros_like(d_sel)
+        op = batch.override_op[:, None, :]
+        value = batch.override_value[:, None, :].to(xs.dtype)
+        new = torch.where(op == OP_CODE["set"], value - f_sel, d_sel)
+        new = torch.where(op == OP_CODE["add"], d_sel + value, new)
+        new = torch.where(op == OP_CODE["scale"], (f_sel + d_sel) * value - f_sel, new)
+        new = torch.where(op == OP_CODE["ablate"], -f_sel, new)
+        new = torch.where(op == OP_CODE["unsteer"], torch.zeros_like(new), new)
+        d = d_ext.scatter(-1, idx, new)[..., :d_sae]
+
+    d = d * steered[..., None].to(d.dtype)
+    x_out = torch.where(steered[..., None], (xs + _decode_delta(d, sae.W_dec)).to(x.dtype), x)
+
+    out = SteerOutput(x=x_out, delta=d if keep_delta else None)
+    if batch.capture_top > 0:
+        last = d[:, -1, :]                                                            # (B, d_sae)
+        top = last.abs().topk(min(batch.capture_top, d_sae), dim=-1)
+        out.top_index, out.top_delta = top.indices, last.gather(-1, top.indices)
+    return out
+
+
+def _decode_delta(d: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """d @ W_dec, reading only the decoder rows that d touches (when not compiling)."""
+    if torch.compiler.is_compiling():
+        return d @ W_dec
+    touched = d.reshape(-1, d.shape[-1]).ne(0).any(0).nonzero().squeeze(-1)          # (n,)
+    if touched.numel() * 2 > d.shape[-1]:
+        return d @ W_dec
+    return d.index_select(-1, touched) @ W_dec.index_select(0, touched)              # (B, T, d_in)
+
+
+@dataclass
+class StepCapture:
+    """What one forward under steering reports back (top features at the last position)."""
+
+    top_index: torch.Tensor | None = None
+    top_delta: torch.Tensor | None = None
+
+
+class SteeringHook:
+    """Attaches `steer` to the output of one decoder layer of a model.
+
+    Use `with hook.steering(batch, positions) as capture: model(...)`. Outside that block the
+    hook is a no-op, so the plain model is the base model.
+    """
+
+    def __init__(self, layers: nn.ModuleList, layer: int, sae: Sae):
+        if not 0 <= layer < len(layers):
+            raise FsrlError(f"layer {layer} out of range: the model has {len(layers)} layers")
+        self.layer, self.sae = layer, sae
+        self._batch: SteeringBatch | None = None
+        self._positions: torch.Tensor | None = None
+        self._capture: StepCapture | None = None
+        self._handle = layers[layer].register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple, output):
+        if self._batch is None or not self._batch.any_active:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        result = steer(hidden, self.sae, self._batch, self._positions)
+        if self._capture is not None:
+            self._capture.top_index, self._capture.top_delta = result.top_index, result.top_delta
+        return (result.x, *output[1:]) if isinstance(output, tuple) else result.x
+
+    @contextlib.contextmanager
+    def steering(self, batch: SteeringBatch | None, positions: torch.Tensor | None) -> Iterator[StepCapture]:
+        self._batch, self._positions, self._capture = batch, positions, StepCapture()
+        try:
+            yield self._capture
+        finally:
+            self._batch = self._positions = self._capture = None
+
+    def remove(self) -> None:
+        self._handle.remove()
