@@ -1,0 +1,1 @@
+"""Small CLI subcommands (the larger ones live beside the code they drive)."""

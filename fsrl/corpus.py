@@ -1,0 +1,379 @@
+"""Local text corpora for SAE training: files, folders, `datasets` folders and a built-in one.
+
+A corpus spec is one of
+    path/to/file.txt          documents separated by lines holding only `<|endoftext|>`
+                              (a file without such lines is one document)
+    path/to/folder/           every *.txt below it, each file one document (or more, as above)
+    path/to/datasets-folder/  saved with `Dataset.save_to_disk` (a DatasetDict too); column `text`
+    builtin:system-docs       English prose already on this machine, no network (see below)
+
+`builtin:system-docs` reads the Rust toolchain's HTML books (~/.rustup/toolchains/*/share/doc/
+rust/html), the GNU info manuals (/usr/share/info) and the English man pages (/usr/share/man/
+man1..man8) and strips HTML, info and roff markup to prose. Code listings are dropped. Each
+family of man pages (the name up to its first '-', '_', ':' or '.') is capped at
+MAN_FAMILY_CAP pages, so that the 16k generated `gcloud-*` pages do not drown the rest;
+translated books are skipped. Whatever of the three is missing is skipped;
+none at all is an error.
+
+Documents are cut into chunks of whole paragraphs (at most `chunk_chars` characters) and
+shuffled with a seed, so that a training run that reads only a prefix still sees every source,
+and so that held-out chunks for evaluation can be split off.
+
+`python -m fsrl.corpus builtin:system-docs OUT.txt` writes a corpus to a file that loads back
+as the same documents.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+import os
+import random
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+from fsrl.errors import FsrlError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+DOC_SEPARATOR = "<|endoftext|>"  # a line holding only this separates documents in a .txt file
+RUST_BOOKS = ("book", "reference", "nomicon", "edition-guide", "embedded-book", "cargo", "rustc",
+              "rustdoc", "style-guide", "rust-by-example")
+MAN_SECTIONS = tuple(f"man{i}" for i in range(1, 9))
+MAN_FAMILY_CAP = 6
+TRANSLATIONS = {"es", "ja", "ko", "zh", "zh-CN", "zh-TW", "fr", "de", "pt-BR", "ru", "it", "pl"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a spec
+
+
+def load_documents(spec: str) -> list[str]:
+    """The documents of a corpus spec (see the module docstring), in a stable order."""
+    if spec.startswith(BUILTIN_PREFIX):
+        name = spec[len(BUILTIN_PREFIX):]
+        if name not in BUILTINS:
+            raise FsrlError(f"unknown built-in corpus {name!r}; known: "
+                            f"{', '.join(BUILTIN_PREFIX + n for n in sorted(BUILTINS))}")
+        docs = BUILTINS[name]()
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise FsrlError(f"corpus not found: {path}")
+        if path.is_file():
+            docs = _split_txt(_read_text(path))
+        elif (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            docs = _dataset_texts(path)
+        else:
+            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+            if not files:
+                raise FsrlError(f"{path} holds no *.txt files and is not a `datasets` folder")
+            docs = [d for f in files for d in _split_txt(_read_text(f))]
+    docs = [d for d in (d.strip() for d in docs) if d]
+    if not docs:
+        raise FsrlError(f"corpus {spec!r} holds no text")
+    return docs
+
+
+def chunk_documents(docs: list[str], chunk_chars: int = 3000) -> list[str]:
+    """Cut documents into chunks of whole paragraphs of at most ~chunk_chars characters."""
+    chunks: list[str] = []
+    for doc in docs:
+        current: list[str] = []
+        size = 0
+        for para in re.split(r"\n\s*\n", doc):
+            para = para.strip()
+            if not para:
+                continue
+            if current and size + len(para) > chunk_chars:
+                chunks.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(para)
+            size += len(para) + 2
+        if current:
+            chunks.append("\n\n".join(current))
+    return chunks
+
+
+def load_rows(spec: str, seed: int = 0, chunk_chars: int = 3000) -> list[str]:
+    """Chunked, shuffled rows of a corpus: what the SAE trainer reads."""
+    rows = chunk_documents(load_documents(spec), chunk_chars)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def write_txt(docs: list[str], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n", encoding="utf-8")
+    return out
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise FsrlError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _split_txt(text: str) -> list[str]:
+    return re.split(rf"^\s*{re.escape(DOC_SEPARATOR)}\s*$", text, flags=re.MULTILINE)
+
+
+def _dataset_texts(path: Path) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several unrelated types for a bad folder
+        raise FsrlError(f"cannot load the `datasets` folder {path}: {exc}") from exc
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+    if "text" not in ds.column_names:
+        raise FsrlError(f"the dataset in {path} has no `text` column "
+                        f"(columns: {', '.join(ds.column_names)})")
+    return [t for t in ds["text"] if isinstance(t, str)]
+
+
+# ---------------------------------------------------------------------------------------------
+# builtin:system-docs
+
+
+def system_docs() -> list[str]:
+    """English prose from the Rust books, GNU info manuals and man pages on this machine."""
+    parts = {"rust books": list(_rust_book_docs()), "info manuals": list(_info_docs()),
+             "man pages": list(_man_docs())}
+    for name, docs in parts.items():
+        log.info("system-docs: %s: %d documents, %.1f MB", name, len(docs),
+                 sum(map(len, docs)) / 1e6)
+    docs = [d for docs in parts.values() for d in docs]
+    if not docs:
+        raise FsrlError("builtin:system-docs found no Rust books, info manuals or man pages "
+                        "on this machine; pass --text with a corpus of your own")
+    return docs
+
+
+BUILTINS = {"system-docs": system_docs}
+
+
+def _rust_html_root() -> Path | None:
+    home = Path(os.environ.get("RUSTUP_HOME", Path.home() / ".rustup"))
+    roots = sorted((home / "toolchains").glob("*/share/doc/rust/html"))
+    # One toolchain is enough (they ship the same books); prefer stable.
+    roots.sort(key=lambda p: (not p.parts[-5].startswith("stable"), str(p)))
+    return roots[0] if roots else None
+
+
+def _rust_book_docs() -> Iterator[str]:
+    root = _rust_html_root()
+    if root is None:
+        return
+    for book in RUST_BOOKS:
+        for page in sorted((root / book).rglob("*.html")):
+            if page.name in ("print.html", "404.html", "toc.html", "index.html"):
+                continue  # print.html repeats the whole book; the rest are navigation
+            if TRANSLATIONS.intersection(page.relative_to(root / book).parts[:-1]):
+                continue  # rust-by-example ships translations; keep English
+            text = html_to_text(_read_text(page))
+            if len(text) > 200:
+                yield text
+
+
+def _info_docs() -> Iterator[str]:
+    root = Path("/usr/share/info")
+    if not root.is_dir():
+        return
+    for path in sorted(root.glob("*.info*")):
+        text = _read_maybe_gz(path)
+        if text:
+            yield info_to_text(text)
+
+
+def _man_docs() -> Iterator[str]:
+    root = Path("/usr/share/man")
+    families: Counter[str] = Counter()
+    for section in MAN_SECTIONS:
+        if not (root / section).is_dir():
+            continue
+        for path in sorted((root / section).iterdir()):
+            if path.is_symlink() or not path.is_file():
+                continue
+            family = re.split(r"[-_.:]", path.name, maxsplit=1)[0].lower()
+            if families[family] >= MAN_FAMILY_CAP:
+                continue
+            source = _read_maybe_gz(path)
+            if not source or source.lstrip().startswith(".so "):
+                continue  # a one-line redirect to another page
+            text = roff_to_text(source)
+            if len(text) > 300:
+                families[family] += 1
+                yield text
+
+
+def _read_maybe_gz(path: Path) -> str:
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return ""
+    return raw.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------
+# Markup to prose
+
+
+class _HtmlProse(HTMLParser):
+    """Text of an mdBook page's <main>, one paragraph per block element, code dropped."""
+
+    BLOCKS = {"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr", "dt",
+              "dd", "table", "ul", "ol", "section", "br", "hr"}
+    SKIP = {"pre", "script", "style", "nav", "svg", "button"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.paras: list[str] = []
+        self.current: list[str] = []
+        self.skip_depth = 0
+
+    def _flush(self):
+        text = re.sub(r"\s+", " ", "".join(self.current)).strip()
+        if text:
+            self.paras.append(text)
+        self.current = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skip_depth += 1
+        elif tag in self.BLOCKS:
+            self._flush()
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skip_depth = max(0, self.skip_depth - 1)
+        elif tag in self.BLOCKS:
+            self._flush()
+
+    def handle_data(self, data):
+        if not self.skip_depth:
+            self.current.append(data)
+
+
+def html_to_text(page: str) -> str:
+    m = re.search(r"<main[^>]*>(.*)</main>", page, flags=re.DOTALL)
+    parser = _HtmlProse()
+    parser.feed(m.group(1) if m else page)
+    parser.close()
+    parser._flush()
+    return "\n\n".join(parser.paras)
+
+
+def info_to_text(text: str) -> str:
+    """Drop info node headers, menus and the tag table; keep the prose."""
+    out: list[str] = []
+    in_menu = False
+    for line in text.splitlines():
+        if line.startswith("\x1f"):
+            in_menu = False
+            continue
+        if line.startswith(("File: ", "Tag Table:", "End Tag Table", "Node: ", "Ref: ",
+                            "INFO-DIR-SECTION", "START-INFO-DIR-ENTRY", "END-INFO-DIR-ENTRY")):
+            continue
+        if line.startswith("* Menu:"):
+            in_menu = True
+            continue
+        if in_menu:
+            if not line.strip() or line.startswith(("* ", " ")):
+                continue
+            in_menu = False
+        if re.fullmatch(r"[*=\-.]{3,}", line.strip()):
+            continue  # heading underlines
+        out.append(line)
+    return _join_lines("\n".join(out))
+
+
+_ROFF_CHARS = {"em": "\u2014", "en": "\u2013", "lq": "\u201c", "rq": "\u201d", "oq": "\u2018",
+               "cq": "\u2019", "aq": "'", "dq": '"', "bu": "\u2022", "co": "\u00a9",
+               "rg": "\u00ae", "tm": "\u2122", "hy": "-", "mi": "-", "pl": "+", "mu": "\u00d7",
+               "de": "\u00b0", "<=": "\u2264", ">=": "\u2265", "ga": "`", "ti": "~", "ha": "^",
+               "rs": "\\", "sl": "/", "ba": "|", "lh": "", "rh": "", "fm": "'", "sq": "'"}
+_TEXT_MACROS = {"SH", "SS", "B", "I", "SM", "SB", "BR", "RB", "BI", "IB", "IR", "RI", "TP",
+                "IP", "HP", "PP", "LP", "P", "Nm", "Nd", "Sh", "Ss", "It", "Pp", "Ar", "Fl",
+                "Dl", "Em", "Sy", "Xr", "Pa"}
+_BREAK_MACROS = {"SH", "SS", "PP", "LP", "P", "TP", "IP", "HP", "Sh", "Ss", "Pp", "It", "sp",
+                 "br", "TH", "Dt", "nf", "fi", "RS", "RE"}
+
+
+def _roff_escapes(s: str) -> str:
+    s = re.sub(r'\\".*$', "", s)  # comment
+    s = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", s)  # font changes
+    s = re.sub(r"\\s[+-]?\d", "", s)  # size changes
+    s = re.sub(r"\\\((..)", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
+    s = re.sub(r"\\\[([^\]]*)\]", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
+    s = re.sub(r"\\\*(\[[^\]]*\]|\(..|.)", "", s)  # strings defined by the page
+    s = re.sub(r"\\[nw$][^ ]?", "", s)
+    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
+    s = re.sub(r"\\[&|^c%:!0dut]", "", s)
+    return s.replace("\\\\", "\\")
+
+
+def roff_to_text(source: str) -> str:
+    """Prose of a man page's roff source: macros dropped, text macros' arguments kept."""
+    out: list[str] = []
+    skip_until: str | None = None
+    for raw in source.splitlines():
+        line = raw.rstrip()
+        if skip_until is not None:
+            if line.startswith(skip_until):
+                skip_until = None
+            continue
+        if line.startswith((".de", ".ig", ".am")):
+            skip_until = ".."
+            continue
+        if line.startswith((".", "'")):
+            m = re.match(r"[.'](\S+)\s*(.*)", line)
+            if not m:
+                continue
+            macro, rest = m.groups()
+            if macro in _BREAK_MACROS:
+                out.append("")
+            if macro in _TEXT_MACROS and rest:
+                words = re.findall(r'"([^"]*)"|(\S+)', rest)
+                out.append(_roff_escapes(" ".join(a or b for a, b in words)))
+                if macro in ("SH", "SS", "Sh", "Ss"):
+                    out.append("")
+            continue
+        out.append(_roff_escapes(line))
+    return _join_lines("\n".join(out))
+
+
+def _join_lines(text: str) -> str:
+    """Paragraphs (separated by blank lines) with their lines joined by spaces."""
+    paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
+    return "\n\n".join(html.unescape(p) for p in paras if p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m fsrl.corpus SPEC OUT.txt   (SPEC e.g. builtin:system-docs)",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        docs = load_documents(argv[0])
+    except FsrlError as exc:
+        print(f"fsrl: error: {exc}", file=sys.stderr)
+        return 2
+    out = write_txt(docs, argv[1])
+    print(f"{len(docs)} documents, {sum(map(len, docs)) / 1e6:.1f} MB of text -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Adapter files: adapter.safetensors + adapter.json, validated on load."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from factories import tiny_adapter, tiny_sae
+from fsrl.adapter import load_adapter, read_adapter_config, save_adapter
+from fsrl.errors import CorruptFileError, FsrlError, MismatchError
+
+
+@pytest.fixture()
+def sae():
+    return tiny_sae()
+
+
+@pytest.fixture()
+def saved(tmp_path, sae):
+    adapter = tiny_adapter(sae, activation="soft_threshold", clamp_nonnegative=True)
+    adapter.config.training = {"loss": "simpo", "steps": 3}
+    return adapter, save_adapter(adapter, tmp_path / "a1")
+
+
+def test_round_trip_keeps_tensors_and_metadata(saved, sae):
+    adapter, folder = saved
+    loaded = load_adapter(folder, sae=sae, layer=1, base_model_fingerprint="0")
+    for name in ("W", "b", "b_in", "tau"):
+        assert torch.equal(getattr(loaded, name), getattr(adapter, name))
+    assert loaded.config == adapter.config
+    x = torch.randn(3, sae.d_in)
+    assert torch.equal(loaded(x), adapter(x))
+
+
+def test_adapter_json_carries_the_contract_fields(saved):
+    meta = json.loads((saved[1] / "adapter.json").read_text())
+    for key in ("format", "format_version", "id", "activation", "clamp_nonnegative", "d_in",
+                "d_sae", "layer", "base_model", "sae", "training"):
+        assert key in meta
+    assert meta["base_model"].keys() >= {"name", "fingerprint"}
+    assert meta["sae"].keys() >= {"name", "fingerprint"}
+    assert read_adapter_config(saved[1]).activation == "soft_threshold"
+
+
+@pytest.mark.parametrize("kwargs,names", [
+    ({"layer": 7}, "layer"),
+    ({"base_model_fingerprint": "feedface"}, "base model"),
+    ({"sae": "other"}, "SAE"),
+])
+def test_mismatch_names_what_does_not_match(saved, kwargs, names):
+    if kwargs.get("sae") == "other":
+        kwargs = {"sae": tiny_sae(seed=9)}
+    with pytest.raises(MismatchError, match=names):
+        load_adapter(saved[1], **kwargs)
+
+
+def test_nan_weights_are_refused(saved):
+    folder = saved[1]
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors["W"][0, 0] = float("nan")
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(CorruptFileError, match="'W'.*NaN"):
+        load_adapter(folder)
+
+
+def test_wrong_shape_is_refused(saved):
+    folder = saved[1]
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors["b"] = tensors["b"][:-1].clone()
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(CorruptFileError, match="'b' has shape"):
+        load_adapter(folder)
+
+
+def test_truncated_weights_file_is_refused(saved):
+    folder = saved[1]
+    data = (folder / "adapter.safetensors").read_bytes()
+    (folder / "adapter.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError):
+        load_adapter(folder)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda m: m.pop("d_sae"), "missing field"),
+    (lambda m: m.update(activation="tanh"), "unknown activation"),
+    (lambda m: m.update(format="lora"), "format"),
+])
+def test_bad_metadata_is_refused(saved, edit, msg):
+    path = saved[1] / "adapter.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CorruptFileError, match=msg):
+        load_adapter(saved[1])
+
+
+def test_missing_files_are_clear_errors(tmp_path):
+    with pytest.raises(FsrlError, match="adapter.json is missing"):
+        load_adapter(tmp_path)

@@ -1,0 +1,121 @@
+"""Batched generation: per-row steering, sampling, seeds and stop conditions."""
+
+import pytest
+import torch
+
+from factories import tiny_adapter, tiny_base, tiny_sae
+from fsrl.generation import GenerationRequest, Generator, SamplingParams, _held_back
+from fsrl.steering import FeatureOverride, RowSteering
+
+LAYER = 1
+
+
+@pytest.fixture(scope="module")
+def gen():
+    base = tiny_base()
+    sae = tiny_sae(layer=LAYER)
+    g = Generator(base, sae, LAYER)
+    g.adapter = tiny_adapter(sae, base)
+    return g
+
+
+def ids(gen, text):
+    return gen.base.tokenizer(text)["input_ids"]
+
+
+def request(gen, text="hello there", steering=None, **sampling):
+    sampling.setdefault("max_new_tokens", 10)
+    sampling.setdefault("ignore_eos", True)
+    return GenerationRequest(ids(gen, text), steering or RowSteering(), SamplingParams(**sampling))
+
+
+def test_unsteered_greedy_matches_transformers_generate(gen):
+    prompt = ids(gen, "the cat sat")
+    ref = gen.base.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    out = gen.generate([GenerationRequest(prompt, RowSteering(), SamplingParams(max_new_tokens=8, ignore_eos=True))])
+    assert out[0].token_ids == ref
+
+
+def test_mixed_batch_rows_equal_each_row_alone(gen):
+    reqs = [request(gen, "hello there", RowSteering(gen.adapter)),
+            request(gen, "hi"),
+            request(gen, "a longer prompt here", RowSteering(None, 1.0, [FeatureOverride(3, "set", 6.0)])),
+            request(gen, "seeded", RowSteering(gen.adapter, 2.0), temperature=1.0, seed=11, top_k=20),
+            request(gen, "nucleus", temperature=0.8, seed=5, top_p=0.9)]
+    together = gen.generate(reqs)
+    for req, got in zip(reqs, together):
+        assert gen.generate([req])[0].token_ids == got.token_ids
+
+
+def test_steering_changes_tokens_and_base_row_does_not(gen):
+    steered, base = gen.generate([request(gen, steering=RowSteering(gen.adapter, 3.0)), request(gen)])
+    assert steered.token_ids != base.token_ids
+    assert gen.generate([request(gen)])[0].token_ids == base.token_ids
+
+
+def test_same_seed_same_sample_and_other_seed_differs(gen):
+    a = gen.generate([request(gen, temperature=1.0, seed=1, max_new_tokens=16)])[0]
+    b = gen.generate([request(gen, temperature=1.0, seed=1, max_new_tokens=16)])[0]
+    c = gen.generate([request(gen, temperature=1.0, seed=2, max_new_tokens=16)])[0]
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_generated_positions_only_leaves_first_token_to_base(gen):
+    prompt = ids(gen, "hello there")
+    generated_only = RowSteering(gen.adapter, 3.0, steer_from=len(prompt))
+    out, base = gen.generate([GenerationRequest(prompt, generated_only, SamplingParams(max_new_tokens=8, ignore_eos=True)),
+                              GenerationRequest(prompt, RowSteering(), SamplingParams(max_new_tokens=8, ignore_eos=True))])
+    assert out.token_ids[0] == base.token_ids[0]
+    assert out.token_ids != base.token_ids
+
+
+def test_max_new_tokens_gives_length(gen):
+    out = gen.generate([request(gen, max_new_tokens=5)])[0]
+    assert out.finish_reason == "length" and out.completion_tokens == 5
+
+
+def test_stop_string_cuts_text_and_stops(gen):
+    free = gen.generate([request(gen, max_new_tokens=12)])[0]
+    stop = free.text[3:5]
+    cut = gen.generate([request(gen, max_new_tokens=12, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[:free.text.find(stop)]
+
+
+def test_eos_stops_unless_ignored(gen):
+    eos = gen.base.tokenizer.eos_token_id
+    # Force EOS as the first token through a huge bias on its logit.
+    bias = torch.zeros(gen.base.model.config.vocab_size)
+    bias[eos] = 1e4
+    head = gen.base.model.get_output_embeddings()
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        stopped = gen.generate([request(gen, ignore_eos=False)])[0]
+        ignored = gen.generate([request(gen, ignore_eos=True, max_new_tokens=4)])[0]
+    finally:
+        head.bias = None
+    assert stopped.finish_reason == "stop" and stopped.token_ids == [eos] and stopped.text == ""
+    assert ignored.finish_reason == "length" and ignored.completion_tokens == 4
+
+
+def test_return_features_gives_one_list_per_token(gen):
+    req = request(gen, steering=RowSteering(gen.adapter), max_new_tokens=6)
+    req.return_features = 3
+    out = gen.generate([req, request(gen)])
+    assert len(out[0].features) == 6
+    assert all(1 <= len(f) <= 3 for f in out[0].features)
+    assert out[1].features is None
+
+
+def test_streamed_text_equals_final_text_with_stop_strings(gen):
+    free = gen.generate([request(gen, max_new_tokens=12)])[0]
+    stop = free.text[4:7]
+    events = list(gen.stream([request(gen, max_new_tokens=12, stop=(stop,))]))
+    assert "".join(e.text_delta for e in events) == events[-1].text
+
+
+def test_held_back_text_is_a_possible_stop_prefix():
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
+    assert _held_back("abc\ufffd", []) == 1
