@@ -118,7 +118,9 @@ class FsrlAdapter(nn.Module):
         return self._activation(z, self.tau)
 
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """Learned parameters: W and b, plus tau for soft_threshold (frozen or not)."""
+        learned = ("W", "b", "tau") if self.config.activation == "soft_threshold" else ("W", "b")
+        return sum(getattr(self, name).numel() for name in learned)
 
     def mean_push(self) -> torch.Tensor:
         """A data-free proxy for how hard each feature is pushed: relu/|.| of b plus the

@@ -13,6 +13,7 @@ from fsrl.errors import FsrlError
 # (argv path, module implementing add_arguments(parser) and run(args) -> int | None, help)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "server.cli", "start the steering server"),
+    (("train",), "fsrl.train.cli", "train an FSRL adapter on preference data (SimPO/DPO)"),
     (("fetch-default",), "fsrl.commands.fetch_default", "fetch and convert the embedded default model"),
     (("sae", "train"), "fsrl.sae_train", "train an SAE with sae-lens on a local model and corpus"),
     (("sae", "convert-gemma-scope"), "fsrl.commands.convert_gemma_scope",
@@ -21,17 +22,24 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line naming the problem, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fsrl", description=__doc__.splitlines()[0])
+    parser = _OneLineParser(prog="fsrl", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    top = parser.add_subparsers(dest="command", required=True)
+    top = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module, help_text in COMMANDS:
         subparsers = top
         for part in path[:-1]:
             if part not in groups:
                 groups[part] = top.add_parser(part, help=f"{part} commands").add_subparsers(
-                    dest=f"{part}_command", required=True)
+                    dest=f"{part}_command", required=True, parser_class=_OneLineParser)
             subparsers = groups[part]
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
@@ -52,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fsrl: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen input: one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"fsrl: error: {type(exc).__name__}: {exc} (run with -v for details)", file=sys.stderr)
+        return 1
     return int(code or 0)
 
 

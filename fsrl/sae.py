@@ -31,6 +31,11 @@ SAE_WEIGHTS_FILE = "sae_weights.safetensors"
 SAE_LABELS_FILE = "feature_labels.json"
 
 
+def default_sae_dir() -> Path:
+    """The SAE shipped for the embedded default model (built by `fsrl sae train`)."""
+    return Path(__file__).parent / "default_sae"
+
+
 def _relu(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
     return torch.relu(pre)
 

@@ -155,32 +155,42 @@ class SteerOutput:
     delta: torch.Tensor | None                  # (B, T, d_sae) d = g - f, zero where unsteered
     top_index: torch.Tensor | None = None       # (B, K) top-|d| features at the last position
     top_delta: torch.Tensor | None = None       # (B, K)
+    v: torch.Tensor | None = None               # (B, T, d_sae) each row's adapter output v (before
+                                                # scale, clamp, overrides); 0 where unsteered
 
 
 def _features_at(sae: Sae, x: torch.Tensor, index: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
     """f at the override indices: (B, T, M). Padding (index d_sae) reads 0."""
     B, T, _ = x.shape
+    safe = index.clamp(max=sae.d_sae - 1)                                      # (B, M)
     if full is None and sae.architecture != "topk":
         # Element-wise SAE: encode only the M overridden features of each row.
-        safe = index.clamp(max=sae.d_sae - 1)                                  # (B, M)
         x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
         pre = torch.einsum("btd,bmd->btm", x_in, sae.W_enc.T[safe]) + sae.b_enc[safe][:, None, :]
         if sae.architecture == "jumprelu":
             f_sel = pre * (pre > sae.threshold[safe][:, None, :])
         else:
             f_sel = torch.relu(pre)
+    elif full is not None:
+        f_sel = full.gather(-1, safe[:, None, :].expand(B, T, -1))
     else:
-        full = sae.encode(x) if full is None else full                         # top-k needs all
-        f_sel = F.pad(full, (0, 1)).gather(-1, index[:, None, :].expand(B, T, -1))
+        # Top-k SAE: f_i is pre_i where pre_i is among the k largest (and positive), else 0.
+        # Reading the k-th largest pre-activation avoids building the full f.
+        x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
+        pre = x_in @ sae.W_enc + sae.b_enc                                     # (B, T, d_sae)
+        kth = pre.topk(sae.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+        pre_sel = pre.gather(-1, safe[:, None, :].expand(B, T, -1))
+        f_sel = torch.where(pre_sel >= kth, pre_sel.relu(), torch.zeros_like(pre_sel))
     return f_sel.masked_fill((index == sae.d_sae)[:, None, :], 0.0)
 
 
 def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tensor,
-          keep_delta: bool = False) -> SteerOutput:
+          keep_delta: bool = False, keep_v: bool = False) -> SteerOutput:
     """Apply the steering of `batch` to the residual `x` at `positions`.
 
     x: (B, T, d_in); positions: (B, T) long, each token's index in its row's own sequence
-    (-1 for padding, which is never steered).
+    (-1 for padding, which is never steered). keep_delta / keep_v: also return d = g - f / the
+    adapters' v (training reads v for its L1 penalty; both stay differentiable).
     """
     if not batch.any_active:
         return SteerOutput(x=x, delta=None)
@@ -189,13 +199,17 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
     xs = x.to(sae.W_dec.dtype)
     steered = batch.row_active[:, None] & (positions >= batch.steer_from[:, None])  # (B, T)
 
-    d = xs.new_zeros(B, T, d_sae)
+    d = xs.new_zeros(B, T, d_sae) if not batch.adapters else None
+    v_rows = xs.new_zeros(B, T, d_sae) if keep_v else None
     for slot, adapter in enumerate(batch.adapters):
-        uses = (batch.adapter_slot == slot).to(xs.dtype) * batch.scale                # (B,)
-        d = d + uses[:, None, None] * adapter(xs).to(xs.dtype)                        # (B, T, d_sae)
+        in_slot = batch.adapter_slot == slot                                          # (B,)
+        v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
+        pushed = (in_slot.to(xs.dtype) * batch.scale)[:, None, None] * v
+        d = pushed if d is None else d + pushed
+        if keep_v:
+            v_rows = torch.where(in_slot[:, None, None], v, v_rows)
 
-    full_f = sae.encode(xs) if batch.needs_f and (
-        sae.architecture == "topk" or batch.any_clamp) else None
+    full_f = sae.encode(xs) if batch.any_clamp else None
     if batch.any_clamp:
         clamped = torch.relu(full_f + d) - full_f                                     # g = relu(f + s v)
         d = torch.where(batch.clamp[:, None, None], clamped, d)
@@ -218,7 +232,8 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
     d = d * steered[..., None].to(d.dtype)
     x_out = torch.where(steered[..., None], (xs + _decode_delta(d, sae.W_dec)).to(x.dtype), x)
 
-    out = SteerOutput(x=x_out, delta=d if keep_delta else None)
+    out = SteerOutput(x=x_out, delta=d if keep_delta else None,
+                      v=v_rows * steered[..., None].to(d.dtype) if keep_v else None)
     if batch.capture_top > 0:
         last = d[:, -1, :]                                                            # (B, d_sae)
         top = last.abs().topk(min(batch.capture_top, d_sae), dim=-1)
@@ -227,13 +242,22 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
 
 
 def _decode_delta(d: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """d @ W_dec, reading only the decoder rows that d touches (when not compiling)."""
-    if torch.compiler.is_compiling():
+    """d @ W_dec, reading only the decoder rows that d touches (on the CPU).
+
+    On CUDA the dense product stays: counting nonzeros would stall the stream, and a dense
+    read of W_dec is a few percent of a step there (DESIGN.md, performance model).
+    """
+    if d.is_cuda or torch.compiler.is_compiling():
         return d @ W_dec
-    touched = d.reshape(-1, d.shape[-1]).ne(0).any(0).nonzero().squeeze(-1)          # (n,)
-    if touched.numel() * 2 > d.shape[-1]:
+    flat = d.reshape(-1, d.shape[-1])                                                 # (B*T, d_sae)
+    nnz = int(flat.count_nonzero())
+    if nnz * 4 > flat.numel():
         return d @ W_dec
-    return d.index_select(-1, touched) @ W_dec.index_select(0, touched)              # (B, T, d_in)
+    if d.requires_grad:  # training: index_select keeps the graph simple and differentiable
+        touched = flat.ne(0).any(0).nonzero().squeeze(-1)                            # (n,)
+        return d.index_select(-1, touched) @ W_dec.index_select(0, touched)
+    # Inference: a sparse-dense product reads each row's own nonzeros, no copy of W_dec.
+    return torch.sparse.mm(flat.to_sparse(), W_dec).reshape(*d.shape[:-1], W_dec.shape[-1])
 
 
 @dataclass
@@ -242,6 +266,7 @@ class StepCapture:
 
     top_index: torch.Tensor | None = None
     top_delta: torch.Tensor | None = None
+    v: torch.Tensor | None = None  # (B, T, d_sae) the adapters' v, when steering(keep_v=True)
 
 
 class SteeringHook:
@@ -258,24 +283,29 @@ class SteeringHook:
         self._batch: SteeringBatch | None = None
         self._positions: torch.Tensor | None = None
         self._capture: StepCapture | None = None
+        self._keep_v = False
         self._handle = layers[layer].register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, args: tuple, output):
         if self._batch is None or not self._batch.any_active:
             return None
         hidden = output[0] if isinstance(output, tuple) else output
-        result = steer(hidden, self.sae, self._batch, self._positions)
+        result = steer(hidden, self.sae, self._batch, self._positions, keep_v=self._keep_v)
         if self._capture is not None:
             self._capture.top_index, self._capture.top_delta = result.top_index, result.top_delta
+            self._capture.v = result.v
         return (result.x, *output[1:]) if isinstance(output, tuple) else result.x
 
     @contextlib.contextmanager
-    def steering(self, batch: SteeringBatch | None, positions: torch.Tensor | None) -> Iterator[StepCapture]:
+    def steering(self, batch: SteeringBatch | None, positions: torch.Tensor | None,
+                 keep_v: bool = False) -> Iterator[StepCapture]:
         self._batch, self._positions, self._capture = batch, positions, StepCapture()
+        self._keep_v = keep_v
         try:
             yield self._capture
         finally:
             self._batch = self._positions = self._capture = None
+            self._keep_v = False
 
     def remove(self) -> None:
         self._handle.remove()

@@ -1,0 +1,35 @@
+# The two commands a newcomer runs: `make serve` and `make test`. Both set up first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines here keep torch 2.13.0 on disk; GPU users: make setup TORCH=torch (PyPI's CUDA build).
+TORCH ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup serve test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/fsrl fetch-default
+	touch $@
+
+serve: setup
+	$(BIN)/fsrl serve --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+bench: setup
+	$(BIN)/fsrl bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench-results

@@ -1,0 +1,184 @@
+"""`fsrl bench`: decode throughput, base against steered, measured side by side.
+
+Modes, each on the same prompts and the same generation loop:
+  base          no steering (the hook returns at once)
+  adapter       every row steered by one adapter
+  adapter+8     the adapter plus 8 feature overrides per row (set/add/scale/ablate...)
+
+Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the repeats is
+kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+MODES = ("base", "adapter", "adapter+8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--model", default=None, help="model (default: the embedded default)")
+    parser.add_argument("--sae", default=None, help="SAE folder (default: the shipped default SAE)")
+    parser.add_argument("--adapter", default=None,
+                        help="adapter folder; default: a synthetic adapter with --adapter-l0 active features")
+    parser.add_argument("--adapter-l0", type=int, default=128,
+                        help="active features per token of the synthetic adapter")
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--random-shapes", action="store_true",
+                        help="also random-weight Llama shapes (1.2B, SAE 16k); meant for a GPU")
+    parser.add_argument("--out", default="bench-results/bench.json", help="JSON output path")
+
+
+def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):
+    """A random relu adapter whose bias is set so that about `l0` features fire per token."""
+    import torch
+
+    from fsrl.adapter import new_adapter
+
+    adapter = new_adapter("bench-synthetic", sae, base.name, base.fingerprint, layer,
+                          init_std=0.0, seed=seed).to(base.device, sae.W_dec.dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        adapter.W.copy_((torch.randn(sae.d_in, sae.d_sae, generator=g) / sae.d_in ** 0.5).to(adapter.W))
+        z = (calibration - adapter.b_in) @ adapter.W                      # (N, d_sae)
+        # Per-feature bias: feature j fires on about l0/d_sae of the calibration tokens.
+        quantile = 1.0 - l0 / sae.d_sae
+        adapter.b.copy_(-torch.quantile(z.float(), quantile, dim=0).to(adapter.b) + 1e-3)
+    return adapter.requires_grad_(False)
+
+
+def _calibration_activations(base, layer: int, n_tokens: int = 256):
+    import torch
+
+    captured = []
+    handle = base.layers[layer].register_forward_hook(
+        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
+    try:
+        ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
+                            generator=torch.Generator().manual_seed(0)).to(base.device)
+        with torch.inference_mode():
+            base.model(input_ids=ids)
+    finally:
+        handle.remove()
+    return captured[0][0, 1:]                                             # drop position 0
+
+
+def _overrides(sae) -> list:
+    from fsrl.steering import FeatureOverride
+
+    ops = ["set", "add", "scale", "ablate", "unsteer", "set", "add", "scale"]
+    step = sae.d_sae // 8
+    return [FeatureOverride(i * step + 3, op, 4.0 if op != "scale" else 2.0) for i, op in enumerate(ops)]
+
+
+def measure(generator, adapter, overrides, batch: int, prompt_tokens: int, new_tokens: int,
+            repeats: int, sync) -> dict[str, float]:
+    """Median tok/s of each mode, measured interleaved."""
+    from fsrl.generation import GenerationRequest, SamplingParams
+    from fsrl.steering import RowSteering
+
+    vocab = generator.base.model.config.vocab_size
+    prompts = [[(17 * (b + 1) + 31 * t) % (vocab - 20) + 10 for t in range(prompt_tokens)] for b in range(batch)]
+    steering = {"base": RowSteering(), "adapter": RowSteering(adapter),
+                "adapter+8": RowSteering(adapter, 1.0, overrides)}
+    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+    samples: dict[str, list[float]] = {m: [] for m in MODES}
+    for rep in range(repeats + 1):  # the first round warms up and is dropped
+        for mode in MODES:
+            reqs = [GenerationRequest(p, steering[mode], sampling) for p in prompts]
+            sync()
+            t0 = time.perf_counter()
+            out = generator.generate(reqs)
+            sync()
+            if rep:
+                samples[mode].append(sum(r.completion_tokens for r in out) / (time.perf_counter() - t0))
+    return {m: statistics.median(v) for m, v in samples.items()}
+
+
+def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict]) -> None:
+    from fsrl.generation import Generator
+
+    generator = Generator(base, sae, layer)
+    overrides = _overrides(sae)
+    try:
+        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+            tps = measure(generator, adapter, overrides, batch, args.prompt_tokens, args.new_tokens,
+                          args.repeats, sync)
+            row = {"setup": label, "device": str(base.device), "batch": batch,
+                   **{f"{m} tok/s": round(v, 2) for m, v in tps.items()},
+                   "adapter/base": round(tps["adapter"] / tps["base"], 3),
+                   "adapter+8/base": round(tps["adapter+8"] / tps["base"], 3)}
+            rows.append(row)
+            print(_format_row(row), flush=True)
+    finally:
+        generator.hook.remove()
+
+
+COLUMNS = ["setup", "device", "batch", "base tok/s", "adapter tok/s", "adapter+8 tok/s",
+           "adapter/base", "adapter+8/base"]
+
+
+def _format_row(row: dict) -> str:
+    return " | ".join(str(row.get(c, "")) for c in COLUMNS)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fsrl.adapter import load_adapter
+    from fsrl.models import BaseModel, load_base_model, model_fingerprint, resolve_device
+    from fsrl.sae import default_sae_dir, load_sae, random_sae
+
+    device = resolve_device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows: list[dict] = []
+    print(" | ".join(COLUMNS))
+    base = load_base_model(args.model, device=device)
+    sae = load_sae(args.sae or default_sae_dir(), device=device, dtype=base.dtype)
+    layer = sae.info.layer if sae.info.layer is not None else len(base.layers) // 2
+    if args.adapter:
+        adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
+    else:
+        adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
+    _bench_setup(f"{base.name} + SAE {sae.d_sae}", base, sae, layer, adapter, args, sync, rows)
+    del base
+
+    if args.random_shapes:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        # Llama-3.2-1B's shape (1.2B parameters) with random weights, and a random 16k SAE.
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                          max_position_embeddings=4096, tie_word_embeddings=True)
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
+        tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
+                                     "decode": staticmethod(lambda ids, **k: "")})()
+        big = BaseModel(model=model, tokenizer=tokenizer, name="random-llama-1.2B",
+                        fingerprint=model_fingerprint(model))
+        layer = 8
+        big_sae = random_sae(cfg.hidden_size, 16384, "topk", k=64, layer=layer).to(device, dtype)
+        big_adapter = synthetic_adapter(big_sae, big, layer, args.adapter_l0,
+                                        _calibration_activations(big, layer))
+        _bench_setup("random Llama 1.2B + SAE 16k", big, big_sae, layer, big_adapter, args, sync, rows)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,131 @@
+"""A real `fsrl serve` process on tiny random files, for tests that go through HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from factories import tiny_adapter, tiny_model, tiny_sae, tiny_tokenizer
+from fsrl.adapter import save_adapter
+from fsrl.models import model_fingerprint
+from fsrl.sae import save_sae
+
+REPO = Path(__file__).resolve().parents[1]
+LAYER = 1
+D_SAE = 256
+
+
+@dataclass
+class TinySetup:
+    model_dir: Path
+    sae_dir: Path
+    adapters_dir: Path
+    outside_dir: Path  # a valid adapter folder outside the adapters directory
+
+
+def write_tiny_setup(root: Path) -> TinySetup:
+    """Tiny model + tokenizer, a labelled tiny SAE, and an adapters directory holding:
+    `tiny` (good), `corrupt` (unreadable weights), `other-sae` (made for another SAE),
+    `escape` (a symlink to a folder outside), plus `no-meta` (no adapter.json, ignored)."""
+    model_dir, sae_dir, adapters = root / "model", root / "sae", root / "adapters"
+    model, tokenizer = tiny_model(), tiny_tokenizer()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    fingerprint = model_fingerprint(model)
+
+    sae = tiny_sae(d_sae=D_SAE, layer=LAYER)
+    sae.info.labels = {i: f"feature {i}" for i in range(0, D_SAE, 2)}  # odd ones unlabelled
+    save_sae(sae, sae_dir)
+
+    good = tiny_adapter(sae, None, adapter_id="tiny", layer=LAYER)
+    good.config.base_model = {"name": model_dir.name, "fingerprint": fingerprint}
+    save_adapter(good, adapters / "tiny")
+
+    save_adapter(good, adapters / "corrupt")
+    (adapters / "corrupt" / "adapter.safetensors").write_bytes(b"not a safetensors file")
+
+    other = tiny_adapter(tiny_sae(d_sae=D_SAE, layer=LAYER, seed=7), None, adapter_id="other",
+                         layer=LAYER)
+    other.config.base_model = dict(good.config.base_model)
+    save_adapter(other, adapters / "other-sae")
+
+    outside = root / "outside" / "stray"
+    save_adapter(good, outside)
+    (adapters / "escape").symlink_to(outside, target_is_directory=True)
+    (adapters / "no-meta").mkdir()
+    return TinySetup(model_dir, sae_dir, adapters, outside)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m fsrl.cli serve ...` in a subprocess; stopped by its PID."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [sys.executable, "-m", "fsrl.cli", "serve", *args, "--host", "127.0.0.1",
+               "--port", str(self.port)]
+        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def wait_ready(self, timeout_s: float = 60.0, max_polls: int = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        for _ in range(max_polls):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout_s} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=timeout_s)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+def read_sse(response: httpx.Response, max_events: int = 10_000) -> tuple[list[dict], bool]:
+    """The JSON events of a server-sent-event stream, and whether it ended with [DONE]."""
+    events: list[dict] = []
+    for line in response.iter_lines():
+        if not line.startswith("data: "):
+            continue
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            return events, True
+        events.append(json.loads(data))
+        if len(events) >= max_events:
+            break
+    return events, False

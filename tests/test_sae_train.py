@@ -1,0 +1,140 @@
+"""`fsrl sae train` end to end on a tiny random llama, a self-made tokenizer and a tiny corpus."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from fsrl import cli, corpus
+from fsrl.errors import FsrlError
+
+WORDS = ("the cat sat on a mat and saw one dog run to big red house while small birds sing "
+         "in green trees near old river stone").split()
+SPECIALS = ["<unk>", "<|endoftext|>", "<pad>"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def only_sae_train():
+    """Build the CLI with this command only, so other commands' imports cannot break it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c[1] == "fsrl.sae_train"])
+        yield
+
+
+def _sentences(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + " ."
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer random llama (hidden 32) and a word-level tokenizer, saved like a hub folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)) + ["."])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|endoftext|>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, eos_token_id=vocab["<|endoftext|>"],
+                      pad_token_id=vocab["<pad>"], bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One training run through the CLI, shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("sae-train")
+    text = tmp / "corpus.txt"
+    # two documents, each many short paragraphs
+    docs = ["\n\n".join(_sentences(150, seed)) for seed in (1, 2)]
+    text.write_text(f"\n{corpus.DOC_SEPARATOR}\n".join(docs))
+    out = tmp / "sae"
+    code = cli.main(["sae", "train", "--text", str(text), "--layer", "1", "--out", str(out),
+                     "--model", str(tiny_model_dir), "--d-sae", "64", "--k", "8",
+                     "--batch-size", "64", "--training-tokens", "512", "--unique-tokens", "256",
+                     "--context-size", "16", "--store-batch-size", "4", "--eval-tokens", "512",
+                     "--ce-tokens", "128", "--eval-fraction", "0.2", "--device", "cpu",
+                     "--dead-feature-window", "2", "--dtype", "float32"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_a_sae_lens_folder_our_reader_loads(trained):
+    from fsrl.sae import load_sae
+
+    sae = load_sae(trained)
+    assert (sae.d_in, sae.d_sae, sae.architecture, sae.k) == (32, 64, "topk", 8)
+    assert sae.info.layer == 1 and sae.info.hook_name == "model.layers.1"
+    cfg = json.loads((trained / "cfg.json").read_text())
+    assert cfg["metadata"]["seqpos_slice"] == [1, None]
+    assert cfg["metadata"]["prepend_bos"] is False
+
+
+def test_quality_json_has_sane_figures(trained):
+    q = json.loads((trained / "quality.json").read_text())
+    assert q["explained_variance"] <= 1.0 and q["explained_variance"] > -1.0
+    assert 0 < q["l0_mean"] <= 8
+    assert 0.0 <= q["dead_feature_share"] <= 1.0
+    for key in ("ce_loss_clean", "ce_loss_spliced", "ce_loss_zero_ablation"):
+        assert q[key] > 0
+    assert q["ce_loss_recovered"] is None or -50 < q["ce_loss_recovered"] < 50
+    assert q["tokens_trained"] == 512 and q["unique_tokens_trained"] == 256
+    assert q["eval_tokens"] > 0 and q["ce_eval_tokens"] > 0
+    assert q["excluded_from_training_and_eval"]["positions"] == [0]
+    assert q["sae_lens_parity_max_abs_diff"] < 1e-4
+    assert q["command"].startswith("fsrl sae train --text ")
+
+
+def test_our_encode_decode_equals_sae_lens(trained):
+    from sae_lens import SAE
+
+    from fsrl.sae import load_sae
+
+    ours = load_sae(trained)
+    theirs = SAE.load_from_disk(str(trained), device="cpu", dtype="float32")
+    x = torch.randn(50, 32) * 3
+    with torch.no_grad():
+        f_ours, f_theirs = ours.encode(x), theirs.encode(x)
+        torch.testing.assert_close(f_ours, f_theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.decode(f_ours), theirs.decode(f_theirs),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_missing_corpus_fails_with_one_line(tmp_path, capsys):
+    code = cli.main(["sae", "train", "--text", str(tmp_path / "nope.txt"), "--layer", "0",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and "corpus not found" in err
+
+
+def test_unknown_builtin_corpus_is_a_user_error():
+    with pytest.raises(FsrlError, match="builtin:system-docs"):
+        corpus.load_documents("builtin:nothing")
+
+
+def test_corpus_txt_splits_documents_and_chunks_paragraphs(tmp_path):
+    path = tmp_path / "c.txt"
+    corpus.write_txt(["a b\n\nc d", "e f"], path)
+    assert corpus.load_documents(str(path)) == ["a b\n\nc d", "e f"]
+    assert corpus.chunk_documents(["aaaa\n\nbbbb\n\ncccc"], chunk_chars=10) == ["aaaa\n\nbbbb", "cccc"]
+
+
+def test_markup_strippers_keep_prose():
+    page = ("<html><nav>menu</nav><main><h1>Title</h1><p>Some <em>prose</em> here.</p>"
+            "<pre><code>fn main() {}</code></pre><p>More &amp; more.</p></main></html>")
+    assert corpus.html_to_text(page) == "Title\n\nSome prose here.\n\nMore & more."
+    roff = '.TH X 1\n.SH NAME\nx \\- do \\fBthings\\fR\n.PP\n.BR grep (1)\nis fine.\n'
+    assert corpus.roff_to_text(roff) == "NAME\n\nx - do things\n\ngrep(1) is fine."
