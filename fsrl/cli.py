@@ -29,11 +29,14 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="fsrl", description=__doc__.splitlines()[0])
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """All commands are listed; only the one named in argv imports its module for its flags."""
+    parser = _OneLineParser(prog="fsrl", description="fsrl: steer a frozen language model through "
+                            "the features of a sparse autoencoder, and serve it.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     top = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     groups: dict[str, argparse._SubParsersAction] = {}
+    words = [a for a in argv if not a.startswith("-")]
     for path, module, help_text in COMMANDS:
         subparsers = top
         for part in path[:-1]:
@@ -43,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
             subparsers = groups[part]
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(sub)
+        if tuple(words[:len(path)]) == path:
+            importlib.import_module(module).add_arguments(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
