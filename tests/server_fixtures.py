@@ -33,8 +33,9 @@ class TinySetup:
 
 def write_tiny_setup(root: Path) -> TinySetup:
     """Tiny model + tokenizer, a labelled tiny SAE, and an adapters directory holding:
-    `tiny` (good), `corrupt` (unreadable weights), `other-sae` (made for another SAE),
-    `escape` (a symlink to a folder outside), plus `no-meta` (no adapter.json, ignored)."""
+    `tiny` (good), `more/tiny-b` (good, other weights, nested so not loaded at start),
+    `corrupt` (unreadable weights), `other-sae` (made for another SAE), `escape` (a symlink
+    to a folder outside), plus `no-meta` (no adapter.json, ignored)."""
     model_dir, sae_dir, adapters = root / "model", root / "sae", root / "adapters"
     model, tokenizer = tiny_model(), tiny_tokenizer()
     model.save_pretrained(model_dir)
@@ -48,6 +49,9 @@ def write_tiny_setup(root: Path) -> TinySetup:
     good = tiny_adapter(sae, None, adapter_id="tiny", layer=LAYER)
     good.config.base_model = {"name": model_dir.name, "fingerprint": fingerprint}
     save_adapter(good, adapters / "tiny")
+    other_weights = tiny_adapter(sae, None, adapter_id="tiny-b", layer=LAYER, seed=2)
+    other_weights.config.base_model = dict(good.config.base_model)
+    save_adapter(other_weights, adapters / "more" / "tiny-b")  # nested: not loaded at start
 
     save_adapter(good, adapters / "corrupt")
     (adapters / "corrupt" / "adapter.safetensors").write_bytes(b"not a safetensors file")
@@ -83,7 +87,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
-    def wait_ready(self, timeout_s: float = 60.0, max_polls: int = 600) -> None:
+    def wait_ready(self, timeout_s: float = 120.0, max_polls: int = 1200) -> None:
         deadline = time.monotonic() + timeout_s
         for _ in range(max_polls):
             if self.proc.poll() is not None:

@@ -1,0 +1,48 @@
+"""Builds the app. Nothing heavy happens at import: the model, SAE and adapters load in the
+lifespan, and live in the state it yields (requests reach it through `deps.StateDep`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+import fsrl
+from fsrl.errors import FsrlError
+from server.deps import ApiKey
+from server.errors import install_error_handlers
+from server.metrics import RequestMetricsMiddleware
+from server.routes import adapters, generate, health, openai
+from server.settings import Settings
+from server.state import load_state
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
+        try:
+            state = await asyncio.to_thread(load_state, settings)
+        except FsrlError as exc:
+            app.state.startup_error = str(exc)  # for `fsrl serve` to report in one line
+            raise
+        log.info("serving %s with SAE %s at layer %d on %s; %d adapter(s) from %s",
+                 state.base.name, state.sae.info.name, state.layer, state.base.device,
+                 len(state.registry), state.registry.root)
+        try:
+            yield {"fsrl": state}
+        finally:
+            state.close()
+
+    app = FastAPI(title="fsrl", version=fsrl.__version__, lifespan=lifespan,
+                  description="Steering inference server: a frozen LM steered in SAE feature space.")
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware)
+    app.include_router(health.open_router)  # /health: load balancers probe it without a key
+    for router in (health.router, generate.router, adapters.router, openai.router):
+        app.include_router(router, dependencies=[ApiKey])
+    return app

@@ -1,0 +1,83 @@
+"""`fsrl serve`: start the steering server. Heavy imports stay inside `run`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from fsrl.errors import FsrlError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults are None so FSRL_* environment variables apply when a flag is left out.
+    parser.add_argument("--model", help="transformers folder, .gguf file or hub name "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--sae", help="SAE folder in sae-lens format (default: the shipped SAE)")
+    parser.add_argument("--layer", type=int, help="hook layer (default: the SAE's hook layer)")
+    parser.add_argument("--adapters-dir", help="folder of adapter folders (default: ./adapters)")
+    parser.add_argument("--host", help="bind address (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default: 8000)")
+    parser.add_argument("--device", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--max-new-tokens-cap", type=int,
+                        help="largest max_new_tokens a request may ask for (default: 1024)")
+    parser.add_argument("--max-queue", type=int,
+                        help="requests admitted at once before answering 503 (default: 64)")
+
+
+class _NoStartupTraceback(logging.Filter):
+    """uvicorn logs a failed lifespan as its traceback; `run` reports the reason in one line
+    instead (with -v the traceback stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Traceback (most recent call last)")
+
+
+def _preflight(settings) -> None:
+    """Mistakes found before anything loads, each in one line."""
+    if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
+        raise FsrlError(f"--device must be auto, cpu or cuda, got {settings.device!r}")
+    model = settings.model
+    if model and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise FsrlError(f"model not found: {model}")
+    if not (settings.sae_path / "cfg.json").is_file():
+        raise FsrlError(f"no SAE at {settings.sae_path} (cfg.json missing); pass --sae DIR")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import load_settings
+
+    settings = load_settings(
+        model=args.model, sae=args.sae, layer=args.layer, adapters_dir=args.adapters_dir,
+        host=args.host, port=args.port, device=args.device,
+        max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue)
+    _preflight(settings)
+    if not getattr(args, "verbose", False):
+        logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.started:  # log the port really bound (--port 0 picks one)
+                port = next((s.getsockname()[1] for srv in self.servers for s in srv.sockets),
+                            settings.port)
+                url = f"http://{settings.host}:{port}"
+                log.info("fsrl server ready at %s (health: %s/health)", url, url)
+
+    # log_config=None: uvicorn's loggers go through the CLI's logging setup.
+    app = create_app(settings)
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                   log_config=None, timeout_graceful_shutdown=10))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way out of a failed startup; the reason is reported below
+        pass
+    if not server.started:
+        reason = getattr(app.state, "startup_error", None) or "see the log above"
+        raise FsrlError(f"the server did not start: {reason}")
+    return 0

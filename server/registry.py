@@ -1,0 +1,134 @@
+"""The adapter registry: which adapters the server steers with, by id.
+
+Loads validate off to the side (in a worker thread, under a per-id lock), then swap one
+reference: the id -> adapter map is replaced, never edited, so a reader sees either the old
+map or the new one. A running request keeps the adapter object it started with, so a replace
+or an unload never changes a generation already under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter
+from fsrl.errors import ConflictError, ForbiddenError, FsrlError, NotFoundError
+from fsrl.sae import Sae
+
+log = logging.getLogger(__name__)
+
+ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    adapter: FsrlAdapter
+    path: Path
+    metadata: dict[str, Any]  # the adapter.json as found on disk
+    loaded_at: float
+
+    @property
+    def id(self) -> str:
+        return self.adapter.id
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "status": "loaded", "metadata": self.metadata,
+                "parameters": self.adapter.parameter_count(), "device": str(self.adapter.W.device)}
+
+
+class AdapterRegistry:
+    def __init__(self, root: Path, sae: Sae, layer: int, base_fingerprint: str,
+                 device: torch.device, dtype: torch.dtype):
+        self.root = Path(root).expanduser().resolve()
+        self.sae, self.layer, self.base_fingerprint = sae, layer, base_fingerprint
+        self.device, self.dtype = device, dtype
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    def __len__(self) -> int:
+        return len(self._adapters)
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._adapters
+
+    def entries(self) -> list[LoadedAdapter]:
+        return sorted(self._adapters.values(), key=lambda e: e.id)
+
+    def entry(self, adapter_id: str) -> LoadedAdapter:
+        found = self._adapters.get(adapter_id)
+        if found is None:
+            raise NotFoundError(f"unknown adapter {adapter_id!r}")
+        return found
+
+    def get(self, adapter_id: str) -> FsrlAdapter:
+        return self.entry(adapter_id).adapter
+
+    def resolve(self, path: str | Path) -> Path:
+        """A folder under the adapters directory (symlinks and .. resolved), else 403."""
+        folder = (self.root / Path(path).expanduser()).resolve()
+        if not folder.is_relative_to(self.root):
+            raise ForbiddenError(f"path {str(path)!r} resolves outside the adapters directory "
+                                 f"{self.root}")
+        return folder
+
+    def _load(self, adapter_id: str, folder: Path) -> LoadedAdapter:
+        adapter = load_adapter(folder, sae=self.sae, layer=self.layer,
+                               base_model_fingerprint=self.base_fingerprint,
+                               adapter_id=adapter_id, device=self.device, dtype=self.dtype)
+        metadata = json.loads((folder / META_FILE).read_text())
+        return LoadedAdapter(adapter, folder, metadata, time.time())
+
+    def load_directory(self) -> None:
+        """At start: every folder of the adapters directory holding an adapter.json, by
+        folder name. A broken one is logged and skipped."""
+        if not self.root.is_dir():
+            log.warning("adapters directory %s does not exist; starting with no adapters", self.root)
+            return
+        loaded = {}
+        for folder in sorted(self.root.iterdir()):
+            if not (folder / META_FILE).is_file():
+                continue
+            try:
+                if not ADAPTER_ID.match(folder.name):
+                    raise FsrlError(f"{folder.name!r} is not a valid adapter id")
+                entry = self._load(folder.name, self.resolve(folder.name))
+            except FsrlError as exc:
+                log.warning("skipping adapter %s: %s", folder.name, exc)
+                continue
+            loaded[entry.id] = entry
+            log.info("adapter %s loaded (%d parameters)", entry.id, entry.adapter.parameter_count())
+        self._adapters = loaded
+
+    async def load(self, adapter_id: str, path: str, replace: bool = False) -> LoadedAdapter:
+        folder = self.resolve(path)
+        async with self._locks[adapter_id]:
+            if adapter_id in self._adapters and not replace:
+                raise ConflictError(f"adapter {adapter_id!r} is already loaded; "
+                                    "send replace: true to swap it")
+            existed = adapter_id in self._adapters
+            entry = await asyncio.to_thread(self._load, adapter_id, folder)
+            self._adapters = {**self._adapters, adapter_id: entry}
+        log.info("adapter %s %s from %s", adapter_id, "replaced" if existed else "loaded", folder)
+        return entry
+
+    async def unload(self, adapter_id: str) -> None:
+        async with self._locks[adapter_id]:
+            self.entry(adapter_id)
+            self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
+        log.info("adapter %s unloaded", adapter_id)
+
+    def top_features(self, adapter_id: str, top: int) -> list[dict[str, Any]]:
+        """The features the adapter pushes hardest (a data-free ranking: `mean_push`)."""
+        push = self.get(adapter_id).mean_push().float().cpu()                        # (d_sae,)
+        values, indices = push.topk(min(top, push.numel()))
+        return [{"index": i, "label": self.sae.label(i), "strength": v}
+                for i, v in zip(indices.tolist(), values.tolist())]

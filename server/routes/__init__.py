@@ -1,0 +1,1 @@
+"""Thin route handlers, one file per resource: parse, call the serving layer, render."""

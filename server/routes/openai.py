@@ -1,0 +1,66 @@
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+
+from server import serving
+from server.deps import StateDep
+from server.errors import ModelNotFound
+from server.openai_protocol import (ChatCompletionBody, CompletionBody, render_chunk,
+                                    render_completion)
+from server.routes.cancel import cancel_on_disconnect
+from server.routes.sse import sse_response
+from server.state import ServerState
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+def _adapter_for(state: ServerState, model: str) -> str | None:
+    if model == state.base.name:
+        return None
+    if model in state.registry:
+        return model
+    raise ModelNotFound(f"unknown model {model!r}: use {state.base.name!r} or a loaded adapter id")
+
+
+@router.get("/models")
+async def list_models(state: StateDep) -> dict:
+    created = int(state.started_at)
+    data = [{"id": state.base.name, "object": "model", "created": created, "owned_by": "fsrl"}]
+    data += [{"id": e.id, "object": "model", "created": int(e.loaded_at), "owned_by": "fsrl",
+              "parent": state.base.name} for e in state.registry.entries()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionBody, state: StateDep, request: Request):
+    return await _complete(state, request, body, chat=True)
+
+
+@router.post("/completions")
+async def completions(body: CompletionBody, state: StateDep, request: Request):
+    return await _complete(state, request, body, chat=False)
+
+
+async def _complete(state: ServerState, request: Request, body: ChatCompletionBody | CompletionBody,
+                    chat: bool):
+    prepared = serving.prepare(state, body.to_params(_adapter_for(state, body.model)),
+                               id_prefix="chatcmpl" if chat else "cmpl")
+    if body.stream:
+        return sse_response(_chunks(state, prepared, body.model, chat))
+    outcome = await cancel_on_disconnect(request, serving.run(state, prepared))
+    return render_completion(outcome, body.model, chat)
+
+
+async def _chunks(state: ServerState, prepared: serving.PreparedGeneration, model: str,
+                  chat: bool) -> AsyncIterator[dict]:
+    if chat:
+        yield render_chunk(prepared, model, chat, "", role=True)
+    async with aclosing(serving.stream(state, prepared)) as items:
+        async for item in items:
+            if isinstance(item, serving.GenerationOutcome):
+                continue
+            if item.text_delta:
+                yield render_chunk(prepared, model, chat, item.text_delta)
+            if item.finished:
+                yield render_chunk(prepared, model, chat, None if chat else "", item.finish_reason)

@@ -1,0 +1,154 @@
+"""The HTTP edge of /generate and /adapters: pydantic request models that convert themselves
+into internal dataclasses, and the functions that render internal results as API.md's JSON.
+
+Everything checkable without the model is checked here (types, ranges, finiteness, one op
+per index, at most 256 overrides), so a bad request is a 422 naming its field before any
+work is queued. What depends on the served SAE and model (index < d_sae, the token caps) is
+checked in `serving.prepare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from fsrl.generation import GenerationResult, TokenEvent
+from fsrl.steering import MAX_FEATURE_OVERRIDES, OPS, FeatureOverride
+from server.registry import ADAPTER_ID
+from server.serving import ROWS, GenerateParams, GenerationOutcome, PreparedGeneration
+
+Label = Callable[[int], str | None]
+OPS_NEEDING_VALUE = ("set", "add", "scale")
+StopString = Annotated[str, Field(min_length=1)]
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else ([] if value is None else value)
+
+
+Stop = Annotated[list[StopString], BeforeValidator(_as_list), Field(max_length=16)]
+
+
+class FeatureIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0)  # the upper bound, d_sae, is the served SAE's
+    op: Literal[OPS]
+    value: float | None = Field(None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _value_when_needed(self) -> "FeatureIn":
+        if self.value is None and self.op in OPS_NEEDING_VALUE:
+            raise ValueError(f"op {self.op!r} needs a value")
+        return self
+
+    def to_internal(self) -> FeatureOverride:
+        return FeatureOverride(self.index, self.op, float(self.value or 0.0))
+
+
+Features = Annotated[list[FeatureIn], Field(max_length=MAX_FEATURE_OVERRIDES)]
+Scale = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+
+
+def check_unique_indices(features: list[FeatureIn]) -> list[FeatureIn]:
+    seen: set[int] = set()
+    for f in features:
+        if f.index in seen:
+            raise ValueError(f"index {f.index} has more than one op (one op per index)")
+        seen.add(f.index)
+    return features
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")  # chat templates may read more keys (name, ...)
+
+    role: str = Field(min_length=1)
+    content: str
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(None, min_length=1)
+    messages: list[Message] | None = Field(None, min_length=1)
+    adapter: str | None = None
+    steering_scale: Scale = 1.0
+    features: Features = []
+    steer_positions: Literal["all", "generated"] = "all"
+    max_new_tokens: int = Field(64, ge=1)  # the upper bound is the server's cap
+    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: Stop = []
+    ignore_eos: bool = False
+    compare: bool = False
+    return_features: int = Field(0, ge=0, le=64)
+    stream: bool = False
+
+    @field_validator("features")
+    @classmethod
+    def _one_op_per_index(cls, features: list[FeatureIn]) -> list[FeatureIn]:
+        return check_unique_indices(features)
+
+    @model_validator(mode="after")
+    def _prompt_xor_messages(self) -> "GenerateBody":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+    def to_params(self) -> GenerateParams:
+        return GenerateParams(
+            prompt=self.prompt,
+            messages=tuple(m.model_dump() for m in self.messages) if self.messages else None,
+            adapter=self.adapter, steering_scale=self.steering_scale,
+            features=tuple(f.to_internal() for f in self.features),
+            steer_positions=self.steer_positions, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            stop=tuple(self.stop), ignore_eos=self.ignore_eos, compare=self.compare,
+            return_features=self.return_features)
+
+
+class AdapterLoadBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=ADAPTER_ID.pattern)
+    path: str = Field(min_length=1)
+    replace: bool = False
+
+
+# --- responses -------------------------------------------------------------------------------
+
+def render_features(features: list[tuple[int, float]], label: Label) -> list[dict[str, Any]]:
+    return [{"index": i, "label": label(i), "delta": d} for i, d in features]
+
+
+def render_output(result: GenerationResult, label: Label, with_features: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
+                           "completion_tokens": result.completion_tokens}
+    if with_features:
+        out["features"] = [render_features(step, label) for step in result.features or []]
+    return out
+
+
+def render_generation(outcome: GenerationOutcome, model: str, label: Label) -> dict[str, Any]:
+    p = outcome.prepared
+    return {
+        "id": p.id, "model": model, "adapter": p.adapter_id, "seed": p.seed,
+        "steered": render_output(outcome.steered, label, p.return_features > 0),
+        "base": render_output(outcome.base, label, False) if outcome.base else None,
+        "usage": {"prompt_tokens": p.prompt_tokens, "completion_tokens": outcome.completion_tokens},
+        "timing": {"queue_ms": round(outcome.queue_ms, 3), "total_ms": round(outcome.total_ms, 3)},
+    }
+
+
+def render_token_event(prepared: PreparedGeneration, event: TokenEvent, label: Label) -> dict[str, Any]:
+    """One streamed token; `output` tells the steered row from the base row."""
+    out: dict[str, Any] = {"type": "token", "id": prepared.id, "output": ROWS[event.row],
+                           "token_id": event.token_id, "text": event.text_delta,
+                           "finish_reason": event.finish_reason}
+    if event.row == 0 and prepared.return_features:
+        out["features"] = render_features(event.features or [], label)
+    return out

@@ -1,0 +1,54 @@
+"""Server settings: FSRL_* environment variables, overridden by `fsrl serve` flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fsrl.errors import FsrlError
+
+
+def default_sae_path() -> Path:
+    """The SAE shipped with the package, made for the embedded default model."""
+    import fsrl
+
+    return Path(fsrl.__file__).parent / "default_sae"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FSRL_", extra="ignore")
+
+    model: str | None = None                 # None: the embedded default model
+    sae: Path | None = None                  # None: default_sae_path()
+    layer: int | None = Field(None, ge=0)    # None: the layer of the SAE's hook name
+    adapters_dir: Path = Path("adapters")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    device: str = "auto"
+    max_new_tokens_cap: int = Field(1024, ge=1)
+    max_queue: int = Field(64, ge=1)         # requests admitted at once; more get 503
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+
+    @field_validator("api_key", "admin_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value  # FSRL_API_KEY= (empty) must not lock every route
+
+    @property
+    def sae_path(self) -> Path:
+        return (self.sae or default_sae_path()).expanduser()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment with explicit (non-None) overrides; one-line errors."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise FsrlError(f"bad setting {field} (flag --{field.replace('_', '-')} or "
+                        f"FSRL_{field.upper()}): {first['msg']}") from None
