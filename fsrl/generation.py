@@ -9,7 +9,6 @@ its own first token, so padding changes nothing.
 from __future__ import annotations
 
 import inspect
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -93,7 +92,6 @@ class _Row:
         self.emitted = 0  # characters of text already handed out
         self.finish_reason: str | None = None
         self.features: list[list[tuple[int, float]]] | None = [] if request.return_features else None
-        self.first_token_s: float | None = None
 
     def choose(self, logits: torch.Tensor, greedy_token: int) -> int:
         if self.params.temperature <= 0:
@@ -181,7 +179,6 @@ class Generator:
         positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
         attention_mask = (positions >= 0).long()
         positions = positions.clamp(min=-1)
-        start = time.perf_counter()
 
         logits, cache, capture = self._forward(input_ids, attention_mask, positions.clamp(min=0),
                                                None, batch, positions)
@@ -201,8 +198,6 @@ class Generator:
                     k = row.request.return_features
                     feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
                 delta = row.push(token, feats)
-                if row.first_token_s is None:
-                    row.first_token_s = time.perf_counter() - start
                 next_tokens.append(token)
                 done = row.finish_reason is not None
                 yield TokenEvent(b, token, delta, done, row.finish_reason, feats,
@@ -219,11 +214,18 @@ class Generator:
         rows: list[list[TokenEvent]] = [[] for _ in requests]
         for event in self.stream(requests):
             rows[event.row].append(event)
-        results = []
-        for b, events in enumerate(rows):
-            last = events[-1]
-            results.append(GenerationResult(
-                token_ids=[e.token_id for e in events], text=last.text or "",
-                finish_reason=last.finish_reason or "length",
-                features=[e.features or [] for e in events] if requests[b].return_features else None))
-        return results
+        return results_from_events(requests, rows)
+
+
+def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Sequence[TokenEvent]],
+                        first_token_s: float | None = None) -> list[GenerationResult]:
+    """Each row's token events put together into its result."""
+    results = []
+    for request, events in zip(requests, rows):
+        last = events[-1]
+        results.append(GenerationResult(
+            token_ids=[e.token_id for e in events], text=last.text or "",
+            finish_reason=last.finish_reason or "length",
+            features=[e.features or [] for e in events] if request.return_features else None,
+            first_token_s=first_token_s))
+    return results

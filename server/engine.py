@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
-from fsrl.generation import GenerationRequest, GenerationResult, Generator, TokenEvent
+from fsrl.generation import (GenerationRequest, GenerationResult, Generator, TokenEvent,
+                             results_from_events)
 from server.errors import Overloaded
 
 
@@ -37,17 +38,10 @@ class EngineJob:
         return (self.started or self.finished or time.perf_counter()) - self.submitted
 
 
-def results_from_events(job: EngineJob, rows: Sequence[Sequence[TokenEvent]]) -> list[GenerationResult]:
+def job_results(job: EngineJob, rows: Sequence[Sequence[TokenEvent]]) -> list[GenerationResult]:
     """Each row's events, put together as `Generator.generate` would."""
-    results = []
-    for request, events in zip(job.requests, rows):
-        last = events[-1]
-        results.append(GenerationResult(
-            token_ids=[e.token_id for e in events], text=last.text or "",
-            finish_reason=last.finish_reason or "length",
-            features=[e.features or [] for e in events] if request.return_features else None,
-            first_token_s=(job.first_token - job.started) if job.first_token and job.started else None))
-    return results
+    first = (job.first_token - job.started) if job.first_token and job.started else None
+    return results_from_events(job.requests, rows, first_token_s=first)
 
 
 @dataclass
@@ -89,7 +83,7 @@ class Engine:
         async with aclosing(self.stream(job)) as events:
             async for event in events:
                 rows[event.row].append(event)
-        return results_from_events(job, rows)
+        return job_results(job, rows)
 
     async def stream(self, job: EngineJob) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early

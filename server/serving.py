@@ -21,7 +21,7 @@ from typing import Any
 from fsrl.errors import FsrlError
 from fsrl.generation import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from fsrl.steering import FeatureOverride, RowSteering, validate_overrides
-from server.engine import EngineJob, results_from_events
+from server.engine import EngineJob, job_results
 from server.errors import InvalidField
 from server.state import ServerState
 
@@ -157,4 +157,4 @@ async def stream(state: ServerState, prepared: PreparedGeneration
         async for event in events:
             rows[event.row].append(event)
             yield event
-    yield _outcome(state, prepared, results_from_events(prepared.job, rows))
+    yield _outcome(state, prepared, job_results(prepared.job, rows))

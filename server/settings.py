@@ -9,20 +9,14 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fsrl.errors import FsrlError
-
-
-def default_sae_path() -> Path:
-    """The SAE shipped with the package, made for the embedded default model."""
-    import fsrl
-
-    return Path(fsrl.__file__).parent / "default_sae"
+from fsrl.sae import default_sae_dir
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FSRL_", extra="ignore")
 
     model: str | None = None                 # None: the embedded default model
-    sae: Path | None = None                  # None: default_sae_path()
+    sae: Path | None = None                  # None: the shipped default SAE
     layer: int | None = Field(None, ge=0)    # None: the layer of the SAE's hook name
     adapters_dir: Path = Path("adapters")
     host: str = "127.0.0.1"
@@ -40,7 +34,7 @@ class Settings(BaseSettings):
 
     @property
     def sae_path(self) -> Path:
-        return (self.sae or default_sae_path()).expanduser()
+        return (self.sae or default_sae_dir()).expanduser()
 
 
 def load_settings(**overrides: Any) -> Settings:
