@@ -231,9 +231,9 @@ def _read_maybe_gz(path: Path) -> str:
 class _HtmlProse(HTMLParser):
     """Text of an mdBook page's <main>, one paragraph per block element, code dropped."""
 
-    BLOCKS = {"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr", "dt",
-              "dd", "table", "ul", "ol", "section", "br", "hr"}
-    SKIP = {"pre", "script", "style", "nav", "svg", "button"}
+    BLOCKS = frozenset({"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr",
+                        "dt", "dd", "table", "ul", "ol", "section", "br", "hr"})
+    SKIP = frozenset({"pre", "script", "style", "nav", "svg", "button"})
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
@@ -305,12 +305,14 @@ _ROFF_CHARS = {"em": "\u2014", "en": "\u2013", "lq": "\u201c", "rq": "\u201d", "
 _TEXT_MACROS = {"SH", "SS", "B", "I", "SM", "SB", "BR", "RB", "BI", "IB", "IR", "RI", "TP",
                 "IP", "HP", "PP", "LP", "P", "Nm", "Nd", "Sh", "Ss", "It", "Pp", "Ar", "Fl",
                 "Dl", "Em", "Sy", "Xr", "Pa"}
+_ALTERNATING_MACROS = {"BR", "RB", "BI", "IB", "IR", "RI"}
 _BREAK_MACROS = {"SH", "SS", "PP", "LP", "P", "TP", "IP", "HP", "Sh", "Ss", "Pp", "It", "sp",
                  "br", "TH", "Dt", "nf", "fi", "RS", "RE"}
 
 
 def _roff_escapes(s: str) -> str:
     s = re.sub(r'\\".*$', "", s)  # comment
+    s = re.sub(r"\\[hvlLDXoZbxNRwS]'[^']*'", "", s)  # motions, drawing, widths
     s = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", s)  # font changes
     s = re.sub(r"\\s[+-]?\d", "", s)  # size changes
     s = re.sub(r"\\\((..)", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
@@ -343,8 +345,12 @@ def roff_to_text(source: str) -> str:
             if macro in _BREAK_MACROS:
                 out.append("")
             if macro in _TEXT_MACROS and rest:
-                words = re.findall(r'"([^"]*)"|(\S+)', rest)
-                out.append(_roff_escapes(" ".join(a or b for a, b in words)))
+                words = [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', rest)]
+                if macro in ("IP", "TP", "HP"):
+                    words = words[:1]  # the rest is an indent
+                # .BR and friends alternate fonts with no space between their arguments
+                glue = "" if macro in _ALTERNATING_MACROS else " "
+                out.append(_roff_escapes(glue.join(words)))
                 if macro in ("SH", "SS", "Sh", "Ss"):
                     out.append("")
             continue

@@ -11,17 +11,10 @@ import torch
 from fsrl import cli, corpus
 from fsrl.errors import FsrlError
 
-WORDS = ("the cat sat on a mat and saw one dog run to big red house while small birds sing "
-         "in green trees near old river stone").split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "saw", "one", "dog", "run", "to", "big",
+         "red", "house", "while", "small", "birds", "sing", "in", "green", "trees", "near", "old",
+         "river", "stone"]
 SPECIALS = ["<unk>", "<|endoftext|>", "<pad>"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def only_sae_train():
-    """Build the CLI with this command only, so other commands' imports cannot break it."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "COMMANDS", [c for c in cli.COMMANDS if c[1] == "fsrl.sae_train"])
-        yield
 
 
 def _sentences(n: int, seed: int = 0) -> list[str]:
@@ -53,21 +46,29 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """One training run through the CLI, shared by the assertions below."""
-    tmp = tmp_path_factory.mktemp("sae-train")
-    text = tmp / "corpus.txt"
+def tiny_corpus(tmp_path_factory):
+    text = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     # two documents, each many short paragraphs
     docs = ["\n\n".join(_sentences(150, seed)) for seed in (1, 2)]
     text.write_text(f"\n{corpus.DOC_SEPARATOR}\n".join(docs))
-    out = tmp / "sae"
+    return text
+
+
+def _train(model_dir, text, out, *extra: str) -> None:
     code = cli.main(["sae", "train", "--text", str(text), "--layer", "1", "--out", str(out),
-                     "--model", str(tiny_model_dir), "--d-sae", "64", "--k", "8",
-                     "--batch-size", "64", "--training-tokens", "512", "--unique-tokens", "256",
-                     "--context-size", "16", "--store-batch-size", "4", "--eval-tokens", "512",
-                     "--ce-tokens", "128", "--eval-fraction", "0.2", "--device", "cpu",
-                     "--dead-feature-window", "2", "--dtype", "float32"])
+                     "--model", str(model_dir), "--d-sae", "64", "--k", "8",
+                     "--batch-size", "64", "--training-tokens", "512", "--context-size", "16",
+                     "--store-batch-size", "4", "--eval-tokens", "512", "--ce-tokens", "128",
+                     "--eval-fraction", "0.2", "--device", "cpu", "--dead-feature-window", "2",
+                     *extra])
     assert code == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tiny_corpus, tmp_path_factory):
+    """One run over an activation cache (256 unique tokens, two epochs), shared below."""
+    out = tmp_path_factory.mktemp("sae-train") / "sae"
+    _train(tiny_model_dir, tiny_corpus, out, "--unique-tokens", "256", "--dtype", "float32")
     return out
 
 
@@ -92,7 +93,10 @@ def test_quality_json_has_sane_figures(trained):
     assert q["ce_loss_recovered"] is None or -50 < q["ce_loss_recovered"] < 50
     assert q["tokens_trained"] == 512 and q["unique_tokens_trained"] == 256
     assert q["eval_tokens"] > 0 and q["ce_eval_tokens"] > 0
-    assert q["excluded_from_training_and_eval"]["positions"] == [0]
+    excluded = q["excluded_from_training_and_eval"]
+    assert excluded["positions"] == [0] and excluded["token_ids"] == [0, 1, 2]
+    assert excluded["activation_norm_above"] > 0
+    assert 0 < q["eval_positions_excluded_share"] < 0.5
     assert q["sae_lens_parity_max_abs_diff"] < 1e-4
     assert q["command"].startswith("fsrl sae train --text ")
 
@@ -112,6 +116,20 @@ def test_our_encode_decode_equals_sae_lens(trained):
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_streaming_run_saves_float16_weights(tiny_model_dir, tiny_corpus, tmp_path):
+    """--unique-tokens 0: sae-lens streams fresh activations for every batch."""
+    from safetensors.torch import load_file
+
+    from fsrl.sae import load_sae
+
+    _train(tiny_model_dir, tiny_corpus, tmp_path / "sae", "--unique-tokens", "0")
+    weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert load_sae(tmp_path / "sae").W_enc.dtype == torch.float32
+    q = json.loads((tmp_path / "sae" / "quality.json").read_text())
+    assert q["unique_tokens_trained"] == q["tokens_trained"] == 512
+
+
 def test_missing_corpus_fails_with_one_line(tmp_path, capsys):
     code = cli.main(["sae", "train", "--text", str(tmp_path / "nope.txt"), "--layer", "0",
                      "--out", str(tmp_path / "out")])
@@ -129,7 +147,8 @@ def test_corpus_txt_splits_documents_and_chunks_paragraphs(tmp_path):
     path = tmp_path / "c.txt"
     corpus.write_txt(["a b\n\nc d", "e f"], path)
     assert corpus.load_documents(str(path)) == ["a b\n\nc d", "e f"]
-    assert corpus.chunk_documents(["aaaa\n\nbbbb\n\ncccc"], chunk_chars=10) == ["aaaa\n\nbbbb", "cccc"]
+    chunks = corpus.chunk_documents(["aaaa\n\nbbbb\n\ncccc"], chunk_chars=10)
+    assert chunks == ["aaaa\n\nbbbb", "cccc"]
 
 
 def test_markup_strippers_keep_prose():
