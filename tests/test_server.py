@@ -454,11 +454,7 @@ def test_failure_mid_stream_ends_the_stream_with_an_error_event_and_done(app_fac
 
 # --- the real default model (slow) ---------------------------------------------------------------
 
-DEFAULT_SAE = Path(__file__).resolve().parents[1] / "fsrl" / "default_sae"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEFAULT_SAE / "cfg.json").exists(), reason="fsrl/default_sae not shipped yet")
 def test_default_model_and_sae_answer_a_steered_compare_request(tmp_path):
     proc = ServerProcess(["--adapters-dir", str(tmp_path), "--device", "cpu"],
                          log_path=tmp_path / "server.log")
