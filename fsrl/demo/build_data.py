@@ -1,0 +1,136 @@
+"""Build the demo preference data offline: generate responses, then judge pairs by rule.
+
+    python -m fsrl.demo.build_data generate --out data/demo/responses.jsonl [--threads 1]
+    python -m fsrl.demo.build_data pairs --responses data/demo/responses.jsonl --out data/demo
+
+`generate` asks the default model each prompt of `prompts.py` three times (temperature 0.7,
+top-p 0.9, at most 96 new tokens, a seed per prompt and variant): as written ("plain"), and
+with each rule's hint appended to the prompt ("concise", "bullets"). `pairs` then makes, for
+each rule, one pair per prompt out of the plain response and that rule's hinted response, stored
+under the plain prompt (the hint is never shown in training), and keeps the pair only where the
+rule prefers one of the two; the preferred one is `chosen`, whichever it is. Everything the rule
+read is written next to each pair, so the labels can be re-checked from the files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import zlib
+from pathlib import Path
+
+from fsrl.demo.prompts import demo_prompts
+from fsrl.demo.rules import RULES
+
+log = logging.getLogger(__name__)
+
+SAMPLING = {"max_new_tokens": 96, "temperature": 0.7, "top_p": 0.9}
+VARIANTS = {"plain": "", **{name: rule.hint for name, rule in RULES.items()}}
+
+
+def seed_for(prompt_id: str, variant: str) -> int:
+    return zlib.crc32(f"{prompt_id}/{variant}".encode())
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def generate(out: Path, batch_size: int = 32, model: str | None = None, limit: int | None = None) -> Path:
+    """Generate the three responses of every prompt; appends, so a rerun resumes."""
+    from tqdm.auto import tqdm
+
+    from fsrl.generation import GenerationRequest, Generator, SamplingParams
+    from fsrl.models import load_base_model
+    from fsrl.sae import random_sae
+    from fsrl.steering import RowSteering
+
+    base = load_base_model(model, "cpu")
+    # Nothing is steered here; the generator only needs some SAE to attach its (idle) hook.
+    gen = Generator(base, random_sae(base.d_model, 8, layer=0), 0)
+    done = set()
+    if out.exists():
+        done = {(r["prompt_id"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    todo = [(p, v) for p in demo_prompts() for v in VARIANTS if (p.id, v) not in done][:limit]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as fh, tqdm(total=len(todo), desc="generating", unit="response") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            requests = [GenerationRequest(chat_ids(base.tokenizer, p.text + VARIANTS[v]), RowSteering(),
+                                          SamplingParams(seed=seed_for(p.id, v), **SAMPLING))
+                        for p, v in chunk]
+            for (p, v), r in zip(chunk, gen.generate(requests)):
+                fh.write(json.dumps({"prompt_id": p.id, "topic": p.topic, "split": p.split,
+                                     "prompt": p.text, "variant": v, "hint": VARIANTS[v],
+                                     "text": r.text.strip(), "finish_reason": r.finish_reason,
+                                     "tokens": r.completion_tokens, "seed": seed_for(p.id, v),
+                                     **SAMPLING}) + "\n")
+            fh.flush()
+            bar.update(len(chunk))
+    return out
+
+
+def make_pairs(responses: Path, out_dir: Path) -> dict[str, dict[str, int]]:
+    """Judge (plain, hinted) per prompt and rule; write <out_dir>/<rule>/{train,heldout}.jsonl."""
+    by_prompt: dict[str, dict[str, dict]] = {}
+    for row in map(json.loads, responses.read_text().splitlines()):
+        by_prompt.setdefault(row["prompt_id"], {})[row["variant"]] = row
+    counts: dict[str, dict[str, int]] = {}
+    for name, rule in RULES.items():
+        rows: dict[str, list[dict]] = {"train": [], "heldout": []}
+        seen = {"train": 0, "heldout": 0}
+        for pid, variants in sorted(by_prompt.items()):
+            if "plain" not in variants or name not in variants:
+                continue
+            plain, hinted = variants["plain"], variants[name]
+            seen[plain["split"]] += 1
+            verdict = rule.judge(plain["text"], hinted["text"])
+            if verdict == 0:
+                continue
+            chosen, rejected = (plain, hinted) if verdict > 0 else (hinted, plain)
+            rows[plain["split"]].append({
+                "prompt": plain["prompt"], "chosen": chosen["text"], "rejected": rejected["text"],
+                "id": pid, "topic": plain["topic"], "rule": name,
+                "chosen_variant": chosen["variant"], "rejected_variant": rejected["variant"],
+                "chosen_facts": rule.describe(chosen["text"]),
+                "rejected_facts": rule.describe(rejected["text"])})
+        counts[name] = {}
+        for split, items in rows.items():
+            path = out_dir / name / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in items))
+            counts[name][split] = len(items)
+            counts[name][f"{split}_prompts"] = seen[split]
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fsrl.demo.build_data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="generate the responses (default model, CPU)")
+    g.add_argument("--out", type=Path, default=Path("data/demo/responses.jsonl"))
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared machine)")
+    g.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    p = sub.add_parser("pairs", help="judge the responses into preference pairs")
+    p.add_argument("--responses", type=Path, default=Path("data/demo/responses.jsonl"))
+    p.add_argument("--out", type=Path, default=Path("data/demo"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "generate":
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        print(f"wrote {generate(args.out, args.batch_size, limit=args.limit)}")
+    else:
+        for rule, c in make_pairs(args.responses, args.out).items():
+            print(f"{rule}: {c['train']} train pairs of {c['train_prompts']} prompts, "
+                  f"{c['heldout']} held-out pairs of {c['heldout_prompts']} prompts")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

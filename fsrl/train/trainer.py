@@ -1,0 +1,554 @@
+"""Offline FSRL training: one adapter, a frozen base model and SAE, a preference loss.
+
+The adapter is attached through `fsrl.steering.SteeringHook` at the SAE's layer, exactly as at
+inference; gradients flow from the loss through the decoder layers above the hook into the
+adapter, and into nothing else (every base and SAE tensor is frozen). One optimiser step:
+
+    for each of grad_accum micro-batches of batch_size pairs (2 * batch_size sequences):
+        logps   = response log-probs with steering on                  (SimPO: mean, DPO: sum)
+        ref     = the same with steering off, no grad                  (DPO only)
+        loss    = preference loss + l1(step) * mean_tokens ||v||_1     l1 = 0 during warm-up
+    clip, AdamW step on the adapter, lr with linear warm-up then cosine decay
+
+Multi-process (`accelerate launch` or `torchrun`, which set RANK / WORLD_SIZE): each process
+takes its share of every step's pairs and the adapter's gradients are summed across processes
+by hand (the adapter is tiny and is called from inside a hook, where DDP's wrapper cannot see
+it). Process 0 logs, evaluates into the summary and writes files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fsrl.adapter import FsrlAdapter, new_adapter, save_adapter
+from fsrl.errors import FsrlError
+from fsrl.models import BaseModel, default_dtype, load_base_model, resolve_device
+from fsrl.sae import Sae, default_sae_dir, load_sae
+from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
+from fsrl.train.data import PairBatch, PreferenceDataset, load_pairs
+from fsrl.train.losses import LOSSES, LossSpec, SequenceLogps, l1_coefficient, l1_penalty, mean_l0, sequence_logps
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_FILE = "trainer_state.pt"
+TOP_FEATURES = 20
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run reads. Round-trips through JSON (it is saved with the run)."""
+
+    data: str
+    out: str
+    eval_data: str | None = None
+    model: str | None = None            # None: the embedded default model
+    sae: str | None = None              # None: the default SAE shipped with fsrl
+    layer: int | None = None            # None: the SAE's own hook layer
+    adapter_id: str | None = None       # None: the name of the out folder
+    loss: str = "simpo"
+    beta: float | None = None           # None: the loss's default (SimPO 10, DPO 0.1)
+    gamma: float | None = None          # SimPO target margin; None: 0.5 * beta (gamma/beta = 0.5)
+    l1: float = 1e-3                    # L1 coefficient on mean_tokens ||v||_1
+    l1_warmup: float = 0.2              # share of the steps with the L1 term off
+    lr: float = 1e-3
+    lr_warmup: float = 0.05             # share of the steps with a linear learning-rate ramp
+    min_lr_ratio: float = 0.1           # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None        # caps the optimiser steps (the schedule follows it)
+    batch_size: int = 4                 # pairs per micro-batch, per process
+    grad_accum: int = 2
+    eval_batch_size: int | None = None  # None: batch_size
+    max_length: int = 256               # tokens per sequence (prompt + response)
+    activation: str = "relu"
+    clamp_nonnegative: bool = False
+    init_std: float = 1e-6              # near zero: step 0 is the base model
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None            # None: bfloat16 on a CUDA device that has it, else float32
+    eval_every: int = 0                 # 0: evaluate at the start and the end only
+    save_every: int = 0                 # 0: a checkpoint every ~10 % of the run
+    keep_checkpoints: int = 2
+    resume: str | None = None           # a checkpoint folder, or "latest" (under out/checkpoints)
+    eval_limit: int = 128               # with no eval data: evaluate on this many training pairs
+    progress: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def loss_spec(self) -> LossSpec:
+        if self.loss not in LOSSES:
+            raise FsrlError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        return LOSSES[self.loss]
+
+    @property
+    def resolved_beta(self) -> float:
+        return self.beta if self.beta is not None else self.loss_spec.default_beta
+
+    @property
+    def resolved_gamma(self) -> float:
+        return self.gamma if self.gamma is not None else 0.5 * self.resolved_beta
+
+
+# --------------------------------------------------------------------------------- forward
+
+@dataclass
+class PairForward:
+    """What one forward over a PairBatch gives the loss."""
+
+    logps: SequenceLogps                # (2B,) chosen rows first
+    l1: torch.Tensor | None = None      # () mean over real tokens of ||v||_1
+    l0: torch.Tensor | None = None      # () mean over real tokens of #(v != 0)
+    v_sum: torch.Tensor | None = None   # (d_sae,) sum of v over real tokens (feature ranking)
+    v_active: torch.Tensor | None = None  # (d_sae,) tokens where v_i != 0
+    tokens: int = 0
+
+
+def forward_pairs(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
+                  batch: PairBatch, feature_stats: bool = False) -> PairForward:
+    """Response log-probabilities of every row, steered by `adapter` (None: the base model).
+
+    With an adapter the result is differentiable with respect to it and carries the L1 and L0
+    of v over the real (non-padding) tokens.
+    """
+    N, T = batch.input_ids.shape
+    first = batch.first_response_position                   # logits from first - 1 on are needed
+    offset = max(first - 1, 0)
+    steering = None
+    if adapter is not None:
+        steering = SteeringBatch.build([RowSteering(adapter)] * N, adapter.config.d_sae,
+                                       device=base.device, dtype=hook.sae.W_dec.dtype)
+    kwargs = {"logits_to_keep": T - offset} if _takes_logits_to_keep(base.model) else {}
+    if not kwargs:
+        offset = 0
+    with hook.steering(steering, batch.positions, keep_v=adapter is not None) as capture:
+        out = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.positions.clamp(min=0), use_cache=False, **kwargs)
+    logps = sequence_logps(out.logits, batch.input_ids, batch.response_mask, offset=offset)
+    result = PairForward(logps=logps, tokens=int(batch.attention_mask.sum()))
+    if adapter is not None:
+        v, real = capture.v, batch.attention_mask.bool()                   # (N, T, d_sae), (N, T)
+        result.l1, result.l0 = l1_penalty(v, real), mean_l0(v.detach(), real)
+        if feature_stats:
+            vd = v.detach() * real[..., None]
+            result.v_sum = vd.sum((0, 1))
+            result.v_active = (vd != 0).sum((0, 1)).float()
+    return result
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model can skip the LM head at positions nobody scores (transformers >= 4.45)."""
+    import inspect
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def pair_logps(fwd: PairForward, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probabilities as the loss reads them: (B,), (B,)."""
+    values = fwd.logps.mean if spec.length_normalised else fwd.logps.sum
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+@dataclass
+class StepStats:
+    loss: float            # the preference loss alone (what evaluation reports)
+    total: float           # plus the L1 term
+    accuracy: float
+    l0: float
+    pairs: int
+
+
+def preference_loss(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
+                    batch: PairBatch, cfg: TrainConfig, l1_coef: float,
+                    feature_stats: bool = False) -> tuple[torch.Tensor, StepStats, PairForward]:
+    """Mean preference loss over the batch's pairs plus l1_coef times the L1 of v."""
+    spec = cfg.loss_spec
+    fwd = forward_pairs(base, hook, adapter, batch, feature_stats=feature_stats)
+    reference = None
+    if spec.needs_reference:
+        with torch.no_grad():
+            reference = pair_logps(forward_pairs(base, hook, None, batch), spec)
+    pref = spec(pair_logps(fwd, spec), reference, beta=cfg.resolved_beta, gamma=cfg.resolved_gamma)
+    loss = pref.losses.mean()
+    total = loss + l1_coef * fwd.l1 if (fwd.l1 is not None and l1_coef > 0) else loss
+    stats = StepStats(loss=float(loss.detach()), total=float(total.detach()), accuracy=float(pref.accuracy),
+                      l0=float(fwd.l0) if fwd.l0 is not None else 0.0, pairs=batch.n_pairs)
+    return total, stats, fwd
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    mean_l0: float
+    pairs: int
+    top_features: list[dict[str, Any]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
+             dataset: PreferenceDataset, cfg: TrainConfig, dist: "Dist | None" = None,
+             feature_stats: bool = False) -> EvalResult:
+    """Held-out preference loss, preference accuracy and mean L0 of v (adapter None: base model)."""
+    dist = dist or Dist()
+    bs = cfg.eval_batch_size or cfg.batch_size
+    sums = torch.zeros(5, dtype=torch.float64)          # loss*pairs, correct, l0*tokens, tokens, pairs
+    d_sae = hook.sae.d_sae
+    v_sum = torch.zeros(d_sae, dtype=torch.float64)
+    v_active = torch.zeros(d_sae, dtype=torch.float64)
+    mine = list(range(dist.rank, len(dataset), dist.world))
+    for start in range(0, len(mine), bs):
+        batch = dataset.batch(mine[start:start + bs]).to(base.device)
+        _, stats, fwd = preference_loss(base, hook, adapter, batch, cfg, 0.0, feature_stats)
+        sums += torch.tensor([stats.loss * stats.pairs, stats.accuracy * stats.pairs,
+                              stats.l0 * fwd.tokens, fwd.tokens, stats.pairs], dtype=torch.float64)
+        if fwd.v_sum is not None:
+            v_sum += fwd.v_sum.double().cpu()
+            v_active += fwd.v_active.double().cpu()
+    sums, v_sum, v_active = dist.sum(sums), dist.sum(v_sum), dist.sum(v_active)
+    pairs, tokens = max(sums[4].item(), 1), max(sums[3].item(), 1)
+    result = EvalResult(loss=sums[0].item() / pairs, accuracy=sums[1].item() / pairs,
+                        mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()))
+    if feature_stats and adapter is not None:
+        result.top_features = top_features(v_sum / tokens, v_active / tokens, hook.sae)
+    return result
+
+
+def top_features(mean_v: torch.Tensor, active_share: torch.Tensor, sae: Sae,
+                 k: int = TOP_FEATURES) -> list[dict[str, Any]]:
+    """The k features with the largest mean |v| over tokens, with their SAE labels."""
+    order = mean_v.abs().argsort(descending=True)[:k]
+    return [{"index": int(i), "mean_v": round(float(mean_v[i]), 5),
+             "active_share": round(float(active_share[i]), 4), "label": sae.label(int(i))}
+            for i in order if mean_v[i] != 0]
+
+
+# ------------------------------------------------------------------------- multi-process
+
+class Dist:
+    """The process group, when launched with several processes; a no-op otherwise."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    def init(self, device: torch.device) -> None:
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        if torch.distributed.get_backend() == "nccl":
+            dev = torch.device("cuda", torch.cuda.current_device())
+            buf = t.to(dev)
+            torch.distributed.all_reduce(buf)
+            return buf.to(t.device)
+        torch.distributed.all_reduce(t)
+        return t
+
+
+# ------------------------------------------------------------------------------- training
+
+@dataclass
+class Setup:
+    base: BaseModel
+    sae: Sae
+    layer: int
+    hook: SteeringHook
+
+
+def load_setup(cfg: TrainConfig, dist: Dist) -> Setup:
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else default_dtype(device)
+    base = load_base_model(cfg.model, device, dtype)
+    sae_path = Path(cfg.sae) if cfg.sae else default_sae_dir()
+    sae = load_sae(sae_path, device=device)                 # float32: the steering maths in full
+    return bind_setup(base, sae, cfg.layer)
+
+
+def bind_setup(base: BaseModel, sae: Sae, layer: int | None) -> Setup:
+    """Check that the SAE fits the model and attach the steering hook."""
+    if layer is None:
+        layer = sae.info.layer
+        if layer is None:
+            raise FsrlError(f"SAE {sae.info.name} names no hook layer ({sae.info.hook_name!r}); pass --layer")
+    elif sae.info.layer is not None and sae.info.layer != layer:
+        raise FsrlError(f"SAE {sae.info.name} was trained at layer {sae.info.layer}, not {layer}")
+    if sae.d_in != base.d_model:
+        raise FsrlError(f"SAE {sae.info.name} reads d_in={sae.d_in}, but model {base.name} "
+                        f"has d_model={base.d_model}")
+    return Setup(base=base, sae=sae, layer=layer, hook=SteeringHook(base.layers, layer, sae))
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (nanoGPT's schedule)."""
+    warmup = max(1, int(cfg.lr_warmup * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _file_digest(path: str) -> str | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _latest_checkpoint(out: Path) -> Path:
+    found = sorted((out / CHECKPOINT_DIR).glob("step-*"))
+    found = [p for p in found if (p / STATE_FILE).exists()]
+    if not found:
+        raise FsrlError(f"--resume: no checkpoint under {out / CHECKPOINT_DIR}")
+    return found[-1]
+
+
+@dataclass
+class TrainResult:
+    adapter: FsrlAdapter
+    summary: dict[str, Any]
+    out: Path
+
+
+def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
+    """Train one adapter as `cfg` says; write it (with its summary) to cfg.out."""
+    dist = Dist()
+    cfg.loss_spec  # an unknown loss fails here, before anything loads
+    out = Path(cfg.out)
+    # The data is checked before the model loads: a bad row fails in a second, naming its line.
+    train_pairs = load_pairs(cfg.data)
+    eval_pairs = load_pairs(cfg.eval_data) if cfg.eval_data else train_pairs[: cfg.eval_limit]
+    setup = setup or load_setup(cfg, dist)
+    base, sae, hook = setup.base, setup.sae, setup.hook
+    dist.init(base.device)
+    torch.manual_seed(cfg.seed)
+
+    train_set = PreferenceDataset(train_pairs, base.tokenizer, cfg.max_length)
+    eval_set = PreferenceDataset(eval_pairs, base.tokenizer, cfg.max_length)
+    if cfg.eval_data:
+        eval_on = cfg.eval_data
+    else:
+        eval_on = f"{cfg.data} (first {len(eval_set)} training pairs: no --eval-data)"
+    if train_set.truncated:
+        log.info("%d of %d training pairs were truncated to --max-length %d",
+                 train_set.truncated, len(train_set), cfg.max_length)
+
+    pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
+    steps_per_epoch = math.ceil(len(train_set) / pairs_per_step)
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    save_every = cfg.save_every or max(1, total_steps // 10)
+
+    adapter = new_adapter(cfg.adapter_id or out.name, sae, base.name, base.fingerprint, setup.layer,
+                          activation=cfg.activation, clamp_nonnegative=cfg.clamp_nonnegative,
+                          init_std=cfg.init_std, seed=cfg.seed).to(base.device)
+    params = [p for p in adapter.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    step, history = 0, []
+
+    if cfg.resume:
+        ckpt = _latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+        step, history = _restore(ckpt, adapter, optimizer, cfg, total_steps, pairs_per_step)
+        log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
+
+    initial = None
+    if step == 0:
+        initial = evaluate(base, hook, adapter, eval_set, cfg, dist)
+        log.info("eval at step 0 (the base model): loss %.4f, accuracy %.3f, L0 %.1f on %d pairs",
+                 initial.loss, initial.accuracy, initial.mean_l0, initial.pairs)
+        history.append({"step": 0, "eval_loss": initial.loss, "eval_accuracy": initial.accuracy,
+                        "eval_l0": initial.mean_l0})
+
+    t0 = time.perf_counter()                               # training time, evaluations excluded
+    bar = _progress(cfg, dist, total_steps, step)
+    adapter.train()
+    recent: list[StepStats] = []
+    while step < total_steps:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = train_set.order(epoch, cfg.seed)
+        step_pairs = order[within * pairs_per_step:(within + 1) * pairs_per_step]
+        mine = step_pairs[dist.rank::dist.world]
+        l1_now = l1_coefficient(step, total_steps, cfg.l1, cfg.l1_warmup)
+        lr_now = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+
+        optimizer.zero_grad(set_to_none=False)
+        merged = StepStats(0.0, 0.0, 0.0, 0.0, 0)
+        for k in range(cfg.grad_accum):
+            micro = mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            if not micro:
+                continue
+            batch = train_set.batch(micro).to(base.device)
+            total, stats, _ = preference_loss(base, hook, adapter, batch, cfg, l1_now)
+            # Weighted by pairs, so the step's gradient is the mean over all its pairs.
+            (total * (stats.pairs / len(step_pairs))).backward()
+            w = stats.pairs
+            merged = StepStats(merged.loss + stats.loss * w, merged.total + stats.total * w,
+                               merged.accuracy + stats.accuracy * w, merged.l0 + stats.l0 * w,
+                               merged.pairs + w)
+        for p in params:
+            p.grad = dist.sum(p.grad if p.grad is not None else torch.zeros_like(p))
+        packed = dist.sum(torch.tensor([merged.loss, merged.total, merged.accuracy, merged.l0,
+                                        merged.pairs], dtype=torch.float64))
+        n = max(packed[4].item(), 1)
+        stats = StepStats(*(packed[i].item() / n for i in range(4)), pairs=int(n))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        step += 1
+
+        recent = (recent + [stats])[-20:]
+        history.append({"step": step, "loss": round(stats.loss, 5), "total": round(stats.total, 5),
+                        "accuracy": round(stats.accuracy, 4), "l0": round(stats.l0, 2),
+                        "l1_coef": l1_now, "lr": lr_now, "grad_norm": round(float(grad_norm), 5)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.2f}", L0=f"{stats.l0:.0f}",
+                            l1=f"{l1_now:g}")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            t_eval = time.perf_counter()
+            mid = evaluate(base, hook, adapter, eval_set, cfg, dist)
+            t0 += time.perf_counter() - t_eval
+            history.append({"step": step, "eval_loss": mid.loss, "eval_accuracy": mid.accuracy,
+                            "eval_l0": mid.mean_l0})
+            log.info("eval at step %d: loss %.4f, accuracy %.3f, L0 %.1f", step, mid.loss, mid.accuracy, mid.mean_l0)
+        if step % save_every == 0 and step < total_steps and dist.main:
+            _checkpoint(out, step, adapter, optimizer, cfg, total_steps, pairs_per_step, history)
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t0
+
+    adapter.eval()
+    final = evaluate(base, hook, adapter, eval_set, cfg, dist, feature_stats=True)
+    log.info("eval at step %d: loss %.4f, accuracy %.3f, L0 %.1f on %d pairs",
+             step, final.loss, final.accuracy, final.mean_l0, final.pairs)
+    history.append({"step": step, "eval_loss": final.loss, "eval_accuracy": final.accuracy,
+                    "eval_l0": final.mean_l0})
+
+    summary = {
+        "method": "fsrl", "loss": cfg.loss, "beta": cfg.resolved_beta,
+        "gamma": cfg.resolved_gamma if cfg.loss == "simpo" else None,
+        "gamma_beta_ratio": cfg.resolved_gamma / cfg.resolved_beta if cfg.loss == "simpo" else None,
+        "l1_coefficient": cfg.l1, "l1_warmup": cfg.l1_warmup, "lr": cfg.lr, "steps": step,
+        "epochs": round(step / steps_per_epoch, 3), "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum, "processes": dist.world, "effective_batch": pairs_per_step,
+        "max_length": cfg.max_length, "seed": cfg.seed, "init_std": cfg.init_std,
+        "data": {"path": cfg.data, "pairs": len(train_set), "sha256_16": _file_digest(cfg.data),
+                 "truncated": train_set.truncated},
+        "eval_data": {"path": eval_on, "pairs": final.pairs},
+        "initial_eval": asdict(initial) if initial else None,
+        "final_eval": {k: v for k, v in asdict(final).items() if k != "top_features"},
+        "final_eval_loss": final.loss, "final_eval_accuracy": final.accuracy,
+        "mean_l0": final.mean_l0,
+        "final_train": {"loss": _mean(recent, "loss"), "accuracy": _mean(recent, "accuracy"),
+                        "l0": _mean(recent, "l0"), "over_last_steps": len(recent)},
+        "top_features": final.top_features,
+        "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
+        "train_seconds": round(train_s, 1),
+        "trainable_parameters": adapter.parameter_count(),
+        "fsrl_version": _version(),
+    }
+    adapter.config.training = summary
+    if dist.main:
+        save_adapter(adapter, out)
+        (out / "train_history.json").write_text(json.dumps(history, indent=1) + "\n")
+    return TrainResult(adapter=adapter, summary=summary, out=out)
+
+
+def _mean(items: list[StepStats], key: str) -> float | None:
+    return round(sum(getattr(s, key) for s in items) / len(items), 5) if items else None
+
+
+def _version() -> str:
+    from fsrl import __version__
+    return __version__
+
+
+def _progress(cfg: TrainConfig, dist: Dist, total: int, initial: int):
+    if not (cfg.progress and dist.main):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc="fsrl train", unit="step", dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+RESUME_MUST_MATCH = ("data", "loss", "beta", "gamma", "l1", "l1_warmup", "lr", "batch_size",
+                     "grad_accum", "max_length", "activation", "clamp_nonnegative", "seed", "epochs",
+                     "max_steps")
+
+
+def _checkpoint(out: Path, step: int, adapter: FsrlAdapter, optimizer: torch.optim.Optimizer,
+                cfg: TrainConfig, total_steps: int, pairs_per_step: int, history: list) -> Path:
+    folder = out / CHECKPOINT_DIR / f"step-{step:07d}"
+    partial = folder.with_name(folder.name + ".partial")
+    save_adapter(adapter, partial)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": cfg.to_json(),
+                "total_steps": total_steps, "pairs_per_step": pairs_per_step, "history": history},
+               partial / STATE_FILE)
+    if folder.exists():
+        shutil.rmtree(folder)
+    partial.rename(folder)
+    for old in sorted((out / CHECKPOINT_DIR).glob("step-*"))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old, ignore_errors=True)
+    log.debug("checkpoint %s", folder)
+    return folder
+
+
+def _restore(folder: Path, adapter: FsrlAdapter, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+             total_steps: int, pairs_per_step: int) -> tuple[int, list]:
+    from fsrl.adapter import load_adapter
+
+    if not (folder / STATE_FILE).exists():
+        raise FsrlError(f"--resume: {folder} is not a checkpoint (no {STATE_FILE})")
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state["config"]
+    differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+    if differ:
+        raise FsrlError(f"--resume: {folder} was made with other settings: " + ", ".join(
+            f"{k} {saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in differ))
+    if state["total_steps"] != total_steps or state["pairs_per_step"] != pairs_per_step:
+        raise FsrlError(f"--resume: {folder} planned {state['total_steps']} steps of "
+                        f"{state['pairs_per_step']} pairs; this run plans {total_steps} of {pairs_per_step}")
+    saved_adapter = load_adapter(folder, sae=None)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            p.copy_(getattr(saved_adapter, name))
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"])

@@ -1,0 +1,52 @@
+"""The demo data's judging rules and pair builder (pure text; no model)."""
+
+import json
+
+from fsrl.demo.build_data import make_pairs
+from fsrl.demo.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
+from fsrl.demo.rules import complete, has_list, judge_bullets, judge_concise, list_items
+
+RAMBLING = "Saving money is a crucial aspect of personal finance, and there is no substitute for"
+SHORT = "Save a fixed share of every paycheck."
+LONG_COMPLETE = "Save money. " * 8
+
+
+def test_concise_prefers_a_complete_short_answer():
+    assert complete(SHORT) and not complete(RAMBLING) and not complete("Yes.")
+    assert judge_concise(SHORT, RAMBLING) == 1 and judge_concise(RAMBLING, SHORT) == -1
+    assert judge_concise(SHORT, LONG_COMPLETE) == 1            # 7 words <= 3/4 of 16
+    assert judge_concise(SHORT, SHORT + " Yes.") == 0          # 7 vs 8 words: no preference
+    assert judge_concise(RAMBLING, RAMBLING + " more") == 0    # neither complete
+
+
+def test_bullets_prefers_a_list_over_prose():
+    listed = "Tips:\n- budget\n- save\n1. invest\n2) wait"
+    assert list_items(listed) == 4 and has_list(listed)
+    assert not has_list("1. one item only") and not has_list("-no space\n-here")
+    assert judge_bullets(listed, RAMBLING) == 1 and judge_bullets(RAMBLING, listed) == -1
+    assert judge_bullets(listed, listed) == 0 and judge_bullets(SHORT, RAMBLING) == 0
+
+
+def test_prompts_split_by_topic():
+    prompts = demo_prompts()
+    assert not set(TRAIN_TOPICS) & set(HELDOUT_TOPICS)
+    assert {p.topic for p in prompts if p.split == "heldout"} == set(HELDOUT_TOPICS)
+    assert len({p.id for p in prompts}) == len(prompts)
+
+
+def test_pairs_keep_only_judged_prompts_and_put_the_preferred_first(tmp_path):
+    rows = []
+    for pid, split, plain, concise, bullets in [
+            ("train-00-0", "train", RAMBLING, SHORT, "- a\n- b"),
+            ("train-00-1", "train", SHORT, SHORT, SHORT),            # no preference either way
+            ("heldout-00-0", "heldout", "- x\n- y", RAMBLING, RAMBLING)]:
+        for variant, text in (("plain", plain), ("concise", concise), ("bullets", bullets)):
+            rows.append({"prompt_id": pid, "split": split, "topic": "t", "prompt": "p?",
+                         "variant": variant, "text": text})
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = make_pairs(tmp_path / "r.jsonl", tmp_path)
+    assert counts["concise"]["train"] == 1 and counts["concise"]["heldout"] == 0
+    concise = json.loads((tmp_path / "concise" / "train.jsonl").read_text())
+    assert concise["chosen"] == SHORT and concise["chosen_variant"] == "concise"
+    bullets = [json.loads(line) for line in (tmp_path / "bullets" / "heldout.jsonl").read_text().splitlines()]
+    assert bullets[0]["chosen_variant"] == "plain" and bullets[0]["rejected"] == RAMBLING
