@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def evaluate_adapter(adapter_dir: Path, rule_name: str, heldout: Path, scale: float = 1.0,
                      batch_size: int = 16, max_new_tokens: int = SAMPLING["max_new_tokens"],
-                     samples: int = 6) -> dict:
+                     samples: int = 6, responses: Path = Path("data/demo/responses.jsonl")) -> dict:
     from tqdm.auto import tqdm
 
     from fsrl.adapter import load_adapter
@@ -70,6 +70,13 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, heldout: Path, scale: fl
             outcomes.append(verdict)
             rows.append({"prompt": p.text, "steered": steered, "base": plain, "verdict": verdict,
                          "steered_facts": rule.describe(steered), "base_facts": rule.describe(plain)})
+    # Whole conversations (chat template included) of every sixth demo response.
+    texts = [base.tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["text"]}], tokenize=False)
+        for r in map(json.loads, open(responses).read().splitlines()[::6])] if responses.exists() else []
+    examples = max_activating(base, sae, setup.layer, texts, [f["index"] for f in steered_eval.top_features[:10]])
+    for f in steered_eval.top_features[:10]:
+        f["examples"] = examples[f["index"]]
     n = len(outcomes)
     wins, ties = sum(o > 0 for o in outcomes), sum(o == 0 for o in outcomes)
     report = {
@@ -94,6 +101,49 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, heldout: Path, scale: fl
                   "**base**", "", r["base"], ""]
     (adapter_dir / "samples.md").write_text("\n".join(lines))
     return report
+
+
+class _Stop(Exception):
+    pass
+
+
+def max_activating(base, sae, layer: int, texts: list[str], indices: list[int], k: int = 3,
+                   width: int = 6) -> dict[int, list[str]]:
+    """For each feature, the k tokens of `texts` where the SAE activates it most, each shown with
+    a few tokens either side (the token itself in [brackets]). Position 0 is left out (its
+    residual norm is hundreds of times the rest: the SAE was trained without it)."""
+    import torch
+
+    best: dict[int, list[tuple[float, str]]] = {i: [] for i in indices}
+    idx = torch.tensor(indices)
+    captured = {}
+
+    def grab(module, args, output):
+        captured["x"] = output[0] if isinstance(output, tuple) else output
+        raise _Stop  # nothing above the hook is needed
+
+    handle = base.layers[layer].register_forward_hook(grab)
+    try:
+        with torch.no_grad():
+            for text in texts:
+                ids = base.tokenizer(text, add_special_tokens=False)["input_ids"][:160]
+                try:
+                    base.model(input_ids=torch.tensor([ids], device=base.device))
+                except _Stop:
+                    pass
+                f = sae.encode(captured["x"][0])[:, idx]                              # (T, n)
+                f[0] = 0.0
+                for j, i in enumerate(indices):
+                    t = int(f[:, j].argmax())
+                    if f[t, j] <= 0:
+                        continue
+                    left = base.tokenizer.decode(ids[max(0, t - width):t])
+                    right = base.tokenizer.decode(ids[t + 1:t + 1 + width])
+                    snippet = f"{left}[{base.tokenizer.decode([ids[t]])}]{right}".replace("\n", "\\n")
+                    best[i] = sorted(best[i] + [(float(f[t, j]), snippet)], reverse=True)[:k]
+    finally:
+        handle.remove()
+    return {i: [s for _, s in v] for i, v in best.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,11 +50,11 @@ class Recipe:
                 f"--heldout {self.heldout}")
 
 
-COMMON = ("--loss", "simpo", "--lr", "1e-3", "--l1", "1e-3", "--batch-size", "4", "--grad-accum", "2",
-          "--max-length", "256", "--seed", "0")
+COMMON = ("--loss", "simpo", "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "2",
+          "--max-length", "256", "--epochs", "1", "--seed", "0")
 RECIPES: dict[str, Recipe] = {
-    "concise": Recipe("concise", "concise", COMMON + ("--epochs", "1")),
-    "bullets": Recipe("bullets", "bullets", COMMON + ("--epochs", "1")),
+    "concise": Recipe("concise", "concise", COMMON + ("--l1", "5e-2")),
+    "bullets": Recipe("bullets", "bullets", COMMON + ("--l1", "1e-2")),
 }
 
 
@@ -86,9 +86,13 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
         + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in facts.items())
                     for side, facts in ev["facts_mean"].items()) + ".", "",
         "Features pushed most (mean v over held-out tokens; labels where the SAE has them):", "",
-        "| feature | mean v | share of tokens steered | label |", "|---|---|---|---|",
-        *[f"| {f['index']} | {f['mean_v']:+.3f} | {f['active_share']:.2f} | {f.get('label') or '-'} |"
-          for f in top[:10]], "",
+        "| feature | mean v | share of tokens steered | where the SAE fires it most in the demo responses |",
+        "|---|---|---|---|",
+        *[f"| {f['index']} | {f['mean_v']:+.3f} | {f['active_share']:.2f} | "
+          + " / ".join(f"`{e}`" for e in f.get("examples", [])) + " |" for f in top[:10]], "",
+        "The default SAE ships without feature labels: each feature is shown by the three tokens "
+        "(in [brackets], with context) where it fires most over every sixth demo conversation "
+        "(chat template included; empty: it never fires there).", "",
         "Samples: `samples.md`; every held-out generation and verdict: `eval.json`.", "",
         "## Data recipe", "",
         f"Prompts: `fsrl/demo/prompts.py` (topics x 4 templates; held-out topics are separate). "

@@ -43,12 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--gamma", type=float,
                    help="SimPO target margin gamma, as TRL's simpo_gamma (default 0.5 * beta, "
                         "i.e. gamma/beta = 0.5)")
-    o.add_argument("--l1", type=float, default=1e-3, help="L1 coefficient on mean_tokens ||v||_1 (default 1e-3)")
+    o.add_argument("--l1", type=float, default=1e-2, help="L1 coefficient on mean_tokens ||v||_1 (default 1e-2)")
     o.add_argument("--l1-warmup", type=float, default=0.2,
                    help="share of the steps with the L1 term off (default 0.2)")
 
     t = parser.add_argument_group("optimisation")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
     t.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")

@@ -60,9 +60,9 @@ class TrainConfig:
     loss: str = "simpo"
     beta: float | None = None           # None: the loss's default (SimPO 10, DPO 0.1)
     gamma: float | None = None          # SimPO target margin; None: 0.5 * beta (gamma/beta = 0.5)
-    l1: float = 1e-3                    # L1 coefficient on mean_tokens ||v||_1
+    l1: float = 1e-2                    # L1 coefficient on mean_tokens ||v||_1
     l1_warmup: float = 0.2              # share of the steps with the L1 term off
-    lr: float = 1e-3
+    lr: float = 1e-4
     lr_warmup: float = 0.05             # share of the steps with a linear learning-rate ramp
     min_lr_ratio: float = 0.1           # cosine decay ends at lr * min_lr_ratio
     weight_decay: float = 0.0
