@@ -11,12 +11,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older transformers: no per-layer caches, so rows join only an empty batch
+    DynamicLayer = None
+
 from fsrl.models import BaseModel
 from fsrl.sae import Sae
-from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
+from fsrl.steering import RowSteering, StepCapture, SteeringBatch, SteeringHook
 
 
 @dataclass
@@ -142,7 +148,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 class Generator:
-    """Generates for a batch of requests on one model, steering at one SAE layer."""
+    """Generates on one model, steering at one SAE layer. `stream`/`generate` run a fixed set
+    of requests; `batch()` gives a `RunningBatch` that rows join and leave between steps."""
 
     def __init__(self, base: BaseModel, sae: Sae, layer: int):
         self.base, self.sae, self.layer = base, sae, layer
@@ -153,68 +160,208 @@ class Generator:
         cfg = getattr(base.model, "generation_config", None)
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.pad_id = base.tokenizer.pad_token_id or 0
 
-    def _forward(self, input_ids, attention_mask, position_ids, cache, batch, positions):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+                cache: Any, batch: SteeringBatch) -> tuple[torch.Tensor, Any, StepCapture]:
+        """One forward under steering: last-position logits (B, V), the grown cache, and what
+        the steering captured. `positions` (B, T) counts from each row's own first token; it is
+        negative on left padding (never steered, fed to the model as 0)."""
         kwargs = {self._cache_kwarg: cache}
         with torch.inference_mode(), self.hook.steering(batch, positions) as capture:
             out = self.base.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                                  **kwargs)
+                                  position_ids=positions.clamp(min=0), use_cache=True,
+                                  logits_to_keep=1, **kwargs)
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :], new_cache, capture
 
+    def batch(self) -> "RunningBatch":
+        return RunningBatch(self)
+
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
         """Generate all rows together; yields one event per row per step until all finish."""
-        device = self.base.device
-        rows = [_Row(r, self.base.tokenizer, self.eos_ids) for r in requests]
-        capture_top = max((r.return_features for r in requests), default=0)
-        batch = SteeringBatch.build([r.steering for r in requests], self.sae.d_sae, device=device,
-                                    dtype=self.sae.W_dec.dtype, capture_top=capture_top)
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        width = int(lengths.max())
-        pad_id = self.base.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-        for b, r in enumerate(requests):
-            input_ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
-        positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
-        attention_mask = (positions >= 0).long()
-        positions = positions.clamp(min=-1)
-
-        logits, cache, capture = self._forward(input_ids, attention_mask, positions.clamp(min=0),
-                                               None, batch, positions)
-        step = 0
-        while True:
-            greedy = logits.argmax(-1).tolist()
-            top_i = capture.top_index.tolist() if capture.top_index is not None else None
-            top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
-            next_tokens = []
-            for b, row in enumerate(rows):
-                if row.finish_reason is not None:
-                    next_tokens.append(pad_id)
-                    continue
-                token = row.choose(logits[b], greedy[b])
-                feats = None
-                if row.features is not None and top_i is not None:
-                    k = row.request.return_features
-                    feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
-                delta = row.push(token, feats)
-                next_tokens.append(token)
-                done = row.finish_reason is not None
-                yield TokenEvent(b, token, delta, done, row.finish_reason, feats,
-                                 text=row.text if done else None)
-            if all(r.finish_reason is not None for r in rows):
-                return
-            step += 1
-            pos = (lengths + step - 1)[:, None]                                               # (B, 1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-            tokens = torch.tensor(next_tokens, dtype=torch.long, device=device)[:, None]
-            logits, cache, capture = self._forward(tokens, attention_mask, pos, cache, batch, pos)
+        running = self.batch()
+        for _, event in running.add(requests):
+            yield event
+        while running:
+            for _, event in running.step():
+                yield event
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         rows: list[list[TokenEvent]] = [[] for _ in requests]
         for event in self.stream(requests):
             rows[event.row].append(event)
         return results_from_events(requests, rows)
+
+
+def _plain_layers(cache: Any) -> list | None:
+    """The cache's layers when every one is a plain growing key/value cache (rows of two such
+    caches can be stacked), else None (sliding windows and the like: rows cannot join)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized
+                         for layer in layers):
+        return None
+    return list(layers)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, T, D) -> (B, H, width, D) with zeros in front; the mask hides them."""
+    if t.shape[-2] == width:
+        return t
+    return torch.cat([t.new_zeros(*t.shape[:-2], width - t.shape[-2], t.shape[-1]), t], dim=-2)
+
+
+class RunningBatch:
+    """Rows generating together, for continuous batching.
+
+    `add` prefills new rows on their own, samples their first tokens, and stacks their cache
+    under the running rows' (left-padded to a common width; each row keeps its own positions,
+    so padding changes nothing). `step` decodes one token for every row. Finished rows leave
+    at once; `drop` removes rows whose client went away. Every event comes paired with the
+    owner its row was added with.
+    """
+
+    def __init__(self, generator: Generator):
+        self.generator = generator
+        self.rows: list[_Row] = []
+        self.owners: list[Any] = []
+        self.local_index: list[int] = []
+        self.cache: Any = None
+        self.attention_mask: torch.Tensor | None = None   # (B, W) over the cache, plus the next token
+        self.next_position: torch.Tensor | None = None    # (B,) position of each row's next input
+        self.next_token: list[int] = []                   # each row's last sampled token
+        self.steering: SteeringBatch | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def can_join(self) -> bool:
+        """Whether new rows can join now (always when empty)."""
+        return not self.rows or _plain_layers(self.cache) is not None
+
+    def add(self, requests: Sequence[GenerationRequest], owners: Sequence[Any] | None = None
+            ) -> list[tuple[Any, TokenEvent]]:
+        """Prefill `requests` (one forward for all) and sample their first tokens; unfinished
+        rows join the batch. `owners[i]` tags request i (default None); a row's `TokenEvent.row`
+        counts the requests before it in this call with the same owner."""
+        if not requests:
+            return []
+        owners = list(owners) if owners is not None else [None] * len(requests)
+        local = [sum(o is owner for o in owners[:b]) for b, owner in enumerate(owners)]
+        if not self.can_join:
+            raise RuntimeError("this model's cache cannot take rows mid-generation; wait until the batch is empty")
+        g = self.generator
+        device = g.base.device
+        rows = [_Row(r, g.base.tokenizer, g.eos_ids) for r in requests]
+        steering = self._build_steering(rows)
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+        width = int(lengths.max())
+        input_ids = torch.full((len(rows), width), g.pad_id, dtype=torch.long, device=device)
+        for b, r in enumerate(requests):
+            input_ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
+        positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
+        mask = (positions >= 0).long()
+        logits, cache, capture = g.forward(input_ids, mask, positions.clamp(min=-1), None, steering)
+        events, tokens = self._sample(rows, logits, capture, owners, local)
+        keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
+        if keep:
+            if len(keep) < len(rows):
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+            self._join(cache, mask[keep], lengths[keep], [rows[b] for b in keep],
+                       [owners[b] for b in keep], [local[b] for b in keep], [tokens[b] for b in keep])
+        return events
+
+    def step(self) -> list[tuple[Any, TokenEvent]]:
+        """One decode step for every row; finished rows leave."""
+        if not self.rows:
+            return []
+        device = self.generator.base.device
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones(len(self.rows), 1)], dim=1)
+        tokens = torch.tensor(self.next_token, dtype=torch.long, device=device)[:, None]
+        pos = self.next_position[:, None]
+        logits, self.cache, capture = self.generator.forward(tokens, self.attention_mask, pos,
+                                                             self.cache, self.steering)
+        self.next_position = self.next_position + 1
+        events, self.next_token = self._sample(self.rows, logits, capture, self.owners, self.local_index)
+        self._keep([b for b, row in enumerate(self.rows) if row.finish_reason is None])
+        return events
+
+    def drop(self, owner: Any) -> int:
+        """Remove every row added with `owner`; returns how many there were."""
+        keep = [b for b, o in enumerate(self.owners) if o is not owner]
+        dropped = len(self.rows) - len(keep)
+        if dropped:
+            self._keep(keep)
+        return dropped
+
+    def _build_steering(self, rows: Sequence[_Row]) -> SteeringBatch:
+        g = self.generator
+        return SteeringBatch.build([r.request.steering for r in rows], g.sae.d_sae,
+                                   device=g.base.device, dtype=g.sae.W_dec.dtype,
+                                   capture_top=max((r.request.return_features for r in rows), default=0))
+
+    def _sample(self, rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture,
+                owners: Sequence[Any], local: Sequence[int]) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
+        greedy = logits.argmax(-1).tolist()
+        top_i = capture.top_index.tolist() if capture.top_index is not None else None
+        top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
+        events, tokens = [], []
+        for b, row in enumerate(rows):
+            token = row.choose(logits[b], greedy[b])
+            feats = None
+            if row.features is not None and top_i is not None:
+                k = row.request.return_features
+                feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
+            delta = row.push(token, feats)
+            done = row.finish_reason is not None
+            events.append((owners[b], TokenEvent(local[b], token, delta, done, row.finish_reason,
+                                                 feats, text=row.text if done else None)))
+            tokens.append(token)
+        return events, tokens
+
+    def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[_Row],
+              owners: list[Any], local: list[int], tokens: list[int]) -> None:
+        if not self.rows:
+            self.cache, self.attention_mask = cache, mask
+            self.next_position = lengths.clone()
+        else:
+            width = max(self.attention_mask.shape[1], mask.shape[1])
+            for old, new in zip(_plain_layers(self.cache), _plain_layers(cache)):
+                old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)])
+                old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])
+            pad = lambda m: torch.cat([m.new_zeros(m.shape[0], width - m.shape[1]), m], dim=1)  # noqa: E731
+            self.attention_mask = torch.cat([pad(self.attention_mask), pad(mask)])
+            self.next_position = torch.cat([self.next_position, lengths])
+        self.rows += rows
+        self.owners += owners
+        self.local_index += local
+        self.next_token += tokens
+        self.steering = self._build_steering(self.rows)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only rows `keep` (in order); trims cache columns that only padding uses."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[b] for b in keep]
+        self.owners = [self.owners[b] for b in keep]
+        self.local_index = [self.local_index[b] for b in keep]
+        self.next_token = [self.next_token[b] for b in keep]
+        if not keep:
+            self.cache = self.attention_mask = self.next_position = self.steering = None
+            return
+        index = torch.tensor(keep, device=self.attention_mask.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask = self.attention_mask[index]
+        self.next_position = self.next_position[index]
+        layers = _plain_layers(self.cache)
+        unused = int(self.attention_mask.any(dim=0).long().argmax())  # leading all-padding columns
+        if layers is not None and unused > 0:
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+            self.attention_mask = self.attention_mask[:, unused:]
+        self.steering = self._build_steering(self.rows)
 
 
 def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Sequence[TokenEvent]],

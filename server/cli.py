@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest max_new_tokens a request may ask for (default: 1024)")
     parser.add_argument("--max-queue", type=int,
                         help="requests admitted at once before answering 503 (default: 64)")
+    parser.add_argument("--max-batch-rows", type=int,
+                        help="rows decoding together; a compare request is two (default: 16)")
+    parser.add_argument("--max-adapters-on-device", type=int,
+                        help="adapters kept on the device; the rest wait in host memory and move "
+                             "in when asked for, least recently used out (default: 0, no limit)")
 
 
 class _NoStartupTraceback(logging.Filter):
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings(
         model=args.model, sae=args.sae, layer=args.layer, adapters_dir=args.adapters_dir,
         host=args.host, port=args.port, device=args.device,
-        max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue)
+        max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
+        max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

@@ -1,31 +1,38 @@
-"""The engine: runs generation off the event loop.
+"""The engine: continuous batching, off the event loop.
 
-Its face is what a batching engine will keep (STYLE.md habit 7): `stream(job)` is an async
-iterator of the job's token events, and closing it early aborts the job at its next token;
-`generate(job)` collects the same stream into results. Inside, for now, one worker thread runs
-one job (one `Generator` batch: the steered row, plus the base row when comparing) at a time;
-jobs wait in the executor's queue, and when `max_pending` jobs are already admitted the next
-is refused at once with `Overloaded` (503) instead of hanging.
+One worker thread owns the model and a `RunningBatch`. Between decode steps it takes waiting
+jobs from the queue (as many as fit under `max_batch_rows`), prefills them together, and from
+then on their rows decode in the same forward passes as every other running row, each with
+its own adapter, scale, overrides, sampling, seed and stop conditions. A row leaves the batch
+the step it finishes; a job whose listener went away leaves at the next step.
+
+Its face: `stream(job)` is an async iterator of the job's token events (closing it early
+aborts the job), `generate(job)` collects them into results. When `max_pending` jobs are
+already admitted (waiting + running), the next is refused at once with `Overloaded` (503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
-from fsrl.generation import (GenerationRequest, GenerationResult, Generator, TokenEvent,
-                             results_from_events)
+from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
+                             TokenEvent, results_from_events)
 from server.errors import Overloaded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class EngineJob:
-    """The rows to generate together, and when the job was queued, started and finished."""
+    """The rows of one request (the steered row, plus the base row when comparing), and when
+    the job was queued, joined the batch, produced its first token and finished."""
 
     requests: list[GenerationRequest]
     submitted: float = field(default_factory=time.perf_counter)
@@ -52,13 +59,43 @@ class _Failed:
 _END = object()
 
 
+class _Ticket:
+    """A job between the worker thread and the coroutine listening to it."""
+
+    def __init__(self, job: EngineJob, loop: asyncio.AbstractEventLoop):
+        self.job, self.loop = job, loop
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.abort = threading.Event()
+        self.rows_left = len(job.requests)
+
+    def emit(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            self.abort.set()
+
+    def end(self, error: BaseException | None = None) -> None:
+        if self.job.finished is None:
+            self.job.finished = time.perf_counter()
+        if error is not None:
+            self.emit(_Failed(error))
+        self.emit(_END)
+
+
 class Engine:
-    def __init__(self, generator: Generator, max_pending: int = 64):
+    def __init__(self, generator: Generator, max_pending: int = 64, max_batch_rows: int = 16,
+                 observe_batch: Callable[[int], None] | None = None):
         self.generator = generator
         self.max_pending = max_pending
-        self.pending = 0  # jobs admitted and not yet answered: queued + running
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsrl-engine")
+        self.max_batch_rows = max_batch_rows
+        self.observe_batch = observe_batch  # called with the rows of every forward pass
+        self.pending = 0       # jobs admitted and not yet answered: waiting + running
+        self.running_rows = 0  # rows in the batch now
+        self._waiting: deque[_Ticket] = deque()
+        self._wake = threading.Condition()
         self._closed = False
+        self._worker = threading.Thread(target=self._run, name="fsrl-engine", daemon=True)
+        self._worker.start()
 
     def check_capacity(self) -> None:
         """Refuse now (503) rather than queue a job that would be refused when it runs; a
@@ -87,44 +124,101 @@ class Engine:
 
     async def stream(self, job: EngineJob) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early
-        (a client that went away) stops the job at its next token."""
+        (a client that went away) takes the job's rows out of the batch at the next step."""
         with self._admit():
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
-            abort = threading.Event()
-
-            def emit(item: object) -> None:
-                try:
-                    loop.call_soon_threadsafe(events.put_nowait, item)
-                except RuntimeError:  # the loop is gone: nobody is listening any more
-                    abort.set()
-
-            def work() -> None:
-                if abort.is_set():  # given up while it waited in the queue
-                    return
-                job.started = time.perf_counter()
-                try:
-                    for event in self.generator.stream(job.requests):
-                        if abort.is_set():
-                            break
-                        if job.first_token is None:
-                            job.first_token = time.perf_counter()
-                        emit(event)
-                except BaseException as exc:  # handed to the listener, who re-raises it
-                    emit(_Failed(exc))
-                finally:
-                    job.finished = time.perf_counter()
-                    emit(_END)
-
-            loop.run_in_executor(self._executor, work)
+            ticket = _Ticket(job, asyncio.get_running_loop())
+            with self._wake:
+                self._waiting.append(ticket)
+                self._wake.notify()
             try:
-                while (item := await events.get()) is not _END:
+                while (item := await ticket.events.get()) is not _END:
                     if isinstance(item, _Failed):
                         raise item.error
                     yield item
             finally:
-                abort.set()
+                ticket.abort.set()
+                with self._wake:
+                    self._wake.notify()
 
     def close(self) -> None:
-        self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._worker.join(timeout=30)
+
+    # The worker thread.
+
+    def _take_waiting(self, running: RunningBatch) -> list[_Ticket]:
+        """Waiting jobs that fit in the batch now, oldest first (called holding `_wake`)."""
+        taken: list[_Ticket] = []
+        if not running.can_join:
+            return taken
+        rows = len(running)
+        while self._waiting:
+            ticket = self._waiting[0]
+            if ticket.abort.is_set():  # given up while it waited
+                self._waiting.popleft().end()
+                continue
+            size = len(ticket.job.requests)
+            if rows + size > self.max_batch_rows and rows > 0:
+                break  # an oversized job still runs, alone
+            taken.append(self._waiting.popleft())
+            rows += size
+        return taken
+
+    def _run(self) -> None:
+        running = self.generator.batch()
+        active: list[_Ticket] = []
+        while True:
+            with self._wake:
+                while not self._closed and not running and not self._waiting:
+                    self._wake.wait()
+                if self._closed:
+                    break
+                joining = self._take_waiting(running)
+            for ticket in [t for t in active if t.abort.is_set()]:
+                running.drop(ticket)
+                active.remove(ticket)
+                ticket.end()
+            try:
+                if joining:
+                    now = time.perf_counter()
+                    for ticket in joining:
+                        ticket.job.started = now
+                    active += joining
+                    requests = [r for t in joining for r in t.job.requests]
+                    owners = [t for t in joining for _ in t.job.requests]
+                    self._observe(len(requests))
+                    events = running.add(requests, owners)
+                    self.running_rows = len(running)  # before the events: a listener may look
+                    self._dispatch(events, active)
+                if running:
+                    self._observe(len(running))
+                    events = running.step()
+                    self.running_rows = len(running)
+                    self._dispatch(events, active)
+            except Exception as exc:  # the batch is lost, the server is not
+                log.exception("generation step failed; failing its %d requests", len(active))
+                for ticket in active:
+                    ticket.end(exc)
+                active = []
+                running = self.generator.batch()
+            self.running_rows = len(running)
+        for ticket in [*active, *self._waiting]:
+            ticket.end(Overloaded("the server is shutting down"))
+
+    def _observe(self, rows: int) -> None:
+        if self.observe_batch is not None:
+            self.observe_batch(rows)
+
+    def _dispatch(self, events: list[tuple[_Ticket, TokenEvent]], active: list[_Ticket]) -> None:
+        now = time.perf_counter()
+        for ticket, event in events:
+            if ticket.job.first_token is None:
+                ticket.job.first_token = now
+            ticket.emit(event)
+            if event.finished:
+                ticket.rows_left -= 1
+                if ticket.rows_left == 0:
+                    active.remove(ticket)
+                    ticket.end()

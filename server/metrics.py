@@ -48,7 +48,7 @@ class Metrics:
     def observe_request(self, method: str, route: str, status: int) -> None:
         self.requests[(method, route, status)] += 1
 
-    def render(self, queue_depth: int) -> str:
+    def render(self, queue_depth: int, batch_rows: int) -> str:
         out = ["# HELP fsrl_requests_total HTTP requests by route and status.",
                "# TYPE fsrl_requests_total counter"]
         out += [f'fsrl_requests_total{{method="{m}",route="{_label(r)}",status="{s}"}} {n}'
@@ -61,13 +61,15 @@ class Metrics:
                 "# TYPE fsrl_adapter_requests_total counter"]
         out += [f'fsrl_adapter_requests_total{{adapter="{_label(a)}"}} {n}'
                 for a, n in sorted(self.adapter_requests.items())]
-        out += ["# HELP fsrl_batch_size Rows per generation batch.", "# TYPE fsrl_batch_size histogram"]
+        out += ["# HELP fsrl_batch_size Rows in each forward pass of the engine.", "# TYPE fsrl_batch_size histogram"]
         out += self.batch_size.render("fsrl_batch_size")
         out += ["# HELP fsrl_time_to_first_token_seconds From request to first token.",
                 "# TYPE fsrl_time_to_first_token_seconds histogram"]
         out += self.time_to_first_token.render("fsrl_time_to_first_token_seconds")
         out += ["# HELP fsrl_queue_depth Requests admitted and not yet answered.",
-                "# TYPE fsrl_queue_depth gauge", f"fsrl_queue_depth {queue_depth}"]
+                "# TYPE fsrl_queue_depth gauge", f"fsrl_queue_depth {queue_depth}",
+                "# HELP fsrl_batch_rows Rows in the engine's running batch now.",
+                "# TYPE fsrl_batch_rows gauge", f"fsrl_batch_rows {batch_rows}"]
         return "\n".join(out) + "\n"
 
 

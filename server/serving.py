@@ -134,7 +134,6 @@ def _outcome(state: ServerState, prepared: PreparedGeneration,
              results: Sequence[GenerationResult]) -> GenerationOutcome:
     job = prepared.job
     metrics = state.metrics
-    metrics.batch_size.observe(len(results))  # one job is one batch, for now
     if job.first_token is not None:
         metrics.time_to_first_token.observe(job.first_token - prepared.received)
     for name, result in zip(ROWS, results):

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     device: str = "auto"
     max_new_tokens_cap: int = Field(1024, ge=1)
     max_queue: int = Field(64, ge=1)         # requests admitted at once; more get 503
+    max_batch_rows: int = Field(16, ge=1)    # rows decoding together (a compare request is two)
+    max_adapters_on_device: int = Field(0, ge=0)  # 0: no limit; else LRU between device and host
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
 

@@ -64,5 +64,8 @@ def load_state(settings: Settings) -> ServerState:
     registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
                                device=device, dtype=base.dtype)
     registry.load_directory()
+    metrics = Metrics()
+    engine = Engine(generator, max_pending=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                    observe_batch=metrics.batch_size.observe)
     return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
-                       engine=Engine(generator, max_pending=settings.max_queue))
+                       engine=engine, metrics=metrics)

@@ -119,3 +119,54 @@ def test_held_back_text_is_a_possible_stop_prefix():
     assert _held_back("hello wor", ["world"]) == 3
     assert _held_back("hello", ["xyz"]) == 0
     assert _held_back("abc\ufffd", []) == 1
+
+
+def run_staggered(gen, reqs, join_at):
+    """Continuous batching by hand: request i joins after join_at[i] decode steps."""
+    running = gen.batch()
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(reqs))}
+    step = 0
+    while step < 200 and (running or any(t == [] for t in tokens.values())):
+        for i, req in enumerate(reqs):
+            if join_at[i] == step:
+                for owner, event in running.add([req], owners=[i]):
+                    tokens[owner].append(event.token_id)
+        for owner, event in running.step():
+            tokens[owner].append(event.token_id)
+        step += 1
+    return [tokens[i] for i in range(len(reqs))]
+
+
+def test_rows_joining_mid_generation_equal_each_row_alone(gen):
+    reqs = [request(gen, "hello there", RowSteering(gen.adapter), max_new_tokens=12),
+            request(gen, "a much longer prompt than the rest", max_new_tokens=5),
+            request(gen, "hi", RowSteering(None, 1.0, [FeatureOverride(3, "set", 6.0)]), max_new_tokens=9),
+            request(gen, "seeded", RowSteering(gen.adapter, 2.0), temperature=1.0, seed=11, top_k=20),
+            request(gen, "x", max_new_tokens=1)]
+    got = run_staggered(gen, reqs, join_at=[0, 2, 3, 3, 7])
+    for req, tokens in zip(reqs, got):
+        assert tokens == gen.generate([req])[0].token_ids
+
+
+def test_finished_rows_leave_and_the_cache_sheds_their_padding(gen):
+    running = gen.batch()
+    running.add([request(gen, "a much longer prompt than the rest", max_new_tokens=2)], owners=["long"])
+    running.add([request(gen, "hi", max_new_tokens=6)], owners=["short"])
+    assert len(running) == 2 and running.attention_mask.shape[1] == len(ids(gen, "a much longer prompt than the rest"))
+    running.step()  # the long row's second token: it finishes and leaves
+    assert running.owners == ["short"]
+    # Only the short row's own tokens are left in the cache: its prompt and one generated token.
+    assert running.attention_mask.shape[1] == len(ids(gen, "hi")) + 1
+    assert bool(running.attention_mask.all())
+    assert running.cache.get_seq_length() == running.attention_mask.shape[1]
+
+
+def test_dropped_rows_leave_the_others_untouched(gen):
+    keep = request(gen, "hello there", RowSteering(gen.adapter), max_new_tokens=8)
+    running = gen.batch()
+    first = [e.token_id for _, e in running.add([keep], owners=["keep"])]
+    running.add([request(gen, "goodbye", max_new_tokens=8), request(gen, "again", max_new_tokens=8)],
+                owners=["gone", "gone"])
+    assert running.drop("gone") == 2 and len(running) == 1
+    rest = [e.token_id for _ in range(7) for _, e in running.step()]
+    assert not running and first + rest == gen.generate([keep])[0].token_ids

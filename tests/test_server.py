@@ -6,7 +6,11 @@ runs the app's lifespan). One slow test serves the real default model and shippe
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -319,20 +323,71 @@ def _long_job_ms(client) -> float:
     return full
 
 
-def test_client_that_disconnects_frees_its_slot(client, server):
+def metric(client, name: str) -> float:
+    line = next(l for l in client.get("/metrics").text.splitlines() if l.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+def _ms_until_the_batch_is_empty(client, limit_s: float = 60.0) -> float:
+    start = time.perf_counter()
+    while metric(client, "fsrl_batch_rows") > 0:
+        assert time.perf_counter() - start < limit_s, "rows still running"
+        time.sleep(0.02)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def test_client_that_disconnects_frees_its_row(client, server):
     full_ms = _long_job_ms(client)
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{server.url}/generate", json=LONG, timeout=0.1)
-    after = generate(client, prompt="hi", max_new_tokens=2)
-    assert after["timing"]["queue_ms"] < full_ms / 2  # the abandoned job did not run to its end
+    assert _ms_until_the_batch_is_empty(client) < full_ms / 2  # the abandoned job did not run to its end
 
 
-def test_stream_client_that_disconnects_frees_its_slot(client, server):
+def test_stream_client_that_disconnects_frees_its_row(client, server):
     full_ms = _long_job_ms(client)
     with httpx.stream("POST", f"{server.url}/generate", json={**LONG, "stream": True}, timeout=10) as r:
         next(r.iter_lines())  # one event, then hang up
-    after = generate(client, prompt="hi", max_new_tokens=2)
-    assert after["timing"]["queue_ms"] < full_ms / 2
+        assert metric(client, "fsrl_batch_rows") == 1
+    assert _ms_until_the_batch_is_empty(client) < full_ms / 2
+
+
+# The property of continuous batching: rows sharing forward passes change nothing.
+MIX = [
+    {"prompt": "alpha beta", "adapter": "tiny", "max_new_tokens": 14},
+    {"prompt": "a much longer prompt than any other here", "max_new_tokens": 6, "compare": True,
+     "adapter": "tiny", "steering_scale": 2.0},
+    {"prompt": "seeded", "temperature": 1.0, "seed": 7, "top_k": 20, "max_new_tokens": 10,
+     "features": [{"index": 3, "op": "set", "value": 5.0}]},
+    {"prompt": "nucleus", "temperature": 0.8, "top_p": 0.9, "seed": 3, "max_new_tokens": 18,
+     "adapter": "tiny", "steer_positions": "generated", "return_features": 2},
+    {"prompt": "hi", "max_new_tokens": 1},
+    {"prompt": "stop here", "max_new_tokens": 12, "stop": ["e"], "compare": True, "adapter": "tiny"},
+]
+
+
+def _outputs(answer: dict) -> tuple:
+    """Texts and feature indices exactly; deltas to float32 noise (batch shapes change the
+    order of sums)."""
+    features = answer["steered"].get("features") or []
+    return (answer["steered"]["text"], (answer["base"] or {}).get("text"),
+            [[f["index"] for f in step] for step in features],
+            [f["delta"] for step in features for f in step])
+
+
+def test_concurrent_requests_answer_as_each_would_alone_and_share_forward_passes(client, server):
+    alone = [_outputs(generate(client, ignore_eos=True, **body)) for body in MIX]
+    shared_before = metric(client, "fsrl_batch_size_count") - metric(client, 'fsrl_batch_size_bucket{le="2"}')
+
+    def send(body: dict) -> tuple:
+        with httpx.Client(base_url=server.url, timeout=60.0) as c:
+            return _outputs(generate(c, ignore_eos=True, **body))
+    with ThreadPoolExecutor(len(MIX) * 2) as pool:
+        together = list(pool.map(send, MIX * 2))
+    for got, want in zip(together, alone * 2):
+        assert got[:3] == want[:3] and got[3] == pytest.approx(want[3], rel=1e-4)
+    # Alone, no forward pass has more than 2 rows (a compare); together, some did.
+    shared_after = metric(client, "fsrl_batch_size_count") - metric(client, 'fsrl_batch_size_bucket{le="2"}')
+    assert shared_after > shared_before
 
 
 def test_metrics_count_requests_tokens_and_queue_depth(client):
@@ -432,31 +487,36 @@ def test_full_queue_answers_503_with_retry_after_at_once(app_factory):
             engine.pending = 0
 
 
+def fail_forward_after(generator, calls: int) -> Callable[[], None]:
+    """Make the model's forward raise after `calls` good calls; returns the undo."""
+    real, count = generator.forward, itertools.count()
+
+    def forward(*args, **kwargs):
+        if next(count) >= calls:
+            raise RuntimeError("secret internals")
+        return real(*args, **kwargs)
+    generator.forward = forward
+    return lambda: setattr(generator, "forward", real)
+
+
 def test_unexpected_error_is_a_500_in_the_error_shape_and_the_server_stays_up(app_factory):
     with app_factory() as c:
-        generator = c.app_state["fsrl"].engine.generator
-
-        def broken(requests):
-            raise RuntimeError("secret internals")
-        generator.stream = broken
+        undo = fail_forward_after(c.app_state["fsrl"].engine.generator, 0)
         r = c.post("/generate", json={"prompt": "hi"})
         error = assert_error(r, 500)
         assert "secret" not in r.text and "Traceback" not in r.text and error["type"] == "server_error"
         assert c.get("/health").status_code == 200
+        undo()  # the engine survived the failed batch and serves the next request
+        assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
 
 
 def test_failure_mid_stream_ends_the_stream_with_an_error_event_and_done(app_factory):
     with app_factory() as c:
-        generator = c.app_state["fsrl"].engine.generator
-
-        def broken(requests):
-            yield from []
-            raise RuntimeError("secret internals")
-        generator.stream = broken
-        with c.stream("POST", "/generate", json={"prompt": "hi", "stream": True}) as r:
+        fail_forward_after(c.app_state["fsrl"].engine.generator, 1)  # prefill works, decoding fails
+        with c.stream("POST", "/generate", json={"prompt": "hi", "stream": True, "ignore_eos": True}) as r:
             assert r.status_code == 200
             events, done = read_sse(r)
-        assert done and events[-1]["error"]["type"] == "server_error"
+        assert done and events[0]["type"] == "token" and events[-1]["error"]["type"] == "server_error"
         assert "secret" not in json.dumps(events)
 
 

@@ -16,4 +16,5 @@ async def health(state: StateDep) -> dict:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> str:
-    return state.metrics.render(queue_depth=state.engine.pending)
+    return state.metrics.render(queue_depth=state.engine.pending,
+                                batch_rows=state.engine.running_rows)
