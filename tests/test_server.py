@@ -436,6 +436,56 @@ def test_openai_unknown_model_is_404_in_the_openai_error_shape(client):
     assert assert_error(r, 404, "gpt-4")["param"] == "model"
 
 
+# --- the official openai client ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def openai_client(server):
+    import openai
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0,
+        "extra_body": {"ignore_eos": True, "steering": {"scale": 2.0, "features": [{"index": 3, "op": "set", "value": 4.0}]}}}
+
+
+def test_openai_client_chat_with_an_adapter_and_steering_extras(openai_client, client):
+    out = openai_client.chat.completions.create(model="tiny", **CHAT)
+    assert out.model == "tiny" and out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+    plain = openai_client.chat.completions.create(model="tiny", **{**CHAT, "extra_body": {"ignore_eos": True}})
+    assert out.choices[0].message.content != plain.choices[0].message.content  # the extras steer
+
+
+def test_openai_client_chat_stream_adds_up_to_the_completion(openai_client):
+    whole = openai_client.chat.completions.create(model="tiny", **CHAT).choices[0]
+    chunks = list(openai_client.chat.completions.create(model="tiny", stream=True, **CHAT))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_openai_client_completion_on_the_base_model(openai_client, setup):
+    out = openai_client.completions.create(model=setup.model_dir.name, prompt="hello", max_tokens=5,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert out.object == "text_completion" and out.usage.completion_tokens == 5
+    streamed = openai_client.completions.create(model=setup.model_dir.name, prompt="hello", max_tokens=5,
+                                                temperature=0, extra_body={"ignore_eos": True}, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_openai_client_unknown_model_raises_not_found(openai_client):
+    import openai
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert "gpt-4" in caught.value.message and caught.value.body["param"] == "model"
+
+
+def test_openai_client_lists_models(openai_client, setup):
+    ids = [m.id for m in openai_client.models.list()]
+    assert ids[0] == setup.model_dir.name and "tiny" in ids
+
+
 # --- auth and overload (in-process: other settings, same files) ---------------------------------
 
 @pytest.fixture(scope="module")
