@@ -122,11 +122,6 @@ class FsrlAdapter(nn.Module):
         learned = ("W", "b", "tau") if self.config.activation == "soft_threshold" else ("W", "b")
         return sum(getattr(self, name).numel() for name in learned)
 
-    def mean_push(self) -> torch.Tensor:
-        """A data-free proxy for how hard each feature is pushed: relu/|.| of b plus the
-        column norms of W (used to rank features when no activations are at hand)."""
-        return self.b.detach().abs() + self.W.detach().norm(dim=0)
-
 
 def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,
                 layer: int, activation: str = "relu", clamp_nonnegative: bool = False,

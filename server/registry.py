@@ -4,6 +4,10 @@ Loads validate off to the side (in a worker thread, under a per-id lock), then s
 reference: the id -> adapter map is replaced, never edited, so a reader sees either the old
 map or the new one. A running request keeps the adapter object it started with, so a replace
 or an unload never changes a generation already under way.
+
+With a device budget (`max_on_device` > 0) adapters load into host memory and `get` moves a
+copy onto the device when a request asks for it, sending the least recently used copy out
+when the budget is full. Requests already holding an evicted copy finish with it.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import asyncio
 import json
 import logging
 import re
+import copy
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from typing import Any
 import torch
 
 from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter
+from fsrl.analysis import feature_push, top_features
 from fsrl.errors import ConflictError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
 
@@ -31,7 +37,7 @@ ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    adapter: FsrlAdapter
+    adapter: FsrlAdapter      # on the device, or in host memory under a device budget
     path: Path
     metadata: dict[str, Any]  # the adapter.json as found on disk
     loaded_at: float
@@ -40,18 +46,21 @@ class LoadedAdapter:
     def id(self) -> str:
         return self.adapter.id
 
-    def describe(self) -> dict[str, Any]:
-        return {"id": self.id, "status": "loaded", "metadata": self.metadata,
-                "parameters": self.adapter.parameter_count(), "device": str(self.adapter.W.device)}
-
 
 class AdapterRegistry:
     def __init__(self, root: Path, sae: Sae, layer: int, base_fingerprint: str,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, max_on_device: int = 0,
+                 reference: torch.Tensor | None = None):
         self.root = Path(root).expanduser().resolve()
         self.sae, self.layer, self.base_fingerprint = sae, layer, base_fingerprint
         self.device, self.dtype = device, dtype
+        self.max_on_device = max_on_device
+        self.load_device = torch.device("cpu") if max_on_device else device
+        self.reference = reference  # hook-layer activations that feature rankings are measured on
+        self.moves = 0              # copies moved onto the device (under a budget)
         self._adapters: dict[str, LoadedAdapter] = {}
+        self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
+        self._pushes: dict[str, tuple[LoadedAdapter, torch.Tensor, torch.Tensor]] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def __len__(self) -> int:
@@ -70,7 +79,30 @@ class AdapterRegistry:
         return found
 
     def get(self, adapter_id: str) -> FsrlAdapter:
-        return self.entry(adapter_id).adapter
+        """The adapter on the device, ready to steer with (moved in if it waited on the host)."""
+        entry = self.entry(adapter_id)
+        if not self.max_on_device:
+            return entry.adapter
+        held = self._on_device.get(adapter_id)
+        if held is not None and held[0] is entry:
+            self._on_device.move_to_end(adapter_id)
+            return held[1]
+        on_device = copy.deepcopy(entry.adapter).to(self.device)  # the host copy stays as it is
+        self._on_device[adapter_id] = (entry, on_device)
+        self._on_device.move_to_end(adapter_id)
+        self.moves += 1
+        while len(self._on_device) > self.max_on_device:
+            evicted, _ = self._on_device.popitem(last=False)
+            log.info("adapter %s moved off the device (budget %d)", evicted, self.max_on_device)
+        return on_device
+
+    def describe(self, entry: LoadedAdapter) -> dict[str, Any]:
+        """`loaded`: on the device; `offloaded`: in host memory until a request asks for it."""
+        held = self._on_device.get(entry.id)
+        on_device = not self.max_on_device or (held is not None and held[0] is entry)
+        return {"id": entry.id, "status": "loaded" if on_device else "offloaded",
+                "metadata": entry.metadata, "parameters": entry.adapter.parameter_count(),
+                "device": str(self.device if on_device else self.load_device)}
 
     def resolve(self, path: str | Path) -> Path:
         """A folder under the adapters directory (symlinks and .. resolved), else 403."""
@@ -83,7 +115,7 @@ class AdapterRegistry:
     def _load(self, adapter_id: str, folder: Path) -> LoadedAdapter:
         adapter = load_adapter(folder, sae=self.sae, layer=self.layer,
                                base_model_fingerprint=self.base_fingerprint,
-                               adapter_id=adapter_id, device=self.device, dtype=self.dtype)
+                               adapter_id=adapter_id, device=self.load_device, dtype=self.dtype)
         metadata = json.loads((folder / META_FILE).read_text())
         return LoadedAdapter(adapter, folder, metadata, time.time())
 
@@ -117,6 +149,7 @@ class AdapterRegistry:
             existed = adapter_id in self._adapters
             entry = await asyncio.to_thread(self._load, adapter_id, folder)
             self._adapters = {**self._adapters, adapter_id: entry}
+            self._on_device.pop(adapter_id, None)
         log.info("adapter %s %s from %s", adapter_id, "replaced" if existed else "loaded", folder)
         return entry
 
@@ -124,11 +157,18 @@ class AdapterRegistry:
         async with self._locks[adapter_id]:
             self.entry(adapter_id)
             self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
+            self._on_device.pop(adapter_id, None)
+            self._pushes.pop(adapter_id, None)
         log.info("adapter %s unloaded", adapter_id)
 
     def top_features(self, adapter_id: str, top: int) -> list[dict[str, Any]]:
-        """The features the adapter pushes hardest (a data-free ranking: `mean_push`)."""
-        push = self.get(adapter_id).mean_push().float().cpu()                        # (d_sae,)
-        values, indices = push.topk(min(top, push.numel()))
-        return [{"index": i, "label": self.sae.label(i), "strength": v}
-                for i, v in zip(indices.tolist(), values.tolist())]
+        """The features the adapter pushes hardest: mean v (and the share of tokens it is
+        non-zero on) over the reference activations, measured once per loaded version."""
+        entry = self.entry(adapter_id)
+        cached = self._pushes.get(adapter_id)
+        if cached is None or cached[0] is not entry:
+            if self.reference is None or self.reference.shape[0] == 0:
+                raise FsrlError("this server has no reference activations to measure features on")
+            mean_v, share = feature_push(entry.adapter, self.reference)
+            cached = self._pushes[adapter_id] = (entry, mean_v, share)
+        return top_features(cached[1], cached[2], self.sae, top)

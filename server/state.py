@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from fsrl.analysis import hook_activations, reference_token_ids
 from fsrl.errors import FsrlError, MismatchError
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
@@ -61,8 +62,11 @@ def load_state(settings: Settings) -> ServerState:
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
     generator = Generator(base, sae, layer)  # checks the layer exists
+    # Feature rankings are measured on these; captured now, before the engine owns the model.
+    reference = hook_activations(base, layer, reference_token_ids(base.tokenizer))
     registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
-                               device=device, dtype=base.dtype)
+                               device=device, dtype=base.dtype,
+                               max_on_device=settings.max_adapters_on_device, reference=reference)
     registry.load_directory()
     metrics = Metrics()
     engine = Engine(generator, max_pending=settings.max_queue, max_batch_rows=settings.max_batch_rows,

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixtures import D_SAE, ServerProcess, TinySetup, read_sse, write_tiny_setup
+from server_fixtures import D_SAE, LAYER, ServerProcess, TinySetup, read_sse, write_tiny_setup
 
 CAP = 400  # the tiny server's --max-new-tokens-cap
 ERROR_KEYS = {"message", "type", "code"}
@@ -85,13 +85,23 @@ def test_get_adapter_by_id_and_unknown_is_404(client):
     assert_error(client.get("/adapters/nope"), 404, "nope")
 
 
-def test_adapter_features_are_ranked_with_sae_labels(client):
+def test_adapter_features_are_measured_on_the_reference_prompts_with_sae_labels(client, setup):
+    from fsrl.adapter import load_adapter
+    from fsrl.analysis import feature_push, hook_activations, reference_token_ids
+    from fsrl.models import load_base_model
+
     r = client.get("/adapters/tiny/features", params={"top": 5})
+    assert r.status_code == 200, r.text
     features = r.json()["features"]
-    assert len(features) == 5
-    strengths = [f["strength"] for f in features]
-    assert strengths == sorted(strengths, reverse=True)
+    # The same measurement made here, on the same files.
+    base = load_base_model(str(setup.model_dir), "cpu")
+    reference = hook_activations(base, LAYER, reference_token_ids(base.tokenizer))
+    mean_v, share = feature_push(load_adapter(setup.adapters_dir / "tiny"), reference)
+    assert r.json()["measured_on_tokens"] == reference.shape[0] > 100
+    assert [f["index"] for f in features] == mean_v.abs().argsort(descending=True)[:5].tolist()
     for f in features:
+        assert f["mean_v"] == pytest.approx(float(mean_v[f["index"]]), abs=1e-4)
+        assert f["active_share"] == pytest.approx(float(share[f["index"]]), abs=1e-4)
         assert f["label"] == (f"feature {f['index']}" if f["index"] % 2 == 0 else None)
 
 
@@ -501,6 +511,22 @@ def app_factory(setup):
             model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
             device="cpu", **settings)), raise_server_exceptions=False)
     return make
+
+
+def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_factory, client):
+    body = {"prompt": "hello there", "max_new_tokens": 8, "ignore_eos": True}
+    with app_factory(max_adapters_on_device=1) as c:
+        status = lambda: {a["id"]: a["status"] for a in c.get("/adapters").json()["adapters"]}  # noqa: E731
+        assert status() == {"tiny": "offloaded"}  # nothing asked for it yet
+        assert c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}).status_code == 201
+        tiny = c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"]
+        assert status() == {"tiny": "loaded", "b": "offloaded"}
+        b = c.post("/generate", json={**body, "adapter": "b"}).json()["steered"]["text"]
+        assert status() == {"tiny": "offloaded", "b": "loaded"}
+        assert c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"] == tiny
+        assert c.app_state["fsrl"].registry.moves == 3
+    # Moving in and out changes nothing: the same text as a server with every adapter resident.
+    assert tiny == generate(client, adapter="tiny", **body)["steered"]["text"] != b
 
 
 def test_api_key_is_required_on_every_route_but_health(app_factory):

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from fsrl.adapter import FsrlAdapter, new_adapter, save_adapter
+from fsrl.analysis import top_features
 from fsrl.errors import FsrlError
 from fsrl.models import BaseModel, default_dtype, load_base_model, resolve_device
 from fsrl.sae import Sae, default_sae_dir, load_sae
@@ -231,17 +232,8 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
     result = EvalResult(loss=sums[0].item() / pairs, accuracy=sums[1].item() / pairs,
                         mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()))
     if feature_stats and adapter is not None:
-        result.top_features = top_features(v_sum / tokens, v_active / tokens, hook.sae)
+        result.top_features = top_features(v_sum / tokens, v_active / tokens, hook.sae, TOP_FEATURES)
     return result
-
-
-def top_features(mean_v: torch.Tensor, active_share: torch.Tensor, sae: Sae,
-                 k: int = TOP_FEATURES) -> list[dict[str, Any]]:
-    """The k features with the largest mean |v| over tokens, with their SAE labels."""
-    order = mean_v.abs().argsort(descending=True)[:k]
-    return [{"index": int(i), "mean_v": round(float(mean_v[i]), 5),
-             "active_share": round(float(active_share[i]), 4), "label": sae.label(int(i))}
-            for i in order if mean_v[i] != 0]
 
 
 # ------------------------------------------------------------------------- multi-process

@@ -1,3 +1,4 @@
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -10,18 +11,18 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 
 @router.get("")
 async def list_adapters(state: StateDep) -> dict:
-    return {"adapters": [e.describe() for e in state.registry.entries()]}
+    return {"adapters": [state.registry.describe(e) for e in state.registry.entries()]}
 
 
 @router.get("/{adapter_id}")
 async def get_adapter(adapter_id: str, state: StateDep) -> dict:
-    return state.registry.entry(adapter_id).describe()
+    return state.registry.describe(state.registry.entry(adapter_id))
 
 
 @router.post("", status_code=201, dependencies=[AdminKey])
 async def load_adapter(body: AdapterLoadBody, state: StateDep) -> dict:
     entry = await state.registry.load(body.id, body.path, replace=body.replace)
-    return entry.describe()
+    return state.registry.describe(entry)
 
 
 @router.delete("/{adapter_id}", dependencies=[AdminKey])
@@ -33,4 +34,7 @@ async def unload_adapter(adapter_id: str, state: StateDep) -> dict:
 @router.get("/{adapter_id}/features")
 async def adapter_features(adapter_id: str, state: StateDep,
                            top: Annotated[int, Query(ge=1, le=4096)] = 20) -> dict:
-    return {"adapter": adapter_id, "features": state.registry.top_features(adapter_id, top)}
+    """Ranked by mean v over the server's reference prompts (measured once per adapter)."""
+    features = await asyncio.to_thread(state.registry.top_features, adapter_id, top)
+    return {"adapter": adapter_id, "measured_on_tokens": state.registry.reference.shape[0],
+            "features": features}

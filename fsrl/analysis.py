@@ -1,0 +1,89 @@
+"""Reading an adapter: which features it pushes, measured on real activations.
+
+An adapter's v depends on the residual stream it reads, so "the features it pushes hardest" is
+measured: mean v and the share of tokens where v is non-zero, over activations at the hook
+layer. Training measures them on its held-out pairs; the server on a reference set of prompts
+captured once at start (`reference_activations`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fsrl.adapter import FsrlAdapter
+from fsrl.models import BaseModel
+from fsrl.sae import Sae
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: nothing above the hook layer is needed."""
+
+
+@torch.no_grad()
+def hook_activations(base: BaseModel, layer: int, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The residual stream at the output of decoder layer `layer` for every token of every
+    sequence but the first (its norm is hundreds of times the rest's; SAEs train without it):
+    (tokens, d_model), on the model's device."""
+    captured: list[torch.Tensor] = []
+
+    def grab(module, args, output):
+        captured.append((output[0] if isinstance(output, tuple) else output)[0, 1:].detach())
+        raise _Stop
+
+    handle = base.layers[layer].register_forward_hook(grab)
+    try:
+        for ids in token_ids:
+            if len(ids) < 2:
+                continue
+            try:
+                base.model(input_ids=torch.tensor([list(ids)], device=base.device))
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if not captured:
+        return torch.zeros(0, base.d_model, device=base.device, dtype=base.dtype)
+    return torch.cat(captured)
+
+
+def reference_token_ids(tokenizer, limit: int = 96) -> list[list[int]]:
+    """The project's own demo prompts (every third, up to `limit`), as the model's chat
+    template renders them where it has one."""
+    from fsrl.demo.prompts import demo_prompts
+
+    out = []
+    for prompt in demo_prompts()[::3][:limit]:
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
+                                                 add_generation_prompt=True, tokenize=False)
+        except Exception:  # no chat template: the plain text
+            text = prompt.text
+        out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+@torch.no_grad()
+def feature_push(adapter: FsrlAdapter, activations: torch.Tensor, chunk: int = 1024
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean v and share of tokens with v != 0, per feature, over `activations` (N, d_in)."""
+    d_sae = adapter.config.d_sae
+    v_sum = torch.zeros(d_sae, dtype=torch.float64, device=activations.device)
+    active = torch.zeros(d_sae, dtype=torch.float64, device=activations.device)
+    for start in range(0, activations.shape[0], chunk):
+        v = adapter(activations[start:start + chunk].to(adapter.W.device)).to(v_sum.device)
+        v_sum += v.double().sum(0)
+        active += (v != 0).double().sum(0)
+    n = max(activations.shape[0], 1)
+    return (v_sum / n).float().cpu(), (active / n).float().cpu()
+
+
+def top_features(mean_v: torch.Tensor, active_share: torch.Tensor, sae: Sae,
+                 k: int = 20) -> list[dict[str, Any]]:
+    """The k features with the largest mean |v| over tokens, with their SAE labels."""
+    order = mean_v.abs().argsort(descending=True)[:k]
+    return [{"index": int(i), "mean_v": round(float(mean_v[i]), 5),
+             "active_share": round(float(active_share[i]), 4), "label": sae.label(int(i))}
+            for i in order if mean_v[i] != 0]
