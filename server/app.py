@@ -13,7 +13,7 @@ from fastapi import FastAPI
 import fsrl
 from fsrl.errors import FsrlError
 from server.deps import ApiKey
-from server.errors import install_error_handlers
+from server.errors import ERROR_RESPONSES, install_error_handlers
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, generate, health, openai
 from server.settings import Settings
@@ -38,7 +38,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             state.close()
 
-    app = FastAPI(title="fsrl", version=fsrl.__version__, lifespan=lifespan,
+    app = FastAPI(title="fsrl", version=fsrl.__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Steering inference server: a frozen LM steered in SAE feature space.")
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware)

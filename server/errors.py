@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fsrl.errors import FsrlError, NotFoundError
@@ -144,3 +145,31 @@ def error_event(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, FsrlError):
         return error_body(str(exc), exc.error_type, exc.code)
     return error_body("internal server error", "server_error", "internal_error")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None
+    param: str | None = None  # /v1 routes only (OpenAI's shape)
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every route: `{"error": {"message", "type", "code"}}`."""
+
+    error: ErrorDetail
+
+
+# Documented on every route, so the OpenAPI schema describes the errors clients really get
+# (it replaces FastAPI's default 422 body, which this server never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description} for status, description in {
+        400: "Bad adapter files", 401: "Missing or wrong API key", 403: "Forbidden",
+        404: "Not found", 409: "Conflict", 413: "Request too large",
+        422: "Invalid request (names the field)", 500: "Internal error",
+        503: "Overloaded (see Retry-After)"}.items()}
+
+# What /generate and /v1 answer with `stream: true`.
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"description": "JSON, or with `stream: true` server-sent events ending in `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}

@@ -27,7 +27,7 @@ import torch
 
 from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter
 from fsrl.analysis import feature_push, top_features
-from fsrl.errors import ConflictError, ForbiddenError, FsrlError, NotFoundError
+from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
 
 log = logging.getLogger(__name__)
@@ -106,17 +106,24 @@ class AdapterRegistry:
 
     def resolve(self, path: str | Path) -> Path:
         """A folder under the adapters directory (symlinks and .. resolved), else 403."""
-        folder = (self.root / Path(path).expanduser()).resolve()
+        try:
+            folder = (self.root / Path(path).expanduser()).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, bad ~user
+            raise ForbiddenError(f"path {str(path)!r} cannot be resolved: {exc}") from exc
         if not folder.is_relative_to(self.root):
             raise ForbiddenError(f"path {str(path)!r} resolves outside the adapters directory "
                                  f"{self.root}")
         return folder
 
     def _load(self, adapter_id: str, folder: Path) -> LoadedAdapter:
-        adapter = load_adapter(folder, sae=self.sae, layer=self.layer,
-                               base_model_fingerprint=self.base_fingerprint,
-                               adapter_id=adapter_id, device=self.load_device, dtype=self.dtype)
-        metadata = json.loads((folder / META_FILE).read_text())
+        try:
+            adapter = load_adapter(folder, sae=self.sae, layer=self.layer,
+                                   base_model_fingerprint=self.base_fingerprint,
+                                   adapter_id=adapter_id, device=self.load_device, dtype=self.dtype)
+            metadata = json.loads((folder / META_FILE).read_text())
+        except OSError as exc:  # a name too long, a permission, a folder gone mid-load
+            shown = str(folder) if len(str(folder)) <= 200 else str(folder)[:200] + "..."
+            raise CorruptFileError(f"cannot read the adapter in {shown}: {exc.strerror or exc}") from exc
         return LoadedAdapter(adapter, folder, metadata, time.time())
 
     def load_directory(self) -> None:

@@ -115,7 +115,7 @@ class AdapterLoadBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=ADAPTER_ID.pattern)
-    path: str = Field(min_length=1)
+    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")  # no path holds a NUL
     replace: bool = False
 
 

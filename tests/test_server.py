@@ -162,6 +162,19 @@ def test_load_adapter_outside_the_adapters_dir_is_403(client, path):
     assert_error(client.post("/adapters", json={"id": "bad", "path": path}), 403, "outside")
 
 
+def test_load_adapter_from_an_unresolvable_path_is_403(client):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "~no-such-user-here/x"}), 403,
+                 "cannot be resolved")
+
+
+def test_load_adapter_from_a_path_too_long_for_the_filesystem_is_400(client):  # found by fuzzing
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "0" * 3000}), 400, "too long")
+
+
+def test_load_adapter_path_with_a_nul_byte_is_422(client):  # found by scripts/fuzz_api.py
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "a\u0000b"}), 422, "path")
+
+
 def test_delete_unknown_adapter_is_404(client):
     assert_error(client.delete("/adapters/never-loaded"), 404)
 

@@ -5,6 +5,7 @@ from fastapi import APIRouter, Request
 
 from server import serving
 from server.deps import StateDep
+from server.errors import STREAM_RESPONSE
 from server.routes.cancel import cancel_on_disconnect
 from server.routes.sse import sse_response
 from server.schemas import GenerateBody, render_generation, render_token_event
@@ -13,7 +14,7 @@ from server.state import ServerState
 router = APIRouter(tags=["generate"])
 
 
-@router.post("/generate")
+@router.post("/generate", responses=STREAM_RESPONSE)
 async def generate(body: GenerateBody, state: StateDep, request: Request):
     prepared = serving.prepare(state, body.to_params())
     if body.stream:

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 
 from server import serving
 from server.deps import StateDep
-from server.errors import ModelNotFound
+from server.errors import STREAM_RESPONSE, ModelNotFound
 from server.openai_protocol import (ChatCompletionBody, CompletionBody, render_chunk,
                                     render_completion)
 from server.routes.cancel import cancel_on_disconnect
@@ -32,12 +32,12 @@ async def list_models(state: StateDep) -> dict:
     return {"object": "list", "data": data}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=STREAM_RESPONSE)
 async def chat_completions(body: ChatCompletionBody, state: StateDep, request: Request):
     return await _complete(state, request, body, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=STREAM_RESPONSE)
 async def completions(body: CompletionBody, state: StateDep, request: Request):
     return await _complete(state, request, body, chat=False)
 
