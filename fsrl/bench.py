@@ -30,12 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter-l0", type=int, default=128,
                         help="active features per token of the synthetic adapter")
     parser.add_argument("--batch-sizes", default="1,8")
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens per row (default: 64, or 32 per request with --serving)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random-shapes", action="store_true",
                         help="also random-weight Llama shapes (1.2B, SAE 16k); meant for a GPU")
-    parser.add_argument("--out", default="bench-results/bench.json", help="JSON output path")
+    parser.add_argument("--out", default=None,
+                        help="JSON output path (default: bench-results/bench.json, or "
+                             "bench-results/bench-serving.json with --serving)")
+    serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
+    serving.add_argument("--serving", action="store_true",
+                         help="benchmark `fsrl serve` end to end instead of the generation loop")
+    serving.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
+    serving.add_argument("--adapters-dir", default="adapters", help="adapters the requests mix")
+    serving.add_argument("--max-batch-rows", type=int, default=16)
 
 
 def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):
@@ -132,6 +141,14 @@ def _format_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.serving:
+        from fsrl import bench_serving
+
+        args.out = args.out or "bench-results/bench-serving.json"
+        args.new_tokens = args.new_tokens or 32
+        return bench_serving.run(args)
+    args.out = args.out or "bench-results/bench.json"
+    args.new_tokens = args.new_tokens or 64
     import torch
 
     from fsrl.adapter import load_adapter

@@ -1,0 +1,205 @@
+"""`fsrl bench --serving`: the server under concurrent clients, end to end over HTTP.
+
+Starts `fsrl serve` (loopback, a free port) on the chosen model with the adapters of
+`--adapters-dir`, then measures, interleaved over `--repeats` rounds (medians kept, so drift on
+a shared machine hits every figure alike):
+
+- concurrency: the same mixed requests (adapters in turn, some with feature clamps, one in
+  four unsteered; fixed length: `ignore_eos`) sent by 1, 4, 8 and 16 clients at once, against
+  the same requests sent one at a time: aggregate tokens/s, p50/p99 latency, speed-up;
+- compare: one `compare` request against one steered request (latency ratio);
+- steered/base: the mixed requests against the same requests with no steering, 1 and 8
+  clients (tokens/s ratio).
+
+Prints a table and writes JSON. The server is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = ["Tell me about the water cycle.", "How do bees make honey?", "Explain compound interest.",
+           "What is a black hole?", "Give me tips for learning a language.", "Why is the sky blue?",
+           "How does a bicycle stay upright?", "What causes the seasons?"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def mixed_requests(adapters: list[str], n: int, new_tokens: int, steered: bool = True) -> list[dict]:
+    """Request i: prompt i, adapter i mod len (every fourth unsteered), clamps on every third."""
+    out = []
+    for i in range(n):
+        body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                "max_new_tokens": new_tokens, "ignore_eos": True, "temperature": 0}
+        if steered and i % 4 != 3:
+            body["adapter"] = adapters[i % len(adapters)]
+            if i % 3 == 0:
+                body["features"] = [{"index": 7 + 31 * k, "op": "set", "value": 3.0} for k in range(4)]
+        out.append(body)
+    return out
+
+
+async def _send_all(client, bodies: list[dict], clients: int) -> dict:
+    """`clients` workers take the requests in order; wall time, tokens and latencies."""
+    queue = list(enumerate(bodies))
+    latencies: list[float] = []
+    tokens = 0
+
+    async def worker() -> None:
+        nonlocal tokens
+        while queue:
+            _, body = queue.pop(0)
+            start = time.perf_counter()
+            r = await client.post("/generate", json=body)
+            if r.status_code != 200:
+                raise RuntimeError(f"/generate answered {r.status_code}: {r.text[:300]}")
+            latencies.append(time.perf_counter() - start)
+            tokens += r.json()["usage"]["completion_tokens"]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "tokens": tokens, "latencies": latencies}
+
+
+async def _measure(url: str, args: argparse.Namespace, adapters: list[str]) -> dict:
+    import httpx
+
+    levels = [int(c) for c in args.clients.split(",")]
+    n = max(levels)
+    mixed = mixed_requests(adapters, n, args.new_tokens)
+    plain = mixed_requests(adapters, n, args.new_tokens, steered=False)
+    one = mixed_requests(adapters, 1, args.new_tokens)[0]
+    samples: dict[str, list[dict]] = {}
+
+    def keep(name: str, result: dict) -> None:
+        samples.setdefault(name, []).append(result)
+
+    limits = httpx.Limits(max_connections=n + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+        await _send_all(client, mixed[:2], 2)  # warm-up: first-call costs out of the figures
+        for rep in range(args.repeats):
+            print(f"round {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
+            for c in levels:
+                bodies = mixed[:max(c, 8)] if c > 1 else mixed[:8]
+                keep(f"seq{len(bodies)}", await _send_all(client, bodies, 1))
+                keep(f"conc{c}", await _send_all(client, bodies, c))
+            for c in (1, 8):
+                keep(f"plain{c}", await _send_all(client, plain[:8], c))
+                keep(f"steered{c}", await _send_all(client, mixed[:8], c))
+            for _ in range(3):
+                keep("single", await _send_all(client, [one], 1))
+                keep("compare", await _send_all(client, [{**one, "compare": True}], 1))
+    return samples
+
+
+def _summarise(samples: dict[str, list[dict]], levels: list[int]) -> dict:
+    def median(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in samples[name])
+
+    def tps(name: str) -> float:
+        return statistics.median(s["tokens"] / s["wall_s"] for s in samples[name])
+
+    rows = []
+    for c in levels:
+        n = max(c, 8) if c > 1 else 8
+        lat = [x for s in samples[f"conc{c}"] for x in s["latencies"]]
+        rows.append({"clients": c, "requests": n, "tok/s": round(tps(f"conc{c}"), 1),
+                     "p50 s": round(_percentile(lat, 0.5), 3), "p99 s": round(_percentile(lat, 0.99), 3),
+                     "one at a time tok/s": round(tps(f"seq{n}"), 1),
+                     "speed-up": round(median(f"seq{n}", "wall_s") / median(f"conc{c}", "wall_s"), 2)})
+    single = statistics.median(x for s in samples["single"] for x in s["latencies"])
+    compare = statistics.median(x for s in samples["compare"] for x in s["latencies"])
+    return {"concurrency": rows,
+            "compare/steered latency": round(compare / single, 3),
+            "steered/base tok/s, 1 client": round(tps("steered1") / tps("plain1"), 3),
+            "steered/base tok/s, 8 clients": round(tps("steered8") / tps("plain8"), 3)}
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import httpx
+    import torch
+
+    from fsrl.errors import FsrlError
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+
+    adapters_dir = Path(args.adapters_dir)
+    if not any(adapters_dir.glob("*/adapter.json")):
+        raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "fsrl.cli", "serve", "--adapters-dir", str(adapters_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
+           "--max-batch-rows", str(args.max_batch_rows)]
+    for flag, value in (("--model", args.model), ("--sae", args.sae)):
+        if value:
+            cmd += [flag, value]
+    log_path = Path(args.out).with_suffix(".server.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.monotonic() + 600
+            while True:
+                if proc.poll() is not None:
+                    raise FsrlError(f"the server exited ({proc.returncode}); see {log_path}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise FsrlError(f"the server was not ready in 600 s; see {log_path}")
+                time.sleep(0.2)
+            health = httpx.get(f"{url}/health").json()
+            adapters = [a["id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
+            if not adapters:
+                raise FsrlError(f"the server loaded no adapter from {adapters_dir}; see {log_path}")
+            samples = asyncio.run(_measure(url, args, adapters))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    levels = [int(c) for c in args.clients.split(",")]
+    summary = _summarise(samples, levels)
+    columns = list(summary["concurrency"][0])
+    print(" | ".join(columns))
+    for row in summary["concurrency"]:
+        print(" | ".join(str(row[c]) for c in columns))
+    for key in ("compare/steered latency", "steered/base tok/s, 1 client", "steered/base tok/s, 8 clients"):
+        print(f"{key}: {summary[key]}")
+    out = Path(args.out)
+    out.write_text(json.dumps({
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if health["device"].startswith("cuda") else None},
+        "server": health, "adapters": adapters,
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
+        "summary": summary, "samples": samples}, indent=1))
+    print(f"wrote {out}")
+    return 0
