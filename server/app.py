@@ -13,7 +13,7 @@ from fastapi import FastAPI
 import fsrl
 from fsrl.errors import FsrlError
 from server.deps import ApiKey
-from server.errors import ERROR_RESPONSES, install_error_handlers
+from server.errors import ERROR_RESPONSES, BodySizeLimit, install_error_handlers
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, generate, health, openai
 from server.settings import Settings
@@ -41,7 +41,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="fsrl", version=fsrl.__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Steering inference server: a frozen LM steered in SAE feature space.")
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s too
     app.include_router(health.open_router)  # /health: load balancers probe it without a key
     for router in (health.router, generate.router, adapters.router, openai.router):
         app.include_router(router, dependencies=[ApiKey])

@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest max_new_tokens a request may ask for (default: 1024)")
     parser.add_argument("--max-queue", type=int,
                         help="requests admitted at once before answering 503 (default: 64)")
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="longest prompt accepted, in tokens (default: 4096)")
+    parser.add_argument("--max-request-bytes", type=int,
+                        help="largest request body accepted (default: 1048576)")
     parser.add_argument("--max-batch-rows", type=int,
                         help="rows decoding together; a compare request is two (default: 16)")
     parser.add_argument("--max-adapters-on-device", type=int,
@@ -61,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, sae=args.sae, layer=args.layer, adapters_dir=args.adapters_dir,
         host=args.host, port=args.port, device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
-        max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device)
+        max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
+        max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

@@ -55,6 +55,51 @@ class Overloaded(FsrlError):
     headers = {"Retry-After": "1"}
 
 
+class BodySizeLimit:
+    """Refuses request bodies over `max_bytes` with 413 (pure ASGI): at once when the
+    Content-Length says so; a body sent without one (chunked) is read here, up to the limit,
+    and handed on whole."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = f"the request body is over this server's limit of {self.max_bytes} bytes"
+        openai = scope.get("path", "").startswith("/v1/")
+        response = JSONResponse(error_body(message, "invalid_request_error", "too_large", None, openai),
+                                status_code=413)
+        await response(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None:
+            if declared.isdigit() and int(declared) > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            item = await receive()
+            if item["type"] != "http.request":  # the client left
+                return
+            chunks.append(item.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            more = item.get("more_body", False)
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> dict:
+            nonlocal whole
+            if whole is not None:
+                item, whole = whole, None
+                return item
+            return await receive()  # after the body: disconnect notices
+
+        await self.app(scope, replay, send)
+
+
 # Status -> error type for errors that carry only a status (HTTPException, routing).
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error",

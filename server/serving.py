@@ -99,6 +99,10 @@ def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") 
     except FsrlError as exc:
         raise InvalidField("features", str(exc).removeprefix("features: ")) from exc
     prompt_ids = encode_prompt(state.base.tokenizer, params)
+    if len(prompt_ids) > state.settings.max_prompt_tokens:
+        raise InvalidField("messages" if params.messages is not None else "prompt",
+                           f"{len(prompt_ids)} tokens; this server takes at most "
+                           f"{state.settings.max_prompt_tokens}")
 
     cap = state.settings.max_new_tokens_cap
     room = (state.max_positions or len(prompt_ids) + cap) - len(prompt_ids)

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)         # requests admitted at once; more get 503
     max_batch_rows: int = Field(16, ge=1)    # rows decoding together (a compare request is two)
     max_adapters_on_device: int = Field(0, ge=0)  # 0: no limit; else LRU between device and host
+    max_request_bytes: int = Field(1 << 20, ge=1024)  # bigger bodies get 413
+    max_prompt_tokens: int = Field(4096, ge=1)  # longer prompts get 422 (the model's length also caps)
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
 

@@ -542,6 +542,26 @@ def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_fa
     assert tiny == generate(client, adapter="tiny", **body)["steered"]["text"] != b
 
 
+def test_request_body_over_the_limit_is_413_whether_declared_or_streamed(app_factory):
+    big = json.dumps({"prompt": "x" * 3000}).encode()
+    with app_factory(max_request_bytes=2048) as c:
+        r = c.post("/generate", content=big, headers={"content-type": "application/json"})
+        assert assert_error(r, 413, "2048 bytes")["code"] == "too_large"
+        chunked = c.post("/v1/completions", content=iter([big[:1500], big[1500:]]),
+                         headers={"content-type": "application/json"})
+        assert "content-length" not in chunked.request.headers
+        assert assert_error(chunked, 413, "2048 bytes")["param"] is None  # the OpenAI shape on /v1
+        assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2}).status_code == 200
+
+
+def test_prompt_over_the_token_limit_is_422_naming_the_field(app_factory):
+    with app_factory(max_prompt_tokens=10) as c:
+        assert_error(c.post("/generate", json={"prompt": "x" * 11}), 422, "prompt", "at most 10")
+        assert_error(c.post("/generate", json={"messages": [{"role": "user", "content": "x" * 11}]}),
+                     422, "messages")
+        assert c.post("/generate", json={"prompt": "x" * 5, "max_new_tokens": 2}).status_code == 200
+
+
 def test_api_key_is_required_on_every_route_but_health(app_factory):
     with app_factory(api_key="sesame") as c:
         assert c.get("/health").status_code == 200
