@@ -96,7 +96,11 @@ async def _measure(url: str, args: argparse.Namespace, adapters: list[str]) -> d
 
     limits = httpx.Limits(max_connections=n + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
-        await _send_all(client, mixed[:2], 2)  # warm-up: first-call costs out of the figures
+        # Warm-up, once at every concurrency: first calls at a batch shape (allocations, page
+        # faults, kernel choice) cost more, and would land on whichever figure came first.
+        for c in levels:
+            await _send_all(client, mixed[:c], c)
+        await _send_all(client, [{**one, "compare": True}], 1)
         for rep in range(args.repeats):
             print(f"round {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
             for c in levels:

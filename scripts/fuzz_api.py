@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(args.seed), "--workers", "1", "--request-timeout", "60",
                    "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
             if args.report:
-                cmd += ["--report", "junit", "--report-junit-path", str(args.report)]
+                cmd += ["--report", "junit", "--report-junit-path", str(args.report.resolve())]
             print("$", " ".join(cmd), flush=True)
-            code = subprocess.run(cmd, timeout=args.max_time + 120).returncode
+            code = subprocess.run(cmd, cwd=tmp, timeout=args.max_time + 120).returncode  # its cache stays in tmp
         finally:
             server.stop()
         if code != 0:

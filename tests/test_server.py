@@ -18,6 +18,7 @@ import pytest
 
 from server_fixtures import D_SAE, LAYER, ServerProcess, TinySetup, read_sse, write_tiny_setup
 
+REPO = Path(__file__).resolve().parents[1]
 CAP = 400  # the tiny server's --max-new-tokens-cap
 ERROR_KEYS = {"message", "type", "code"}
 
@@ -633,7 +634,7 @@ def test_failure_mid_stream_ends_the_stream_with_an_error_event_and_done(app_fac
 
 @pytest.mark.slow
 def test_default_model_and_sae_answer_a_steered_compare_request(tmp_path):
-    proc = ServerProcess(["--adapters-dir", str(tmp_path), "--device", "cpu"],
+    proc = ServerProcess(["--adapters-dir", str(REPO / "adapters"), "--device", "cpu"],
                          log_path=tmp_path / "server.log")
     try:
         proc.wait_ready(timeout_s=180, max_polls=1800)
@@ -650,5 +651,15 @@ def test_default_model_and_sae_answer_a_steered_compare_request(tmp_path):
             assert sum(ch.isalpha() for ch in text) >= 5, (output, text)
         assert "Paris" in out["base"]["text"]
         assert any(f["index"] == 0 for step in out["steered"]["features"] for f in step)
+        # The shipped adapters load; `concise` answers in a complete, much shorter text.
+        assert health["adapters"] == 2
+        r = httpx.post(f"{proc.url}/generate", timeout=300, json={
+            "messages": [{"role": "user", "content": "Tell me about volcanoes."}],
+            "adapter": "concise", "compare": True, "max_new_tokens": 96})
+        out = r.json()
+        assert out["steered"]["finish_reason"] == "stop" and out["base"]["finish_reason"] == "length"
+        assert out["steered"]["completion_tokens"] < out["base"]["completion_tokens"] / 2
+        features = httpx.get(f"{proc.url}/adapters/concise/features", params={"top": 5}, timeout=60).json()
+        assert len(features["features"]) == 5 and features["measured_on_tokens"] > 1000
     finally:
         proc.stop()

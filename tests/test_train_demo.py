@@ -4,7 +4,8 @@ import json
 
 from fsrl.demo.build_data import make_pairs
 from fsrl.demo.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
-from fsrl.demo.rules import complete, has_list, judge_bullets, judge_concise, list_items
+from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
+                              list_items)
 
 RAMBLING = "Saving money is a crucial aspect of personal finance, and there is no substitute for"
 SHORT = "Save a fixed share of every paycheck."
@@ -22,7 +23,9 @@ def test_concise_prefers_a_complete_short_answer():
 def test_bullets_prefers_a_list_over_prose():
     listed = "Tips:\n- budget\n- save\n1. invest\n2) wait"
     assert list_items(listed) == 4 and has_list(listed)
-    assert not has_list("1. one item only") and not has_list("-no space\n-here")
+    assert not has_list("1. one\n2. two") and not has_list("-no space\n-here\n-at all")
+    looping = "1. Yoga\n2. Yoga.\n3. yoga\n4. Yoga\n5. Stretch"
+    assert list_items(looping) == 5 and distinct_items(looping) == 2 and not has_list(looping)
     assert judge_bullets(listed, RAMBLING) == 1 and judge_bullets(RAMBLING, listed) == -1
     assert judge_bullets(listed, listed) == 0 and judge_bullets(SHORT, RAMBLING) == 0
 
@@ -37,9 +40,9 @@ def test_prompts_split_by_topic():
 def test_pairs_keep_only_judged_prompts_and_put_the_preferred_first(tmp_path):
     rows = []
     for pid, split, plain, concise, bullets in [
-            ("train-00-0", "train", RAMBLING, SHORT, "- a\n- b"),
+            ("train-00-0", "train", RAMBLING, SHORT, "- a\n- b\n- c"),
             ("train-00-1", "train", SHORT, SHORT, SHORT),            # no preference either way
-            ("heldout-00-0", "heldout", "- x\n- y", RAMBLING, RAMBLING)]:
+            ("heldout-00-0", "heldout", "- x\n- y\n- z", RAMBLING, RAMBLING)]:
         for variant, text in (("plain", plain), ("concise", concise), ("bullets", bullets)):
             rows.append({"prompt_id": pid, "split": split, "topic": "t", "prompt": "p?",
                          "variant": variant, "text": text})

@@ -29,6 +29,8 @@ class Recipe:
     id: str
     rule: str
     train_flags: tuple[str, ...]
+    eval_flags: tuple[str, ...] = ()   # how its generations are judged (scale, decoding)
+    eval_note: str = ""                # why, when not the defaults
 
     @property
     def data(self) -> str:
@@ -46,19 +48,36 @@ class Recipe:
         return "fsrl " + shlex.join(self.train_argv())
 
     def eval_command(self) -> str:
-        return (f"python -m fsrl.demo.evaluate --adapter adapters/{self.id} --rule {self.rule} "
-                f"--heldout {self.heldout}")
+        return shlex.join(["python", "-m", "fsrl.demo.evaluate", *self.eval_argv()])
+
+    def eval_argv(self) -> list[str]:
+        return ["--adapter", f"adapters/{self.id}", "--rule", self.rule, "--heldout", self.heldout,
+                *self.eval_flags]
 
 
 COMMON = ("--loss", "simpo", "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "2",
           "--max-length", "256", "--epochs", "1", "--seed", "0")
 RECIPES: dict[str, Recipe] = {
     "concise": Recipe("concise", "concise", COMMON + ("--l1", "5e-2")),
-    "bullets": Recipe("bullets", "bullets", COMMON + ("--l1", "1e-2")),
+    "bullets": Recipe(
+        "bullets", "bullets", COMMON + ("--l1", "5e-2"),
+        eval_flags=("--scale", "auto", "--temperature", "0.7", "--top-p", "0.9"),
+        eval_note="Judged with the data's own sampling (temperature 0.7, top-p 0.9) at the steering "
+                  "scale that wins most often on training prompts (`--scale auto`; the table "
+                  "below). At scale 1.0 and greedy decoding this small model's lists collapse into "
+                  "one line repeated, which the rule does not count as a list: 5 wins, 41 ties and "
+                  "2 losses of 48 held-out prompts (10 %; `eval_scale1_greedy.json`)."),
 }
 
 
 def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
+    path = root / "adapters" / recipe.id / "README.md"
+    path.write_text(render_readme(recipe, root))
+    return path
+
+
+def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
+    """The adapter's README, from its adapter.json, eval.json and data files alone."""
     folder = root / "adapters" / recipe.id
     meta = json.loads((folder / "adapter.json").read_text())
     t = meta.get("training", {})
@@ -76,12 +95,21 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
         "## Figures (held-out prompts: topics never seen in training)", "",
         "| | base model | with this adapter |", "|---|---|---|",
         f"| SimPO loss on {ev['heldout_pairs']} held-out pairs (beta 10, gamma 5) | {loss['base']:.3f} | "
-        f"{loss['adapter']:.3f} ({loss['reduction']:.0%} lower) |",
+        f"{loss['adapter']:.3f} ({loss['reduction']:.1%} lower) |",
         f"| preference accuracy on the same pairs | {ev['accuracy']['base']:.3f} | {ev['accuracy']['adapter']:.3f} |",
         f"| rule `{rule.name}` prefers it over the other, {gen['prompts']} held-out prompts, "
-        f"greedy, {gen['max_new_tokens']} new tokens | - | {gen['win_rate']:.0%} "
-        f"({gen['wins']} wins, {gen['ties']} ties, {gen['losses']} losses) |",
+        f"steering scale {ev['scale']}, {gen['decoding']}, {gen['max_new_tokens']} new tokens "
+        f"| - | {gen['win_rate']:.1%} ({gen['wins']} wins, {gen['ties']} ties, {gen['losses']} losses) |",
         f"| mean L0 of v (features steered per token) | 0 | {ev['mean_l0']:.0f} of {ev['d_sae']} |", "",
+        f"The demo's targets: SimPO loss at least 30 % lower ({'met' if loss['reduction'] >= 0.3 else 'NOT met'}), "
+        f"the rule preferring the steered answer on at least 65 % of held-out prompts "
+        f"({'met' if gen['win_rate'] >= 0.65 else 'NOT met'}).", "",
+        *([recipe.eval_note, ""] if recipe.eval_note else []),
+        *(["| steering scale | " + " | ".join(map(str, sel["win_rate"])) + " |",
+           "|---|" + "---|" * len(sel["win_rate"]),
+           f"| win rate on {sel['prompts']} training prompts | "
+           + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |", ""]
+          if (sel := ev.get("scale_selection")) else []),
         "Mean over the held-out generations of what the rule reads: "
         + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in facts.items())
                     for side, facts in ev["facts_mean"].items()) + ".", "",
@@ -89,7 +117,7 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
         "| feature | mean v | share of tokens steered | where the SAE fires it most in the demo responses |",
         "|---|---|---|---|",
         *[f"| {f['index']} | {f['mean_v']:+.3f} | {f['active_share']:.2f} | "
-          + " / ".join(f"`{e}`" for e in f.get("examples", [])) + " |" for f in top[:10]], "",
+          + " / ".join("`" + e.replace("|", "\\|") + "`" for e in f.get("examples", [])) + " |" for f in top[:10]], "",
         "The default SAE ships without feature labels: each feature is shown by the three tokens "
         "(in [brackets], with context) where it fires most over every sixth demo conversation "
         "(chat template included; empty: it never fires there).", "",
@@ -109,9 +137,7 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
         f"{t.get('train_seconds')} s on {t.get('device')} ({t.get('dtype')}); the full summary is in "
         "`adapter.json` under `training`, the step-by-step log in `train_history.json`.", "",
     ]
-    path = folder / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "rebuild":
         threads = ["--threads", str(args.threads)] if args.threads else []
         subprocess.run([sys.executable, "-m", "fsrl.cli", *recipe.train_argv(), *threads], check=True)
-        subprocess.run([sys.executable, "-m", "fsrl.demo.evaluate", "--adapter", f"adapters/{recipe.id}",
-                        "--rule", recipe.rule, "--heldout", recipe.heldout, *threads], check=True)
+        subprocess.run([sys.executable, "-m", "fsrl.demo.evaluate", *recipe.eval_argv(), *threads],
+                       check=True)
+    from fsrl.demo.evaluate import write_samples
+    write_samples(Path("adapters") / recipe.id)
     print(write_readme(recipe))
     return 0
 

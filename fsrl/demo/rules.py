@@ -11,7 +11,10 @@ concise: "a complete, short answer over a rambling one"
                                           the other's words; else no preference
 bullets: "a bulleted or numbered list over a wall of text"
     list_items(t) = lines that start with -, *, •, or 1. / 1) (after spaces) and then text
-    has_list(t)   = at least 2 list items
+    distinct(t)   = how many of those items differ (text after the marker, case and
+                    punctuation at the ends ignored)
+    has_list(t)   = at least 3 distinct items, and at least 3/4 of the items distinct
+                    (a list that repeats one line over and over is not a list)
     exactly one has a list             -> that one; else no preference
 """
 
@@ -21,7 +24,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+\S", re.MULTILINE)
+_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+(\S.*)$", re.MULTILINE)
 _END = re.compile(r"[.!?][\"')\]*]*$")
 
 
@@ -37,8 +40,13 @@ def list_items(text: str) -> int:
     return len(_ITEM.findall(text))
 
 
+def distinct_items(text: str) -> int:
+    return len({item.strip().strip(".:;,!*").strip().lower() for item in _ITEM.findall(text)})
+
+
 def has_list(text: str) -> bool:
-    return list_items(text) >= 2
+    distinct = distinct_items(text)
+    return distinct >= 3 and distinct >= 0.75 * list_items(text)
 
 
 def judge_concise(a: str, b: str) -> int:
@@ -65,7 +73,7 @@ def describe_concise(text: str) -> dict:
 
 
 def describe_bullets(text: str) -> dict:
-    return {"list_items": list_items(text), "has_list": has_list(text)}
+    return {"list_items": list_items(text), "distinct_items": distinct_items(text), "has_list": has_list(text)}
 
 
 @dataclass(frozen=True)
