@@ -13,10 +13,10 @@ when the budget is full. Requests already holding an evicted copy finish with it
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import re
-import copy
 import time
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
