@@ -21,9 +21,7 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,12 +29,6 @@ from pathlib import Path
 PROMPTS = ["Tell me about the water cycle.", "How do bees make honey?", "Explain compound interest.",
            "What is a black hole?", "Give me tips for learning a language.", "Why is the sky blue?",
            "How does a bicycle stay upright?", "What causes the seasons?"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -85,7 +77,7 @@ async def _measure(url: str, args: argparse.Namespace, adapters: list[str]) -> d
     import httpx
 
     levels = [int(c) for c in args.clients.split(",")]
-    n = max(levels)
+    n = max(*levels, 8)  # every level sends at least 8 requests
     mixed = mixed_requests(adapters, n, args.new_tokens)
     plain = mixed_requests(adapters, n, args.new_tokens, steered=False)
     one = mixed_requests(adapters, 1, args.new_tokens)[0]
@@ -152,43 +144,29 @@ def run(args: argparse.Namespace) -> int:
     adapters_dir = Path(args.adapters_dir)
     if not any(adapters_dir.glob("*/adapter.json")):
         raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "fsrl.cli", "serve", "--adapters-dir", str(adapters_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--device", args.device,
-           "--max-batch-rows", str(args.max_batch_rows)]
+    from server.process import ServerProcess
+
+    args_serve = ["--adapters-dir", str(adapters_dir), "--device", args.device,
+                  "--max-batch-rows", str(args.max_batch_rows)]
     for flag, value in (("--model", args.model), ("--sae", args.sae)):
         if value:
-            cmd += [flag, value]
+            args_serve += [flag, value]
     log_path = Path(args.out).with_suffix(".server.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = ServerProcess(args_serve, log_path=log_path)
+    try:
         try:
-            deadline = time.monotonic() + 600
-            while True:
-                if proc.poll() is not None:
-                    raise FsrlError(f"the server exited ({proc.returncode}); see {log_path}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise FsrlError(f"the server was not ready in 600 s; see {log_path}")
-                time.sleep(0.2)
-            health = httpx.get(f"{url}/health").json()
-            adapters = [a["id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
-            if not adapters:
-                raise FsrlError(f"the server loaded no adapter from {adapters_dir}; see {log_path}")
-            samples = asyncio.run(_measure(url, args, adapters))
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            proc.wait_ready(timeout_s=600, max_polls=6000)
+        except RuntimeError as exc:
+            raise FsrlError(f"the server did not start; see {log_path}") from exc
+        url = proc.url
+        health = httpx.get(f"{url}/health").json()
+        adapters = [a["id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
+        if not adapters:
+            raise FsrlError(f"the server loaded no adapter from {adapters_dir}; see {log_path}")
+        samples = asyncio.run(_measure(url, args, adapters))
+    finally:
+        proc.stop(timeout_s=30)
     levels = [int(c) for c in args.clients.split(",")]
     summary = _summarise(samples, levels)
     columns = list(summary["concurrency"][0])

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +12,8 @@ from factories import tiny_adapter, tiny_model, tiny_sae, tiny_tokenizer
 from fsrl.adapter import save_adapter
 from fsrl.models import model_fingerprint
 from fsrl.sae import save_sae
+from server.process import ServerProcess, free_port  # noqa: F401  (the tests' import point)
 
-REPO = Path(__file__).resolve().parents[1]
 LAYER = 1
 D_SAE = 256
 
@@ -66,58 +61,6 @@ def write_tiny_setup(root: Path) -> TinySetup:
     (adapters / "escape").symlink_to(outside, target_is_directory=True)
     (adapters / "no-meta").mkdir()
     return TinySetup(model_dir, sae_dir, adapters, outside)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`python -m fsrl.cli serve ...` in a subprocess; stopped by its PID."""
-
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "fsrl.cli", "serve", *args, "--host", "127.0.0.1",
-               "--port", str(self.port)]
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    def wait_ready(self, timeout_s: float = 120.0, max_polls: int = 1200) -> None:
-        deadline = time.monotonic() + timeout_s
-        for _ in range(max_polls):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server not ready after {timeout_s} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        if not self.log_path or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=timeout_s)
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
 
 
 def read_sse(response: httpx.Response, max_events: int = 10_000) -> tuple[list[dict], bool]:
