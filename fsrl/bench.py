@@ -7,6 +7,8 @@ Modes, each on the same prompts and the same generation loop:
 
 Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the repeats is
 kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
+On a CPU the default model is measured twice: as loaded, then with its linear weights packed
+for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
     serving.add_argument("--adapters-dir", default="adapters", help="adapters the requests mix")
     serving.add_argument("--max-batch-rows", type=int, default=16)
+    parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="CPU: linear weights packed for oneDNN, as `fsrl serve` does by "
+                             "default. Left out: the loop bench measures the default model both "
+                             "ways; --serving serves packed")
 
 
 def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):
@@ -152,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from fsrl.adapter import load_adapter
+    from fsrl.cpu_inference import can_pack, pack_linear_layers
     from fsrl.models import BaseModel, load_base_model, model_fingerprint, resolve_device
     from fsrl.sae import default_sae_dir, load_sae, random_sae
 
@@ -166,7 +173,12 @@ def run(args: argparse.Namespace) -> int:
         adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
     else:
         adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
-    _bench_setup(f"{base.name} + SAE {sae.d_sae}", base, sae, layer, adapter, args, sync, rows)
+    packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
+    for packed in packing if can_pack(base.model) else [False]:
+        if packed:  # after the plain rows: packing replaces the model's layers in place
+            pack_linear_layers(base.model)
+        label = f"{base.name} + SAE {sae.d_sae}" + (", packed weights" if packed else "")
+        _bench_setup(label, base, sae, layer, adapter, args, sync, rows)
     del base
 
     if args.random_shapes:

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-adapters-on-device", type=int,
                         help="adapters kept on the device; the rest wait in host memory and move "
                              "in when asked for, least recently used out (default: 0, no limit)")
+    parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction,
+                        help="on a CPU, pack the model's linear weights once for oneDNN, so a "
+                             "batch of several rows costs about one row (default: on)")
 
 
 class _NoStartupTraceback(logging.Filter):
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
         max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
-        max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes)
+        max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
+        pack_cpu_weights=args.pack_cpu_weights)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

@@ -1,6 +1,6 @@
 """The engine: continuous batching, off the event loop.
 
-One worker thread owns the model and a `RunningBatch`. Between decode steps it takes waiting
+One worker thread (`ModelThread`) owns the model and a `RunningBatch`. Between decode steps it takes waiting
 jobs from the queue (as many as fit under `max_batch_rows`), prefills them together, and from
 then on their rows decode in the same forward passes as every other running row, each with
 its own adapter, scale, overrides, sampling, seed and stop conditions. A row leaves the batch
@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
 
+from fsrl.cpu_inference import ModelThread
 from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
                              TokenEvent, results_from_events)
 from server.errors import Overloaded
@@ -83,8 +84,11 @@ class _Ticket:
 
 
 class Engine:
+    """Runs `generator` on `model_thread` (made here when not given; the engine closes it)."""
+
     def __init__(self, generator: Generator, max_pending: int = 64, max_batch_rows: int = 16,
-                 observe_batch: Callable[[int], None] | None = None):
+                 observe_batch: Callable[[int], None] | None = None,
+                 model_thread: ModelThread | None = None):
         self.generator = generator
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
@@ -94,8 +98,8 @@ class Engine:
         self._waiting: deque[_Ticket] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="fsrl-engine", daemon=True)
-        self._worker.start()
+        self._thread = model_thread or ModelThread()
+        self._worker = self._thread.submit(self._run)
 
     def check_capacity(self) -> None:
         """Refuse now (503) rather than queue a job that would be refused when it runs; a
@@ -144,7 +148,12 @@ class Engine:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._worker.join(timeout=30)
+        try:
+            self._worker.result(timeout=30)
+        except TimeoutError:
+            log.warning("the generation step did not end within 30 s of shutdown")
+            return  # a step still running holds the model thread; leave it behind
+        self._thread.close()
 
     # The worker thread.
 

@@ -8,8 +8,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
 
 from fsrl.analysis import hook_activations, reference_token_ids
+from fsrl.cpu_inference import ModelThread, PackedLinear, pack_linear_layers
 from fsrl.errors import FsrlError, MismatchError
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
@@ -33,6 +37,11 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
 
+    @cached_property
+    def packed_cpu_weights(self) -> bool:
+        """Whether the model's linear layers run on weights packed for oneDNN."""
+        return any(isinstance(m, PackedLinear) for m in self.base.model.modules())
+
     @property
     def max_positions(self) -> int | None:
         """Prompt + generated tokens the model can attend over (None: unknown, not checked)."""
@@ -45,8 +54,32 @@ class ServerState:
 
 def load_state(settings: Settings) -> ServerState:
     device = resolve_device(settings.device)
+    # The model is loaded, measured and run on one thread (see fsrl.cpu_inference.ModelThread).
+    model_thread = ModelThread()
+    try:
+        generator, reference = model_thread.call(_load_model, settings, device)
+        base, sae, layer = generator.base, generator.sae, generator.layer
+        registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
+                                   device=device, dtype=base.dtype,
+                                   max_on_device=settings.max_adapters_on_device, reference=reference)
+        registry.load_directory()
+    except BaseException:
+        model_thread.close()
+        raise
+    metrics = Metrics()
+    engine = Engine(generator, max_pending=settings.max_queue, max_batch_rows=settings.max_batch_rows,
+                    observe_batch=metrics.batch_size.observe, model_thread=model_thread)
+    return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
+                       engine=engine, metrics=metrics)
+
+
+def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor]:
+    """The generator (the model, packed for the CPU unless told not to, the SAE and the layer)
+    and the reference activations that feature rankings are measured on."""
     log.info("loading model %s on %s", settings.model or "(embedded default)", device)
     base = load_base_model(settings.model, device)
+    if settings.pack_cpu_weights and (packed := pack_linear_layers(base.model)):
+        log.info("packed %d linear layers for oneDNN (CPU inference)", packed)
     sae = load_sae(settings.sae_path, device=device, dtype=base.dtype)
     layer = settings.layer if settings.layer is not None else sae.info.layer
     if layer is None:
@@ -62,14 +95,4 @@ def load_state(settings: Settings) -> ServerState:
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
     generator = Generator(base, sae, layer)  # checks the layer exists
-    # Feature rankings are measured on these; captured now, before the engine owns the model.
-    reference = hook_activations(base, layer, reference_token_ids(base.tokenizer))
-    registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
-                               device=device, dtype=base.dtype,
-                               max_on_device=settings.max_adapters_on_device, reference=reference)
-    registry.load_directory()
-    metrics = Metrics()
-    engine = Engine(generator, max_pending=settings.max_queue, max_batch_rows=settings.max_batch_rows,
-                    observe_batch=metrics.batch_size.observe)
-    return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
-                       engine=engine, metrics=metrics)
+    return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer))

@@ -69,7 +69,25 @@ def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "model": setup.model_dir.name, "sae": "random-topk-256",
-                        "layer": 1, "device": "cpu", "adapters": 1}
+                        "layer": 1, "device": "cpu", "packed_cpu_weights": True, "adapters": 1}
+
+
+def test_server_without_packed_weights_answers_as_the_packed_one(client, setup, tmp_path):
+    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
+                          "--no-pack-cpu-weights"], log_path=tmp_path / "server.log")
+    try:
+        proc.wait_ready(timeout_s=120)
+        with httpx.Client(base_url=proc.url, timeout=60) as plain:
+            assert plain.get("/health").json()["packed_cpu_weights"] is False
+            for body in ({"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
+                         {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]}):
+                body = {**body, "max_new_tokens": 12, "ignore_eos": True}
+                plain_answer, packed_answer = generate(plain, **body), generate(client, **body)
+                for key in ("steered", "base", "usage"):
+                    assert plain_answer[key] == packed_answer[key], key
+    finally:
+        proc.stop()
 
 
 def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(client):

@@ -1,0 +1,113 @@
+"""Faster CPU inference: linear weights packed once for oneDNN, and one thread for the model.
+
+On a CPU a decode step is a few rows times every weight matrix, so it is bound by reading the
+weights. Through the default BLAS path a batch of 2 rows costs 1.5-1.9x a batch of 1 here
+(the weights are repacked at every call); with the weights packed once into oneDNN's blocked
+layout, 2, 4 or 8 rows cost about what 1 row costs (BENCHMARKS.md, "Packed CPU weights").
+That is what makes batching, and an A/B compare's second row, nearly free on a CPU.
+
+Inference only: the packed matrix multiply has no backward, so training never packs.
+
+`ModelThread`: PyTorch's OpenMP (libgomp) keeps a pool of worker threads for every thread that
+has run a parallel op. Once pooled threads outnumber the cores, idle workers stop spinning and
+sleep, so every op pays a wake-up: on 2 cores a decode step run from a second thread took
+1.5-2.5x as long as the same step from the thread that had loaded the model. A server runs the
+model off its event loop, so the model gets one thread that holds all of torch's intra-op
+threads, and every other thread runs torch single-threaded (no pool of its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+# Rows the packed layout is tuned for; any number of rows works (prefill included).
+DEFAULT_BATCH_HINT = 16
+
+
+def _packed_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """An `nn.Linear` whose weight lives in oneDNN's blocked layout (CPU, float32, no grad)."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = DEFAULT_BATCH_HINT):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint),
+                             persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("PackedLinear is for inference; it has no backward")
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether `pack_linear_layers` applies: float32 weights on the CPU, with oneDNN present."""
+    p = next(model.parameters(), None)
+    return (p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+            and _packed_linear_available())
+
+
+def pack_linear_layers(model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT) -> int:
+    """Replace every `nn.Linear` in `model` by a `PackedLinear`, in place; returns how many.
+
+    A weight tied to an embedding (the output head of many small models) gets a packed copy;
+    the embedding keeps its own. Does nothing (returns 0) when `can_pack(model)` is false.
+    """
+    if not can_pack(model):
+        return 0
+    targets = [(name, module) for name, module in model.named_modules() if type(module) is nn.Linear]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, PackedLinear(linear, batch_hint))
+    # The weights may be views of a memory-mapped checkpoint file; one left in the file (the
+    # embedding, the norms) keeps all of it mapped. Copies let the mapping go.
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return len(targets)
+
+
+class ModelThread:
+    """The one thread that runs the model, with all of torch's intra-op threads.
+
+    Creating it hands torch's thread count to the new thread and sets 1 for the creating thread
+    and for threads started later; `close` gives the count back.
+    """
+
+    def __init__(self, name: str = "fsrl-model"):
+        self.threads = torch.get_num_threads()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._claim)
+        self._executor.submit(lambda: None).result()  # the thread claims its count before we drop ours
+        torch.set_num_threads(1)  # also the count threads started from now on begin with
+
+    def _claim(self) -> None:
+        torch.get_num_threads()  # the thread's one-time init reads the global count: do it first
+        torch.set_num_threads(self.threads)
+
+    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run `fn` on the model thread and wait for its result (exceptions come through)."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn: Callable[..., T], *args, **kwargs) -> Future:
+        """Run `fn` on the model thread (after what is already queued there) without waiting."""
+        return self._executor.submit(fn, *args, **kwargs)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        torch.set_num_threads(self.threads)
