@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fsrl.cpu_inference import PackedMatrix
 from fsrl.errors import CorruptFileError, FsrlError, MismatchError
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class FsrlAdapter(nn.Module):
                                 requires_grad=config.activation == "soft_threshold")
         self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
                              else torch.zeros(config.d_in))
+        self.packed: PackedMatrix | None = None  # set by pack_for_cpu (serving on a CPU)
 
     @property
     def id(self) -> str:
@@ -113,8 +115,21 @@ class FsrlAdapter(nn.Module):
     def clamp_nonnegative(self) -> bool:
         return self.config.clamp_nonnegative
 
+    def pack_for_cpu(self) -> bool:
+        """Pack W once for oneDNN, for CPU float32 inference (fsrl.cpu_inference); returns
+        whether it did. The packed copy is of the weights now: for serving, not training."""
+        if not PackedMatrix.available_for(self.W):
+            return False
+        self.packed = PackedMatrix(self.W, self.b)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = (x.to(self.W.dtype) - self.b_in) @ self.W + self.b  # (..., d_sae)
+        x_in = x.to(self.W.dtype) - self.b_in
+        if self.packed is not None and self.packed.applies_to(x_in) and not (
+                torch.is_grad_enabled() and self.W.requires_grad):
+            z = self.packed(x_in)
+        else:
+            z = x_in @ self.W + self.b  # (..., d_sae)
         return self._activation(z, self.tau)
 
     def parameter_count(self) -> int:

@@ -1,10 +1,12 @@
 """Faster CPU inference: linear weights packed once for oneDNN, and one thread for the model.
 
 On a CPU a decode step is a few rows times every weight matrix, so it is bound by reading the
-weights. Through the default BLAS path a batch of 2 rows costs 1.5-1.9x a batch of 1 here
-(the weights are repacked at every call); with the weights packed once into oneDNN's blocked
-layout, 2, 4 or 8 rows cost about what 1 row costs (BENCHMARKS.md, "Packed CPU weights").
-That is what makes batching, and an A/B compare's second row, nearly free on a CPU.
+weights. Through the default BLAS path a batch of 2 rows cost 1.6-1.8x a batch of 1 on the
+project's 2-core machine (the weights are repacked at every call); with the weights packed once
+into oneDNN's blocked layout, 2 or 4 rows cost about what 1 row costs and 8 rows about 1.3x
+(BENCHMARKS.md, the serving section). That is what makes batching, and an A/B compare's second
+row, cheap on a CPU. `PackedLinear` does it for the model's layers, `PackedMatrix` for the
+steering's own products (adapter, SAE encoder and decoder).
 
 Inference only: the packed matrix multiply has no backward, so training never packs.
 
@@ -54,6 +56,36 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
+
+
+class PackedMatrix:
+    """`x @ matrix + bias` for a fixed (d_in, d_out) matrix, packed once for oneDNN.
+
+    For the steering's own products (adapter, SAE encoder and decoder), which a batch of rows
+    would otherwise pay the repacking for at every step. Immutable: copies share it.
+    """
+
+    def __init__(self, matrix: torch.Tensor, bias: torch.Tensor | None = None,
+                 batch_hint: int = DEFAULT_BATCH_HINT):
+        weight = matrix.detach().t().contiguous()  # (d_out, d_in), as nn.Linear keeps it
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.bias = None if bias is None else bias.detach().clone()
+
+    @staticmethod
+    def available_for(matrix: torch.Tensor) -> bool:
+        return (matrix.device.type == "cpu" and matrix.dtype == torch.float32
+                and _packed_linear_available())
+
+    def applies_to(self, x: torch.Tensor) -> bool:
+        """Whether `x` can go through it: float32 on the CPU, no gradient wanted."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def __deepcopy__(self, memo: dict) -> "PackedMatrix":
+        return self
 
 
 def can_pack(model: nn.Module) -> bool:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fsrl.cpu_inference import PackedMatrix
 from fsrl.errors import CorruptFileError, FsrlError
 
 SAE_CFG_FILE = "cfg.json"
@@ -91,6 +92,8 @@ class Sae(nn.Module):
         self.k = k
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.info = info
+        self.packed_encoder: PackedMatrix | None = None  # set by pack_for_cpu (inference)
+        self.packed_decoder: PackedMatrix | None = None
 
     @property
     def d_in(self) -> int:
@@ -100,12 +103,28 @@ class Sae(nn.Module):
     def d_sae(self) -> int:
         return self.W_enc.shape[1]
 
+    def pack_for_cpu(self) -> bool:
+        """Pack W_enc and W_dec once for oneDNN (CPU float32 inference; see
+        fsrl.cpu_inference). Returns whether it did. Calls that want gradients, or tensors
+        elsewhere than the CPU, keep the plain products."""
+        if not PackedMatrix.available_for(self.W_enc):
+            return False
+        self.packed_encoder = PackedMatrix(self.W_enc, self.b_enc)
+        self.packed_decoder = PackedMatrix(self.W_dec)
+        return True
+
+    def pre_activations(self, x_in: torch.Tensor) -> torch.Tensor:
+        """x_in @ W_enc + b_enc, for an input already shifted by b_dec where the SAE does so."""
+        if self.packed_encoder is not None and self.packed_encoder.applies_to(x_in):
+            return self.packed_encoder(x_in)
+        return x_in @ self.W_enc + self.b_enc
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., d_in) -> f: (..., d_sae)"""
         x = x.to(self.W_enc.dtype)
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return self._activation(x @ self.W_enc + self.b_enc, self)
+        return self._activation(self.pre_activations(x), self)
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """f: (..., d_sae) -> x_hat: (..., d_in)"""

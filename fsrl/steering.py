@@ -177,7 +177,7 @@ def _features_at(sae: Sae, x: torch.Tensor, index: torch.Tensor, full: torch.Ten
         # Top-k SAE: f_i is pre_i where pre_i is among the k largest (and positive), else 0.
         # Reading the k-th largest pre-activation avoids building the full f.
         x_in = x - sae.b_dec if sae.apply_b_dec_to_input else x
-        pre = x_in @ sae.W_enc + sae.b_enc                                     # (B, T, d_sae)
+        pre = sae.pre_activations(x_in)                                        # (B, T, d_sae)
         kth = pre.topk(sae.k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
         pre_sel = pre.gather(-1, safe[:, None, :].expand(B, T, -1))
         f_sel = torch.where(pre_sel >= kth, pre_sel.relu(), torch.zeros_like(pre_sel))
@@ -230,7 +230,7 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
         d = d_ext.scatter(-1, idx, new)[..., :d_sae]
 
     d = d * steered[..., None].to(d.dtype)
-    x_out = torch.where(steered[..., None], (xs + _decode_delta(d, sae.W_dec)).to(x.dtype), x)
+    x_out = torch.where(steered[..., None], (xs + _decode_delta(d, sae)).to(x.dtype), x)
 
     out = SteerOutput(x=x_out, delta=d if keep_delta else None,
                       v=v_rows * steered[..., None].to(d.dtype) if keep_v else None)
@@ -241,12 +241,16 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
     return out
 
 
-def _decode_delta(d: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """d @ W_dec, reading only the decoder rows that d touches (on the CPU).
+def _decode_delta(d: torch.Tensor, sae: Sae) -> torch.Tensor:
+    """d @ W_dec: through the packed decoder when the SAE has one (serving on a CPU), else
+    reading only the decoder rows that d touches (on the CPU).
 
     On CUDA the dense product stays: counting nonzeros would stall the stream, and a dense
     read of W_dec is a few percent of a step there (DESIGN.md, performance model).
     """
+    W_dec = sae.W_dec
+    if sae.packed_decoder is not None and sae.packed_decoder.applies_to(d):
+        return sae.packed_decoder(d)
     if d.is_cuda or torch.compiler.is_compiling():
         return d @ W_dec
     flat = d.reshape(-1, d.shape[-1])                                                 # (B*T, d_sae)

@@ -50,7 +50,7 @@ class LoadedAdapter:
 class AdapterRegistry:
     def __init__(self, root: Path, sae: Sae, layer: int, base_fingerprint: str,
                  device: torch.device, dtype: torch.dtype, max_on_device: int = 0,
-                 reference: torch.Tensor | None = None):
+                 reference: torch.Tensor | None = None, pack_for_cpu: bool = False):
         self.root = Path(root).expanduser().resolve()
         self.sae, self.layer, self.base_fingerprint = sae, layer, base_fingerprint
         self.device, self.dtype = device, dtype
@@ -58,6 +58,7 @@ class AdapterRegistry:
         self.load_device = torch.device("cpu") if max_on_device else device
         self.reference = reference  # hook-layer activations that feature rankings are measured on
         self.moves = 0              # copies moved onto the device (under a budget)
+        self.pack_for_cpu = pack_for_cpu and device.type == "cpu"  # adapters' W packed for oneDNN
         self._adapters: dict[str, LoadedAdapter] = {}
         self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
         self._pushes: dict[str, tuple[LoadedAdapter, torch.Tensor, torch.Tensor]] = {}
@@ -121,6 +122,8 @@ class AdapterRegistry:
                                    base_model_fingerprint=self.base_fingerprint,
                                    adapter_id=adapter_id, device=self.load_device, dtype=self.dtype)
             metadata = json.loads((folder / META_FILE).read_text())
+            if self.pack_for_cpu:
+                adapter.pack_for_cpu()
         except OSError as exc:  # a name too long, a permission, a folder gone mid-load
             shown = str(folder) if len(str(folder)) <= 200 else str(folder)[:200] + "..."
             raise CorruptFileError(f"cannot read the adapter in {shown}: {exc.strerror or exc}") from exc

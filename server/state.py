@@ -61,7 +61,8 @@ def load_state(settings: Settings) -> ServerState:
         base, sae, layer = generator.base, generator.sae, generator.layer
         registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
                                    device=device, dtype=base.dtype,
-                                   max_on_device=settings.max_adapters_on_device, reference=reference)
+                                   max_on_device=settings.max_adapters_on_device, reference=reference,
+                                   pack_for_cpu=sae.packed_encoder is not None)
         registry.load_directory()
     except BaseException:
         model_thread.close()
@@ -78,9 +79,10 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
     and the reference activations that feature rankings are measured on."""
     log.info("loading model %s on %s", settings.model or "(embedded default)", device)
     base = load_base_model(settings.model, device)
-    if settings.pack_cpu_weights and (packed := pack_linear_layers(base.model)):
-        log.info("packed %d linear layers for oneDNN (CPU inference)", packed)
     sae = load_sae(settings.sae_path, device=device, dtype=base.dtype)
+    if settings.pack_cpu_weights and (packed := pack_linear_layers(base.model)):
+        sae.pack_for_cpu()  # the adapters follow as the registry loads them
+        log.info("packed %d linear layers and the SAE for oneDNN (CPU inference)", packed)
     layer = settings.layer if settings.layer is not None else sae.info.layer
     if layer is None:
         raise FsrlError(f"SAE {sae.info.name} names no hook layer ({sae.info.hook_name!r}); "

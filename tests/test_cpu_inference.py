@@ -85,3 +85,39 @@ def test_model_thread_holds_torchs_threads_and_gives_them_back():
     finally:
         model_thread.close()
     assert torch.get_num_threads() == before
+
+
+@needs_onednn
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture):
+    from fsrl.steering import FeatureOverride, SteeringBatch, steer
+
+    sae = tiny_sae(architecture=architecture)
+    adapter = tiny_adapter(sae, tiny_base())
+    overrides = [FeatureOverride(3, "set", 4.0), FeatureOverride(9, "scale", 2.0),
+                 FeatureOverride(20, "ablate")]
+    rows = [RowSteering(adapter, 2.0), RowSteering(adapter, 1.0, overrides), RowSteering(None, 1.0, overrides)]
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
+    positions = torch.arange(5).expand(3, 5)
+
+    def run():
+        with torch.inference_mode():
+            batch = SteeringBatch.build(rows, sae.d_sae)
+            return steer(x, sae, batch, positions, keep_delta=True), sae.encode(x), adapter(x)
+
+    expected = run()
+    assert sae.pack_for_cpu() and adapter.pack_for_cpu()
+    got = run()
+    (steered, f, v), (steered_plain, f_plain, v_plain) = got, expected
+    for a, b in [(steered.x, steered_plain.x), (steered.delta, steered_plain.delta), (f, f_plain),
+                 (v, v_plain)]:
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_a_packed_adapter_still_trains_through_its_weights():
+    sae = tiny_sae()
+    adapter = tiny_adapter(sae, tiny_base()).requires_grad_(True)
+    assert adapter.pack_for_cpu()
+    adapter(torch.randn(4, 64)).sum().backward()
+    assert adapter.W.grad is not None and adapter.W.grad.abs().sum() > 0

@@ -142,9 +142,9 @@ def test_sparse_decode_equals_dense_decode():
     d = torch.zeros(2, 3, sae.d_sae)
     d[0, 1, [3, 50]] = torch.tensor([1.5, -2.0])
     d[1, 2, 77] = 0.25
-    torch.testing.assert_close(_decode_delta(d, sae.W_dec), d @ sae.W_dec)
+    torch.testing.assert_close(_decode_delta(d, sae), d @ sae.W_dec)
     d.requires_grad_(True)  # the training path
-    torch.testing.assert_close(_decode_delta(d, sae.W_dec), d @ sae.W_dec)
+    torch.testing.assert_close(_decode_delta(d, sae), d @ sae.W_dec)
 
 
 def test_capture_reports_top_deltas_at_last_position():
