@@ -7,8 +7,8 @@ Modes, each on the same prompts and the same generation loop:
 
 Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the repeats is
 kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
-On a CPU the default model is measured twice: as loaded, then with its linear weights packed
-for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does).
+On a CPU the default model is measured twice: as loaded, then with its linear weights, the
+SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does).
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     for packed in packing if can_pack(base.model) else [False]:
         if packed:  # after the plain rows: packing replaces the model's layers in place
             pack_linear_layers(base.model)
+            sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
+            adapter.pack_for_cpu()
         label = f"{base.name} + SAE {sae.d_sae}" + (", packed weights" if packed else "")
         _bench_setup(label, base, sae, layer, adapter, args, sync, rows)
     del base

@@ -29,3 +29,20 @@ def test_help_lists_every_command():
     assert done.returncode == 0
     for command in ("serve", "train", "sae", "bench", "fetch-default"):
         assert command in done.stdout
+
+
+def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
+    import json
+
+    from server_fixtures import write_tiny_setup
+
+    setup = write_tiny_setup(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    done = run_fsrl("bench", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                    "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "3",
+                    "--prompt-tokens", "4", "--repeats", "1", "--adapter-l0", "8", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["setup"].endswith("packed weights"), r["batch"]) for r in rows] == [
+        (False, 1), (False, 2), (True, 1), (True, 2)]
+    assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
