@@ -1,10 +1,11 @@
 """The engine: continuous batching, off the event loop.
 
-One worker thread (`ModelThread`) owns the model and a `RunningBatch`. Between decode steps it takes waiting
-jobs from the queue (as many as fit under `max_batch_rows`), prefills them together, and from
-then on their rows decode in the same forward passes as every other running row, each with
-its own adapter, scale, overrides, sampling, seed and stop conditions. A row leaves the batch
-the step it finishes; a job whose listener went away leaves at the next step.
+One worker thread (a `ModelThread`) owns the model and a `RunningBatch`. Between decode steps
+it takes waiting jobs from the queue (as many as fit under `max_batch_rows`), prefills them
+together, and from then on their rows decode in the same forward passes as every other
+running row, each with its own adapter, scale, overrides, sampling, seed and stop conditions.
+A row leaves the batch the step it finishes; a job whose listener went away leaves at the
+next step.
 
 Its face: `stream(job)` is an async iterator of the job's token events (closing it early
 aborts the job), `generate(job)` collects them into results. When `max_pending` jobs are

@@ -96,7 +96,8 @@ def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture):
     adapter = tiny_adapter(sae, tiny_base())
     overrides = [FeatureOverride(3, "set", 4.0), FeatureOverride(9, "scale", 2.0),
                  FeatureOverride(20, "ablate")]
-    rows = [RowSteering(adapter, 2.0), RowSteering(adapter, 1.0, overrides), RowSteering(None, 1.0, overrides)]
+    rows = [RowSteering(adapter, 2.0), RowSteering(adapter, 1.0, overrides),
+            RowSteering(None, 1.0, overrides)]
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * 3
     positions = torch.arange(5).expand(3, 5)
 
