@@ -73,10 +73,9 @@ async def _send_all(client, bodies: list[dict], clients: int) -> dict:
     return {"wall_s": wall, "tokens": tokens, "latencies": latencies}
 
 
-async def _measure(url: str, args: argparse.Namespace, adapters: list[str]) -> dict:
+async def _measure(url: str, args: argparse.Namespace, adapters: list[str], levels: list[int]) -> dict:
     import httpx
 
-    levels = [int(c) for c in args.clients.split(",")]
     n = max(*levels, 8)  # every level sends at least 8 requests
     mixed = mixed_requests(adapters, n, args.new_tokens)
     plain = mixed_requests(adapters, n, args.new_tokens, steered=False)
@@ -141,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
+    levels = [int(c) for c in args.clients.split(",")]
     adapters_dir = Path(args.adapters_dir)
     if not any(adapters_dir.glob("*/adapter.json")):
         raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
@@ -166,10 +166,9 @@ def run(args: argparse.Namespace) -> int:
         adapters = [a["id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
         if not adapters:
             raise FsrlError(f"the server loaded no adapter from {adapters_dir}; see {log_path}")
-        samples = asyncio.run(_measure(url, args, adapters))
+        samples = asyncio.run(_measure(url, args, adapters, levels))
     finally:
         proc.stop(timeout_s=30)
-    levels = [int(c) for c in args.clients.split(",")]
     summary = _summarise(samples, levels)
     columns = list(summary["concurrency"][0])
     print(" | ".join(columns))

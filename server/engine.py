@@ -85,11 +85,11 @@ class _Ticket:
 
 
 class Engine:
-    """Runs `generator` on `model_thread` (made here when not given; the engine closes it)."""
+    """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
+    engine closes the thread."""
 
-    def __init__(self, generator: Generator, max_pending: int = 64, max_batch_rows: int = 16,
-                 observe_batch: Callable[[int], None] | None = None,
-                 model_thread: ModelThread | None = None):
+    def __init__(self, generator: Generator, model_thread: ModelThread, max_pending: int = 64,
+                 max_batch_rows: int = 16, observe_batch: Callable[[int], None] | None = None):
         self.generator = generator
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
@@ -99,7 +99,7 @@ class Engine:
         self._waiting: deque[_Ticket] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self._thread = model_thread or ModelThread()
+        self._thread = model_thread
         self._worker = self._thread.submit(self._run)
 
     def check_capacity(self) -> None:

@@ -68,8 +68,8 @@ def load_state(settings: Settings) -> ServerState:
         model_thread.close()
         raise
     metrics = Metrics()
-    engine = Engine(generator, max_pending=settings.max_queue, max_batch_rows=settings.max_batch_rows,
-                    observe_batch=metrics.batch_size.observe, model_thread=model_thread)
+    engine = Engine(generator, model_thread, max_pending=settings.max_queue,
+                    max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
     return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
                        engine=engine, metrics=metrics)
 

@@ -161,6 +161,19 @@ def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, cl
     assert old == served_by_old["steered"]["text"] != new
 
 
+def test_a_cpu_server_packs_its_model_sae_and_adapters(setup):
+    from server.settings import Settings
+    from server.state import load_state
+
+    state = load_state(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
+                                adapters_dir=setup.adapters_dir, device="cpu"))
+    try:
+        assert state.packed_cpu_weights and state.sae.packed_encoder is not None
+        assert state.registry.get("tiny").packed is not None
+    finally:
+        state.close()
+
+
 def test_load_corrupt_adapter_is_400_naming_the_file(client):
     error = assert_error(client.post("/adapters", json={"id": "bad", "path": "corrupt"}), 400,
                          "adapter.safetensors")
@@ -370,22 +383,17 @@ def metric(client, name: str) -> float:
     return float(line.split()[-1])
 
 
-def _ms_until_the_batch_is_empty(client, limit_s: float = 60.0) -> float:
+def _ms_until_rows(client, rows: int, limit_s: float, why: str) -> float:
+    """Milliseconds until the running batch holds `rows` rows; fails with `why` after `limit_s`."""
     start = time.perf_counter()
-    while metric(client, "fsrl_batch_rows") > 0:
-        assert time.perf_counter() - start < limit_s, "rows still running"
+    while metric(client, "fsrl_batch_rows") != rows:
+        assert time.perf_counter() - start < limit_s, why
         time.sleep(0.02)
     return (time.perf_counter() - start) * 1000.0
 
 
-def _rows_within(client, rows: int, limit_s: float) -> bool:
-    """Whether the running batch holds `rows` rows at some poll within `limit_s` seconds."""
-    start = time.perf_counter()
-    while metric(client, "fsrl_batch_rows") != rows:
-        if time.perf_counter() - start > limit_s:
-            return False
-        time.sleep(0.01)
-    return True
+def _ms_until_the_batch_is_empty(client) -> float:
+    return _ms_until_rows(client, 0, limit_s=60.0, why="rows still running")
 
 
 def test_client_that_disconnects_frees_its_row(client, server):
@@ -399,7 +407,7 @@ def test_stream_client_that_disconnects_frees_its_row(client, server):
     full_ms = _long_job_ms(client)
     with httpx.stream("POST", f"{server.url}/generate", json={**LONG, "stream": True}, timeout=10) as r:
         next(r.iter_lines())  # one event, then hang up
-        assert _rows_within(client, 1, limit_s=5.0), "the streamed job's row is not running"
+        _ms_until_rows(client, 1, limit_s=5.0, why="the streamed job's row is not running")
     assert _ms_until_the_batch_is_empty(client) < full_ms / 2
 
 

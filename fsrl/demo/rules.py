@@ -40,13 +40,18 @@ def list_items(text: str) -> int:
     return len(_ITEM.findall(text))
 
 
+def _distinct(items: list[str]) -> int:
+    return len({item.strip().strip(".:;,!*").strip().lower() for item in items})
+
+
 def distinct_items(text: str) -> int:
-    return len({item.strip().strip(".:;,!*").strip().lower() for item in _ITEM.findall(text)})
+    return _distinct(_ITEM.findall(text))
 
 
 def has_list(text: str) -> bool:
-    distinct = distinct_items(text)
-    return distinct >= 3 and distinct >= 0.75 * list_items(text)
+    items = _ITEM.findall(text)
+    distinct = _distinct(items)
+    return distinct >= 3 and distinct >= 0.75 * len(items)
 
 
 def judge_concise(a: str, b: str) -> int:
