@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapters kept on the device; the rest wait in host memory and move "
                              "in when asked for, least recently used out (default: 0, no limit)")
     parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction,
-                        help="on a CPU, pack the model's linear weights once for oneDNN, so a "
-                             "batch of several rows costs about one row (default: on)")
+                        help="on a CPU, pack the model's, SAE's and adapters' weights once for "
+                             "oneDNN, so a batch of several rows costs about one row; memory grows "
+                             "under load with it (default: off)")
 
 
 class _NoStartupTraceback(logging.Filter):

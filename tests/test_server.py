@@ -32,7 +32,7 @@ def setup(tmp_path_factory) -> TinySetup:
 def server(setup, tmp_path_factory):
     proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
                           "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
-                          "--max-new-tokens-cap", str(CAP)],
+                          "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"],
                          log_path=tmp_path_factory.mktemp("log") / "server.log")
     try:
         proc.wait_ready(timeout_s=120)  # imports alone take seconds on a busy machine
@@ -166,7 +166,7 @@ def test_a_cpu_server_packs_its_model_sae_and_adapters(setup):
     from server.state import load_state
 
     state = load_state(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
-                                adapters_dir=setup.adapters_dir, device="cpu"))
+                                adapters_dir=setup.adapters_dir, device="cpu", pack_cpu_weights=True))
     try:
         assert state.packed_cpu_weights and state.sae.packed_encoder is not None
         assert state.registry.get("tiny").packed is not None
