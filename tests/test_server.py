@@ -406,8 +406,11 @@ def test_client_that_disconnects_frees_its_row(client, server):
 def test_stream_client_that_disconnects_frees_its_row(client, server):
     full_ms = _long_job_ms(client)
     with httpx.stream("POST", f"{server.url}/generate", json={**LONG, "stream": True}, timeout=10) as r:
-        next(r.iter_lines())  # one event, then hang up
+        # Hold the iterator: a dropped one is closed at once, and closing it closes the connection.
+        lines = r.iter_lines()
+        next(lines)  # one event...
         _ms_until_rows(client, 1, limit_s=5.0, why="the streamed job's row is not running")
+    # ...then hang up, leaving the `with`.
     assert _ms_until_the_batch_is_empty(client) < full_ms / 2
 
 
