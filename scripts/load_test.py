@@ -119,6 +119,7 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         stats: Counter[str] = Counter()
         wrong: list[dict] = []
         rss: dict[str, int] = {"start": rss_kib(pid)}
+        rss_by_tenth: list[int] = []  # a plateau and a leak look alike in two samples
         deadline = time.monotonic() + args.seconds
 
         async def one_client(seed: int) -> None:
@@ -163,8 +164,9 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
                     r = await client.request(method, path, json=body)
                     stats[f"swap:{r.status_code}"] += 1
                 stats["swap_cycles"] += 1
-                if cycle + 1 == max(1, args.swap_cycles // 10):
-                    rss["after_first_tenth"] = rss_kib(pid)
+                if (cycle + 1) % max(1, args.swap_cycles // 10) == 0:
+                    rss_by_tenth.append(rss_kib(pid))
+                    rss.setdefault("after_first_tenth", rss_by_tenth[0])
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
         began = time.monotonic()
@@ -181,7 +183,8 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         "clients": args.clients, "seconds": round(elapsed, 1), "requests": requests,
         "swap_cycles": stats["swap_cycles"], "server_errors": server_errors,
         "transport_errors": stats["transport_error"], "wrong_answers": len(wrong),
-        "rss_kib": rss, "rss_growth": round(growth, 4), "counts": dict(sorted(stats.items())),
+        "rss_kib": rss, "rss_kib_by_tenth_of_the_swaps": rss_by_tenth, "rss_growth": round(growth, 4),
+        "counts": dict(sorted(stats.items())),
         "wrong_examples": wrong[:10], "batch_size_histogram": shared,
     }
     report["passed"] = (server_errors == 0 and not wrong and stats["transport_error"] == 0

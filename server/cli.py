@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "in when asked for, least recently used out (default: 0, no limit)")
     parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction,
                         help="on a CPU, pack the model's, SAE's and adapters' weights once for "
-                             "oneDNN, so a batch of several rows costs about one row; memory grows "
-                             "under load with it (default: off)")
+                             "oneDNN, so a batch of several rows costs about one row (default: on; "
+                             "--no-pack-cpu-weights serves the plain weights)")
 
 
 class _NoStartupTraceback(logging.Filter):

@@ -28,8 +28,7 @@ class Settings(BaseSettings):
     max_adapters_on_device: int = Field(0, ge=0)  # 0: no limit; else LRU between device and host
     max_request_bytes: int = Field(1 << 20, ge=1024)  # bigger bodies get 413
     max_prompt_tokens: int = Field(4096, ge=1)  # longer prompts get 422 (the model's length also caps)
-    pack_cpu_weights: bool = False           # CPU float32: weights packed once for oneDNN (opt-in:
-                                             # server memory grows under load with it, BENCHMARKS.md)
+    pack_cpu_weights: bool = True            # CPU float32: weights packed once for oneDNN
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
 

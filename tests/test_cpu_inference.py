@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from factories import tiny_adapter, tiny_base, tiny_sae
-from fsrl.cpu_inference import PackedLinear, can_pack, pack_linear_layers
+from fsrl.cpu_inference import (CHUNK_ROWS, ROW_STEP, SMALL_ROW_COUNTS, PackedLinear, can_pack,
+                                pack_linear_layers)
 from fsrl.generation import GenerationRequest, Generator, SamplingParams
 from fsrl.steering import RowSteering
 
@@ -14,7 +15,7 @@ needs_onednn = pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="no oneD
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 7, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 7, 48), (300, 48), (3, 120, 48)])
 def test_packed_linear_computes_what_nn_linear_computes(bias, shape):
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias)
@@ -24,6 +25,24 @@ def test_packed_linear_computes_what_nn_linear_computes(bias, shape):
         got = PackedLinear(linear)(x)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_products_run_with_a_bounded_set_of_row_counts(monkeypatch):
+    # oneDNN keeps a primitive per row count, and memory grew with every new one.
+    product = torch.ops.mkldnn._linear_pointwise
+    row_counts: set[int] = set()
+
+    def spy(x, *args):
+        row_counts.add(x.reshape(-1, x.shape[-1]).shape[0])
+        return product(x, *args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    layer = PackedLinear(nn.Linear(8, 4))
+    with torch.inference_mode():
+        for rows in range(1, 700):
+            assert layer(torch.randn(rows, 8)).shape == (rows, 4)
+    allowed = set(SMALL_ROW_COUNTS) | set(range(ROW_STEP, CHUNK_ROWS + 1, ROW_STEP))
+    assert row_counts <= allowed and len(allowed) <= 17
 
 
 @needs_onednn
