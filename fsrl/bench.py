@@ -8,7 +8,7 @@ Modes, each on the same prompts and the same generation loop:
 Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the repeats is
 kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
 On a CPU the default model is measured twice: as loaded, then with its linear weights, the
-SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve --pack-cpu-weights` does).
+SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does on a CPU).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--adapters-dir", default="adapters", help="adapters the requests mix")
     serving.add_argument("--max-batch-rows", type=int, default=16)
     parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction, default=None,
-                        help="CPU: weights packed for oneDNN, as `fsrl serve --pack-cpu-weights` does. "
+                        help="CPU: weights packed for oneDNN, as `fsrl serve` does by default. "
                              "Left out: the loop bench measures the default model both "
-                             "ways; --serving serves packed (--pack-cpu-weights)")
+                             "ways; --serving serves packed")
 
 
 def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):

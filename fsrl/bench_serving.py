@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
 
     args_serve = ["--adapters-dir", str(adapters_dir), "--device", args.device,
                   "--max-batch-rows", str(args.max_batch_rows)]
-    if args.pack_cpu_weights is not False:  # measured packed unless told not to
-        args_serve.append("--pack-cpu-weights")
+    # Packed unless told not to, whatever FSRL_PACK_CPU_WEIGHTS says in this environment.
+    args_serve.append("--no-pack-cpu-weights" if args.pack_cpu_weights is False else "--pack-cpu-weights")
     for flag, value in (("--model", args.model), ("--sae", args.sae)):
         if value:
             args_serve += [flag, value]

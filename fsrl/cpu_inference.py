@@ -20,10 +20,12 @@ threads, and every other thread runs torch single-threaded (no pool of its own).
 Bounded shapes: oneDNN builds (and caches) a primitive for every distinct row count a packed
 weight is multiplied with, and memory grew with each new one (three layers fed random row counts
 from 1 to 700: 244 MB to 1,357 MB of RSS after 3,000 calls, still rising). Prefills bring as
-many row counts as there are prompt lengths, so a packed product rounds its rows up to one of a
-few counts: `SMALL_ROW_COUNTS` up to 32 (a decode step reads every weight whatever its rows, so
-padding 9 rows to 12 costs little), and larger inputs run in chunks of `CHUNK_ROWS` rows, the
-last padded to a multiple of `ROW_STEP`. That is 17 shapes per weight, whatever the prompts.
+many row counts as there are prompt lengths, and a draining batch brings every decode row
+count. So a packed product rounds its rows up to one of `SMALL_ROW_COUNTS` (up to 32), and
+larger inputs run in chunks of `CHUNK_ROWS` rows, each rounded up to a multiple of `ROW_STEP`:
+17 shapes per weight, whatever the prompts. Padding is not free (a decode step of 13 rows
+padded to 16 took 9-15 % longer), but with every row count from 1 to 16 allowed, the load
+test's memory still rose when its batch drained (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -50,23 +52,23 @@ def _packed_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def _padded(rows: torch.Tensor, count: int) -> torch.Tensor:
+def _padded_to(rows: torch.Tensor, count: int) -> torch.Tensor:
     return F.pad(rows, (0, 0, 0, count - rows.shape[0])) if count > rows.shape[0] else rows
 
 
 def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """`x @ weight.T + bias` for a weight from `_reorder_linear_weight`, over a few row counts."""
-    def product(rows: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    def product(rows: torch.Tensor, count: int) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(_padded_to(rows, count), weight, bias, "none", [], "")
+        return out[:rows.shape[0]] if count > rows.shape[0] else out
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
-    if rows <= SMALL_ROW_COUNTS[-1]:
-        count = next(c for c in SMALL_ROW_COUNTS if c >= rows)
-        out = product(_padded(flat, count))[:rows]
+    if rows <= SMALL_ROW_COUNTS[-1]:  # a decode step: one call, as few copies as can be
+        out = product(flat, next(count for count in SMALL_ROW_COUNTS if count >= rows))
     else:
-        out = torch.cat([product(_padded(chunk, -(-chunk.shape[0] // ROW_STEP) * ROW_STEP))[:chunk.shape[0]]
+        out = torch.cat([product(chunk, -(-chunk.shape[0] // ROW_STEP) * ROW_STEP)
                          for chunk in flat.split(CHUNK_ROWS)])
-    return out.reshape(*x.shape[:-1], -1)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class PackedLinear(nn.Module):

@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 
 from fsrl.analysis import hook_activations, reference_token_ids
-from fsrl.cpu_inference import ModelThread, PackedLinear, pack_linear_layers
+from fsrl.cpu_inference import ModelThread, pack_linear_layers
 from fsrl.errors import FsrlError, MismatchError
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
@@ -34,13 +33,9 @@ class ServerState:
     layer: int
     registry: AdapterRegistry
     engine: Engine
+    packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
-
-    @cached_property
-    def packed_cpu_weights(self) -> bool:
-        """Whether the model's linear layers run on weights packed for oneDNN."""
-        return any(isinstance(m, PackedLinear) for m in self.base.model.modules())
 
     @property
     def max_positions(self) -> int | None:
@@ -57,12 +52,12 @@ def load_state(settings: Settings) -> ServerState:
     # The model is loaded, measured and run on one thread (see fsrl.cpu_inference.ModelThread).
     model_thread = ModelThread()
     try:
-        generator, reference = model_thread.call(_load_model, settings, device)
+        generator, reference, packed = model_thread.call(_load_model, settings, device)
         base, sae, layer = generator.base, generator.sae, generator.layer
         registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
                                    device=device, dtype=base.dtype,
                                    max_on_device=settings.max_adapters_on_device, reference=reference,
-                                   pack_for_cpu=sae.packed_encoder is not None)
+                                   pack_for_cpu=packed)
         registry.load_directory()
     except BaseException:
         model_thread.close()
@@ -71,18 +66,16 @@ def load_state(settings: Settings) -> ServerState:
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
                     max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
     return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
-                       engine=engine, metrics=metrics)
+                       engine=engine, packed_cpu_weights=packed, metrics=metrics)
 
 
-def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor]:
-    """The generator (the model, packed for the CPU unless told not to, the SAE and the layer)
-    and the reference activations that feature rankings are measured on."""
+def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor, bool]:
+    """The generator (the model, the SAE and the layer), the reference activations that feature
+    rankings are measured on, and whether the weights were packed for the CPU (then the
+    adapters must be too)."""
     log.info("loading model %s on %s", settings.model or "(embedded default)", device)
     base = load_base_model(settings.model, device)
     sae = load_sae(settings.sae_path, device=device, dtype=base.dtype)
-    if settings.pack_cpu_weights and (packed := pack_linear_layers(base.model)):
-        sae.pack_for_cpu()  # the adapters follow as the registry loads them
-        log.info("packed %d linear layers and the SAE for oneDNN (CPU inference)", packed)
     layer = settings.layer if settings.layer is not None else sae.info.layer
     if layer is None:
         raise FsrlError(f"SAE {sae.info.name} names no hook layer ({sae.info.hook_name!r}); "
@@ -97,4 +90,8 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
     generator = Generator(base, sae, layer)  # checks the layer exists
-    return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer))
+    packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
+    if packed:
+        sae.pack_for_cpu()
+        log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
+    return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed

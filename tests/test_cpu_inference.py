@@ -15,7 +15,7 @@ needs_onednn = pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="no oneD
 
 @needs_onednn
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 7, 48), (300, 48), (3, 120, 48)])
+@pytest.mark.parametrize("shape", [(0, 48), (1, 48), (5, 48), (2, 7, 48), (257, 48), (300, 48), (3, 120, 48)])
 def test_packed_linear_computes_what_nn_linear_computes(bias, shape):
     torch.manual_seed(0)
     linear = nn.Linear(48, 80, bias=bias)

@@ -162,13 +162,19 @@ def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, cl
 
 
 def test_a_cpu_server_packs_its_model_sae_and_adapters(setup):
+    from torch import nn
+
+    from fsrl.cpu_inference import PackedLinear
     from server.settings import Settings
     from server.state import load_state
 
     state = load_state(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
                                 adapters_dir=setup.adapters_dir, device="cpu", pack_cpu_weights=True))
     try:
-        assert state.packed_cpu_weights and state.sae.packed_encoder is not None
+        assert state.packed_cpu_weights
+        assert all(type(m) is not nn.Linear for m in state.base.model.modules())
+        assert any(isinstance(m, PackedLinear) for m in state.base.model.modules())
+        assert state.sae.packed_encoder is not None
         assert state.registry.get("tiny").packed is not None
     finally:
         state.close()
