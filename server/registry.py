@@ -160,6 +160,7 @@ class AdapterRegistry:
             entry = await asyncio.to_thread(self._load, adapter_id, folder)
             self._adapters = {**self._adapters, adapter_id: entry}
             self._on_device.pop(adapter_id, None)
+            self._pushes.pop(adapter_id, None)  # else it pins the replaced weights until asked
         log.info("adapter %s %s from %s", adapter_id, "replaced" if existed else "loaded", folder)
         return entry
 

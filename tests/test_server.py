@@ -246,6 +246,23 @@ def test_compare_steered_differs_from_base_and_base_equals_a_plain_request(clien
     assert out["usage"]["completion_tokens"] == 24  # both rows were generated
 
 
+def test_adapter_features_after_a_replace_are_the_new_weights(client):
+    def top(adapter_id: str) -> list[tuple[int, float]]:
+        r = client.get(f"/adapters/{adapter_id}/features", params={"top": 5})
+        assert r.status_code == 200, r.text
+        return [(f["index"], f["mean_v"]) for f in r.json()["features"]]
+    assert client.post("/adapters", json={"id": "feat", "path": "tiny"}).status_code == 201
+    try:
+        before = top("feat")  # measured, and cached, for the first weights
+        swap = {"id": "feat", "path": "more/tiny-b", "replace": True}
+        assert client.post("/adapters", json=swap).status_code == 201
+        assert client.post("/adapters", json={"id": "feat-b", "path": "more/tiny-b"}).status_code == 201
+        assert top("feat") == top("feat-b") != before
+    finally:
+        for adapter_id in ("feat", "feat-b"):
+            client.delete(f"/adapters/{adapter_id}")
+
+
 def test_feature_clamps_change_the_output(client):
     common = {"prompt": "hello there", "max_new_tokens": 12, "ignore_eos": True}
     clamped = generate(client, features=[{"index": i, "op": "set", "value": 30.0} for i in range(8)],
