@@ -24,7 +24,7 @@ many row counts as there are prompt lengths, and a draining batch brings every d
 count. So a packed product rounds its rows up to one of `SMALL_ROW_COUNTS` (up to 32), and
 larger inputs run in chunks of `CHUNK_ROWS` rows, each rounded up to a multiple of `ROW_STEP`:
 17 shapes per weight, whatever the prompts. Padding is not free (a decode step of 13 rows
-padded to 16 took 9-15 % longer), but with every row count from 1 to 16 allowed, the load
+padded to 16 took 16-20 % longer), but with every row count from 1 to 16 allowed, the load
 test's memory still rose when its batch drained (BENCHMARKS.md).
 """
 
