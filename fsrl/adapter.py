@@ -125,8 +125,7 @@ class FsrlAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_in = x.to(self.W.dtype) - self.b_in
-        if self.packed is not None and self.packed.applies_to(x_in) and not (
-                torch.is_grad_enabled() and self.W.requires_grad):
+        if self.packed is not None and self.packed.applies_to(x_in):
             z = self.packed(x_in)
         else:
             z = x_in @ self.W + self.b  # (..., d_sae)

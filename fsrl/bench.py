@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     for packed in packing if can_pack(base.model) else [False]:
         if packed:  # after the plain rows: packing replaces the model's layers in place
             pack_linear_layers(base.model)
-            sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve --pack-cpu-weights` does
+            sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
             adapter.pack_for_cpu()
         label = f"{base.name} + SAE {sae.d_sae}" + (", packed weights" if packed else "")
         _bench_setup(label, base, sae, layer, adapter, args, sync, rows)

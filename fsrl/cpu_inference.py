@@ -48,8 +48,16 @@ CHUNK_ROWS = 256
 ROW_STEP = 32
 
 
-def _packed_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def _packable(weight: torch.Tensor) -> bool:
+    """Float32 on the CPU, with oneDNN's packed linear present in this torch."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+# For 0..32 rows, the row count each is padded to.
+_SMALL_PADDED = [next(count for count in SMALL_ROW_COUNTS if count >= rows)
+                 for rows in range(SMALL_ROW_COUNTS[-1] + 1)]
 
 
 def _padded_to(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -64,7 +72,7 @@ def packed_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
     if rows <= SMALL_ROW_COUNTS[-1]:  # a decode step: one call, as few copies as can be
-        out = product(flat, next(count for count in SMALL_ROW_COUNTS if count >= rows))
+        out = product(flat, _SMALL_PADDED[rows])
     else:
         out = torch.cat([product(chunk, -(-chunk.shape[0] // ROW_STEP) * ROW_STEP)
                          for chunk in flat.split(CHUNK_ROWS)])
@@ -96,7 +104,8 @@ class PackedMatrix:
     """`x @ matrix + bias` for a fixed (d_in, d_out) matrix, packed once for oneDNN.
 
     For the steering's own products (adapter, SAE encoder and decoder), which a batch of rows
-    would otherwise pay the repacking for at every step. Immutable: copies share it.
+    would otherwise pay the repacking for at every step. Immutable: copies share it. It keeps
+    the tensors it was packed from (references, no copy) to tell when a gradient is wanted.
     """
 
     def __init__(self, matrix: torch.Tensor, bias: torch.Tensor | None = None,
@@ -104,16 +113,18 @@ class PackedMatrix:
         weight = matrix.detach().t().contiguous()  # (d_out, d_in), as nn.Linear keeps it
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if bias is None else bias.detach().clone()
+        self._sources = (matrix,) if bias is None else (matrix, bias)
 
     @staticmethod
     def available_for(matrix: torch.Tensor) -> bool:
-        return (matrix.device.type == "cpu" and matrix.dtype == torch.float32
-                and _packed_linear_available())
+        return _packable(matrix)
 
     def applies_to(self, x: torch.Tensor) -> bool:
-        """Whether `x` can go through it: float32 on the CPU, no gradient wanted."""
+        """Whether `x` can go through it: float32 on the CPU, and no gradient wanted, neither
+        for `x` nor for the weights it was packed from (the packed product has no backward)."""
         return (x.device.type == "cpu" and x.dtype == torch.float32
-                and not (x.requires_grad and torch.is_grad_enabled()))
+                and not (torch.is_grad_enabled()
+                         and any(t.requires_grad for t in (x, *self._sources))))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return packed_product(x, self.weight, self.bias)
@@ -125,8 +136,7 @@ class PackedMatrix:
 def can_pack(model: nn.Module) -> bool:
     """Whether `pack_linear_layers` applies: float32 weights on the CPU, with oneDNN present."""
     p = next(model.parameters(), None)
-    return (p is not None and p.device.type == "cpu" and p.dtype == torch.float32
-            and _packed_linear_available())
+    return p is not None and _packable(p)
 
 
 def pack_linear_layers(model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT) -> int:

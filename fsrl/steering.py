@@ -248,9 +248,9 @@ def _decode_delta(d: torch.Tensor, sae: Sae) -> torch.Tensor:
     On CUDA the dense product stays: counting nonzeros would stall the stream, and a dense
     read of W_dec is a few percent of a step there (DESIGN.md, performance model).
     """
-    W_dec = sae.W_dec
     if sae.packed_decoder is not None and sae.packed_decoder.applies_to(d):
         return sae.packed_decoder(d)
+    W_dec = sae.W_dec
     if d.is_cuda or torch.compiler.is_compiling():
         return d @ W_dec
     flat = d.reshape(-1, d.shape[-1])                                                 # (B*T, d_sae)

@@ -166,13 +166,14 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
                 stats["swap_cycles"] += 1
                 if (cycle + 1) % max(1, args.swap_cycles // 10) == 0:
                     rss_by_tenth.append(rss_kib(pid))
-                    rss.setdefault("after_first_tenth", rss_by_tenth[0])
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
         began = time.monotonic()
         await asyncio.gather(swapper(), *(one_client(1000 + c) for c in range(args.clients)))
         elapsed = time.monotonic() - began
         rss["end"] = rss_kib(pid)
+        if rss_by_tenth:
+            rss["after_first_tenth"] = rss_by_tenth[0]
         metrics = (await client.get("/metrics")).text
     baseline = rss.get("after_first_tenth", rss["start"])
     growth = rss["end"] / baseline - 1

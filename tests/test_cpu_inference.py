@@ -108,7 +108,7 @@ def test_model_thread_holds_torchs_threads_and_gives_them_back():
 
 @needs_onednn
 @pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
-def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture):
+def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture, monkeypatch):
     from fsrl.steering import FeatureOverride, SteeringBatch, steer
 
     sae = tiny_sae(architecture=architecture)
@@ -127,7 +127,16 @@ def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture):
 
     expected = run()
     assert sae.pack_for_cpu() and adapter.pack_for_cpu()
+    product, packed_calls = torch.ops.mkldnn._linear_pointwise, []
+
+    def spy(*args):
+        packed_calls.append(id(args[1]))  # the packed weight it multiplied with
+        return product(*args)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
     got = run()
+    # The packed products ran: the adapter's, the SAE encoder's and the decoder's.
+    assert {id(adapter.packed.weight), id(sae.packed_encoder.weight),
+            id(sae.packed_decoder.weight)} <= set(packed_calls)
     (steered, f, v), (steered_plain, f_plain, v_plain) = got, expected
     for a, b in [(steered.x, steered_plain.x), (steered.delta, steered_plain.delta), (f, f_plain),
                  (v, v_plain)]:
