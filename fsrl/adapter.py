@@ -137,6 +137,48 @@ class FsrlAdapter(nn.Module):
         return sum(getattr(self, name).numel() for name in learned)
 
 
+class RowAdapters:
+    """Each row's adapter as row-stacked tensors, for a batch whose shapes never change (a
+    compiled decode step): row b computes v_b = activation_b((x_b - b_in_b) @ W_b + b_b), the
+    same maths as its `FsrlAdapter`. A row without an adapter holds zeros, so its v is 0.
+    Rows are written in place, so the tensors keep their addresses (CUDA graphs read them)."""
+
+    def __init__(self, rows: int, d_in: int, d_sae: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.d_in, self.d_sae = d_in, d_sae
+        self.W = torch.zeros(rows, d_in, d_sae, device=device, dtype=dtype)
+        self.b = torch.zeros(rows, d_sae, device=device, dtype=dtype)
+        self.b_in = torch.zeros(rows, d_in, device=device, dtype=dtype)
+        self.tau = torch.zeros(rows, d_sae, device=device, dtype=dtype)
+        self.soft_threshold = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.W, self.b, self.b_in, self.tau, self.soft_threshold
+
+    def set_row(self, row: int, adapter: FsrlAdapter | None) -> None:
+        with torch.no_grad():
+            if adapter is None:
+                for t in self.tensors():
+                    t[row].zero_()
+                return
+            if (adapter.config.d_in, adapter.config.d_sae) != (self.d_in, self.d_sae):
+                raise MismatchError(f"adapter {adapter.id!r} has d_in={adapter.config.d_in} "
+                                    f"d_sae={adapter.config.d_sae}, rows hold {self.d_in}x{self.d_sae}")
+            self.W[row].copy_(adapter.W)
+            self.b[row].copy_(adapter.b)
+            self.b_in[row].copy_(adapter.b_in)
+            self.tau[row].copy_(adapter.tau)
+            self.soft_threshold[row] = adapter.config.activation == "soft_threshold"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
+        x_in = x.to(self.W.dtype) - self.b_in[:, None, :]
+        z = torch.bmm(x_in, self.W) + self.b[:, None, :]
+        tau = self.tau[:, None, :]
+        return torch.where(self.soft_threshold[:, None, None],
+                           ACTIVATIONS["soft_threshold"](z, tau), ACTIVATIONS["relu"](z, tau))
+
+
 def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,
                 layer: int, activation: str = "relu", clamp_nonnegative: bool = False,
                 init_std: float = 1e-4, seed: int = 0) -> FsrlAdapter:

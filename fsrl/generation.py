@@ -161,6 +161,7 @@ class Generator:
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = base.tokenizer.pad_token_id or 0
+        self.static_decoder: Any = None  # a fsrl.static_decode.StaticDecoder: batches use its slots
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 cache: Any, batch: SteeringBatch) -> tuple[torch.Tensor, Any, StepCapture]:
@@ -176,7 +177,9 @@ class Generator:
         return out.logits[:, -1, :], new_cache, capture
 
     def batch(self) -> "RunningBatch":
-        return RunningBatch(self)
+        """A batch for rows to join and leave; over the static decoder's slots when there is one
+        (a newer batch takes them from an older one)."""
+        return self.static_decoder.batch() if self.static_decoder is not None else RunningBatch(self)
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
         """Generate all rows together; yields one event per row per step until all finish."""
@@ -192,6 +195,57 @@ class Generator:
         for event in self.stream(requests):
             rows[event.row].append(event)
         return results_from_events(requests, rows)
+
+
+def owners_and_local(count: int, owners: Sequence[Any] | None) -> tuple[list[Any], list[int]]:
+    """Each of `count` new rows' owner (default None) and its `TokenEvent.row`: how many rows
+    before it have the same owner."""
+    owners = list(owners) if owners is not None else [None] * count
+    return owners, [sum(o is owner for o in owners[:b]) for b, owner in enumerate(owners)]
+
+
+def prefill(generator: Generator, requests: Sequence[GenerationRequest]
+            ) -> tuple[list[_Row], torch.Tensor, Any, StepCapture, torch.Tensor, torch.Tensor]:
+    """One forward over the prompts, left-padded to the longest: the rows' host state, their
+    last-position logits (B, V), the cache, the capture, the mask (B, W) and the prompt
+    lengths (B,)."""
+    g = generator
+    device = g.base.device
+    rows = [_Row(r, g.base.tokenizer, g.eos_ids) for r in requests]
+    steering = SteeringBatch.build([r.steering for r in requests], g.sae.d_sae, device=device,
+                                   dtype=g.sae.W_dec.dtype,
+                                   capture_top=max((r.return_features for r in requests), default=0))
+    lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+    width = int(lengths.max())
+    input_ids = torch.full((len(rows), width), g.pad_id, dtype=torch.long, device=device)
+    for b, r in enumerate(requests):
+        input_ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
+    positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
+    mask = (positions >= 0).long()
+    logits, cache, capture = g.forward(input_ids, mask, positions.clamp(min=-1), None, steering)
+    return rows, logits, cache, capture, mask, lengths
+
+
+def sample_rows(rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture, owners: Sequence[Any],
+                local: Sequence[int]) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
+    """Each row's next token from its logits (B, V) and the events they make, paired with
+    each row's owner; `local[b]` is row b's `TokenEvent.row`."""
+    greedy = logits.argmax(-1).tolist()
+    top_i = capture.top_index.tolist() if capture.top_index is not None else None
+    top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
+    events, tokens = [], []
+    for b, row in enumerate(rows):
+        token = row.choose(logits[b], greedy[b])
+        feats = None
+        if row.features is not None and top_i is not None:
+            k = row.request.return_features
+            feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
+        delta = row.push(token, feats)
+        done = row.finish_reason is not None
+        events.append((owners[b], TokenEvent(local[b], token, delta, done, row.finish_reason,
+                                             feats, text=row.text if done else None)))
+        tokens.append(token)
+    return events, tokens
 
 
 def _plain_layers(cache: Any) -> list | None:
@@ -247,27 +301,15 @@ class RunningBatch:
         counts the requests before it in this call with the same owner."""
         if not requests:
             return []
-        owners = list(owners) if owners is not None else [None] * len(requests)
-        local = [sum(o is owner for o in owners[:b]) for b, owner in enumerate(owners)]
+        owners, local = owners_and_local(len(requests), owners)
         if not self.can_join:
             raise RuntimeError("this model's cache cannot take rows mid-generation; wait until the batch is empty")
-        g = self.generator
-        device = g.base.device
-        rows = [_Row(r, g.base.tokenizer, g.eos_ids) for r in requests]
-        steering = self._build_steering(rows)
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
-        width = int(lengths.max())
-        input_ids = torch.full((len(rows), width), g.pad_id, dtype=torch.long, device=device)
-        for b, r in enumerate(requests):
-            input_ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
-        positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
-        mask = (positions >= 0).long()
-        logits, cache, capture = g.forward(input_ids, mask, positions.clamp(min=-1), None, steering)
-        events, tokens = self._sample(rows, logits, capture, owners, local)
+        rows, logits, cache, capture, mask, lengths = prefill(self.generator, requests)
+        events, tokens = sample_rows(rows, logits, capture, owners, local)
         keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
         if keep:
             if len(keep) < len(rows):
-                cache.batch_select_indices(torch.tensor(keep, device=device))
+                cache.batch_select_indices(torch.tensor(keep, device=lengths.device))
             self._join(cache, mask[keep], lengths[keep], [rows[b] for b in keep],
                        [owners[b] for b in keep], [local[b] for b in keep], [tokens[b] for b in keep])
         return events
@@ -284,7 +326,7 @@ class RunningBatch:
         logits, self.cache, capture = self.generator.forward(tokens, self.attention_mask, pos,
                                                              self.cache, self.steering)
         self.next_position = self.next_position + 1
-        events, self.next_token = self._sample(self.rows, logits, capture, self.owners, self.local_index)
+        events, self.next_token = sample_rows(self.rows, logits, capture, self.owners, self.local_index)
         self._keep([b for b, row in enumerate(self.rows) if row.finish_reason is None])
         return events
 
@@ -301,25 +343,6 @@ class RunningBatch:
         return SteeringBatch.build([r.request.steering for r in rows], g.sae.d_sae,
                                    device=g.base.device, dtype=g.sae.W_dec.dtype,
                                    capture_top=max((r.request.return_features for r in rows), default=0))
-
-    def _sample(self, rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture,
-                owners: Sequence[Any], local: Sequence[int]) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
-        greedy = logits.argmax(-1).tolist()
-        top_i = capture.top_index.tolist() if capture.top_index is not None else None
-        top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
-        events, tokens = [], []
-        for b, row in enumerate(rows):
-            token = row.choose(logits[b], greedy[b])
-            feats = None
-            if row.features is not None and top_i is not None:
-                k = row.request.return_features
-                feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
-            delta = row.push(token, feats)
-            done = row.finish_reason is not None
-            events.append((owners[b], TokenEvent(local[b], token, delta, done, row.finish_reason,
-                                                 feats, text=row.text if done else None)))
-            tokens.append(token)
-        return events, tokens
 
     def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[_Row],
               owners: list[Any], local: list[int], tokens: list[int]) -> None:

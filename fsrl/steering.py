@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsrl.adapter import FsrlAdapter
+from fsrl.adapter import FsrlAdapter, RowAdapters
 from fsrl.errors import FsrlError
 from fsrl.sae import Sae
 
@@ -78,6 +78,12 @@ def validate_overrides(overrides: Sequence[FeatureOverride], d_sae: int) -> None
         seen.add(o.index)
 
 
+def _check_row(row: RowSteering, d_sae: int) -> None:
+    validate_overrides(row.overrides, d_sae)
+    if row.adapter is not None and row.adapter.config.d_sae != d_sae:
+        raise FsrlError(f"adapter {row.adapter.id!r} has d_sae {row.adapter.config.d_sae}, SAE has {d_sae}")
+
+
 @dataclass
 class SteeringBatch:
     """Per-row steering of a batch, as tensors. Build it with `SteeringBatch.build`."""
@@ -96,6 +102,7 @@ class SteeringBatch:
     any_override: bool
     needs_f: bool                       # some clamp or set/scale/ablate reads f
     capture_top: int = 0                # >0: report the top-|d| features at the last position
+    row_adapters: RowAdapters | None = None  # instead of `adapters`: each row's own weights
 
     @classmethod
     def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
@@ -103,13 +110,11 @@ class SteeringBatch:
         adapters: list[FsrlAdapter] = []
         slots, clamps = [], []
         for row in rows:
-            validate_overrides(row.overrides, d_sae)
+            _check_row(row, d_sae)
             if row.adapter is None:
                 slots.append(-1)
                 clamps.append(False)
                 continue
-            if row.adapter.config.d_sae != d_sae:
-                raise FsrlError(f"adapter {row.adapter.id!r} has d_sae {row.adapter.config.d_sae}, SAE has {d_sae}")
             if not any(a is row.adapter for a in adapters):
                 adapters.append(row.adapter)
             slots.append(next(i for i, a in enumerate(adapters) if a is row.adapter))
@@ -136,17 +141,53 @@ class SteeringBatch:
             any_active=any(active), any_clamp=any_clamp,
             any_override=any(r.overrides for r in rows), needs_f=needs_f, capture_top=capture_top)
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "SteeringBatch":
-        """The same steering for a subset of rows (a batch whose finished rows are dropped)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.adapter_slot.device)
-        active = self.row_active[rows]
-        return SteeringBatch(
-            adapters=self.adapters, adapter_slot=self.adapter_slot[rows], scale=self.scale[rows],
-            clamp=self.clamp[rows], override_index=self.override_index[rows],
-            override_op=self.override_op[rows], override_value=self.override_value[rows],
-            steer_from=self.steer_from[rows], row_active=active,
-            any_active=bool(active.any()), any_clamp=self.any_clamp, any_override=self.any_override,
-            needs_f=self.needs_f, capture_top=self.capture_top)
+
+class SteeringRows:
+    """A steering batch of fixed size whose rows are set in place, for a decode step with
+    static shapes (fsrl.static_decode). Every flag is on, the override table is
+    MAX_FEATURE_OVERRIDES wide and the top features are always captured, so `steer` runs the
+    same code whatever the rows hold (one compiled graph), and each row gets what
+    `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""
+
+    def __init__(self, rows: int, sae: Sae, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, capture_top: int = 64):
+        self.d_sae = sae.d_sae
+        width = MAX_FEATURE_OVERRIDES
+        self.batch = SteeringBatch(
+            adapters=(), adapter_slot=torch.full((rows,), -1, dtype=torch.long, device=device),
+            scale=torch.zeros(rows, dtype=dtype, device=device),
+            clamp=torch.zeros(rows, dtype=torch.bool, device=device),
+            override_index=torch.full((rows, width), self.d_sae, dtype=torch.long, device=device),
+            override_op=torch.full((rows, width), NOOP, dtype=torch.long, device=device),
+            override_value=torch.zeros(rows, width, dtype=dtype, device=device),
+            steer_from=torch.zeros(rows, dtype=torch.long, device=device),
+            row_active=torch.zeros(rows, dtype=torch.bool, device=device),
+            any_active=True, any_clamp=True, any_override=True, needs_f=True,
+            capture_top=min(capture_top, self.d_sae),
+            row_adapters=RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype))
+
+    def tensors(self) -> list[torch.Tensor]:
+        b = self.batch
+        return [b.scale, b.clamp, b.override_index, b.override_op, b.override_value, b.steer_from,
+                b.row_active, *b.row_adapters.tensors()]
+
+    def set_row(self, row: int, steering: RowSteering | None) -> None:
+        """Row `row` steers as `steering` asks (None: empty, untouched)."""
+        if steering is not None:
+            _check_row(steering, self.d_sae)
+        b = self.batch
+        adapter = steering.adapter if steering is not None else None
+        b.row_adapters.set_row(row, adapter)
+        b.scale[row] = steering.scale if steering is not None else 0.0
+        b.clamp[row] = adapter is not None and adapter.clamp_nonnegative
+        b.steer_from[row] = steering.steer_from if steering is not None else 0
+        b.row_active[row] = steering is not None and not steering.is_noop
+        b.override_index[row] = self.d_sae
+        b.override_op[row] = NOOP
+        b.override_value[row] = 0.0
+        for m, o in enumerate(steering.overrides if steering is not None else ()):
+            b.override_index[row, m], b.override_op[row, m] = o.index, OP_CODE[o.op]
+            b.override_value[row, m] = float(o.value)
 
 
 @dataclass
@@ -199,8 +240,11 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
     xs = x.to(sae.W_dec.dtype)
     steered = batch.row_active[:, None] & (positions >= batch.steer_from[:, None])  # (B, T)
 
-    d = xs.new_zeros(B, T, d_sae) if not batch.adapters else None
+    d = xs.new_zeros(B, T, d_sae) if not batch.adapters and batch.row_adapters is None else None
     v_rows = xs.new_zeros(B, T, d_sae) if keep_v else None
+    if batch.row_adapters is not None:
+        v_rows = batch.row_adapters(xs).to(xs.dtype)                                  # (B, T, d_sae)
+        d = batch.scale[:, None, None] * v_rows
     for slot, adapter in enumerate(batch.adapters):
         in_slot = batch.adapter_slot == slot                                          # (B,)
         v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
