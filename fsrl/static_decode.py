@@ -25,9 +25,16 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from fsrl.errors import FsrlError
-from fsrl.generation import (GenerationRequest, Generator, TokenEvent, _Row, owners_and_local,
-                             prefill, sample_rows)
-from fsrl.steering import StepCapture, SteeringRows
+from fsrl.generation import (
+    GenerationRequest,
+    Generator,
+    TokenEvent,
+    _Row,
+    owners_and_local,
+    prefill,
+    sample_rows,
+)
+from fsrl.steering import SteeringRows, StepCapture
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ class StaticDecoder:
             self.decode(column)
         batch.reset()
 
-    def batch(self) -> "StaticBatch":
+    def batch(self) -> StaticBatch:
         """A batch over these buffers; it takes them from any batch made before it."""
         return StaticBatch(self)
 

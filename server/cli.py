@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a CPU, pack the model's, SAE's and adapters' weights once for "
                              "oneDNN, so a batch of several rows costs about one row (default: on; "
                              "--no-pack-cpu-weights serves the plain weights)")
+    parser.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
+                        help="decode with static shapes (fixed row slots over a fixed-length "
+                             "cache) in one torch.compile'd step, replayed as a CUDA graph on "
+                             "CUDA; compiles at start (default: off)")
+    parser.add_argument("--static-cache-tokens", type=int,
+                        help="with --compile-decode, the cache length: prompt plus new tokens of "
+                             "any request (default: --max-prompt-tokens + --max-new-tokens-cap, "
+                             "within the model's length)")
 
 
 class _NoStartupTraceback(logging.Filter):
@@ -71,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
         max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
-        pack_cpu_weights=args.pack_cpu_weights)
+        pack_cpu_weights=args.pack_cpu_weights, compile_decode=args.compile_decode,
+        static_cache_tokens=args.static_cache_tokens)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

@@ -114,9 +114,9 @@ def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") 
             raise InvalidField("max_new_tokens", f"must be at most {cap} (the server's cap), "
                                                  f"got {max_new}")
     if max_new > room or max_new < 1:
-        raise InvalidField("max_new_tokens", f"the prompt has {len(prompt_ids)} tokens and the "
-                           f"model attends over {state.max_positions}: at most {max(room, 0)} new "
-                           f"tokens fit, {max_new} asked")
+        raise InvalidField("max_new_tokens", f"the prompt has {len(prompt_ids)} tokens and a "
+                           f"request may hold {state.max_positions} in all: at most {max(room, 0)} "
+                           f"new tokens fit, {max_new} asked")
 
     seed = params.seed if params.seed is not None else secrets.randbits(31)
     sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 << 20, ge=1024)  # bigger bodies get 413
     max_prompt_tokens: int = Field(4096, ge=1)  # longer prompts get 422 (the model's length also caps)
     pack_cpu_weights: bool = True            # CPU float32: weights packed once for oneDNN
+    compile_decode: bool = False             # static-shape decode step, compiled (CUDA graphs on CUDA)
+    static_cache_tokens: int | None = Field(None, ge=8)  # its cache length; None: prompt + new-token caps
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
 

@@ -17,6 +17,7 @@ from fsrl.errors import FsrlError, MismatchError
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
+from fsrl.static_decode import StaticDecoder, use_static_decode
 from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
@@ -38,10 +39,14 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
 
     @property
+    def compiled_decode(self) -> bool:
+        return self.engine.generator.static_decoder is not None
+
+    @property
     def max_positions(self) -> int | None:
-        """Prompt + generated tokens the model can attend over (None: unknown, not checked)."""
-        value = getattr(self.base.model.config, "max_position_embeddings", None)
-        return int(value) if value else None
+        """Prompt + generated tokens a request may have (None: unknown, not checked): what the
+        model attends over, and with static decoding what its cache holds."""
+        return _max_positions(self.base, self.engine.generator.static_decoder)
 
     def close(self) -> None:
         self.engine.close()
@@ -90,8 +95,24 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
     generator = Generator(base, sae, layer)  # checks the layer exists
+    if settings.compile_decode:
+        # The compiled step reads the plain weights (inductor makes its own kernels).
+        columns = settings.static_cache_tokens or (settings.max_prompt_tokens + settings.max_new_tokens_cap)
+        columns = min(columns, _max_positions(base, None) or columns)
+        rows = max(settings.max_batch_rows, 2)  # a compare request's two rows always fit
+        log.info("compiling the decode step: %d rows x %d cache columns", rows, columns)
+        use_static_decode(generator, rows, columns)
+        return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), False
     packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
     if packed:
         sae.pack_for_cpu()
         log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
     return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed
+
+
+def _max_positions(base: BaseModel, decoder: StaticDecoder | None) -> int | None:
+    value = getattr(base.model.config, "max_position_embeddings", None)
+    limits = [int(value)] if value else []
+    if decoder is not None:
+        limits.append(decoder.columns)
+    return min(limits, default=None)

@@ -69,7 +69,8 @@ def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "model": setup.model_dir.name, "sae": "random-topk-256",
-                        "layer": 1, "device": "cpu", "packed_cpu_weights": True, "adapters": 1}
+                        "layer": 1, "device": "cpu", "packed_cpu_weights": True,
+                        "compiled_decode": False, "adapters": 1}
 
 
 def test_server_without_packed_weights_answers_as_the_packed_one(client, setup, tmp_path):
@@ -86,6 +87,37 @@ def test_server_without_packed_weights_answers_as_the_packed_one(client, setup, 
                 plain_answer, packed_answer = generate(plain, **body), generate(client, **body)
                 for key in ("steered", "base", "usage"):
                     assert plain_answer[key] == packed_answer[key], key
+    finally:
+        proc.stop()
+
+
+def test_a_compiled_decode_server_answers_as_the_eager_one(client, setup, tmp_path):
+    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
+                          "--compile-decode", "--static-cache-tokens", "64", "--max-batch-rows", "4"],
+                         log_path=tmp_path / "server.log")
+    bodies = [{"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
+              {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]},
+              {"prompt": "seeded", "adapter": "tiny", "temperature": 1.0, "seed": 5, "return_features": 2},
+              {"prompt": "a longer prompt than the others", "adapter": "tiny", "steering_scale": 2.0}]
+    bodies = [{**body, "max_new_tokens": 12, "ignore_eos": True} for body in bodies]
+    try:
+        proc.wait_ready(timeout_s=300)  # compiling takes a while
+        with httpx.Client(base_url=proc.url, timeout=120) as compiled:
+            assert compiled.get("/health").json()["compiled_decode"] is True
+            with ThreadPoolExecutor(len(bodies)) as pool:  # rows join and leave the slots
+                answers = list(pool.map(lambda body: generate(compiled, **body), bodies))
+            for body, answer in zip(bodies, answers):
+                eager = generate(client, **body)
+                assert answer["base"] == eager["base"] and answer["usage"] == eager["usage"]
+                mine, theirs = dict(answer["steered"]), dict(eager["steered"])
+                # Compiled kernels round differently: feature deltas agree to float precision.
+                for a, b in zip(mine.pop("features", None) or [], theirs.pop("features", None) or []):
+                    assert [f["index"] for f in a] == [f["index"] for f in b], body
+                    assert [f["delta"] for f in a] == pytest.approx([f["delta"] for f in b], rel=1e-4)
+                assert mine == theirs, body
+            too_long = compiled.post("/generate", json={"prompt": "x" * 60, "max_new_tokens": 5})
+            assert_error(too_long, 422, "max_new_tokens", "64")
     finally:
         proc.stop()
 

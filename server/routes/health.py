@@ -11,7 +11,8 @@ open_router = APIRouter(tags=["operations"])  # no API key: probes
 async def health(state: StateDep) -> dict:
     return {"status": "ok", "model": state.base.name, "sae": state.sae.info.name,
             "layer": state.layer, "device": str(state.base.device),
-            "packed_cpu_weights": state.packed_cpu_weights, "adapters": len(state.registry)}
+            "packed_cpu_weights": state.packed_cpu_weights,
+            "compiled_decode": state.compiled_decode, "adapters": len(state.registry)}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
