@@ -9,6 +9,9 @@ Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the
 kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
 On a CPU the default model is measured twice: as loaded, then with its linear weights, the
 SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does on a CPU).
+With --compile-decode each model is also measured with the plain weights in the compiled
+static-shape step (`fsrl.static_decode`, `fsrl serve --compile-decode`): as many slots as the
+largest batch, a cache of prompt + new tokens; compiling is not timed (the first round warms up).
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
     serving.add_argument("--adapters-dir", default="adapters", help="adapters the requests mix")
     serving.add_argument("--max-batch-rows", type=int, default=16)
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also measure the compiled static-shape decode step (CUDA graphs on "
+                             "CUDA); compiling takes a minute or more per model. With --serving: "
+                             "serve with --compile-decode (a 256-token static cache)")
     parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction, default=None,
                         help="CPU: weights packed for oneDNN, as `fsrl serve` does by default. "
                              "Left out: the loop bench measures the default model both "
@@ -119,13 +126,19 @@ def measure(generator, adapter, overrides, batch: int, prompt_tokens: int, new_t
     return {m: statistics.median(v) for m, v in samples.items()}
 
 
-def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict]) -> None:
+def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict],
+                 compiled: bool = False) -> None:
     from fsrl.generation import Generator
 
     generator = Generator(base, sae, layer)
     overrides = _overrides(sae)
+    batches = [int(b) for b in args.batch_sizes.split(",")]
     try:
-        for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        if compiled:
+            from fsrl.static_decode import use_static_decode
+
+            use_static_decode(generator, rows=max(batches), columns=args.prompt_tokens + args.new_tokens)
+        for batch in batches:
             tps = measure(generator, adapter, overrides, batch, args.prompt_tokens, args.new_tokens,
                           args.repeats, sync)
             row = {"setup": label, "device": str(base.device), "batch": batch,
@@ -181,6 +194,9 @@ def run(args: argparse.Namespace) -> int:
             adapter.pack_for_cpu()
         label = f"{base.name} + SAE {sae.d_sae}" + (", packed weights" if packed else "")
         _bench_setup(label, base, sae, layer, adapter, args, sync, rows)
+        if args.compile_decode and not packed:  # before packing: the compiled step reads plain weights
+            _bench_setup(f"{label}, compiled static decode", base, sae, layer, adapter, args, sync,
+                         rows, compiled=True)
     del base
 
     if args.random_shapes:
@@ -202,6 +218,9 @@ def run(args: argparse.Namespace) -> int:
         big_adapter = synthetic_adapter(big_sae, big, layer, args.adapter_l0,
                                         _calibration_activations(big, layer))
         _bench_setup("random Llama 1.2B + SAE 16k", big, big_sae, layer, big_adapter, args, sync, rows)
+        if args.compile_decode:
+            _bench_setup("random Llama 1.2B + SAE 16k, compiled static decode", big, big_sae, layer,
+                         big_adapter, args, sync, rows, compiled=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
                   "--max-batch-rows", str(args.max_batch_rows)]
     # Packed unless told not to, whatever FSRL_PACK_CPU_WEIGHTS says in this environment.
     args_serve.append("--no-pack-cpu-weights" if args.pack_cpu_weights is False else "--pack-cpu-weights")
+    if args.compile_decode:  # the bench's prompts and new tokens fit well within 256 columns
+        args_serve += ["--compile-decode", "--static-cache-tokens", "256"]
+    else:
+        args_serve.append("--no-compile-decode")
     for flag, value in (("--model", args.model), ("--sae", args.sae)):
         if value:
             args_serve += [flag, value]

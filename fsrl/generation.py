@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ except ImportError:  # older transformers: no per-layer caches, so rows join onl
 from fsrl.models import BaseModel
 from fsrl.sae import Sae
 from fsrl.steering import RowSteering, StepCapture, SteeringBatch, SteeringHook
+
+if TYPE_CHECKING:
+    from fsrl.static_decode import StaticBatch, StaticDecoder
 
 
 @dataclass
@@ -161,7 +164,7 @@ class Generator:
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = base.tokenizer.pad_token_id or 0
-        self.static_decoder: Any = None  # a fsrl.static_decode.StaticDecoder: batches use its slots
+        self.static_decoder: StaticDecoder | None = None  # when set, batches use its slots
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 cache: Any, batch: SteeringBatch) -> tuple[torch.Tensor, Any, StepCapture]:
@@ -176,7 +179,7 @@ class Generator:
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return out.logits[:, -1, :], new_cache, capture
 
-    def batch(self) -> "RunningBatch":
+    def batch(self) -> RunningBatch | StaticBatch:
         """A batch for rows to join and leave; over the static decoder's slots when there is one
         (a newer batch takes them from an older one)."""
         return self.static_decoder.batch() if self.static_decoder is not None else RunningBatch(self)
@@ -204,6 +207,13 @@ def owners_and_local(count: int, owners: Sequence[Any] | None) -> tuple[list[Any
     return owners, [sum(o is owner for o in owners[:b]) for b, owner in enumerate(owners)]
 
 
+def steering_for(generator: Generator, requests: Sequence[GenerationRequest]) -> SteeringBatch:
+    g = generator
+    return SteeringBatch.build([r.steering for r in requests], g.sae.d_sae, device=g.base.device,
+                               dtype=g.sae.W_dec.dtype,
+                               capture_top=max((r.return_features for r in requests), default=0))
+
+
 def prefill(generator: Generator, requests: Sequence[GenerationRequest]
             ) -> tuple[list[_Row], torch.Tensor, Any, StepCapture, torch.Tensor, torch.Tensor]:
     """One forward over the prompts, left-padded to the longest: the rows' host state, their
@@ -212,9 +222,7 @@ def prefill(generator: Generator, requests: Sequence[GenerationRequest]
     g = generator
     device = g.base.device
     rows = [_Row(r, g.base.tokenizer, g.eos_ids) for r in requests]
-    steering = SteeringBatch.build([r.steering for r in requests], g.sae.d_sae, device=device,
-                                   dtype=g.sae.W_dec.dtype,
-                                   capture_top=max((r.return_features for r in requests), default=0))
+    steering = steering_for(g, requests)
     lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
     width = int(lengths.max())
     input_ids = torch.full((len(rows), width), g.pad_id, dtype=torch.long, device=device)
@@ -338,12 +346,6 @@ class RunningBatch:
             self._keep(keep)
         return dropped
 
-    def _build_steering(self, rows: Sequence[_Row]) -> SteeringBatch:
-        g = self.generator
-        return SteeringBatch.build([r.request.steering for r in rows], g.sae.d_sae,
-                                   device=g.base.device, dtype=g.sae.W_dec.dtype,
-                                   capture_top=max((r.request.return_features for r in rows), default=0))
-
     def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[_Row],
               owners: list[Any], local: list[int], tokens: list[int]) -> None:
         if not self.rows:
@@ -361,7 +363,7 @@ class RunningBatch:
         self.owners += owners
         self.local_index += local
         self.next_token += tokens
-        self.steering = self._build_steering(self.rows)
+        self.steering = steering_for(self.generator, [r.request for r in self.rows])
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only rows `keep` (in order); trims cache columns that only padding uses."""
@@ -384,7 +386,7 @@ class RunningBatch:
             for layer in layers:
                 layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
             self.attention_mask = self.attention_mask[:, unused:]
-        self.steering = self._build_steering(self.rows)
+        self.steering = steering_for(self.generator, [r.request for r in self.rows])
 
 
 def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Sequence[TokenEvent]],

@@ -63,6 +63,8 @@ def _preflight(settings) -> None:
     model = settings.model
     if model and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise FsrlError(f"model not found: {model}")
+    if settings.static_cache_tokens is not None and not settings.compile_decode:
+        raise FsrlError("--static-cache-tokens sizes the cache of --compile-decode; pass both")
     if not (settings.sae_path / "cfg.json").is_file():
         raise FsrlError(f"no SAE at {settings.sae_path} (cfg.json missing); pass --sae DIR")
 

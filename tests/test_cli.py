@@ -46,3 +46,28 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     assert [(r["setup"].endswith("packed weights"), r["batch"]) for r in rows] == [
         (False, 1), (False, 2), (True, 1), (True, 2)]
     assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
+
+
+def test_bench_measures_the_compiled_static_decode_beside_the_plain_one(tmp_path):
+    import json
+
+    from server_fixtures import write_tiny_setup
+
+    setup = write_tiny_setup(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    done = run_fsrl("bench", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                    "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "3",
+                    "--prompt-tokens", "4", "--repeats", "1", "--adapter-l0", "8",
+                    "--no-pack-cpu-weights", "--compile-decode", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["setup"].endswith("compiled static decode"), r["batch"]) for r in rows] == [
+        (False, 1), (False, 2), (True, 1), (True, 2)]
+    assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
+
+
+def test_static_cache_tokens_without_compile_decode_is_one_line():
+    done = run_fsrl("serve", "--static-cache-tokens", "256")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fsrl: error: --static-cache-tokens sizes the cache of --compile-decode; pass both"]
