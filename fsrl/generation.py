@@ -159,7 +159,7 @@ class Generator:
         self.hook = SteeringHook(base.layers, layer, sae)
         params = inspect.signature(base.model.forward).parameters
         # transformers 5 renamed past_key_values to cache.
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         cfg = getattr(base.model, "generation_config", None)
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -171,7 +171,7 @@ class Generator:
         """One forward under steering: last-position logits (B, V), the grown cache, and what
         the steering captured. `positions` (B, T) counts from each row's own first token; it is
         negative on left padding (never steered, fed to the model as 0)."""
-        kwargs = {self._cache_kwarg: cache}
+        kwargs = {self.cache_kwarg: cache}
         with torch.inference_mode(), self.hook.steering(batch, positions) as capture:
             out = self.base.model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=positions.clamp(min=0), use_cache=True,

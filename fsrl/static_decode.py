@@ -18,6 +18,7 @@ just written, so their attention stays finite, and their outputs are ignored.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,7 +77,7 @@ class StaticDecoder:
     def _logits(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         g = self.generator
         out = g.base.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                           use_cache=True, logits_to_keep=1, **{g._cache_kwarg: self.cache})
+                           use_cache=True, logits_to_keep=1, **{g.cache_kwarg: self.cache})
         return out.logits[:, -1, :]
 
     def decode(self, column: int) -> tuple[torch.Tensor, StepCapture]:
@@ -262,6 +263,9 @@ def use_static_decode(generator: Generator, rows: int, columns: int, compile: bo
     """From now on `generator.batch()` decodes in `rows` slots over `columns` cache columns; the
     step is built (and compiled) here, before any request waits for it."""
     decoder = StaticDecoder(generator, rows, columns, compile=compile)
+    started = time.perf_counter()
     decoder.warm_up()
+    log.info("static decode step (%d rows x %d columns%s) ready in %.1f s", rows, columns,
+             ", compiled" if compile else "", time.perf_counter() - started)
     generator.static_decoder = decoder
     return decoder
