@@ -11,7 +11,8 @@ On a CPU the default model is measured twice: as loaded, then with its linear we
 SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does on a CPU).
 With --compile-decode each model is also measured with the plain weights in the compiled
 static-shape step (`fsrl.static_decode`, `fsrl serve --compile-decode`): as many slots as the
-largest batch, a cache of prompt + new tokens; compiling is not timed (the first round warms up).
+largest batch at every batch size (as a server with that many slots runs), a cache of prompt +
+new tokens; compiling is not timed (the first round warms up).
 """
 
 from __future__ import annotations
@@ -187,16 +188,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
     packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
+    label = f"{base.name} + SAE {sae.d_sae}"
+    compiled_pending = args.compile_decode  # measured on the plain weights, before any packing
     for packed in packing if can_pack(base.model) else [False]:
         if packed:  # after the plain rows: packing replaces the model's layers in place
+            if compiled_pending:
+                _bench_setup(f"{label}, compiled static decode", base, sae, layer, adapter, args,
+                             sync, rows, compiled=True)
+                compiled_pending = False
             pack_linear_layers(base.model)
             sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
             adapter.pack_for_cpu()
-        label = f"{base.name} + SAE {sae.d_sae}" + (", packed weights" if packed else "")
-        _bench_setup(label, base, sae, layer, adapter, args, sync, rows)
-        if args.compile_decode and not packed:  # before packing: the compiled step reads plain weights
+        _bench_setup(label + (", packed weights" if packed else ""), base, sae, layer, adapter,
+                     args, sync, rows)
+        if compiled_pending:
             _bench_setup(f"{label}, compiled static decode", base, sae, layer, adapter, args, sync,
                          rows, compiled=True)
+            compiled_pending = False
     del base
 
     if args.random_shapes:

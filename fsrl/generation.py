@@ -152,7 +152,8 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class Generator:
     """Generates on one model, steering at one SAE layer. `stream`/`generate` run a fixed set
-    of requests; `batch()` gives a `RunningBatch` that rows join and leave between steps."""
+    of requests; `batch()` gives a batch that rows join and leave between steps (a
+    `RunningBatch`, or with `fsrl.static_decode.use_static_decode` a `StaticBatch`)."""
 
     def __init__(self, base: BaseModel, sae: Sae, layer: int):
         self.base, self.sae, self.layer = base, sae, layer

@@ -66,7 +66,6 @@ class StaticDecoder:
                                      capture_top=MAX_CAPTURED_FEATURES)
         for t in (self.tokens, self.positions, self.mask, *self.steering.tensors()):
             torch._dynamo.mark_static_address(t)  # CUDA graphs read them where they are
-        self.compiled = compile
         self._forward: Callable[..., torch.Tensor] = self._logits
         if compile:
             # On CUDA, "reduce-overhead" replays the step as a CUDA graph.
@@ -99,6 +98,10 @@ class StaticDecoder:
         for column in range(steps):
             self.decode(column)
         batch.reset()
+        skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+        if self.tokens.is_cuda and self._forward is not self._logits and skips:
+            log.warning("torch.compile did not make the decode step a CUDA graph (%d skips; "
+                        "TORCH_LOGS=perf_hints says why): it runs compiled, without graphs", skips)
 
     def batch(self) -> StaticBatch:
         """A batch over these buffers; it takes them from any batch made before it."""
@@ -216,7 +219,8 @@ class StaticBatch:
         d.tokens[index, 0] = torch.tensor([self.next_token[s] for s in occupied], device=index.device)
         logits, capture = d.decode(self.column)
         self.column += 1
-        d.positions += 1
+        with torch.no_grad():
+            d.positions[index] += 1  # empty slots stay at 0: learned position tables are finite
         rows = [self.rows[s] for s in occupied]
         wants_features = any(row.features is not None for row in rows)
         capture = StepCapture(top_index=capture.top_index[index], top_delta=capture.top_delta[index]
@@ -231,6 +235,7 @@ class StaticBatch:
 
     def drop(self, owner: Any) -> int:
         """Remove every row added with `owner`; returns how many there were."""
+        self._check_owner()
         slots = [s for s in self._occupied() if self.owners[s] is owner]
         for slot in slots:
             self._free(slot)

@@ -1,6 +1,7 @@
 """The engine: continuous batching, off the event loop.
 
-One worker thread (a `ModelThread`) owns the model and a `RunningBatch`. Between decode steps
+One worker thread (a `ModelThread`) owns the model and a batch (`Generator.batch()`: a
+`RunningBatch`, or a `StaticBatch` with --compile-decode). Between decode steps
 it takes waiting jobs from the queue (as many as fit under `max_batch_rows`), prefills them
 together, and from then on their rows decode in the same forward passes as every other
 running row, each with its own adapter, scale, overrides, sampling, seed and stop conditions.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from fsrl.cpu_inference import ModelThread
 from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
                              TokenEvent, results_from_events)
+from fsrl.static_decode import StaticBatch
 from server.errors import Overloaded
 
 log = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ class Engine:
 
     # The worker thread.
 
-    def _take_waiting(self, running: RunningBatch) -> list[_Ticket]:
+    def _take_waiting(self, running: RunningBatch | StaticBatch) -> list[_Ticket]:
         """Waiting jobs that fit in the batch now, oldest first (called holding `_wake`)."""
         taken: list[_Ticket] = []
         if not running.can_join:

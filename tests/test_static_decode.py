@@ -108,10 +108,11 @@ def test_a_dropped_row_leaves_and_the_others_go_on():
 
 def test_a_request_that_does_not_fit_the_cache_is_refused_and_changes_nothing():
     gen, adapters = setup()
+    fits = GenerationRequest([5, 6, 7], RowSteering(adapters[0]), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    expected = gen.generate([fits])[0].token_ids  # eager, before the static decoder
     use_static_decode(gen, rows=2, columns=16, compile=False)
     batch = gen.batch()
-    fits = GenerationRequest([5, 6, 7], RowSteering(adapters[0]), SamplingParams(max_new_tokens=8, ignore_eos=True))
-    batch.add([fits])
+    first = [e.token_id for _, e in batch.add([fits])]
     too_long = GenerationRequest(list(range(3, 13)), RowSteering(), SamplingParams(max_new_tokens=7))
     with pytest.raises(FsrlError, match="do not fit in the static cache's 16 columns"):
         batch.add([too_long])
@@ -119,17 +120,30 @@ def test_a_request_that_does_not_fit_the_cache_is_refused_and_changes_nothing():
     with pytest.raises(RuntimeError, match="2 rows cannot join: 1 slots are free"):
         batch.add([fits, fits])
     tokens = [e.token_id for _ in range(7) for _, e in batch.step()]
-    assert [gen.generate([fits])[0].token_ids[0], *tokens] == gen.generate([fits])[0].token_ids
+    assert first + tokens == expected and len(batch) == 0
 
 
 def test_a_newer_batch_takes_the_slots_from_an_older_one():
     gen, adapters = setup()
     use_static_decode(gen, rows=2, columns=16, compile=False)
     old = gen.batch()
-    old.add(mixed_requests(adapters, 1))
+    old.add(mixed_requests(adapters, 1), ["mine"])
     gen.batch()
-    with pytest.raises(RuntimeError, match="newer batch"):
-        old.step()
+    for use in (old.step, lambda: old.drop("mine")):
+        with pytest.raises(RuntimeError, match="newer batch"):
+            use()
+
+
+def test_empty_slots_stay_at_position_zero():
+    gen, adapters = setup()
+    decoder = use_static_decode(gen, rows=3, columns=32, compile=False)
+    batch = gen.batch()
+    request = GenerationRequest([5, 6, 7], RowSteering(), SamplingParams(max_new_tokens=10, ignore_eos=True))
+    batch.add([request])
+    for _ in range(5):
+        batch.step()
+    # A model with a learned position table would index past it if empty slots counted on.
+    assert decoder.positions[:, 0].tolist() == [3 + 5, 0, 0]
 
 
 def test_row_adapters_compute_what_each_rows_adapter_computes():
@@ -160,9 +174,13 @@ def test_compiled_step_is_one_graph_for_every_mix_and_matches_each_request_alone
     gen, adapters = setup(n_layers=2)
     requests = mixed_requests(adapters, 8, seed=3)
     alone = [gen.generate([r])[0] for r in requests]
-    use_static_decode(gen, rows=4, columns=30, compile=True)
+    moves = count_moves(use_static_decode(gen, rows=4, columns=30, compile=True))
     events = run_joining_at_random(gen.batch(), requests, seed=4)
     for i, result in enumerate(alone):
         assert [e.token_id for e in events[i]] == result.token_ids
+        if requests[i].return_features:
+            assert [[f for f, _ in e.features] for e in events[i]] == \
+                [[f for f, _ in step] for step in result.features]
+    assert moves["left"] > 0 and moves["right"] > 0
     # Adapters, scales, overrides and rows came and went; the step compiled once.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
