@@ -102,11 +102,12 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
         rows = max(settings.max_batch_rows, 2)  # a compare request's two rows always fit
         log.info("compiling the decode step: %d rows x %d cache columns", rows, columns)
         use_static_decode(generator, rows, columns)
-        return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), False
-    packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
-    if packed:
-        sae.pack_for_cpu()
-        log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
+        packed = False
+    else:
+        packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
+        if packed:
+            sae.pack_for_cpu()
+            log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
     return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed
 
 
