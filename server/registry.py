@@ -58,7 +58,7 @@ class AdapterRegistry:
         self.load_device = torch.device("cpu") if max_on_device else device
         self.reference = reference  # hook-layer activations that feature rankings are measured on
         self.moves = 0              # copies moved onto the device (under a budget)
-        self.pack_for_cpu = pack_for_cpu and device.type == "cpu"  # adapters' W packed for oneDNN
+        self.pack_for_cpu = pack_for_cpu  # adapters' W packed for oneDNN (the model's were: CPU only)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
         self._pushes: dict[str, tuple[LoadedAdapter, torch.Tensor, torch.Tensor]] = {}
