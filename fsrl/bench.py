@@ -188,23 +188,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
     packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
-    label = f"{base.name} + SAE {sae.d_sae}"
-    compiled_pending = args.compile_decode  # measured on the plain weights, before any packing
-    for packed in packing if can_pack(base.model) else [False]:
-        if packed:  # after the plain rows: packing replaces the model's layers in place
-            if compiled_pending:
-                _bench_setup(f"{label}, compiled static decode", base, sae, layer, adapter, args,
-                             sync, rows, compiled=True)
-                compiled_pending = False
+    # (label suffix, packed, compiled); the compiled step reads the plain weights, so it runs
+    # after the plain rows and before any packing.
+    setups = [(", packed weights" if p else "", p, False)
+              for p in (packing if can_pack(base.model) else [False])]
+    if args.compile_decode:
+        setups.insert(0 if setups[0][1] else 1, (", compiled static decode", False, True))
+    for suffix, packed, compiled in setups:
+        if packed:  # packing replaces the model's layers in place
             pack_linear_layers(base.model)
             sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
             adapter.pack_for_cpu()
-        _bench_setup(label + (", packed weights" if packed else ""), base, sae, layer, adapter,
-                     args, sync, rows)
-        if compiled_pending:
-            _bench_setup(f"{label}, compiled static decode", base, sae, layer, adapter, args, sync,
-                         rows, compiled=True)
-            compiled_pending = False
+        _bench_setup(f"{base.name} + SAE {sae.d_sae}{suffix}", base, sae, layer, adapter, args,
+                     sync, rows, compiled=compiled)
     del base
 
     if args.random_shapes:

@@ -39,9 +39,6 @@ from fsrl.steering import SteeringRows, StepCapture
 
 log = logging.getLogger(__name__)
 
-MAX_CAPTURED_FEATURES = 64  # the contract's largest `return_features`
-
-
 class StaticDecoder:
     """The fixed buffers of static decoding for one generator, and its (compiled) step."""
 
@@ -61,9 +58,7 @@ class StaticDecoder:
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.mask = torch.zeros(rows, columns, dtype=torch.long, device=device)
-        self.steering = SteeringRows(rows, generator.sae, device=device,
-                                     dtype=generator.sae.W_dec.dtype,
-                                     capture_top=MAX_CAPTURED_FEATURES)
+        self.steering = SteeringRows(rows, generator.sae, device=device, dtype=generator.sae.W_dec.dtype)
         for t in (self.tokens, self.positions, self.mask, *self.steering.tensors()):
             torch._dynamo.mark_static_address(t)  # CUDA graphs read them where they are
         self._forward: Callable[..., torch.Tensor] = self._logits
@@ -80,17 +75,16 @@ class StaticDecoder:
         return out.logits[:, -1, :]
 
     def decode(self, column: int) -> tuple[torch.Tensor, StepCapture]:
-        """One step for every slot, writing at `column`: logits (rows, V) and the capture."""
+        """One step for every slot, writing at `column`: logits (rows, V) and the capture. They
+        are valid until the next step (a CUDA graph's replay writes over its outputs), so a
+        caller copies what it keeps."""
         self.mask[:, column] = 1
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(column)  # where StaticLayer writes
         g = self.generator
         with torch.inference_mode(), g.hook.steering(self.steering.batch, self.positions) as capture:
             logits = self._forward(self.tokens, self.mask, self.positions)
-        # A CUDA graph's outputs are overwritten by its next replay.
-        return logits.clone(), StepCapture(
-            top_index=capture.top_index.clone() if capture.top_index is not None else None,
-            top_delta=capture.top_delta.clone() if capture.top_delta is not None else None)
+        return logits, capture
 
     def warm_up(self, steps: int = 3) -> None:
         """Build the step now (compiling, and recording the CUDA graph), not on a request."""
@@ -217,7 +211,7 @@ class StaticBatch:
         self._fit(0)
         index = torch.tensor(occupied, device=d.tokens.device)
         d.tokens[index, 0] = torch.tensor([self.next_token[s] for s in occupied], device=index.device)
-        logits, capture = d.decode(self.column)
+        logits, capture = d.decode(self.column)  # indexing by `index` below copies what is kept
         self.column += 1
         with torch.no_grad():
             d.positions[index] += 1  # empty slots stay at 0: learned position tables are finite

@@ -40,6 +40,7 @@ OP_CODE = {name: code for code, name in enumerate(OPS)}
 NOOP = -1  # padding in the override table
 OPS_READING_F = {"set", "scale", "ablate"}
 MAX_FEATURE_OVERRIDES = 256
+MAX_RETURN_FEATURES = 64  # top steered features a request may ask for per token
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,12 @@ class SteeringBatch:
 class SteeringRows:
     """A steering batch of fixed size whose rows are set in place, for a decode step with
     static shapes (fsrl.static_decode). Every flag is on, the override table is
-    MAX_FEATURE_OVERRIDES wide and the top features are always captured, so `steer` runs the
+    MAX_FEATURE_OVERRIDES wide and the top MAX_RETURN_FEATURES are always captured, so `steer` runs the
     same code whatever the rows hold (one compiled graph), and each row gets what
     `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""
 
     def __init__(self, rows: int, sae: Sae, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, capture_top: int = 64):
+                 dtype: torch.dtype = torch.float32):
         self.d_sae = sae.d_sae
         width = MAX_FEATURE_OVERRIDES
         self.batch = SteeringBatch(
@@ -163,7 +164,7 @@ class SteeringRows:
             steer_from=torch.zeros(rows, dtype=torch.long, device=device),
             row_active=torch.zeros(rows, dtype=torch.bool, device=device),
             any_active=True, any_clamp=True, any_override=True, needs_f=True,
-            capture_top=min(capture_top, self.d_sae),
+            capture_top=min(MAX_RETURN_FEATURES, self.d_sae),
             row_adapters=RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype))
 
     def tensors(self) -> list[torch.Tensor]:
@@ -240,18 +241,7 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
     xs = x.to(sae.W_dec.dtype)
     steered = batch.row_active[:, None] & (positions >= batch.steer_from[:, None])  # (B, T)
 
-    d = xs.new_zeros(B, T, d_sae) if not batch.adapters and batch.row_adapters is None else None
-    v_rows = xs.new_zeros(B, T, d_sae) if keep_v else None
-    if batch.row_adapters is not None:
-        v_rows = batch.row_adapters(xs).to(xs.dtype)                                  # (B, T, d_sae)
-        d = batch.scale[:, None, None] * v_rows
-    for slot, adapter in enumerate(batch.adapters):
-        in_slot = batch.adapter_slot == slot                                          # (B,)
-        v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
-        pushed = (in_slot.to(xs.dtype) * batch.scale)[:, None, None] * v
-        d = pushed if d is None else d + pushed
-        if keep_v:
-            v_rows = torch.where(in_slot[:, None, None], v, v_rows)
+    d, v_rows = _adapter_pushes(xs, batch, d_sae, keep_v)
 
     full_f = sae.encode(xs) if batch.any_clamp else None
     if batch.any_clamp:
@@ -283,6 +273,26 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
         top = last.abs().topk(min(batch.capture_top, d_sae), dim=-1)
         out.top_index, out.top_delta = top.indices, last.gather(-1, top.indices)
     return out
+
+
+def _adapter_pushes(xs: torch.Tensor, batch: SteeringBatch, d_sae: int, keep_v: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """d = s_b * v_b for every row (0 where a row has no adapter), and each row's v when
+    `keep_v` (or when it comes for free)."""
+    if batch.row_adapters is not None:  # every row through its own weights (a static batch)
+        v = batch.row_adapters(xs).to(xs.dtype)                                       # (B, T, d_sae)
+        return batch.scale[:, None, None] * v, v
+    B, T, _ = xs.shape
+    d = xs.new_zeros(B, T, d_sae) if not batch.adapters else None
+    v_rows = xs.new_zeros(B, T, d_sae) if keep_v else None
+    for slot, adapter in enumerate(batch.adapters):
+        in_slot = batch.adapter_slot == slot                                          # (B,)
+        v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
+        pushed = (in_slot.to(xs.dtype) * batch.scale)[:, None, None] * v
+        d = pushed if d is None else d + pushed
+        if keep_v:
+            v_rows = torch.where(in_slot[:, None, None], v, v_rows)
+    return d, v_rows
 
 
 def _decode_delta(d: torch.Tensor, sae: Sae) -> torch.Tensor:

@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--no-pack-cpu-weights serves the plain weights)")
     parser.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
                         help="decode with static shapes (fixed row slots over a fixed-length "
-                             "cache) in one torch.compile'd step, replayed as a CUDA graph on "
-                             "CUDA; compiles at start (default: off)")
+                             "cache) in one torch.compile'd step, compiled for CUDA-graph "
+                             "replay on CUDA; compiles at start (default: off)")
     parser.add_argument("--static-cache-tokens", type=int,
                         help="with --compile-decode, the cache length: prompt plus new tokens of "
                              "any request (default: --max-prompt-tokens + --max-new-tokens-cap, "

@@ -23,12 +23,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fsrl.cpu_inference import ModelThread
 from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
                              TokenEvent, results_from_events)
-from fsrl.static_decode import StaticBatch
 from server.errors import Overloaded
+
+if TYPE_CHECKING:
+    from fsrl.static_decode import StaticBatch
 
 log = logging.getLogger(__name__)
 

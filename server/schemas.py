@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from fsrl.generation import GenerationResult, TokenEvent
-from fsrl.steering import MAX_FEATURE_OVERRIDES, OPS, FeatureOverride
+from fsrl.steering import MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride
 from server.registry import ADAPTER_ID
 from server.serving import ROWS, GenerateParams, GenerationOutcome, PreparedGeneration
 
@@ -85,7 +85,7 @@ class GenerateBody(BaseModel):
     stop: Stop = []
     ignore_eos: bool = False
     compare: bool = False
-    return_features: int = Field(0, ge=0, le=64)
+    return_features: int = Field(0, ge=0, le=MAX_RETURN_FEATURES)
     stream: bool = False
 
     @field_validator("features")
