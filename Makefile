@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast bench clean
+.PHONY: setup serve test test-fast bench clean gpu-check gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,10 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench-results
+
+# A GPU machine: torch and transformers installed, no registry, nothing of ours (scripts/gpu_check.py).
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py
+
+gpu-check-dry-run: setup
+	$(BIN)/python scripts/gpu_check.py --dry-run

@@ -25,6 +25,14 @@ import time
 from pathlib import Path
 
 MODES = ("base", "adapter", "adapter+8")
+# Random-weight Llama shapes: LlamaConfig fields and the SAE's width and hook layer.
+RANDOM_SHAPES = {
+    "llama-1.2b": ({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+                   16384, 8),
+    "tiny": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}, 256, 1),
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per row (default: 64, or 32 per request with --serving)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--random-shapes", action="store_true",
-                        help="also random-weight Llama shapes (1.2B, SAE 16k); meant for a GPU")
+    parser.add_argument("--random-shapes", nargs="?", const="llama-1.2b", default=None,
+                        choices=sorted(RANDOM_SHAPES),
+                        help="also a random-weight Llama shape: llama-1.2b (Llama-3.2-1B's, SAE 16k; "
+                             "meant for a GPU, the default) or tiny (a dry run)")
+    parser.add_argument("--no-default-model", action="store_true",
+                        help="skip the default model (a GPU machine without it measures "
+                             "--random-shapes alone)")
     parser.add_argument("--out", default=None,
                         help="JSON output path (default: bench-results/bench.json, or "
                              "bench-results/bench-serving.json with --serving)")
@@ -180,50 +193,49 @@ def run(args: argparse.Namespace) -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows: list[dict] = []
     print(" | ".join(COLUMNS))
-    base = load_base_model(args.model, device=device)
-    sae = load_sae(args.sae or default_sae_dir(), device=device, dtype=base.dtype)
-    layer = sae.info.layer if sae.info.layer is not None else len(base.layers) // 2
-    if args.adapter:
-        adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
-    else:
-        adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
-    packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
-    # (label suffix, packed, compiled); the compiled step reads the plain weights, so it runs
-    # after the plain rows and before any packing.
-    setups = [(", packed weights" if p else "", p, False)
-              for p in (packing if can_pack(base.model) else [False])]
-    if args.compile_decode:
-        setups.insert(0 if setups[0][1] else 1, (", compiled static decode", False, True))
-    for suffix, packed, compiled in setups:
-        if packed:  # packing replaces the model's layers in place
-            pack_linear_layers(base.model)
-            sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
-            adapter.pack_for_cpu()
-        _bench_setup(f"{base.name} + SAE {sae.d_sae}{suffix}", base, sae, layer, adapter, args,
-                     sync, rows, compiled=compiled)
-    del base
+    if not args.no_default_model:
+        base = load_base_model(args.model, device=device)
+        sae = load_sae(args.sae or default_sae_dir(), device=device, dtype=base.dtype)
+        layer = sae.info.layer if sae.info.layer is not None else len(base.layers) // 2
+        if args.adapter:
+            adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
+        else:
+            adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
+        packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
+        # (label suffix, packed, compiled); the compiled step reads the plain weights, so it runs
+        # after the plain rows and before any packing.
+        setups = [(", packed weights" if p else "", p, False)
+                  for p in (packing if can_pack(base.model) else [False])]
+        if args.compile_decode:
+            setups.insert(0 if setups[0][1] else 1, (", compiled static decode", False, True))
+        for suffix, packed, compiled in setups:
+            if packed:  # packing replaces the model's layers in place
+                pack_linear_layers(base.model)
+                sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
+                adapter.pack_for_cpu()
+            _bench_setup(f"{base.name} + SAE {sae.d_sae}{suffix}", base, sae, layer, adapter, args,
+                         sync, rows, compiled=compiled)
+        del base
 
     if args.random_shapes:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        # Llama-3.2-1B's shape (1.2B parameters) with random weights, and a random 16k SAE.
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                          max_position_embeddings=4096, tie_word_embeddings=True)
+        shape, d_sae, layer = RANDOM_SHAPES[args.random_shapes]
+        cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         with torch.device(device):
             model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
         tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
                                      "decode": staticmethod(lambda ids, **k: "")})()
-        big = BaseModel(model=model, tokenizer=tokenizer, name="random-llama-1.2B",
+        big = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{args.random_shapes}",
                         fingerprint=model_fingerprint(model))
-        layer = 8
-        big_sae = random_sae(cfg.hidden_size, 16384, "topk", k=64, layer=layer).to(device, dtype)
-        big_adapter = synthetic_adapter(big_sae, big, layer, args.adapter_l0,
+        big_sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
+        big_adapter = synthetic_adapter(big_sae, big, layer, min(args.adapter_l0, d_sae // 4),
                                         _calibration_activations(big, layer))
-        _bench_setup("random Llama 1.2B + SAE 16k", big, big_sae, layer, big_adapter, args, sync, rows)
+        label = f"random {args.random_shapes} + SAE {d_sae}"
+        _bench_setup(label, big, big_sae, layer, big_adapter, args, sync, rows)
         if args.compile_decode:
-            _bench_setup("random Llama 1.2B + SAE 16k, compiled static decode", big, big_sae, layer,
+            _bench_setup(f"{label}, compiled static decode", big, big_sae, layer,
                          big_adapter, args, sync, rows, compiled=True)
 
     out = Path(args.out)

@@ -30,3 +30,14 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "failures=\"0\"" in (tmp_path / "junit.xml").read_text()
+
+
+def test_gpu_check_dry_run_passes_and_reports_tests_and_bench(tmp_path):
+    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert report["dry_run"] and [s["rc"] for s in report["steps"]] == [0, 0]
+    assert report["tests"]["passed"] > 0 and report["tests"]["failed"] == 0
+    assert {r["batch"] for r in report["bench"]["rows"]} == {1, 2}
+    assert "| tests | 0 |" in (tmp_path / "summary.md").read_text()

@@ -1,0 +1,167 @@
+"""The steering's promises on every device this machine has: CUDA when there is one, the CPU
+always. `make gpu-check` runs these (`-m cuda`) on a GPU machine; the CPU cases run in every
+suite so that the GPU check cannot rot between GPU sessions."""
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from factories import tiny_adapter, tiny_base, tiny_sae
+from test_steering import reference_steer
+
+from fsrl.adapter import save_adapter
+from fsrl.generation import GenerationRequest, Generator, SamplingParams
+from fsrl.static_decode import use_static_decode
+from fsrl.steering import FeatureOverride, RowSteering, SteeringBatch, SteeringHook, steer
+
+pytestmark = pytest.mark.cuda
+
+LAYER = 1
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))]
+# Relative error (Frobenius norm) allowed against the float64 reference: fp32 is exact up to
+# rounding; bf16 keeps 8 bits of mantissa, so its products drift by a few parts in a thousand.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def on(device: str, dtype: torch.dtype, *modules):
+    return [copy.deepcopy(m).to(device, dtype) for m in modules]
+
+
+def run_steer(x, sae, rows):
+    """As the generator builds a batch: on the residual's device, in the SAE's dtype."""
+    batch = SteeringBatch.build(rows, sae.d_sae, device=x.device, dtype=sae.W_dec.dtype)
+    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+    return steer(x, sae, batch, positions).x
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double().cpu() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
+def test_steering_matches_the_float64_reference(device, dtype, architecture):
+    sae, adapter = on(device, dtype, tiny_sae(architecture=architecture), tiny_adapter(tiny_sae()))
+    x = (torch.randn(7, 64, generator=torch.Generator().manual_seed(3)) * 3).to(device, dtype)
+    overrides = [FeatureOverride(3, "set", 8.0), FeatureOverride(11, "add", 2.5),
+                 FeatureOverride(40, "scale", -1.5), FeatureOverride(5, "ablate"),
+                 FeatureOverride(9, "unsteer")]
+    got = run_steer(x[None], sae, [RowSteering(adapter, 0.7, overrides)])[0]
+    # The reference reads the same (rounded) weights and input, and computes in float64.
+    want = reference_steer(x.cpu(), *on("cpu", torch.float64, sae, adapter), 0.7, overrides, clamp=False)
+    assert got.device.type == device and got.dtype == dtype
+    assert relative_error(x, want) > 1e-2  # the steering moved the residual
+    assert relative_error(got, want) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rows_of_a_mixed_batch_equal_each_row_alone(device, dtype):
+    sae, a1, a2 = on(device, dtype, tiny_sae(), tiny_adapter(tiny_sae(), seed=1),
+                     tiny_adapter(tiny_sae(), seed=2, activation="soft_threshold", clamp_nonnegative=True))
+    rows = [RowSteering(a1, 1.0), RowSteering(None), RowSteering(a2, 2.0, [FeatureOverride(4, "set", 3.0)]),
+            RowSteering(a1, -0.5, [FeatureOverride(4, "ablate"), FeatureOverride(200, "add", 1.0)])]
+    x = (torch.randn(len(rows), 5, 64, generator=torch.Generator().manual_seed(5)) * 2).to(device, dtype)
+    together = run_steer(x, sae, rows)
+    for b, row in enumerate(rows):
+        alone = run_steer(x[b:b + 1], sae, [row])[0]
+        assert relative_error(together[b], alone.double().cpu()) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unsteered_rows_give_bit_identical_logits(device):
+    base = tiny_base()
+    base.model.to(device)
+    sae, adapter = on(device, torch.float32, tiny_sae(layer=LAYER), tiny_adapter(tiny_sae()))
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(6)).to(device)
+    plain = base.model(input_ids=ids).logits
+    hook = SteeringHook(base.layers, LAYER, sae)
+    try:
+        batch = SteeringBatch.build([RowSteering(None), RowSteering(adapter), RowSteering(None)], sae.d_sae,
+                                    device=device)
+        with hook.steering(batch, torch.arange(9, device=device).expand(3, -1)):
+            steered = base.model(input_ids=ids).logits
+        outside = base.model(input_ids=ids).logits
+    finally:
+        hook.remove()
+    assert torch.equal(steered[0], plain[0]) and torch.equal(steered[2], plain[2])
+    assert not torch.allclose(steered[1], plain[1])
+    assert torch.equal(outside, plain)
+
+
+def device_generator(device: str) -> tuple[Generator, list]:
+    base = tiny_base()
+    base.model.to(device)
+    sae = tiny_sae(layer=LAYER).to(device)
+    adapters = [tiny_adapter(sae, base, "a", seed=1).to(device),
+                tiny_adapter(sae, base, "b", seed=2, activation="soft_threshold").to(device)]
+    return Generator(base, sae, LAYER), adapters
+
+
+def greedy(prompt: list[int], steering: RowSteering, tokens: int = 12) -> GenerationRequest:
+    return GenerationRequest(prompt, steering, SamplingParams(max_new_tokens=tokens, ignore_eos=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_steered_batch_generates_what_each_request_generates_alone(device):
+    gen, (a, b) = device_generator(device)
+    requests = [greedy([5, 6, 7, 8], RowSteering(a, 1.0)), greedy([9, 10], RowSteering(None)),
+                greedy([11, 12, 13], RowSteering(b, 2.0, [FeatureOverride(4, "set", 3.0)])),
+                greedy([14, 15, 16, 17, 18], RowSteering(a, -1.0))]
+    together = gen.generate(requests)
+    alone = [gen.generate([r])[0] for r in requests]
+    assert [r.token_ids for r in together] == [r.token_ids for r in alone]
+    assert together[0].token_ids != gen.generate([greedy([5, 6, 7, 8], RowSteering(None))])[0].token_ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_hot_swap_leaves_running_rows_on_their_weights(device, tmp_path):
+    from server.registry import AdapterRegistry
+
+    gen, (a, b) = device_generator(device)
+    for folder, adapter in (("a", a), ("more/b", b)):
+        save_adapter(copy.deepcopy(adapter).cpu(), tmp_path / folder)
+    registry = AdapterRegistry(tmp_path, gen.sae, LAYER, gen.base.fingerprint,
+                               torch.device(device), torch.float32)
+    registry.load_directory()
+    prompt = [5, 6, 7, 8]
+    on_a, on_b = (gen.generate([greedy(prompt, RowSteering(x))])[0].token_ids for x in (a, b))
+    assert on_a != on_b
+    batch = gen.batch()
+    tokens = [e.token_id for _, e in batch.add([greedy(prompt, RowSteering(registry.get("a")))])]
+    tokens += [e.token_id for _ in range(3) for _, e in batch.step()]
+    asyncio.run(registry.load("a", "more/b", replace=True))
+    while len(batch):
+        tokens += [e.token_id for _, e in batch.step()]
+    assert tokens == on_a  # the running row finished on the weights it started with
+    assert registry.get("a").W.device.type == device
+    assert gen.generate([greedy(prompt, RowSteering(registry.get("a")))])[0].token_ids == on_b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES[1:])
+def test_the_compiled_static_step_generates_what_eager_generates(device):
+    """The step compiles in reduce-overhead mode: it replays as a CUDA graph. (On the CPU,
+    tests/test_static_decode.py checks the compiled step.)"""
+    torch._dynamo.reset()
+    gen, (a, b) = device_generator(device)
+    requests = [greedy([5, 6, 7, 8], RowSteering(a, 1.0)), greedy([9, 10], RowSteering(None)),
+                greedy([11, 12, 13], RowSteering(b, 2.0, [FeatureOverride(4, "set", 3.0)]), tokens=20)]
+    alone = [gen.generate([r])[0].token_ids for r in requests]
+    use_static_decode(gen, rows=4, columns=40, compile=True)
+    batch = gen.batch()
+    events = {i: [] for i in range(len(requests))}
+    for owner, event in batch.add(requests[:2], [0, 1]):
+        events[owner].append(event.token_id)
+    for step in range(40):
+        if step == 3:  # a row joins while the others decode
+            for owner, event in batch.add(requests[2:], [2]):
+                events[owner].append(event.token_id)
+        for owner, event in batch.step():
+            events[owner].append(event.token_id)
+        if not len(batch):
+            break
+    assert [events[i] for i in range(len(requests))] == alone
