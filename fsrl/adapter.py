@@ -12,19 +12,21 @@ tensors, `adapter.json` the metadata of API.md.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from fsrl.cpu_inference import PackedMatrix
-from fsrl.errors import CorruptFileError, FsrlError, MismatchError
+from fsrl.errors import CorruptFileError, ForbiddenError, FsrlError, MismatchError
 
 if TYPE_CHECKING:
     from fsrl.sae import Sae
@@ -33,7 +35,9 @@ ADAPTER_FORMAT = "fsrl-adapter"
 ADAPTER_FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
-ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
+ALLOWED_SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
+META_MAX_BYTES = 1 << 20  # adapter.json; a training summary is a few kilobytes
+MAX_D_IN, MAX_D_SAE = 1 << 16, 1 << 21
 
 
 def _relu(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -71,21 +75,51 @@ class AdapterConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = "adapter.json") -> "AdapterConfig":
-        if data.get("format") != ADAPTER_FORMAT:
-            raise CorruptFileError(f"{where}: format is {data.get('format')!r}, expected {ADAPTER_FORMAT!r}")
-        if int(data.get("format_version", 0)) > ADAPTER_FORMAT_VERSION:
+    def from_json(cls, data: Any, where: str = "adapter.json") -> "AdapterConfig":
+        """Validated against the file format (`AdapterFile`): every field typed, nothing unknown."""
+        if isinstance(data, dict) and isinstance(data.get("format_version"), int) \
+                and not isinstance(data["format_version"], bool) and data["format_version"] > ADAPTER_FORMAT_VERSION:
             raise CorruptFileError(f"{where}: format_version {data['format_version']} is newer than "
                                    f"this fsrl reads ({ADAPTER_FORMAT_VERSION})")
-        missing = [k for k in ("id", "activation", "clamp_nonnegative", "d_in", "d_sae", "layer",
-                               "base_model", "sae") if k not in data]
-        if missing:
-            raise CorruptFileError(f"{where}: missing field(s) {', '.join(missing)}")
-        if data["activation"] not in ACTIVATIONS:
-            raise CorruptFileError(f"{where}: unknown activation {data['activation']!r}; "
-                                   f"expected one of {', '.join(ACTIVATIONS)}")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        try:
+            checked = AdapterFile.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field_name = ".".join(str(p) for p in first["loc"]) or "the file"
+            if first["type"] == "missing":
+                missing = [".".join(str(p) for p in e["loc"]) for e in exc.errors() if e["type"] == "missing"]
+                raise CorruptFileError(f"{where}: missing field(s) {', '.join(missing)}") from None
+            if first["loc"] == ("activation",):
+                raise CorruptFileError(f"{where}: unknown activation {data.get('activation')!r}; "
+                                       f"expected one of {', '.join(ACTIVATIONS)}") from None
+            raise CorruptFileError(f"{where}: {field_name}: {first['msg']}") from None
+        return cls(**checked.model_dump())
+
+
+class _Named(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(max_length=512)
+    fingerprint: str = Field(max_length=128)
+
+
+class AdapterFile(BaseModel):
+    """`adapter.json` as the format defines it. Strict: a string is not a number and "false" is
+    not a boolean; unknown keys are refused (a typo would otherwise be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    format: Literal["fsrl-adapter"]
+    format_version: int = Field(ge=1, le=ADAPTER_FORMAT_VERSION)
+    id: str = Field(min_length=1, max_length=128)
+    activation: Literal["relu", "soft_threshold"]
+    clamp_nonnegative: bool
+    d_in: int = Field(ge=1, le=MAX_D_IN)
+    d_sae: int = Field(ge=1, le=MAX_D_SAE)
+    layer: int = Field(ge=0, le=10_000)
+    base_model: _Named
+    sae: _Named
+    training: dict[str, Any] = {}
 
 
 class FsrlAdapter(nn.Module):
@@ -204,30 +238,78 @@ def save_adapter(adapter: FsrlAdapter, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_adapter_config(folder: str | Path) -> AdapterConfig:
+def _inside(path: Path, root: Path | None, where: str) -> Path:
+    """`path` itself, once its real path (links followed) is known to lie under `root`."""
+    if root is not None and not path.resolve().is_relative_to(root.resolve()):
+        raise ForbiddenError(f"{where} resolves outside the adapters directory")
+    return path
+
+
+def read_adapter_config(folder: str | Path, where: str | None = None, root: Path | None = None
+                        ) -> AdapterConfig:
+    """`adapter.json`, read once (at most META_MAX_BYTES) and validated. `where` names the
+    folder in messages (default: its path); `root`: the file must really lie under it."""
     folder = Path(folder)
-    meta = folder / META_FILE
+    where = where if where is not None else str(folder)
+    meta = _inside(folder / META_FILE, root, f"{where}/{META_FILE}")
     if not meta.is_file():
-        raise FsrlError(f"{folder}: {META_FILE} is missing")
+        raise FsrlError(f"{where}: {META_FILE} is missing")
+    with open(meta, "rb") as fh:
+        raw = fh.read(META_MAX_BYTES + 1)
+    if len(raw) > META_MAX_BYTES:
+        raise CorruptFileError(f"{where}/{META_FILE}: larger than {META_MAX_BYTES} bytes")
     try:
-        data = json.loads(meta.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{meta}: not valid JSON ({exc})") from exc
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, or nested too deep
+        raise CorruptFileError(f"{where}/{META_FILE}: not valid JSON ({type(exc).__name__})") from None
     if not isinstance(data, dict):
-        raise CorruptFileError(f"{meta}: expected a JSON object")
-    return AdapterConfig.from_json(data, where=str(meta))
+        raise CorruptFileError(f"{where}/{META_FILE}: expected a JSON object")
+    return AdapterConfig.from_json(data, where=f"{where}/{META_FILE}")
+
+
+def _read_weights(path: Path, expected: dict[str, tuple[int, ...]], where: str) -> dict[str, torch.Tensor]:
+    """The tensors, after the header alone has been checked: exactly the expected names, each
+    shape, each dtype. Nothing is loaded from a file whose header does not match."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as fh:
+            names = set(fh.keys())
+            if names != set(expected):
+                missing, extra = sorted(set(expected) - names), sorted(names - set(expected))
+                if missing:
+                    raise CorruptFileError(f"{where}: tensor {missing[0]!r} is missing")
+                raise CorruptFileError(f"{where}: unexpected tensor(s) {', '.join(map(repr, extra[:4]))}")
+            for name, shape in expected.items():
+                view = fh.get_slice(name)
+                if tuple(view.get_shape()) != shape:
+                    raise CorruptFileError(f"{where}: tensor {name!r} has shape "
+                                           f"{tuple(view.get_shape())}, expected {shape}")
+                if view.get_dtype() not in ALLOWED_SAFETENSORS_DTYPES:
+                    raise CorruptFileError(f"{where}: tensor {name!r} has dtype {view.get_dtype()}")
+            tensors = {name: fh.get_tensor(name) for name in expected}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{where}: cannot read ({type(exc).__name__}: {str(exc)[:200]})") from None
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise CorruptFileError(f"{where}: tensor {name!r} holds NaN or infinite values")
+    return tensors
 
 
 def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | None = None,
                  base_model_fingerprint: str | None = None, adapter_id: str | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> FsrlAdapter:
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 where: str | None = None, root: Path | None = None,
+                 config: AdapterConfig | None = None) -> FsrlAdapter:
     """Load and validate an adapter folder.
 
-    Checks the tensors (present, shapes, dtypes, finite) and, where given, that the adapter
-    was made for this base model, SAE and layer. Every failure names what does not match.
+    Checks the metadata, the tensors (exactly the expected names, shapes, dtypes, finite) and,
+    where given, that the adapter was made for this base model, SAE and layer. Every failure
+    names what does not match. `where` names the folder in messages (the server passes the
+    path a client gave, never its own); with `root`, every file must really lie under it.
+    `config`: the folder's `read_adapter_config`, when the caller has read it already.
     """
     folder = Path(folder)
-    config = read_adapter_config(folder)
+    where = where if where is not None else str(folder)
+    config = copy.copy(config) if config is not None else read_adapter_config(folder, where, root)
     if adapter_id is not None:
         config.id = adapter_id
     mismatches = []
@@ -246,26 +328,14 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
     if mismatches:
         raise MismatchError(f"adapter {config.id!r} was made for another setup: " + "; ".join(mismatches))
 
-    weights_path = folder / WEIGHTS_FILE
+    weights_where = f"{where}/{WEIGHTS_FILE}"
+    weights_path = _inside(folder / WEIGHTS_FILE, root, weights_where)
     if not weights_path.is_file():
-        raise FsrlError(f"{folder}: {WEIGHTS_FILE} is missing")
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptFileError(f"{weights_path}: cannot read ({exc})") from exc
+        raise FsrlError(f"{where}: {WEIGHTS_FILE} is missing")
     expected = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "b_in": (config.d_in,)}
     if config.activation == "soft_threshold":
         expected["tau"] = (config.d_sae,)
-    for name, shape in expected.items():
-        t = tensors.get(name)
-        if t is None:
-            raise CorruptFileError(f"{weights_path}: tensor {name!r} is missing")
-        if tuple(t.shape) != shape:
-            raise CorruptFileError(f"{weights_path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-        if t.dtype not in ALLOWED_DTYPES:
-            raise CorruptFileError(f"{weights_path}: tensor {name!r} has dtype {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise CorruptFileError(f"{weights_path}: tensor {name!r} holds NaN or infinite values")
+    tensors = _read_weights(weights_path, expected, weights_where)
     adapter = FsrlAdapter(config, init_std=0.0)
     with torch.no_grad():
         adapter.W.copy_(tensors["W"])

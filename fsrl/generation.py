@@ -39,12 +39,20 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+# Below this temperature a row decodes greedily: logits / t would overflow float32.
+MIN_TEMPERATURE = 1e-5
+LogProbs = tuple[float, list[tuple[int, float]]]  # a token's log-probability, and the top-k's
+LOGPROB_FLOOR = -9999.0
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     steering: RowSteering = field(default_factory=RowSteering)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     return_features: int = 0  # top steered features to report per generated token
+    logprobs: int | None = None  # per generated token: its log-probability and the top k's
+    prompt_logprobs: int | None = None  # the same for prompt tokens 1.., on the first event
 
 
 @dataclass
@@ -58,6 +66,13 @@ class TokenEvent:
     finish_reason: str | None = None
     features: list[tuple[int, float]] | None = None
     text: str | None = None  # the row's whole text, on its last event
+    logprobs: LogProbs | None = None  # of this token, under the (steered) model, before sampling
+    prompt_logprobs: list[LogProbs] | None = None  # first event only: prompt tokens 1..n-1
+    error: str | None = None  # this row failed (finish_reason "error"); the others go on
+
+
+class RowError(Exception):
+    """One row cannot go on (its logits are not finite, say); the message is safe to show."""
 
 
 @dataclass
@@ -67,6 +82,9 @@ class GenerationResult:
     finish_reason: str
     features: list[list[tuple[int, float]]] | None = None
     first_token_s: float | None = None
+    logprobs: list[LogProbs] | None = None         # per generated token, when asked for
+    prompt_logprobs: list[LogProbs] | None = None  # prompt tokens 1..n-1, when asked for
+    error: str | None = None                       # finish_reason "error": why
 
     @property
     def completion_tokens(self) -> int:
@@ -88,10 +106,13 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 
 
 class _Row:
-    """Host-side state of one row while it generates."""
+    """Host-side state of one row while it generates: what it has produced so far, so that a
+    batch can be rebuilt from it (`resume`) after a failed step."""
 
-    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int]):
+    def __init__(self, request: GenerationRequest, tokenizer, eos_ids: set[int], owner: Any = None,
+                 local: int = 0):
         self.request = request
+        self.owner, self.local = owner, local  # who added it, and its `TokenEvent.row`
         self.params = request.sampling
         self.generator = torch.Generator().manual_seed(int(request.sampling.seed))
         self.tokenizer = tokenizer
@@ -101,12 +122,25 @@ class _Row:
         self.emitted = 0  # characters of text already handed out
         self.finish_reason: str | None = None
         self.features: list[list[tuple[int, float]]] | None = [] if request.return_features else None
+        self.prompt_logprobs: list[LogProbs] | None = None  # set by prefill, sent with the first event
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What the model has to read to produce this row's next token."""
+        return self.request.prompt_ids + self.token_ids
 
     def choose(self, logits: torch.Tensor, greedy_token: int) -> int:
-        if self.params.temperature <= 0:
+        if self.params.temperature < MIN_TEMPERATURE:
             return greedy_token
         probs = _filter_logits(logits, self.params).softmax(-1).cpu()
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            raise RowError("sampling failed: the token probabilities are not finite")
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def fail(self, message: str) -> TokenEvent:
+        """Finish this row with an error; its event carries no token."""
+        self.finish_reason = "error"
+        return TokenEvent(self.local, -1, "", True, "error", text=self.text, error=message)
 
     def push(self, token: int, features: list[tuple[int, float]] | None) -> str:
         """Record a token; returns the text that may be shown now.
@@ -168,17 +202,19 @@ class Generator:
         self.static_decoder: StaticDecoder | None = None  # when set, batches use its slots
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
-                cache: Any, batch: SteeringBatch) -> tuple[torch.Tensor, Any, StepCapture]:
-        """One forward under steering: last-position logits (B, V), the grown cache, and what
-        the steering captured. `positions` (B, T) counts from each row's own first token; it is
-        negative on left padding (never steered, fed to the model as 0)."""
+                cache: Any, batch: SteeringBatch, every_position: bool = False
+                ) -> tuple[torch.Tensor, Any, StepCapture]:
+        """One forward under steering: last-position logits (B, V) (with `every_position`, every
+        position's (B, T, V)), the grown cache, and what the steering captured. `positions`
+        (B, T) counts from each row's own first token; it is negative on left padding (never
+        steered, fed to the model as 0)."""
         kwargs = {self.cache_kwarg: cache}
         with torch.inference_mode(), self.hook.steering(batch, positions) as capture:
             out = self.base.model(input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=positions.clamp(min=0), use_cache=True,
-                                  logits_to_keep=1, **kwargs)
+                                  logits_to_keep=0 if every_position else 1, **kwargs)
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[:, -1, :], new_cache, capture
+        return (out.logits if every_position else out.logits[:, -1, :]), new_cache, capture
 
     def batch(self) -> RunningBatch | StaticBatch:
         """A batch for rows to join and leave; over the static decoder's slots when there is one
@@ -201,11 +237,14 @@ class Generator:
         return results_from_events(requests, rows)
 
 
-def owners_and_local(count: int, owners: Sequence[Any] | None) -> tuple[list[Any], list[int]]:
-    """Each of `count` new rows' owner (default None) and its `TokenEvent.row`: how many rows
-    before it have the same owner."""
-    owners = list(owners) if owners is not None else [None] * count
-    return owners, [sum(o is owner for o in owners[:b]) for b, owner in enumerate(owners)]
+def new_rows(generator: Generator, requests: Sequence[GenerationRequest],
+             owners: Sequence[Any] | None = None) -> list[_Row]:
+    """A row for each request. `owners[i]` tags request i (default None); a row's
+    `TokenEvent.row` counts the requests before it in this call with the same owner."""
+    owners = list(owners) if owners is not None else [None] * len(requests)
+    return [_Row(r, generator.base.tokenizer, generator.eos_ids, owner,
+                 sum(o is owner for o in owners[:b]))
+            for b, (r, owner) in enumerate(zip(requests, owners))]
 
 
 def steering_for(generator: Generator, requests: Sequence[GenerationRequest]) -> SteeringBatch:
@@ -215,44 +254,85 @@ def steering_for(generator: Generator, requests: Sequence[GenerationRequest]) ->
                                capture_top=max((r.return_features for r in requests), default=0))
 
 
-def prefill(generator: Generator, requests: Sequence[GenerationRequest]
-            ) -> tuple[list[_Row], torch.Tensor, Any, StepCapture, torch.Tensor, torch.Tensor]:
-    """One forward over the prompts, left-padded to the longest: the rows' host state, their
-    last-position logits (B, V), the cache, the capture, the mask (B, W) and the prompt
-    lengths (B,)."""
+def prefill(generator: Generator, rows: Sequence[_Row]
+            ) -> tuple[torch.Tensor, Any, StepCapture, torch.Tensor, torch.Tensor]:
+    """One forward over the rows' contexts (prompt, plus what a resumed row has generated),
+    left-padded to the longest: their last-position logits (B, V), the cache, the capture, the
+    mask (B, W) and the context lengths (B,). A new row that asks for prompt log-probabilities
+    gets them here (`_Row.prompt_logprobs`)."""
     g = generator
     device = g.base.device
-    rows = [_Row(r, g.base.tokenizer, g.eos_ids) for r in requests]
-    steering = steering_for(g, requests)
-    lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=device)
+    steering = steering_for(g, [row.request for row in rows])
+    contexts = [row.context_ids for row in rows]
+    lengths = torch.tensor([len(c) for c in contexts], device=device)
     width = int(lengths.max())
     input_ids = torch.full((len(rows), width), g.pad_id, dtype=torch.long, device=device)
-    for b, r in enumerate(requests):
-        input_ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=device)
+    for b, ids in enumerate(contexts):
+        input_ids[b, width - len(ids):] = torch.tensor(ids, device=device)
     positions = torch.arange(width, device=device)[None, :] - (width - lengths)[:, None]   # (B, T)
     mask = (positions >= 0).long()
-    logits, cache, capture = g.forward(input_ids, mask, positions.clamp(min=-1), None, steering)
-    return rows, logits, cache, capture, mask, lengths
+    scored = [row.request.prompt_logprobs is not None and not row.token_ids for row in rows]
+    logits, cache, capture = g.forward(input_ids, mask, positions.clamp(min=-1), None, steering,
+                                       every_position=any(scored))
+    if any(scored):
+        for b, row in enumerate(rows):
+            if scored[b]:
+                ids = contexts[b]
+                # Position p's logits score token p + 1; left padding shifts the row by width - n.
+                start = width - len(ids)
+                row.prompt_logprobs = _logprobs(logits[b, start:width - 1], ids[1:],
+                                                row.request.prompt_logprobs)
+        logits = logits[:, -1, :]
+    return logits, cache, capture, mask, lengths
 
 
-def sample_rows(rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture, owners: Sequence[Any],
-                local: Sequence[int]) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
-    """Each row's next token from its logits (B, V) and the events they make, paired with
-    each row's owner; `local[b]` is row b's `TokenEvent.row`."""
+def _logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[LogProbs]:
+    """Each position's log-probability of `tokens[i]` under `logits[i]` (N, V), and its top."""
+    if not len(tokens):
+        return []
+    # A token the model rules out (-inf) reads as -9999, as vLLM reports it: JSON has no -inf.
+    logp = logits.float().log_softmax(-1).clamp(min=LOGPROB_FLOOR)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if top > 0:
+        values, indices = logp.topk(min(top, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    else:
+        tops = [[] for _ in tokens]
+    return list(zip(chosen, tops))
+
+
+def sample_rows(rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture
+                ) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
+    """Each row's next token from its logits (B, V) and the events they make, paired with each
+    row's owner. A row that cannot go on (`RowError`, non-finite logits) finishes with an
+    error event; the other rows are not affected."""
     greedy = logits.argmax(-1).tolist()
+    finite = torch.isfinite(logits).all(-1).tolist()
     top_i = capture.top_index.tolist() if capture.top_index is not None else None
     top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
     events, tokens = [], []
     for b, row in enumerate(rows):
-        token = row.choose(logits[b], greedy[b])
+        try:
+            if not finite[b]:
+                raise RowError("the model's output for this request is not finite "
+                               "(steering too strong for this model's precision?)")
+            token = row.choose(logits[b], greedy[b])
+        except RowError as exc:
+            events.append((row.owner, row.fail(str(exc))))
+            tokens.append(0)
+            continue
         feats = None
         if row.features is not None and top_i is not None:
             k = row.request.return_features
             feats = [(i, d) for i, d in zip(top_i[b][:k], top_d[b][:k]) if d != 0.0]
+        logprobs = (_logprobs(logits[b:b + 1], [token], row.request.logprobs)[0]
+                    if row.request.logprobs is not None else None)
+        prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
         delta = row.push(token, feats)
         done = row.finish_reason is not None
-        events.append((owners[b], TokenEvent(local[b], token, delta, done, row.finish_reason,
-                                             feats, text=row.text if done else None)))
+        events.append((row.owner, TokenEvent(row.local, token, delta, done, row.finish_reason,
+                                             feats, text=row.text if done else None,
+                                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)))
         tokens.append(token)
     return events, tokens
 
@@ -281,14 +361,13 @@ class RunningBatch:
     under the running rows' (left-padded to a common width; each row keeps its own positions,
     so padding changes nothing). `step` decodes one token for every row. Finished rows leave
     at once; `drop` removes rows whose client went away. Every event comes paired with the
-    owner its row was added with.
+    owner its row was added with. `rows_of` and `resume` rebuild rows in another batch from
+    their host state (after a failed step has left this one unusable).
     """
 
     def __init__(self, generator: Generator):
         self.generator = generator
         self.rows: list[_Row] = []
-        self.owners: list[Any] = []
-        self.local_index: list[int] = []
         self.cache: Any = None
         self.attention_mask: torch.Tensor | None = None   # (B, W) over the cache, plus the next token
         self.next_position: torch.Tensor | None = None    # (B,) position of each row's next input
@@ -308,20 +387,27 @@ class RunningBatch:
         """Prefill `requests` (one forward for all) and sample their first tokens; unfinished
         rows join the batch. `owners[i]` tags request i (default None); a row's `TokenEvent.row`
         counts the requests before it in this call with the same owner."""
-        if not requests:
+        return self.resume(new_rows(self.generator, requests, owners)) if requests else []
+
+    def resume(self, rows: Sequence[_Row]) -> list[tuple[Any, TokenEvent]]:
+        """Rows join from their host state (new, or taken from another batch with `rows_of`):
+        one forward over their contexts gives each its next token."""
+        if not rows:
             return []
-        owners, local = owners_and_local(len(requests), owners)
         if not self.can_join:
             raise RuntimeError("this model's cache cannot take rows mid-generation; wait until the batch is empty")
-        rows, logits, cache, capture, mask, lengths = prefill(self.generator, requests)
-        events, tokens = sample_rows(rows, logits, capture, owners, local)
+        logits, cache, capture, mask, lengths = prefill(self.generator, rows)
+        events, tokens = sample_rows(rows, logits, capture)
         keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
         if keep:
             if len(keep) < len(rows):
                 cache.batch_select_indices(torch.tensor(keep, device=lengths.device))
-            self._join(cache, mask[keep], lengths[keep], [rows[b] for b in keep],
-                       [owners[b] for b in keep], [local[b] for b in keep], [tokens[b] for b in keep])
+            self._join(cache, mask[keep], lengths[keep], [rows[b] for b in keep], [tokens[b] for b in keep])
         return events
+
+    def rows_of(self, owner: Any) -> list[_Row]:
+        """The unfinished rows added with `owner`."""
+        return [row for row in self.rows if row.owner is owner]
 
     def step(self) -> list[tuple[Any, TokenEvent]]:
         """One decode step for every row; finished rows leave."""
@@ -335,20 +421,20 @@ class RunningBatch:
         logits, self.cache, capture = self.generator.forward(tokens, self.attention_mask, pos,
                                                              self.cache, self.steering)
         self.next_position = self.next_position + 1
-        events, self.next_token = sample_rows(self.rows, logits, capture, self.owners, self.local_index)
+        events, self.next_token = sample_rows(self.rows, logits, capture)
         self._keep([b for b, row in enumerate(self.rows) if row.finish_reason is None])
         return events
 
     def drop(self, owner: Any) -> int:
         """Remove every row added with `owner`; returns how many there were."""
-        keep = [b for b, o in enumerate(self.owners) if o is not owner]
+        keep = [b for b, row in enumerate(self.rows) if row.owner is not owner]
         dropped = len(self.rows) - len(keep)
         if dropped:
             self._keep(keep)
         return dropped
 
     def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[_Row],
-              owners: list[Any], local: list[int], tokens: list[int]) -> None:
+              tokens: list[int]) -> None:
         if not self.rows:
             self.cache, self.attention_mask = cache, mask
             self.next_position = lengths.clone()
@@ -361,8 +447,6 @@ class RunningBatch:
             self.attention_mask = torch.cat([pad(self.attention_mask), pad(mask)])
             self.next_position = torch.cat([self.next_position, lengths])
         self.rows += rows
-        self.owners += owners
-        self.local_index += local
         self.next_token += tokens
         self.steering = steering_for(self.generator, [r.request for r in self.rows])
 
@@ -371,8 +455,6 @@ class RunningBatch:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[b] for b in keep]
-        self.owners = [self.owners[b] for b in keep]
-        self.local_index = [self.local_index[b] for b in keep]
         self.next_token = [self.next_token[b] for b in keep]
         if not keep:
             self.cache = self.attention_mask = self.next_position = self.steering = None
@@ -396,9 +478,12 @@ def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Se
     results = []
     for request, events in zip(requests, rows):
         last = events[-1]
+        tokens = [e for e in events if e.error is None]  # an error event carries no token
         results.append(GenerationResult(
-            token_ids=[e.token_id for e in events], text=last.text or "",
+            token_ids=[e.token_id for e in tokens], text=last.text or "",
             finish_reason=last.finish_reason or "length",
-            features=[e.features or [] for e in events] if request.return_features else None,
-            first_token_s=first_token_s))
+            features=[e.features or [] for e in tokens] if request.return_features else None,
+            first_token_s=first_token_s,
+            logprobs=[e.logprobs for e in tokens] if request.logprobs is not None else None,
+            prompt_logprobs=events[0].prompt_logprobs, error=last.error))
     return results

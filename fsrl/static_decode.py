@@ -26,15 +26,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from fsrl.errors import FsrlError
-from fsrl.generation import (
-    GenerationRequest,
-    Generator,
-    TokenEvent,
-    _Row,
-    owners_and_local,
-    prefill,
-    sample_rows,
-)
+from fsrl.generation import GenerationRequest, Generator, TokenEvent, _Row, new_rows, prefill, sample_rows
 from fsrl.steering import SteeringRows, StepCapture
 
 log = logging.getLogger(__name__)
@@ -131,15 +123,13 @@ class StaticBatch:
 
     `add` prefills new rows, samples their first tokens and puts the unfinished ones into free
     slots; `step` decodes one token for every row; finished rows leave at once; `drop` removes
-    the rows of one owner.
+    the rows of one owner; `rows_of` and `resume` rebuild rows from their host state.
     """
 
     def __init__(self, decoder: StaticDecoder):
         self.decoder = decoder
         slots = decoder.rows
         self.rows: list[_Row | None] = [None] * slots
-        self.owners: list[Any] = [None] * slots
-        self.local_index = [0] * slots
         self.next_token = [0] * slots
         self.start = [0] * slots  # each row's first cache column
         self.column = 0           # where every row writes its next token
@@ -173,21 +163,25 @@ class StaticBatch:
             ) -> list[tuple[Any, TokenEvent]]:
         """As `RunningBatch.add`. Raises before changing anything when the rows do not fit in
         the free slots or a row's prompt plus new tokens does not fit in the cache."""
-        if not requests:
+        return self.resume(new_rows(self.decoder.generator, requests, owners)) if requests else []
+
+    def resume(self, rows: Sequence[_Row]) -> list[tuple[Any, TokenEvent]]:
+        """As `RunningBatch.resume`, with the checks of `add`."""
+        if not rows:
             return []
         self._check_owner()
         d = self.decoder
-        owners, local = owners_and_local(len(requests), owners)
         free = [slot for slot, row in enumerate(self.rows) if row is None]
-        if len(requests) > len(free):
-            raise RuntimeError(f"{len(requests)} rows cannot join: {len(free)} slots are free")
-        for r in requests:
+        if len(rows) > len(free):
+            raise RuntimeError(f"{len(rows)} rows cannot join: {len(free)} slots are free")
+        for row in rows:
+            r = row.request
             if len(r.prompt_ids) + r.sampling.max_new_tokens > d.columns:
                 raise FsrlError(f"a prompt of {len(r.prompt_ids)} tokens and "
                                 f"{r.sampling.max_new_tokens} new tokens do not fit in the "
                                 f"static cache's {d.columns} columns")
-        rows, logits, cache, capture, _, lengths = prefill(d.generator, requests)
-        events, tokens = sample_rows(rows, logits, capture, owners, local)
+        logits, cache, capture, _, lengths = prefill(d.generator, rows)
+        events, tokens = sample_rows(rows, logits, capture)
         keep = [b for b, row in enumerate(rows) if row.finish_reason is None]
         if keep:
             self._fit(max(int(lengths[b]) for b in keep))
@@ -197,9 +191,13 @@ class StaticBatch:
                         [layer.values[b, :, -n:] for layer in cache.layers], self.column)
                 d.positions[slot, 0] = n
                 d.steering.set_row(slot, rows[b].request.steering)
-                self.rows[slot], self.owners[slot], self.local_index[slot] = rows[b], owners[b], local[b]
+                self.rows[slot] = rows[b]
                 self.next_token[slot], self.start[slot] = tokens[b], self.column - n
         return events
+
+    def rows_of(self, owner: Any) -> list[_Row]:
+        """The unfinished rows added with `owner`."""
+        return [row for row in self.rows if row is not None and row.owner is owner]
 
     def step(self) -> list[tuple[Any, TokenEvent]]:
         """One decode step for every row; finished rows leave."""
@@ -219,8 +217,7 @@ class StaticBatch:
         wants_features = any(row.features is not None for row in rows)
         capture = StepCapture(top_index=capture.top_index[index], top_delta=capture.top_delta[index]
                               ) if wants_features else StepCapture()
-        events, tokens = sample_rows(rows, logits[index], capture, [self.owners[s] for s in occupied],
-                                     [self.local_index[s] for s in occupied])
+        events, tokens = sample_rows(rows, logits[index], capture)
         for slot, row, token in zip(occupied, rows, tokens):
             self.next_token[slot] = token
             if row.finish_reason is not None:
@@ -230,13 +227,13 @@ class StaticBatch:
     def drop(self, owner: Any) -> int:
         """Remove every row added with `owner`; returns how many there were."""
         self._check_owner()
-        slots = [s for s in self._occupied() if self.owners[s] is owner]
+        slots = [s for s in self._occupied() if self.rows[s].owner is owner]
         for slot in slots:
             self._free(slot)
         return len(slots)
 
     def _free(self, slot: int) -> None:
-        self.rows[slot] = self.owners[slot] = None
+        self.rows[slot] = None
         self.decoder.steering.set_row(slot, None)
         with torch.no_grad():
             self.decoder.positions[slot] = 0

@@ -12,7 +12,7 @@ from fastapi import FastAPI
 
 import fsrl
 from fsrl.errors import FsrlError
-from server.deps import ApiKey
+from server.deps import ApiKeyGuard
 from server.errors import ERROR_RESPONSES, BodySizeLimit, install_error_handlers
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, generate, health, openai
@@ -41,9 +41,10 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="fsrl", version=fsrl.__version__, lifespan=lifespan, responses=ERROR_RESPONSES,
                   description="Steering inference server: a frozen LM steered in SAE feature space.")
     install_error_handlers(app)
+    # Outermost last: the counter sees every answer, then the key check, then the size limit.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestMetricsMiddleware)  # outermost: counts the 413s too
-    app.include_router(health.open_router)  # /health: load balancers probe it without a key
-    for router in (health.router, generate.router, adapters.router, openai.router):
-        app.include_router(router, dependencies=[ApiKey])
+    app.add_middleware(ApiKeyGuard, settings=settings)
+    app.add_middleware(RequestMetricsMiddleware)
+    for router in (health.open_router, health.router, generate.router, adapters.router, openai.router):
+        app.include_router(router)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 from pathlib import Path
 
@@ -42,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode with static shapes (fixed row slots over a fixed-length "
                              "cache) in one torch.compile'd step, compiled for CUDA-graph "
                              "replay on CUDA; compiles at start (default: off)")
+    parser.add_argument("--max-adapters", type=int,
+                        help="adapters loaded at once; a load beyond it gets 409 (default: 64)")
+    parser.add_argument("--stream-send-timeout", type=float, dest="stream_send_timeout_s",
+                        help="seconds a streaming client may read nothing before it is cut off "
+                             "(default: 60)")
+    parser.add_argument("--insecure-no-auth", action="store_true", default=None,
+                        help="serve a non-loopback --host without FSRL_API_KEY (refused otherwise): "
+                             "anyone who reaches the port can generate and swap adapters")
     parser.add_argument("--static-cache-tokens", type=int,
                         help="with --compile-decode, the cache length: prompt plus new tokens of "
                              "any request (default: --max-prompt-tokens + --max-new-tokens-cap, "
@@ -56,8 +65,21 @@ class _NoStartupTraceback(logging.Filter):
         return not str(record.msg).startswith("Traceback (most recent call last)")
 
 
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def _preflight(settings) -> None:
     """Mistakes found before anything loads, each in one line."""
+    if settings.api_key is None and not settings.insecure_no_auth and not is_loopback(settings.host):
+        raise FsrlError(f"refusing to serve on {settings.host} without an API key: anyone who reaches "
+                        "it could generate and swap adapters. Set FSRL_API_KEY (and FSRL_ADMIN_KEY), "
+                        "or pass --insecure-no-auth if this network is yours alone")
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise FsrlError(f"--device must be auto, cpu or cuda, got {settings.device!r}")
     model = settings.model
@@ -82,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
         max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
         pack_cpu_weights=args.pack_cpu_weights, compile_decode=args.compile_decode,
-        static_cache_tokens=args.static_cache_tokens)
+        static_cache_tokens=args.static_cache_tokens, max_adapters=args.max_adapters,
+        stream_send_timeout_s=args.stream_send_timeout_s, insecure_no_auth=args.insecure_no_auth)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

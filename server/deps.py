@@ -1,4 +1,5 @@
-"""Dependencies as `Annotated` aliases, so handler signatures read as plain types."""
+"""Dependencies as `Annotated` aliases, so handler signatures read as plain types; and the key
+check, which runs before anything else (`ApiKeyGuard`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from fsrl.errors import ForbiddenError
-from server.errors import Unauthorized
+from server.errors import error_body
+from server.settings import Settings
 from server.state import ServerState
+
+OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without a key
 
 
 def get_state(request: Request) -> ServerState:
@@ -20,8 +24,8 @@ def get_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
@@ -32,23 +36,36 @@ def _matches(token: str | None, key: SecretStr | None) -> bool:
             and hmac.compare_digest(token.encode(), key.get_secret_value().encode()))
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
-    """With FSRL_API_KEY set, a bearer token must be the API key (or the admin key)."""
-    settings = state.settings
-    if settings.api_key is None:
-        return
-    token = _bearer(request)
-    if not (_matches(token, settings.api_key) or _matches(token, settings.admin_key)):
-        raise Unauthorized("missing or invalid API key: send Authorization: Bearer <key>")
+def _is_admin_route(method: str, path: str) -> bool:
+    """Adapter load, replace and unload."""
+    return (method == "POST" and path.rstrip("/") == "/adapters") or \
+        (method == "DELETE" and path.startswith("/adapters/"))
 
 
-def require_admin_key(request: Request, state: StateDep) -> None:
-    """With FSRL_ADMIN_KEY set, adapter load, replace and unload need it."""
-    if state.settings.admin_key is None:
-        return
-    if not _matches(_bearer(request), state.settings.admin_key):
-        raise ForbiddenError("this route needs the admin key: send Authorization: Bearer <admin key>")
+class ApiKeyGuard:
+    """With FSRL_API_KEY set, every route but /health (the docs and the schema included, and
+    paths that do not exist) needs `Authorization: Bearer <key>` (or the admin key): 401
+    before the body is read. With FSRL_ADMIN_KEY set, adapter load, replace and unload need
+    that key: 403. Pure ASGI, in front of everything but the request counter."""
 
+    def __init__(self, app, settings: Settings) -> None:
+        self.app, self.api_key, self.admin_key = app, settings.api_key, settings.admin_key
 
-ApiKey = Depends(require_api_key)
-AdminKey = Depends(require_admin_key)
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or not (self.api_key or self.admin_key):
+            return await self.app(scope, receive, send)
+        token = _bearer(dict(scope.get("headers") or ()))
+        admin = _matches(token, self.admin_key)
+        openai = scope["path"].startswith("/v1/")
+        if self.api_key is not None and not (admin or _matches(token, self.api_key)):
+            response = JSONResponse(
+                error_body("missing or invalid API key: send Authorization: Bearer <key>",
+                           "authentication_error", "invalid_api_key", None, openai),
+                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await response(scope, receive, send)
+        if self.admin_key is not None and not admin and _is_admin_route(scope["method"], scope["path"]):
+            response = JSONResponse(
+                error_body("this route needs the admin key: send Authorization: Bearer <admin key>",
+                           "permission_error", "forbidden", None, openai), status_code=403)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)

@@ -10,7 +10,9 @@ next step.
 
 Its face: `stream(job)` is an async iterator of the job's token events (closing it early
 aborts the job), `generate(job)` collects them into results. When `max_pending` jobs are
-already admitted (waiting + running), the next is refused at once with `Overloaded` (503).
+already admitted (waiting + running), the next is refused at once with `Overloaded` (503). A
+job stops counting the moment its generation ends, not when its client has read it all, so
+slow readers hold no slot.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fsrl.cpu_inference import ModelThread
 from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
                              TokenEvent, results_from_events)
-from server.errors import Overloaded
+from server.errors import EngineStopped, GenerationFailed, Overloaded
 
 if TYPE_CHECKING:
     from fsrl.static_decode import StaticBatch
@@ -69,11 +71,13 @@ _END = object()
 class _Ticket:
     """A job between the worker thread and the coroutine listening to it."""
 
-    def __init__(self, job: EngineJob, loop: asyncio.AbstractEventLoop):
+    def __init__(self, job: EngineJob, loop: asyncio.AbstractEventLoop, release: Callable[["_Ticket"], None]):
         self.job, self.loop = job, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.abort = threading.Event()
         self.rows_left = len(job.requests)
+        self.released = False  # no longer counted against the queue limit
+        self._release = release
 
     def emit(self, item: object) -> None:
         try:
@@ -82,8 +86,10 @@ class _Ticket:
             self.abort.set()
 
     def end(self, error: BaseException | None = None) -> None:
+        """The job is over: its slot is free now, whether or not its client has read it all."""
         if self.job.finished is None:
             self.job.finished = time.perf_counter()
+        self._release(self)  # first: whoever reads the end sees the slot free
         if error is not None:
             self.emit(_Failed(error))
         self.emit(_END)
@@ -91,7 +97,12 @@ class _Ticket:
 
 class Engine:
     """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
-    engine closes the thread."""
+    engine closes the thread.
+
+    One request can only fail itself: a row that cannot be sampled finishes alone with an
+    error; a step that raises is retried row group by row group, each job alone, and the jobs
+    that fail alone are the ones answered with an error. If the worker itself stops, every
+    job waiting or running is answered and `alive` turns false (`/health` says 503)."""
 
     def __init__(self, generator: Generator, model_thread: ModelThread, max_pending: int = 64,
                  max_batch_rows: int = 16, observe_batch: Callable[[int], None] | None = None):
@@ -99,30 +110,46 @@ class Engine:
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
         self.observe_batch = observe_batch  # called with the rows of every forward pass
-        self.pending = 0       # jobs admitted and not yet answered: waiting + running
+        self.pending = 0       # jobs admitted and not yet over: waiting + running
         self.running_rows = 0  # rows in the batch now
+        self.step_failures = 0  # steps that raised (each followed by a recovery)
+        self.failed_jobs = 0    # jobs answered with an error by the engine
+        self.stopped_because: str | None = None  # why the worker died, if it did
         self._waiting: deque[_Ticket] = deque()
+        self._active: list[_Ticket] = []  # jobs with rows in the batch (worker thread only)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = model_thread
         self._worker = self._thread.submit(self._run)
+
+    @property
+    def alive(self) -> bool:
+        return self.stopped_because is None and not self._worker.done()
 
     def check_capacity(self) -> None:
         """Refuse now (503) rather than queue a job that would be refused when it runs; a
         stream calls this before its response starts, while it can still send a status."""
         if self._closed:
             raise Overloaded("the server is shutting down")
+        if not self.alive:
+            raise EngineStopped("the generation engine has stopped; the server needs a restart")
         if self.pending >= self.max_pending:
             raise Overloaded(f"the queue is full ({self.pending} requests); retry shortly")
 
-    @contextmanager
-    def _admit(self) -> Iterator[None]:
-        self.check_capacity()
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
+    def _admit(self, job: EngineJob) -> _Ticket:
+        with self._wake:
+            self.check_capacity()
+            self.pending += 1
+            ticket = _Ticket(job, asyncio.get_running_loop(), self._release)
+            self._waiting.append(ticket)
+            self._wake.notify()
+        return ticket
+
+    def _release(self, ticket: _Ticket) -> None:
+        with self._wake:
+            if not ticket.released:
+                ticket.released = True
+                self.pending -= 1
 
     async def generate(self, job: EngineJob) -> list[GenerationResult]:
         """All rows of the job, once every row has finished. Cancelling aborts the job."""
@@ -134,21 +161,24 @@ class Engine:
 
     async def stream(self, job: EngineJob) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early
-        (a client that went away) takes the job's rows out of the batch at the next step."""
-        with self._admit():
-            ticket = _Ticket(job, asyncio.get_running_loop())
+        (a client that went away) takes the job out of the queue at once, or its rows out of
+        the batch at the next step."""
+        ticket = self._admit(job)
+        try:
+            while (item := await ticket.events.get()) is not _END:
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            ticket.abort.set()
             with self._wake:
-                self._waiting.append(ticket)
+                try:
+                    self._waiting.remove(ticket)
+                except ValueError:  # running (the worker drops it) or over
+                    pass
+                else:
+                    ticket.end()
                 self._wake.notify()
-            try:
-                while (item := await ticket.events.get()) is not _END:
-                    if isinstance(item, _Failed):
-                        raise item.error
-                    yield item
-            finally:
-                ticket.abort.set()
-                with self._wake:
-                    self._wake.notify()
 
     def close(self) -> None:
         with self._wake:
@@ -182,58 +212,129 @@ class Engine:
         return taken
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the worker is gone: answer everyone, say so on /health
+            self.stopped_because = f"{type(exc).__name__}: {exc}"
+            log.exception("the generation engine stopped")
+            with self._wake:
+                waiting, self._waiting = list(self._waiting), deque()
+            for ticket in [*self._active, *waiting]:
+                ticket.end(EngineStopped("the generation engine has stopped; the server needs a restart"))
+            self._active = []
+            return
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for ticket in [*self._active, *waiting]:
+            ticket.end(Overloaded("the server is shutting down"))
+
+    def _loop(self) -> None:
         running = self.generator.batch()
-        active: list[_Ticket] = []
         while True:
             with self._wake:
                 while not self._closed and not running and not self._waiting:
                     self._wake.wait()
                 if self._closed:
-                    break
+                    return
                 joining = self._take_waiting(running)
-            for ticket in [t for t in active if t.abort.is_set()]:
-                running.drop(ticket)
-                active.remove(ticket)
-                ticket.end()
             try:
+                for ticket in [t for t in self._active if t.abort.is_set()]:
+                    running.drop(ticket)
+                    self._active.remove(ticket)
+                    ticket.end()
                 if joining:
                     now = time.perf_counter()
                     for ticket in joining:
                         ticket.job.started = now
-                    active += joining
+                    self._active += joining
                     requests = [r for t in joining for r in t.job.requests]
                     owners = [t for t in joining for _ in t.job.requests]
                     self._observe(len(requests))
                     events = running.add(requests, owners)
                     self.running_rows = len(running)  # before the events: a listener may look
-                    self._dispatch(events, active)
+                    self._dispatch(events, running)
+                    joining = []
                 if running:
                     self._observe(len(running))
                     events = running.step()
                     self.running_rows = len(running)
-                    self._dispatch(events, active)
-            except Exception as exc:  # the batch is lost, the server is not
-                log.exception("generation step failed; failing its %d requests", len(active))
-                for ticket in active:
-                    ticket.end(exc)
-                active = []
-                running = self.generator.batch()
+                    self._dispatch(events, running)
+            except Exception:
+                self.step_failures += 1
+                log.exception("a generation step failed; retrying its %d job(s) one by one",
+                              len(self._active))
+                running = self._recover(running, joining)
             self.running_rows = len(running)
-        for ticket in [*active, *self._waiting]:
-            ticket.end(Overloaded("the server is shutting down"))
+
+    def _recover(self, broken: RunningBatch | StaticBatch, joining: list[_Ticket]
+                 ) -> RunningBatch | StaticBatch:
+        """After a failed step, whose batch may be half-written: each job runs alone for a
+        prefill and a step, from its rows' host state, and a job that fails alone is answered
+        with an error; the others go on together in a new batch."""
+        jobs = []
+        for ticket in self._active:
+            if ticket.abort.is_set():
+                ticket.end()
+            elif ticket in joining:
+                jobs.append((ticket, None))  # not in the batch yet: starts from its requests
+            else:
+                jobs.append((ticket, broken.rows_of(ticket)))
+        self._active = [ticket for ticket, _ in jobs]
+        survivors = []
+        for ticket, rows in jobs:
+            trial = self.generator.batch()  # raises only when the engine cannot go on
+            try:
+                if rows is None:
+                    events = trial.add(ticket.job.requests, [ticket] * len(ticket.job.requests))
+                else:
+                    events = trial.resume(rows)
+                self._dispatch(events, trial)
+                if ticket in self._active and trial:
+                    self._dispatch(trial.step(), trial)
+            except Exception:
+                log.exception("a job failed on its own; answering it with an error")
+                self._fail(ticket, trial)
+                continue
+            if ticket in self._active:
+                survivors.append((ticket, trial.rows_of(ticket)))
+        running = self.generator.batch()
+        for ticket, rows in survivors:
+            try:
+                self._dispatch(running.resume(rows), running)
+            except Exception:
+                log.exception("a job failed when its batch was rebuilt; answering it with an error")
+                self._fail(ticket, running)
+        return running
+
+    def _fail(self, ticket: _Ticket, running: RunningBatch | StaticBatch,
+              error: BaseException | None = None) -> None:
+        """Answer one job with an error and take its rows out of `running`."""
+        self.failed_jobs += 1
+        try:
+            running.drop(ticket)
+        finally:
+            if ticket in self._active:
+                self._active.remove(ticket)
+            ticket.end(error or GenerationFailed("generation failed for this request; the server "
+                                                 "and other requests are not affected"))
 
     def _observe(self, rows: int) -> None:
         if self.observe_batch is not None:
             self.observe_batch(rows)
 
-    def _dispatch(self, events: list[tuple[_Ticket, TokenEvent]], active: list[_Ticket]) -> None:
+    def _dispatch(self, events: list[tuple[_Ticket, TokenEvent]], running: RunningBatch | StaticBatch) -> None:
         now = time.perf_counter()
         for ticket, event in events:
+            if ticket not in self._active:  # failed by an earlier row's event of this step
+                continue
+            if event.error is not None:  # that row alone could not go on: the job fails
+                self._fail(ticket, running, GenerationFailed(event.error))
+                continue
             if ticket.job.first_token is None:
                 ticket.job.first_token = now
             ticket.emit(event)
             if event.finished:
                 ticket.rows_left -= 1
                 if ticket.rows_left == 0:
-                    active.remove(ticket)
+                    self._active.remove(ticket)
                     ticket.end()

@@ -41,18 +41,26 @@ class ModelNotFound(NotFoundError):
     field = "model"
 
 
-class Unauthorized(FsrlError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-    headers = {"WWW-Authenticate": "Bearer"}
-
-
 class Overloaded(FsrlError):
     status_code = 503
     error_type = "overloaded_error"
     code = "overloaded"
     headers = {"Retry-After": "1"}
+
+
+class EngineStopped(Overloaded):
+    """The generation worker has died; nothing will be generated until a restart."""
+
+    code = "engine_stopped"
+    headers = {"Retry-After": "30"}
+
+
+class GenerationFailed(FsrlError):
+    """This request's generation failed; the message says why where that is safe to show."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "generation_failed"
 
 
 class BodySizeLimit:

@@ -37,6 +37,11 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# Label values are bounded: a client choosing them must not grow /metrics without end.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_ADAPTER_LABELS = 256  # distinct adapter ids counted by name; later ones count as "(other)"
+
+
 class Metrics:
     def __init__(self) -> None:
         self.requests: Counter[tuple[str, str, int]] = Counter()   # (method, route, status)
@@ -46,9 +51,16 @@ class Metrics:
         self.time_to_first_token = Histogram((0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
     def observe_request(self, method: str, route: str, status: int) -> None:
-        self.requests[(method, route, status)] += 1
+        self.requests[(method if method in METHODS else "OTHER", route, status)] += 1
 
-    def render(self, queue_depth: int, batch_rows: int) -> str:
+    def count_adapter_request(self, adapter_id: str | None) -> None:
+        label = adapter_id or ""
+        if label not in self.adapter_requests and len(self.adapter_requests) >= MAX_ADAPTER_LABELS:
+            label = "(other)"
+        self.adapter_requests[label] += 1
+
+    def render(self, queue_depth: int, batch_rows: int, step_failures: int = 0, failed_jobs: int = 0,
+               engine_alive: bool = True) -> str:
         out = ["# HELP fsrl_requests_total HTTP requests by route and status.",
                "# TYPE fsrl_requests_total counter"]
         out += [f'fsrl_requests_total{{method="{m}",route="{_label(r)}",status="{s}"}} {n}'
@@ -69,7 +81,13 @@ class Metrics:
         out += ["# HELP fsrl_queue_depth Requests admitted and not yet answered.",
                 "# TYPE fsrl_queue_depth gauge", f"fsrl_queue_depth {queue_depth}",
                 "# HELP fsrl_batch_rows Rows in the engine's running batch now.",
-                "# TYPE fsrl_batch_rows gauge", f"fsrl_batch_rows {batch_rows}"]
+                "# TYPE fsrl_batch_rows gauge", f"fsrl_batch_rows {batch_rows}",
+                "# HELP fsrl_step_failures_total Generation steps that raised (each retried job by job).",
+                "# TYPE fsrl_step_failures_total counter", f"fsrl_step_failures_total {step_failures}",
+                "# HELP fsrl_failed_requests_total Requests the engine answered with an error.",
+                "# TYPE fsrl_failed_requests_total counter", f"fsrl_failed_requests_total {failed_jobs}",
+                "# HELP fsrl_engine_up 1 while the generation worker runs.",
+                "# TYPE fsrl_engine_up gauge", f"fsrl_engine_up {int(engine_alive)}"]
         return "\n".join(out) + "\n"
 
 

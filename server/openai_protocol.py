@@ -1,19 +1,31 @@
 """The OpenAI-compatible edge: request models that convert into `GenerateParams`, and the
 renderers of OpenAI's response and chunk shapes. `model` names the base model or an adapter;
 steering extras ride in `steering` (what the `openai` client sends with `extra_body`).
-Unknown OpenAI parameters are ignored, as vLLM does; those that would change the answer in a
-way we cannot honour (n > 1) are refused."""
+
+Every OpenAI parameter either works as OpenAI documents it or is refused with 422 naming it:
+`n`, `logprobs`/`top_logprobs` (chat), `logprobs`/`echo` (completions) and
+`stream_options.include_usage` are implemented; penalties and `logit_bias` are taken only at
+their neutral values; `user` is accepted and not used; anything else (tools,
+response_format, ...) is refused rather than silently ignored."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fsrl.generation import GenerationResult
-from server.schemas import Features, Scale, Stop, check_unique_indices
+from fsrl.generation import GenerationResult, LogProbs, TokenEvent
+from server.errors import InvalidField
+from server.schemas import (MAX_MESSAGES, Features, Scale, Seed, Stop, Temperature, Text, TopK, TopP,
+                            check_template_extras, check_unique_indices)
 from server.serving import GenerateParams, GenerationOutcome, PreparedGeneration
+
+MAX_N = 8            # choices per request (rows of one batch)
+MAX_PROMPTS = 16     # prompts in one /v1/completions request
+MAX_LOGPROBS = 20    # top log-probabilities per token, as OpenAI allows
+TokenText = Callable[[int], str]
 
 
 class Steering(BaseModel):
@@ -30,15 +42,19 @@ class Steering(BaseModel):
 
 
 class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # `name` and the like reach the chat template
 
-    role: str = Field(min_length=1)
-    content: str | list[ContentPart] | None = None
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text | list[ContentPart] | None = None
+
+    _extras = model_validator(mode="after")(check_template_extras)
 
     def to_template(self) -> dict[str, Any]:
         content = self.content
@@ -47,85 +63,215 @@ class ChatMessage(BaseModel):
         return {**self.model_dump(exclude={"content"}), "content": content or ""}
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
-    model: str
-    temperature: float = Field(1.0, ge=0.0, allow_inf_nan=False)  # OpenAI's default
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)                                     # vLLM's extra
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    include_usage: bool = False
+
+
+def _neutral(value: Any, neutral: Any, name: str) -> Any:
+    if value not in (None, neutral):
+        raise ValueError(f"this server supports only {name}={neutral!r}")
+    return value
+
+
+class _Common(BaseModel):
+    # Unknown keys are kept so that `unsupported` can name them in a 422.
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(max_length=256)
+    temperature: Temperature = 1.0                               # OpenAI's default
+    top_p: TopP = 1.0
+    top_k: TopK = 0                                              # vLLM's extra
+    seed: Seed | None = None
     stop: Stop = []
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     steering: Steering | None = None
+    user: str | None = Field(None, max_length=256)               # accepted, not used
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
-    def _params(self, adapter: str | None, max_tokens: int | None, **prompt: Any) -> GenerateParams:
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, value, info):
+        return _neutral(value, 0.0, info.field_name)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value):
+        if value:
+            raise ValueError("this server does not support logit_bias")
+        return value
+
+    def unsupported(self) -> None:
+        """422 for the first OpenAI parameter this server does not implement."""
+        for name in self.model_extra or {}:
+            raise InvalidField(name, "this server does not support this parameter")
+
+    def _params(self, adapter: str | None, max_tokens: int | None, logprobs: int | None = None,
+                echo: bool = False, **prompt: Any) -> GenerateParams:
+        self.unsupported()
         s = self.steering or Steering()
         return GenerateParams(
             **prompt, adapter=adapter, steering_scale=s.scale,
             features=tuple(f.to_internal() for f in s.features), steer_positions=s.steer_positions,
             max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-            top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos)
+            top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+            n=self.n, logprobs=logprobs, echo=echo)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatCompletionBody(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionBody":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def to_params(self, adapter: str | None) -> GenerateParams:
         return self._params(adapter, self.max_completion_tokens or self.max_tokens,
+                            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
                             messages=tuple(m.to_template() for m in self.messages))
 
 
-class CompletionBody(_Common):
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)]
+PromptIn = (Annotated[Text, Field(min_length=1)]
+            | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
+            | TokenIds
+            | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
 
-    @field_validator("prompt")
+
+class CompletionBody(_Common):
+    prompt: PromptIn
+    max_tokens: int | None = Field(16, ge=1)                     # OpenAI's default
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)    # top k; 0: the chosen token's only
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("suffix")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValueError("exactly one prompt is supported")
-            prompt = prompt[0]
-        if not prompt:
-            raise ValueError("must not be empty")
-        return prompt
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("this server does not support suffix")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value, info):
+        return _neutral(value, 1, info.field_name)
+
+    @model_validator(mode="after")
+    def _echo_not_streamed(self) -> "CompletionBody":
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream")
+        return self
+
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]:
+        p = self.prompt
+        if isinstance(p, str):
+            return (p,)
+        if all(isinstance(x, int) for x in p):
+            return (tuple(p),)
+        return tuple(x if isinstance(x, str) else tuple(x) for x in p)
 
     def to_params(self, adapter: str | None) -> GenerateParams:
-        return self._params(adapter, self.max_tokens, prompt=self.prompt)
+        return self._params(adapter, self.max_tokens, logprobs=self.logprobs, echo=self.echo,
+                            prompts=self.prompts())
 
+
+# --- responses -------------------------------------------------------------------------------
 
 def _usage(outcome: GenerationOutcome) -> dict[str, int]:
-    p, c = outcome.prepared.prompt_tokens, outcome.steered.completion_tokens
+    p, c = outcome.prepared.prompt_tokens, outcome.completion_tokens
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _choice(result: GenerationResult, chat: bool) -> dict[str, Any]:
-    body = ({"message": {"role": "assistant", "content": result.text}} if chat
-            else {"text": result.text})
-    return {"index": 0, **body, "finish_reason": result.finish_reason, "logprobs": None}
+def _chat_logprobs(items: Sequence[tuple[int, LogProbs]], text: TokenText) -> dict[str, Any]:
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        s = text(token)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8", "replace"))}
+    return {"content": [{**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in top]}
+                        for token, (lp, top) in items]}
 
 
-def render_completion(outcome: GenerationOutcome, model: str, chat: bool) -> dict[str, Any]:
-    return {"id": outcome.prepared.id, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model,
-            "choices": [_choice(outcome.steered, chat)], "usage": _usage(outcome),
-            "seed": outcome.prepared.seed}
+def _completion_logprobs(tokens: Sequence[int], logprobs: Sequence[LogProbs | None], text: TokenText,
+                         offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy shape; a None entry (the echoed prompt's first token) has no
+    log-probability."""
+    strings = [text(t) for t in tokens]
+    offsets = []
+    for s in strings:
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": strings,
+            "token_logprobs": [lp[0] if lp else None for lp in logprobs],
+            "top_logprobs": [{text(t): v for t, v in lp[1]} if lp else None for lp in logprobs],
+            "text_offset": offsets}
 
 
-def render_chunk(prepared: PreparedGeneration, model: str, chat: bool, text: str | None,
-                 finish_reason: str | None = None, role: bool = False) -> dict[str, Any]:
+def _choice(index: int, result: GenerationResult, chat: bool, text: TokenText,
+            prompt: tuple[str, list[int]] | None) -> dict[str, Any]:
+    """`prompt`: the echoed prompt's text and tokens (completions with echo)."""
+    logprobs = None
+    if chat:
+        body: dict[str, Any] = {"message": {"role": "assistant", "content": result.text}}
+        if result.logprobs is not None:
+            logprobs = _chat_logprobs(list(zip(result.token_ids, result.logprobs)), text)
+    else:
+        body = {"text": (prompt[0] if prompt else "") + result.text}
+        if result.logprobs is not None:
+            tokens, scores = list(result.token_ids), list(result.logprobs)
+            if prompt:
+                tokens = prompt[1] + tokens
+                scores = [None, *(result.prompt_logprobs or []), *scores]
+            logprobs = _completion_logprobs(tokens, scores, text)
+    return {"index": index, **body, "finish_reason": result.finish_reason, "logprobs": logprobs}
+
+
+def render_completion(outcome: GenerationOutcome, model: str, chat: bool, text: TokenText) -> dict[str, Any]:
+    p = outcome.prepared
+    echo = list(zip(p.echo_texts, p.prompt_ids)) if p.echo else None
+    choices = [_choice(i, result, chat, text, echo[i // p.n] if echo else None)
+               for i, result in enumerate(outcome.results)]
+    return {"id": p.id, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices,
+            "usage": _usage(outcome), "seed": p.seed}
+
+
+def render_chunk(prepared: PreparedGeneration, model: str, chat: bool, index: int, text: str | None,
+                 finish_reason: str | None = None, role: bool = False,
+                 event: TokenEvent | None = None, token_text: TokenText | None = None) -> dict[str, Any]:
+    logprobs = None
+    if event is not None and event.logprobs is not None and token_text is not None:
+        logprobs = (_chat_logprobs([(event.token_id, event.logprobs)], token_text) if chat
+                    else _completion_logprobs([event.token_id], [event.logprobs], token_text))
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": index, "delta": delta}
     else:
-        choice = {"index": 0, "text": text or ""}
-    choice.update(finish_reason=finish_reason, logprobs=None)
+        choice = {"index": index, "text": text or ""}
+    choice.update(finish_reason=finish_reason, logprobs=logprobs)
     return {"id": prepared.id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def render_usage_chunk(outcome: GenerationOutcome, model: str, chat: bool) -> dict[str, Any]:
+    """The last chunk with `stream_options.include_usage`: no choices, the usage."""
+    return {"id": outcome.prepared.id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [], "usage": _usage(outcome)}

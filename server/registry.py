@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import logging
 import re
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter
+from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter, read_adapter_config
 from fsrl.analysis import feature_push, top_features
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
@@ -33,6 +34,12 @@ from fsrl.sae import Sae
 log = logging.getLogger(__name__)
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _shown(path: str | Path) -> str:
+    """A client's path as messages show it: as given (never resolved), cut to 200 characters."""
+    text = str(path)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 @dataclass(frozen=True)
@@ -50,10 +57,12 @@ class LoadedAdapter:
 class AdapterRegistry:
     def __init__(self, root: Path, sae: Sae, layer: int, base_fingerprint: str,
                  device: torch.device, dtype: torch.dtype, max_on_device: int = 0,
-                 reference: torch.Tensor | None = None, pack_for_cpu: bool = False):
+                 reference: torch.Tensor | None = None, pack_for_cpu: bool = False,
+                 max_adapters: int = 64):
         self.root = Path(root).expanduser().resolve()
         self.sae, self.layer, self.base_fingerprint = sae, layer, base_fingerprint
         self.device, self.dtype = device, dtype
+        self.max_adapters = max_adapters  # loaded at once; a load beyond it is refused (409)
         self.max_on_device = max_on_device
         self.load_device = torch.device("cpu") if max_on_device else device
         self.reference = reference  # hook-layer activations that feature rankings are measured on
@@ -62,7 +71,9 @@ class AdapterRegistry:
         self._adapters: dict[str, LoadedAdapter] = {}
         self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
         self._pushes: dict[str, tuple[LoadedAdapter, torch.Tensor, torch.Tensor]] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # One lock per id while a load or unload of it runs; removed when no one holds it, so
+        # the table never outgrows the ids being worked on.
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     def __len__(self) -> int:
         return len(self._adapters)
@@ -110,28 +121,35 @@ class AdapterRegistry:
         try:
             folder = (self.root / Path(path).expanduser()).resolve()
         except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops, bad ~user
-            raise ForbiddenError(f"path {str(path)!r} cannot be resolved: {exc}") from exc
+            raise ForbiddenError(f"path {_shown(path)!r} cannot be resolved ({type(exc).__name__})") from exc
         if not folder.is_relative_to(self.root):
-            raise ForbiddenError(f"path {str(path)!r} resolves outside the adapters directory "
-                                 f"{self.root}")
+            raise ForbiddenError(f"path {_shown(path)!r} resolves outside the adapters directory")
         return folder
 
-    def _load(self, adapter_id: str, folder: Path) -> LoadedAdapter:
+    def _load(self, adapter_id: str, folder: Path, where: str) -> LoadedAdapter:
+        """Read and check one folder; every file must really lie under the adapters directory.
+        Any failure is a CorruptFileError (400) naming the folder as the client named it."""
         try:
+            config = read_adapter_config(folder, where, self.root)
+            metadata = config.to_json()  # as on disk, before the id is the registry's
             adapter = load_adapter(folder, sae=self.sae, layer=self.layer,
                                    base_model_fingerprint=self.base_fingerprint,
-                                   adapter_id=adapter_id, device=self.load_device, dtype=self.dtype)
-            metadata = json.loads((folder / META_FILE).read_text())
+                                   adapter_id=adapter_id, device=self.load_device, dtype=self.dtype,
+                                   where=where, root=self.root, config=config)
             if self.pack_for_cpu:
                 adapter.pack_for_cpu()
+        except FsrlError:
+            raise
         except OSError as exc:  # a name too long, a permission, a folder gone mid-load
-            shown = str(folder) if len(str(folder)) <= 200 else str(folder)[:200] + "..."
-            raise CorruptFileError(f"cannot read the adapter in {shown}: {exc.strerror or exc}") from exc
+            raise CorruptFileError(f"cannot read the adapter in {where}: {exc.strerror or type(exc).__name__}") from exc
+        except Exception as exc:  # anything else the files provoke is still the files' fault
+            log.exception("adapter %s from %s", adapter_id, where)
+            raise CorruptFileError(f"cannot load the adapter in {where} ({type(exc).__name__})") from exc
         return LoadedAdapter(adapter, folder, metadata, time.time())
 
     def load_directory(self) -> None:
         """At start: every folder of the adapters directory holding an adapter.json, by
-        folder name. A broken one is logged and skipped."""
+        folder name, up to `max_adapters`. A broken one is skipped with one log line."""
         if not self.root.is_dir():
             log.warning("adapters directory %s does not exist; starting with no adapters", self.root)
             return
@@ -139,10 +157,14 @@ class AdapterRegistry:
         for folder in sorted(self.root.iterdir()):
             if not (folder / META_FILE).is_file():
                 continue
+            if len(loaded) >= self.max_adapters:
+                log.warning("skipping adapter %s: the registry holds at most %d adapters "
+                            "(--max-adapters)", folder.name, self.max_adapters)
+                continue
             try:
                 if not ADAPTER_ID.match(folder.name):
                     raise FsrlError(f"{folder.name!r} is not a valid adapter id")
-                entry = self._load(folder.name, self.resolve(folder.name))
+                entry = self._load(folder.name, self.resolve(folder.name), folder.name)
             except FsrlError as exc:
                 log.warning("skipping adapter %s: %s", folder.name, exc)
                 continue
@@ -150,14 +172,31 @@ class AdapterRegistry:
             log.info("adapter %s loaded (%d parameters)", entry.id, entry.adapter.parameter_count())
         self._adapters = loaded
 
+    @asynccontextmanager
+    async def _locked(self, adapter_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(adapter_id, (asyncio.Lock(), 0))
+        self._locks[adapter_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[adapter_id]
+            if users == 1:
+                del self._locks[adapter_id]
+            else:
+                self._locks[adapter_id] = (lock, users - 1)
+
     async def load(self, adapter_id: str, path: str, replace: bool = False) -> LoadedAdapter:
         folder = self.resolve(path)
-        async with self._locks[adapter_id]:
-            if adapter_id in self._adapters and not replace:
+        async with self._locked(adapter_id):
+            existed = adapter_id in self._adapters
+            if existed and not replace:
                 raise ConflictError(f"adapter {adapter_id!r} is already loaded; "
                                     "send replace: true to swap it")
-            existed = adapter_id in self._adapters
-            entry = await asyncio.to_thread(self._load, adapter_id, folder)
+            if not existed and len(self._adapters) >= self.max_adapters:
+                raise ConflictError(f"the server holds its limit of {self.max_adapters} adapters; "
+                                    "unload one first")
+            entry = await asyncio.to_thread(self._load, adapter_id, folder, _shown(path))
             self._adapters = {**self._adapters, adapter_id: entry}
             self._on_device.pop(adapter_id, None)
             self._pushes.pop(adapter_id, None)  # else it pins the replaced weights until asked
@@ -165,7 +204,8 @@ class AdapterRegistry:
         return entry
 
     async def unload(self, adapter_id: str) -> None:
-        async with self._locks[adapter_id]:
+        self.entry(adapter_id)  # 404 for an unknown id before anything is kept for it
+        async with self._locked(adapter_id):
             self.entry(adapter_id)
             self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
             self._on_device.pop(adapter_id, None)

@@ -9,34 +9,62 @@ checked in `serving.prepare`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
+                      model_validator)
 
-from fsrl.generation import GenerationResult, TokenEvent
-from fsrl.steering import MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride
+from fsrl.generation import MIN_TEMPERATURE, GenerationResult, TokenEvent
+from fsrl.steering import (MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES,
+                           MAX_STEERING_SCALE, OPS, FeatureOverride)
 from server.registry import ADAPTER_ID
 from server.serving import ROWS, GenerateParams, GenerationOutcome, PreparedGeneration
 
 Label = Callable[[int], str | None]
 OPS_NEEDING_VALUE = ("set", "add", "scale")
-StopString = Annotated[str, Field(min_length=1)]
+
+# The request bounds, in one place; docs/api.md lists them and the OpenAPI schema shows them.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 64
+MAX_MESSAGES = 1024
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 1_000_000
+MAX_INDEX = 2**31 - 1
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800); no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds a lone surrogate at character {exc.start} (not valid Unicode)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else ([] if value is None else value)
 
 
-Stop = Annotated[list[StopString], BeforeValidator(_as_list), Field(max_length=16)]
+Stop = Annotated[list[StopString], BeforeValidator(_as_list), Field(max_length=MAX_STOP_STRINGS)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                                     description=f"0, or below {MIN_TEMPERATURE:g}: greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class FeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    index: int = Field(ge=0)  # the upper bound, d_sae, is the served SAE's
+    index: int = Field(ge=0, le=MAX_INDEX)  # the upper bound, d_sae, is the served SAE's
     op: Literal[OPS]
-    value: float | None = Field(None, allow_inf_nan=False)
+    value: float | None = Field(None, ge=-MAX_FEATURE_VALUE, le=MAX_FEATURE_VALUE, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _value_when_needed(self) -> "FeatureIn":
@@ -49,7 +77,7 @@ class FeatureIn(BaseModel):
 
 
 Features = Annotated[list[FeatureIn], Field(max_length=MAX_FEATURE_OVERRIDES)]
-Scale = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+Scale = Annotated[float, Field(ge=-MAX_STEERING_SCALE, le=MAX_STEERING_SCALE, allow_inf_nan=False)]
 
 
 def check_unique_indices(features: list[FeatureIn]) -> list[FeatureIn]:
@@ -61,27 +89,39 @@ def check_unique_indices(features: list[FeatureIn]) -> list[FeatureIn]:
     return features
 
 
+def check_template_extras(message: BaseModel) -> BaseModel:
+    """Keys beyond role and content reach the chat template (a `name`, say): text only."""
+    for key, value in (message.model_extra or {}).items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key}: must be a string or null")
+        if isinstance(value, str):
+            _valid_unicode(value)
+    return message
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")  # chat templates may read more keys (name, ...)
 
-    role: str = Field(min_length=1)
-    content: str
+    role: Text = Field(min_length=1, max_length=64)
+    content: Text
+
+    _extras = model_validator(mode="after")(check_template_extras)
 
 
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str | None = Field(None, min_length=1)
-    messages: list[Message] | None = Field(None, min_length=1)
-    adapter: str | None = None
+    prompt: Text | None = Field(None, min_length=1)
+    messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    adapter: str | None = Field(None, max_length=128)
     steering_scale: Scale = 1.0
     features: Features = []
     steer_positions: Literal["all", "generated"] = "all"
-    max_new_tokens: int = Field(64, ge=1)  # the upper bound is the server's cap
-    temperature: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_INDEX)  # the real bound is the server's cap
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    top_k: TopK = 0
+    seed: Seed | None = None
     stop: Stop = []
     ignore_eos: bool = False
     compare: bool = False
@@ -122,7 +162,8 @@ class AdapterLoadBody(BaseModel):
 # --- responses -------------------------------------------------------------------------------
 
 def render_features(features: list[tuple[int, float]], label: Label) -> list[dict[str, Any]]:
-    return [{"index": i, "label": label(i), "delta": d} for i, d in features]
+    """`delta` is null where it is not a finite number (JSON has no Infinity)."""
+    return [{"index": i, "label": label(i), "delta": d if math.isfinite(d) else None} for i, d in features]
 
 
 def render_output(result: GenerationResult, label: Label, with_features: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ and seed, in the same engine job. `run` and `stream` hand the job to the engine 
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 import uuid
@@ -25,13 +26,17 @@ from server.engine import EngineJob, job_results
 from server.errors import InvalidField
 from server.state import ServerState
 
-ROWS = ("steered", "base")  # row 0 of a job is the steered output, row 1 (compare) the base
+ROWS = ("steered", "base")  # /generate: row 0 of a job is the steered output, row 1 (compare) the base
+
+
+Prompt = str | tuple[int, ...]  # text, or token ids as they are
 
 
 @dataclass(frozen=True)
 class GenerateParams:
     prompt: str | None = None
     messages: tuple[dict[str, Any], ...] | None = None
+    prompts: tuple[Prompt, ...] = ()      # /v1/completions: several prompts, text or token ids
     adapter: str | None = None
     steering_scale: float = 1.0
     features: tuple[FeatureOverride, ...] = ()
@@ -45,6 +50,9 @@ class GenerateParams:
     ignore_eos: bool = False
     compare: bool = False
     return_features: int = 0
+    n: int = 1                            # rows per prompt; row j samples with seed + j
+    logprobs: int | None = None           # per generated token: its log-probability and top k
+    echo: bool = False                    # prompt tokens too (their log-probabilities with logprobs)
 
 
 @dataclass
@@ -56,56 +64,120 @@ class PreparedGeneration:
     job: EngineJob
     return_features: int
     received: float = field(default_factory=time.perf_counter)
+    prompt_ids: list[list[int]] = field(default_factory=list)  # each prompt's tokens
+    n: int = 1
+    compare: bool = False  # the last row is the base row
+    echo: bool = False     # the prompt comes back with the completion
+    echo_texts: list[str] = field(default_factory=list)  # with echo: each prompt as text
 
 
 @dataclass
 class GenerationOutcome:
     prepared: PreparedGeneration
-    steered: GenerationResult
-    base: GenerationResult | None
+    results: list[GenerationResult]  # every row: prompt by prompt, n each, then a compare's base
     queue_ms: float
     total_ms: float
 
     @property
+    def steered(self) -> GenerationResult:
+        return self.results[0]
+
+    @property
+    def base(self) -> GenerationResult | None:
+        """The compare row (/generate with compare: true), the last."""
+        return self.results[-1] if self.prepared.compare else None
+
+    @property
     def completion_tokens(self) -> int:
         """Every token generated for the request, base row included (it cost as much)."""
-        return self.steered.completion_tokens + (self.base.completion_tokens if self.base else 0)
+        return sum(r.completion_tokens for r in self.results)
 
 
-def encode_prompt(tokenizer, params: GenerateParams) -> list[int]:
-    if params.messages is not None:
-        try:
-            text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
-                                                 tokenize=False)
-        except Exception as exc:  # no template, or the template rejects the conversation
-            raise InvalidField("messages", f"cannot apply the model's chat template: {exc}") from exc
-        # The template already wrote any special tokens it wants.
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        field_name = "messages"
-    else:
-        ids = tokenizer(params.prompt)["input_ids"]
-        field_name = "prompt"
+def _tokenize(tokenizer, text: str, field_name: str, special_tokens: bool = True) -> list[int]:
+    try:
+        ids = tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
+    except Exception as exc:  # text the tokenizer cannot take: this request's fault alone
+        raise InvalidField(field_name, f"cannot be tokenised ({type(exc).__name__})") from None
     if not ids:
         raise InvalidField(field_name, "encodes to no tokens")
     return list(ids)
 
 
-def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") -> PreparedGeneration:
-    received = time.perf_counter()
+def encode_prompts(tokenizer, params: GenerateParams, vocab_size: int) -> tuple[list[list[int]], str]:
+    """Every prompt's token ids, and the field they came from (for errors)."""
+    if params.messages is not None:
+        try:
+            text = tokenizer.apply_chat_template(list(params.messages), add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:  # no template, or the template rejects the conversation
+            raise InvalidField("messages", f"cannot apply the model's chat template: "
+                                           f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        # The template already wrote any special tokens it wants.
+        return [_tokenize(tokenizer, text, "messages", special_tokens=False)], "messages"
+    if params.prompt is not None:
+        return [_tokenize(tokenizer, params.prompt, "prompt")], "prompt"
+    prompts = []
+    for prompt in params.prompts:
+        if isinstance(prompt, str):
+            prompts.append(_tokenize(tokenizer, prompt, "prompt"))
+            continue
+        if not prompt or not all(0 <= t < vocab_size for t in prompt):
+            raise InvalidField("prompt", f"token ids must be non-empty and in [0, {vocab_size})")
+        prompts.append(list(prompt))  # as given: echo returns exactly these tokens
+    return prompts, "prompt"
+
+
+def _prompt_chars(params: GenerateParams) -> tuple[int, str]:
+    if params.messages is not None:
+        return sum(len(str(v)) for m in params.messages for v in m.values()), "messages"
+    texts = [params.prompt] if params.prompt is not None else [p for p in params.prompts if isinstance(p, str)]
+    return max((len(t) for t in texts), default=0), "prompt"
+
+
+def check(state: ServerState, params: GenerateParams) -> None:
+    """What can be refused at once, on the event loop, without tokenising: capacity, the
+    feature overrides, the adapter's name, a text too long to fit in the prompt limit
+    whatever its tokens, and the rows a request may hold."""
     state.engine.check_capacity()
-    adapter = state.registry.get(params.adapter) if params.adapter is not None else None
+    if params.adapter is not None:
+        state.registry.entry(params.adapter)  # 404 now; the copy onto the device comes later
     try:
         validate_overrides(params.features, state.sae.d_sae)
     except FsrlError as exc:
         raise InvalidField("features", str(exc).removeprefix("features: ")) from exc
-    prompt_ids = encode_prompt(state.base.tokenizer, params)
-    if len(prompt_ids) > state.settings.max_prompt_tokens:
-        raise InvalidField("messages" if params.messages is not None else "prompt",
-                           f"{len(prompt_ids)} tokens; this server takes at most "
-                           f"{state.settings.max_prompt_tokens}")
+    chars, field_name = _prompt_chars(params)
+    limit = state.settings.max_prompt_tokens * state.max_chars_per_token
+    if chars > limit:
+        raise InvalidField(field_name, f"{chars} characters cannot fit in this server's "
+                                       f"{state.settings.max_prompt_tokens} prompt tokens")
+    rows = max(len(params.prompts), 1) * params.n + params.compare
+    if rows > state.settings.max_batch_rows:
+        raise InvalidField("n" if params.n > 1 else "prompt",
+                           f"the request asks for {rows} rows; this server takes at most "
+                           f"{state.settings.max_batch_rows} per request")
+
+
+async def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") -> PreparedGeneration:
+    """Check, then tokenise and build the rows on the server's preparation thread, so a long
+    prompt or an adapter's copy onto the device never holds up the event loop."""
+    received = time.perf_counter()
+    check(state, params)
+    prepared = await asyncio.get_running_loop().run_in_executor(
+        state.prepare_thread, _build, state, params, id_prefix)
+    prepared.received = received
+    return prepared
+
+
+def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> PreparedGeneration:
+    adapter = state.registry.get(params.adapter) if params.adapter is not None else None
+    prompts, field_name = encode_prompts(state.base.tokenizer, params, state.vocab_size)
+    longest = max(len(p) for p in prompts)
+    if longest > state.settings.max_prompt_tokens:
+        raise InvalidField(field_name, f"{longest} tokens; this server takes at most "
+                                       f"{state.settings.max_prompt_tokens}")
 
     cap = state.settings.max_new_tokens_cap
-    room = (state.max_positions or len(prompt_ids) + cap) - len(prompt_ids)
+    room = (state.max_positions or longest + cap) - longest
     if params.max_new_tokens is None:
         max_new = min(cap, room)
     else:
@@ -114,24 +186,31 @@ def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") 
             raise InvalidField("max_new_tokens", f"must be at most {cap} (the server's cap), "
                                                  f"got {max_new}")
     if max_new > room or max_new < 1:
-        raise InvalidField("max_new_tokens", f"the prompt has {len(prompt_ids)} tokens and a "
+        raise InvalidField("max_new_tokens", f"the prompt has {longest} tokens and a "
                            f"request may hold {state.max_positions} in all: at most {max(room, 0)} "
                            f"new tokens fit, {max_new} asked")
 
     seed = params.seed if params.seed is not None else secrets.randbits(31)
-    sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,
-                              top_p=params.top_p, top_k=params.top_k, seed=seed,
-                              stop=params.stop, ignore_eos=params.ignore_eos)
-    steering = RowSteering(adapter=adapter, scale=params.steering_scale,
-                           overrides=params.features,
-                           steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0)
-    requests = [GenerationRequest(prompt_ids, steering, sampling, params.return_features)]
-    if params.compare:
-        requests.append(GenerationRequest(prompt_ids, RowSteering(), sampling, 0))
-    state.metrics.adapter_requests[params.adapter or ""] += 1
+    requests = []
+    for prompt_ids in prompts:
+        steering = RowSteering(adapter=adapter, scale=params.steering_scale, overrides=params.features,
+                               steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0)
+        for j in range(params.n):
+            sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,
+                                      top_p=params.top_p, top_k=params.top_k, seed=(seed + j) % 2**63,
+                                      stop=params.stop, ignore_eos=params.ignore_eos)
+            requests.append(GenerationRequest(
+                prompt_ids, steering, sampling, params.return_features, logprobs=params.logprobs,
+                prompt_logprobs=params.logprobs if params.echo and params.logprobs is not None else None))
+        if params.compare:
+            requests.append(GenerationRequest(prompt_ids, RowSteering(), requests[-1].sampling, 0))
+    echo_texts = ([p if isinstance(p, str) else state.base.tokenizer.decode(list(p)) for p in params.prompts]
+                  if params.echo else [])
+    state.metrics.count_adapter_request(params.adapter)
     return PreparedGeneration(id=f"{id_prefix}-{uuid.uuid4().hex[:24]}", adapter_id=params.adapter,
-                              seed=seed, prompt_tokens=len(prompt_ids), job=EngineJob(requests),
-                              return_features=params.return_features, received=received)
+                              seed=seed, prompt_tokens=sum(len(p) for p in prompts), job=EngineJob(requests),
+                              return_features=params.return_features, prompt_ids=prompts, n=params.n,
+                              compare=params.compare, echo=params.echo, echo_texts=echo_texts)
 
 
 def _outcome(state: ServerState, prepared: PreparedGeneration,
@@ -140,10 +219,10 @@ def _outcome(state: ServerState, prepared: PreparedGeneration,
     metrics = state.metrics
     if job.first_token is not None:
         metrics.time_to_first_token.observe(job.first_token - prepared.received)
-    for name, result in zip(ROWS, results):
-        metrics.generated_tokens[name] += result.completion_tokens
-    return GenerationOutcome(prepared=prepared, steered=results[0],
-                             base=results[1] if len(results) > 1 else None,
+    for i, result in enumerate(results):
+        row = "base" if prepared.compare and i == len(results) - 1 else "steered"
+        metrics.generated_tokens[row] += result.completion_tokens
+    return GenerationOutcome(prepared=prepared, results=list(results),
                              queue_ms=job.queue_s * 1000.0,
                              total_ms=(time.perf_counter() - prepared.received) * 1000.0)
 

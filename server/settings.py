@@ -31,8 +31,11 @@ class Settings(BaseSettings):
     pack_cpu_weights: bool = True            # CPU float32: weights packed once for oneDNN
     compile_decode: bool = False             # static-shape decode step, compiled (CUDA graphs on CUDA)
     static_cache_tokens: int | None = Field(None, ge=8)  # its cache length; None: prompt + new-token caps
+    max_adapters: int = Field(64, ge=1)      # adapters loaded at once; more loads get 409
+    stream_send_timeout_s: float = Field(60.0, gt=0)  # a stream's client that reads nothing this long is cut off
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
+    insecure_no_auth: bool = False           # serve a non-loopback address without an API key
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod

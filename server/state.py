@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -37,6 +39,29 @@ class ServerState:
     packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
+    # Tokenising and adapter copies run here, one at a time, off the event loop.
+    prepare_thread: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsrl-prepare"))
+
+    @cached_property
+    def token_strings(self) -> list[str]:
+        """Each token id's text, decoded alone (OpenAI's `logprobs` show these)."""
+        tok = self.base.tokenizer
+        return tok.batch_decode([[i] for i in range(len(tok))])
+
+    def token_text(self, token_id: int) -> str:
+        strings = self.token_strings
+        return strings[token_id] if 0 <= token_id < len(strings) else ""
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.token_strings)
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """The longest text one token stands for: a prompt longer than the prompt-token limit
+        times this cannot fit, and is refused without tokenising it."""
+        return max((len(s) for s in self.token_strings), default=1) or 1
 
     @property
     def compiled_decode(self) -> bool:
@@ -50,6 +75,7 @@ class ServerState:
 
     def close(self) -> None:
         self.engine.close()
+        self.prepare_thread.shutdown(wait=False, cancel_futures=True)
 
 
 def load_state(settings: Settings) -> ServerState:
@@ -62,7 +88,7 @@ def load_state(settings: Settings) -> ServerState:
         registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
                                    device=device, dtype=base.dtype,
                                    max_on_device=settings.max_adapters_on_device, reference=reference,
-                                   pack_for_cpu=packed)
+                                   pack_for_cpu=packed, max_adapters=settings.max_adapters)
         registry.load_directory()
     except BaseException:
         model_thread.close()
@@ -70,8 +96,10 @@ def load_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
                     max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
-    return ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
-                       engine=engine, packed_cpu_weights=packed, metrics=metrics)
+    state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
+                        engine=engine, packed_cpu_weights=packed, metrics=metrics)
+    state.max_chars_per_token  # measured once, at start, not on a request
+    return state
 
 
 def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor, bool]:

@@ -154,7 +154,7 @@ def test_finished_rows_leave_and_the_cache_sheds_their_padding(gen):
     running.add([request(gen, "hi", max_new_tokens=6)], owners=["short"])
     assert len(running) == 2 and running.attention_mask.shape[1] == len(ids(gen, "a much longer prompt than the rest"))
     running.step()  # the long row's second token: it finishes and leaves
-    assert running.owners == ["short"]
+    assert [row.owner for row in running.rows] == ["short"]
     # Only the short row's own tokens are left in the cache: its prompt and one generated token.
     assert running.attention_mask.shape[1] == len(ids(gen, "hi")) + 1
     assert bool(running.attention_mask.all())

@@ -68,7 +68,8 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
 def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
     r = client.get("/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": setup.model_dir.name, "sae": "random-topk-256",
+    assert r.json() == {"status": "ok", "worker": "running", "model": setup.model_dir.name,
+                        "sae": "random-topk-256",
                         "layer": 1, "device": "cpu", "packed_cpu_weights": True,
                         "compiled_decode": False, "adapters": 1}
 
@@ -179,9 +180,9 @@ def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, cl
                                     max_new_tokens=10, ignore_eos=True)
 
     async def replace_between_prepare_and_run():
-        started = serving.prepare(state, params)  # holds the adapter it was given
+        started = await serving.prepare(state, params)  # holds the adapter it was given
         await state.registry.load("tiny", "more/tiny-b", replace=True)
-        later = serving.prepare(state, params)
+        later = await serving.prepare(state, params)
         return [(await serving.run(state, p)).steered.text for p in (started, later)]
 
     try:

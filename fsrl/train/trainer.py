@@ -529,7 +529,10 @@ def _restore(folder: Path, adapter: FsrlAdapter, optimizer: torch.optim.Optimize
 
     if not (folder / STATE_FILE).exists():
         raise FsrlError(f"--resume: {folder} is not a checkpoint (no {STATE_FILE})")
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+    try:  # weights_only: tensors and plain data, never arbitrary objects (a checkpoint may be foreign)
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle refuses what weights_only does not allow; or a broken file
+        raise FsrlError(f"--resume: cannot read {folder / STATE_FILE} ({type(exc).__name__})") from None
     saved = state["config"]
     differ = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
     if differ:

@@ -3,7 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from server.deps import AdminKey, StateDep
+from server.deps import StateDep
 from server.schemas import AdapterLoadBody
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -19,13 +19,13 @@ async def get_adapter(adapter_id: str, state: StateDep) -> dict:
     return state.registry.describe(state.registry.entry(adapter_id))
 
 
-@router.post("", status_code=201, dependencies=[AdminKey])
+@router.post("", status_code=201)
 async def load_adapter(body: AdapterLoadBody, state: StateDep) -> dict:
     entry = await state.registry.load(body.id, body.path, replace=body.replace)
     return state.registry.describe(entry)
 
 
-@router.delete("/{adapter_id}", dependencies=[AdminKey])
+@router.delete("/{adapter_id}")
 async def unload_adapter(adapter_id: str, state: StateDep) -> dict:
     await state.registry.unload(adapter_id)
     return {"id": adapter_id, "status": "unloaded"}

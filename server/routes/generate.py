@@ -16,9 +16,9 @@ router = APIRouter(tags=["generate"])
 
 @router.post("/generate", responses=STREAM_RESPONSE)
 async def generate(body: GenerateBody, state: StateDep, request: Request):
-    prepared = serving.prepare(state, body.to_params())
+    prepared = await serving.prepare(state, body.to_params())
     if body.stream:
-        return sse_response(_events(state, prepared))
+        return sse_response(_events(state, prepared), state.settings.stream_send_timeout_s)
     outcome = await cancel_on_disconnect(request, serving.run(state, prepared))
     return render_generation(outcome, state.base.name, state.sae.label)
 

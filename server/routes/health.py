@@ -2,6 +2,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from server.deps import StateDep
+from server.errors import EngineStopped
 
 router = APIRouter(tags=["operations"])
 open_router = APIRouter(tags=["operations"])  # no API key: probes
@@ -9,7 +10,11 @@ open_router = APIRouter(tags=["operations"])  # no API key: probes
 
 @open_router.get("/health")
 async def health(state: StateDep) -> dict:
-    return {"status": "ok", "model": state.base.name, "sae": state.sae.info.name,
+    """200 while the server can generate; 503 once its generation worker has stopped."""
+    if not state.engine.alive:
+        raise EngineStopped("the generation engine has stopped; the server needs a restart "
+                            "(its log says why)")
+    return {"status": "ok", "worker": "running", "model": state.base.name, "sae": state.sae.info.name,
             "layer": state.layer, "device": str(state.base.device),
             "packed_cpu_weights": state.packed_cpu_weights,
             "compiled_decode": state.compiled_decode, "adapters": len(state.registry)}
@@ -17,5 +22,7 @@ async def health(state: StateDep) -> dict:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(state: StateDep) -> str:
-    return state.metrics.render(queue_depth=state.engine.pending,
-                                batch_rows=state.engine.running_rows)
+    engine = state.engine
+    return state.metrics.render(queue_depth=engine.pending, batch_rows=engine.running_rows,
+                                step_failures=engine.step_failures, failed_jobs=engine.failed_jobs,
+                                engine_alive=engine.alive)

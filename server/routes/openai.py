@@ -7,7 +7,7 @@ from server import serving
 from server.deps import StateDep
 from server.errors import STREAM_RESPONSE, ModelNotFound
 from server.openai_protocol import (ChatCompletionBody, CompletionBody, render_chunk,
-                                    render_completion)
+                                    render_completion, render_usage_chunk)
 from server.routes.cancel import cancel_on_disconnect
 from server.routes.sse import sse_response
 from server.state import ServerState
@@ -44,23 +44,28 @@ async def completions(body: CompletionBody, state: StateDep, request: Request):
 
 async def _complete(state: ServerState, request: Request, body: ChatCompletionBody | CompletionBody,
                     chat: bool):
-    prepared = serving.prepare(state, body.to_params(_adapter_for(state, body.model)),
-                               id_prefix="chatcmpl" if chat else "cmpl")
+    prepared = await serving.prepare(state, body.to_params(_adapter_for(state, body.model)),
+                                     id_prefix="chatcmpl" if chat else "cmpl")
     if body.stream:
-        return sse_response(_chunks(state, prepared, body.model, chat))
+        return sse_response(_chunks(state, prepared, body.model, chat, body.include_usage),
+                            state.settings.stream_send_timeout_s)
     outcome = await cancel_on_disconnect(request, serving.run(state, prepared))
-    return render_completion(outcome, body.model, chat)
+    return render_completion(outcome, body.model, chat, state.token_text)
 
 
 async def _chunks(state: ServerState, prepared: serving.PreparedGeneration, model: str,
-                  chat: bool) -> AsyncIterator[dict]:
+                  chat: bool, include_usage: bool) -> AsyncIterator[dict]:
     if chat:
-        yield render_chunk(prepared, model, chat, "", role=True)
+        for index in range(len(prepared.job.requests)):
+            yield render_chunk(prepared, model, chat, index, "", role=True)
     async with aclosing(serving.stream(state, prepared)) as items:
         async for item in items:
             if isinstance(item, serving.GenerationOutcome):
+                if include_usage:
+                    yield render_usage_chunk(item, model, chat)
                 continue
-            if item.text_delta:
-                yield render_chunk(prepared, model, chat, item.text_delta)
+            if item.text_delta or item.logprobs is not None:
+                yield render_chunk(prepared, model, chat, item.row, item.text_delta, event=item,
+                                   token_text=state.token_text)
             if item.finished:
-                yield render_chunk(prepared, model, chat, None if chat else "", item.finish_reason)
+                yield render_chunk(prepared, model, chat, item.row, None if chat else "", item.finish_reason)
