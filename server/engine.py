@@ -8,9 +8,10 @@ running row, each with its own adapter, scale, overrides, sampling, seed and sto
 A row leaves the batch the step it finishes; a job whose listener went away leaves at the
 next step.
 
-Its face: `stream(job)` is an async iterator of the job's token events (closing it early
-aborts the job), `generate(job)` collects them into results. When `max_pending` jobs are
-already admitted (waiting + running), the next is refused at once with `Overloaded` (503). A
+Its face: `submit(job)` queues a job and gives its ticket, or refuses it at once with
+`Overloaded` (503) when `max_pending` jobs are already admitted (waiting + running);
+`stream(ticket)` is an async iterator of the job's token events (closing it early aborts the
+job), `generate(ticket)` collects them into results. A
 job stops counting the moment its generation ends, not when its client has read it all, so
 slow readers hold no slot.
 """
@@ -68,10 +69,10 @@ class _Failed:
 _END = object()
 
 
-class _Ticket:
+class Ticket:
     """A job between the worker thread and the coroutine listening to it."""
 
-    def __init__(self, job: EngineJob, loop: asyncio.AbstractEventLoop, release: Callable[["_Ticket"], None]):
+    def __init__(self, job: EngineJob, loop: asyncio.AbstractEventLoop, release: Callable[["Ticket"], None]):
         self.job, self.loop = job, loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.abort = threading.Event()
@@ -115,8 +116,8 @@ class Engine:
         self.step_failures = 0  # steps that raised (each followed by a recovery)
         self.failed_jobs = 0    # jobs answered with an error by the engine
         self.stopped_because: str | None = None  # why the worker died, if it did
-        self._waiting: deque[_Ticket] = deque()
-        self._active: list[_Ticket] = []  # jobs with rows in the batch (worker thread only)
+        self._waiting: deque[Ticket] = deque()
+        self._active: list[Ticket] = []  # jobs with rows in the batch (worker thread only)
         self._wake = threading.Condition()
         self._closed = False
         self._thread = model_thread
@@ -136,34 +137,35 @@ class Engine:
         if self.pending >= self.max_pending:
             raise Overloaded(f"the queue is full ({self.pending} requests); retry shortly")
 
-    def _admit(self, job: EngineJob) -> _Ticket:
+    def submit(self, job: EngineJob) -> Ticket:
+        """Queue the job now (on the event loop), or refuse it with 503 while a response can
+        still say so; read its events with `stream` or `generate`."""
         with self._wake:
             self.check_capacity()
             self.pending += 1
-            ticket = _Ticket(job, asyncio.get_running_loop(), self._release)
+            ticket = Ticket(job, asyncio.get_running_loop(), self._release)
             self._waiting.append(ticket)
             self._wake.notify()
         return ticket
 
-    def _release(self, ticket: _Ticket) -> None:
+    def _release(self, ticket: Ticket) -> None:
         with self._wake:
             if not ticket.released:
                 ticket.released = True
                 self.pending -= 1
 
-    async def generate(self, job: EngineJob) -> list[GenerationResult]:
+    async def generate(self, ticket: Ticket) -> list[GenerationResult]:
         """All rows of the job, once every row has finished. Cancelling aborts the job."""
-        rows: list[list[TokenEvent]] = [[] for _ in job.requests]
-        async with aclosing(self.stream(job)) as events:
+        rows: list[list[TokenEvent]] = [[] for _ in ticket.job.requests]
+        async with aclosing(self.stream(ticket)) as events:
             async for event in events:
                 rows[event.row].append(event)
-        return job_results(job, rows)
+        return job_results(ticket.job, rows)
 
-    async def stream(self, job: EngineJob) -> AsyncIterator[TokenEvent]:
+    async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early
         (a client that went away) takes the job out of the queue at once, or its rows out of
         the batch at the next step."""
-        ticket = self._admit(job)
         try:
             while (item := await ticket.events.get()) is not _END:
                 if isinstance(item, _Failed):
@@ -193,9 +195,9 @@ class Engine:
 
     # The worker thread.
 
-    def _take_waiting(self, running: RunningBatch | StaticBatch) -> list[_Ticket]:
+    def _take_waiting(self, running: RunningBatch | StaticBatch) -> list[Ticket]:
         """Waiting jobs that fit in the batch now, oldest first (called holding `_wake`)."""
-        taken: list[_Ticket] = []
+        taken: list[Ticket] = []
         if not running.can_join:
             return taken
         rows = len(running)
@@ -266,7 +268,7 @@ class Engine:
                 running = self._recover(running, joining)
             self.running_rows = len(running)
 
-    def _recover(self, broken: RunningBatch | StaticBatch, joining: list[_Ticket]
+    def _recover(self, broken: RunningBatch | StaticBatch, joining: list[Ticket]
                  ) -> RunningBatch | StaticBatch:
         """After a failed step, whose batch may be half-written: each job runs alone for a
         prefill and a step, from its rows' host state, and a job that fails alone is answered
@@ -306,7 +308,7 @@ class Engine:
                 self._fail(ticket, running)
         return running
 
-    def _fail(self, ticket: _Ticket, running: RunningBatch | StaticBatch,
+    def _fail(self, ticket: Ticket, running: RunningBatch | StaticBatch,
               error: BaseException | None = None) -> None:
         """Answer one job with an error and take its rows out of `running`."""
         self.failed_jobs += 1
@@ -322,7 +324,7 @@ class Engine:
         if self.observe_batch is not None:
             self.observe_batch(rows)
 
-    def _dispatch(self, events: list[tuple[_Ticket, TokenEvent]], running: RunningBatch | StaticBatch) -> None:
+    def _dispatch(self, events: list[tuple[Ticket, TokenEvent]], running: RunningBatch | StaticBatch) -> None:
         now = time.perf_counter()
         for ticket, event in events:
             if ticket not in self._active:  # failed by an earlier row's event of this step

@@ -170,6 +170,9 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if status == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
+    if status == 400 and message == "There was an error parsing the body":  # FastAPI's words
+        return _respond(request, 400, "body: not valid JSON (not UTF-8, or nested too deep)",
+                        "invalid_request_error", "invalid_json", "body")
     return _respond(request, status, message,
                     _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
                     _CODES.get(status), headers=getattr(exc, "headers", None))

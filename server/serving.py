@@ -22,7 +22,7 @@ from typing import Any
 from fsrl.errors import FsrlError
 from fsrl.generation import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from fsrl.steering import FeatureOverride, RowSteering, validate_overrides
-from server.engine import EngineJob, job_results
+from server.engine import EngineJob, Ticket, job_results
 from server.errors import InvalidField
 from server.state import ServerState
 
@@ -69,6 +69,7 @@ class PreparedGeneration:
     compare: bool = False  # the last row is the base row
     echo: bool = False     # the prompt comes back with the completion
     echo_texts: list[str] = field(default_factory=list)  # with echo: each prompt as text
+    ticket: Ticket | None = None  # the engine's, once queued
 
 
 @dataclass
@@ -165,6 +166,8 @@ async def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "
     prepared = await asyncio.get_running_loop().run_in_executor(
         state.prepare_thread, _build, state, params, id_prefix)
     prepared.received = received
+    # Queued here, before any response starts: a full queue is a 503, never a stream's error.
+    prepared.ticket = state.engine.submit(prepared.job)
     return prepared
 
 
@@ -228,14 +231,14 @@ def _outcome(state: ServerState, prepared: PreparedGeneration,
 
 
 async def run(state: ServerState, prepared: PreparedGeneration) -> GenerationOutcome:
-    return _outcome(state, prepared, await state.engine.generate(prepared.job))
+    return _outcome(state, prepared, await state.engine.generate(prepared.ticket))
 
 
 async def stream(state: ServerState, prepared: PreparedGeneration
                  ) -> AsyncIterator[TokenEvent | GenerationOutcome]:
     """Every token event as it comes, then the whole outcome."""
     rows: list[list[TokenEvent]] = [[] for _ in prepared.job.requests]
-    async with aclosing(state.engine.stream(prepared.job)) as events:  # closing it aborts the job
+    async with aclosing(state.engine.stream(prepared.ticket)) as events:  # closing it aborts the job
         async for event in events:
             rows[event.row].append(event)
             yield event
