@@ -30,7 +30,8 @@ def write_tiny_setup(root: Path) -> TinySetup:
     """Tiny model + tokenizer, a labelled tiny SAE, and an adapters directory holding:
     `tiny` (good), `more/tiny-b` (good, other weights, nested so not loaded at start),
     `corrupt` (unreadable weights), `other-sae` (made for another SAE), `escape` (a symlink
-    to a folder outside), plus `no-meta` (no adapter.json, ignored)."""
+    to a folder outside), `bad-meta` (a string where adapter.json needs a boolean), `link-out`
+    (a weights file that links outside), plus `no-meta` (no adapter.json, ignored)."""
     model_dir, sae_dir, adapters = root / "model", root / "sae", root / "adapters"
     model, tokenizer = tiny_model(), tiny_tokenizer()
     model.save_pretrained(model_dir)
@@ -60,6 +61,13 @@ def write_tiny_setup(root: Path) -> TinySetup:
     save_adapter(good, outside)
     (adapters / "escape").symlink_to(outside, target_is_directory=True)
     (adapters / "no-meta").mkdir()
+
+    save_adapter(good, adapters / "bad-meta")  # "clamp_nonnegative": "false" is not a boolean
+    meta = json.loads((adapters / "bad-meta" / "adapter.json").read_text())
+    (adapters / "bad-meta" / "adapter.json").write_text(json.dumps({**meta, "clamp_nonnegative": "false"}))
+    save_adapter(good, adapters / "link-out")  # its weights are a link to a file outside
+    (adapters / "link-out" / "adapter.safetensors").unlink()
+    (adapters / "link-out" / "adapter.safetensors").symlink_to(outside / "adapter.safetensors")
     return TinySetup(model_dir, sae_dir, adapters, outside)
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from factories import tiny_adapter, tiny_sae
 from fsrl.adapter import load_adapter, read_adapter_config, save_adapter
-from fsrl.errors import CorruptFileError, FsrlError, MismatchError
+from fsrl.errors import CorruptFileError, ForbiddenError, FsrlError, MismatchError
 
 
 @pytest.fixture()
@@ -98,3 +98,56 @@ def test_bad_metadata_is_refused(saved, edit, msg):
 def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FsrlError, match="adapter.json is missing"):
         load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("edit,msg", [
+    (lambda m: m.update(format_version="1"), "format_version"),
+    (lambda m: m.update(d_in=64.0), "d_in"),
+    (lambda m: m.update(base_model="tiny-llama"), "base_model"),
+    (lambda m: m.update(clamp_nonnegative="false"), "clamp_nonnegative"),
+    (lambda m: m.update(layer=True), "layer"),
+    (lambda m: m.update(extra_field=1), "extra_field"),
+    (lambda m: m["sae"].update(fingerprint=7), "sae.fingerprint"),
+    (lambda m: m.update(format_version=99), "newer than this fsrl reads"),
+    (lambda m: m.update(training={"notes": "x" * (1 << 20)}), "larger than"),
+], ids=["string version", "float d_in", "string base_model", "string bool", "bool layer",
+        "unknown field", "int fingerprint", "future version", "over 1 MiB"])
+def test_adapter_json_is_strict(saved, edit, msg):
+    path = saved[1] / "adapter.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CorruptFileError, match=msg):
+        load_adapter(saved[1])
+
+
+def test_adapter_json_nested_too_deep_is_refused(saved):
+    (saved[1] / "adapter.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CorruptFileError, match="not valid JSON"):
+        load_adapter(saved[1])
+
+
+def test_an_unexpected_tensor_is_refused_before_loading(saved):
+    folder = saved[1]
+    tensors = load_file(folder / "adapter.safetensors")
+    tensors["payload"] = torch.zeros(4)
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(CorruptFileError, match="unexpected tensor.*payload"):
+        load_adapter(folder)
+
+
+def test_a_file_link_out_of_the_root_is_refused(saved, tmp_path):
+    folder = saved[1]
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / "adapter.safetensors").rename(outside)
+    (folder / "adapter.safetensors").symlink_to(outside)
+    load_adapter(folder)  # without a root, a link is just a file
+    with pytest.raises(ForbiddenError, match="adapter.safetensors resolves outside"):
+        load_adapter(folder, root=folder)
+
+
+def test_messages_name_the_folder_as_the_caller_does(saved):
+    (saved[1] / "adapter.safetensors").write_bytes(b"junk")
+    with pytest.raises(CorruptFileError) as caught:
+        load_adapter(saved[1], where="a1")
+    assert str(caught.value).startswith("a1/adapter.safetensors") and str(saved[1]) not in str(caught.value)

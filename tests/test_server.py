@@ -224,6 +224,17 @@ def test_load_adapter_made_for_another_sae_is_400_naming_the_sae(client):
     assert error["code"] == "mismatch"
 
 
+def test_load_adapter_with_a_malformed_adapter_json_is_400_naming_the_field(client, setup):
+    r = client.post("/adapters", json={"id": "bad", "path": "bad-meta"})
+    error = assert_error(r, 400, "bad-meta/adapter.json", "clamp_nonnegative")
+    assert error["code"] == "corrupt_file" and str(setup.adapters_dir) not in r.text
+
+
+def test_load_adapter_whose_file_links_outside_is_403(client):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "link-out"}), 403,
+                 "link-out/adapter.safetensors resolves outside")
+
+
 def test_load_adapter_without_files_is_400(client):
     assert_error(client.post("/adapters", json={"id": "bad", "path": "no-meta"}), 400, "adapter.json")
 
@@ -664,9 +675,22 @@ def test_api_key_is_required_on_every_route_but_health(app_factory):
         assert assert_error(c.get("/adapters"), 401)["type"] == "authentication_error"
         assert_error(c.post("/generate", json={"prompt": "hi"},
                             headers={"Authorization": "Bearer wrong"}), 401)
+        for path in ("/docs", "/openapi.json", "/redoc", "/metrics", "/v1/models", "/no/such/route"):
+            assert_error(c.get(path), 401)
+        # The key is checked before the body is read: a malformed body is a 401, not a 422.
+        assert_error(c.post("/generate", content=b"{not json", headers={"content-type": "application/json"}), 401)
+        assert c.get("/openapi.json", headers={"Authorization": "Bearer sesame"}).status_code == 200
         ok = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 2},
                     headers={"Authorization": "Bearer sesame"})
         assert ok.status_code == 200
+
+
+def test_the_adapter_limit_refuses_one_more_with_409(app_factory):
+    with app_factory(max_adapters=1) as c:  # `tiny` is loaded at start
+        assert_error(c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}), 409, "limit of 1")
+        assert c.post("/adapters", json={"id": "tiny", "path": "more/tiny-b", "replace": True}).status_code == 201
+        assert c.delete("/adapters/tiny").status_code == 200
+        assert c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}).status_code == 201
 
 
 def test_admin_key_is_required_to_load_and_unload_adapters(app_factory):
