@@ -1,6 +1,7 @@
 # fsrl steering server for a GPU host. PyPI's Linux torch wheels carry CUDA, so a plain
 # Python base image is enough; the NVIDIA runtime hands the container the driver.
-FROM python:3.11-slim
+# The base image and torch are pinned: a rebuild gets the same stack.
+FROM python:3.11.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -11,12 +12,19 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY fsrl ./fsrl
 COPY server ./server
-RUN pip install torch && pip install .
+RUN pip install "torch==2.13.0" && pip install .
+
+# Not root: the server reads adapters (mounted read-only) and writes only its model cache.
+RUN useradd --create-home --uid 10001 fsrl && mkdir -p /cache /adapters && chown fsrl /cache
+USER fsrl
 
 # The embedded default model is fetched from PyPI and converted when the cache volume is
 # empty (first start); later starts load it in seconds.
-VOLUME ["/cache", "/adapters"]
+VOLUME ["/cache"]
 EXPOSE 8000
+# /health answers 503 once the generation worker has died: the container turns unhealthy.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"
+# Inside the container the server listens on every interface, so it needs FSRL_API_KEY
+# (`fsrl serve` refuses otherwise); docker-compose.yml publishes it on loopback by default.
 CMD ["fsrl", "serve", "--host", "0.0.0.0", "--port", "8000", "--adapters-dir", "/adapters", "--device", "auto"]

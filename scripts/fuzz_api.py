@@ -2,9 +2,11 @@
 
     python scripts/fuzz_api.py [--max-examples 25] [--max-time 240]
 
-Starts `fsrl serve` on a tiny random model (loopback, a free port), runs schemathesis with the
-checks `not_a_server_error`, `response_schema_conformance` and `content_type_conformance`,
-stops the server by its PID and exits with schemathesis's status (0: every check passed).
+Starts `fsrl serve` on a tiny random model (loopback, a free port), runs schemathesis on valid
+data and on data the schema forbids (`--mode all`) with the checks `not_a_server_error`,
+`response_schema_conformance`, `content_type_conformance` and `negative_data_rejection` (what
+the schema forbids must be refused with a 4xx), stops the server by its PID and exits with
+schemathesis's status (0: every check passed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from _harness import start_tiny_server
 
-CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
+CHECKS = ("not_a_server_error,response_schema_conformance,content_type_conformance,"
+          "negative_data_rejection")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [cli, "run", f"{server.url}/openapi.json", "--checks", CHECKS,
                    "--max-examples", str(args.max_examples), "--max-time", str(args.max_time),
                    "--seed", str(args.seed), "--workers", "1", "--request-timeout", "60",
+                   "--mode", "all",  # valid data, and data the schema forbids (must be a 4xx)
                    "--generation-database", "none", "--no-color", "--suppress-health-check", "all"]
             if args.report:
                 cmd += ["--report", "junit", "--report-junit-path", str(args.report.resolve())]

@@ -71,3 +71,26 @@ def test_static_cache_tokens_without_compile_decode_is_one_line():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "fsrl: error: --static-cache-tokens sizes the cache of --compile-decode; pass both"]
+
+
+def test_serving_beyond_loopback_without_an_api_key_is_refused_in_one_line(tmp_path):
+    import os
+
+    env_free = {"FSRL_API_KEY": ""}
+    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "serve", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env_free})
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to serve on 0.0.0.0 without an API key" in lines[0]
+    # --insecure-no-auth says so explicitly: the start goes on (to the next check, a missing SAE).
+    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "serve", "--host", "0.0.0.0",
+                           "--insecure-no-auth", "--sae", str(tmp_path / "none")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env_free})
+    assert done.returncode == 2 and "no SAE at" in done.stderr and "refusing" not in done.stderr
+
+
+def test_loopback_addresses_need_no_key():
+    from server.cli import is_loopback
+
+    assert all(map(is_loopback, ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "myhost.example"]))

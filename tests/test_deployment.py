@@ -1,0 +1,33 @@
+"""The shipped deployment files are safe by default: read as a user's tools read them."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def compose_service() -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["fsrl"]
+
+
+def test_compose_publishes_on_loopback_unless_told_otherwise():
+    (port,) = compose_service()["ports"]
+    assert port.startswith("${FSRL_BIND:-127.0.0.1}:")
+
+
+def test_compose_requires_an_api_key_and_mounts_adapters_read_only():
+    service = compose_service()
+    assert re.fullmatch(r"\$\{FSRL_API_KEY:\?.+\}", service["environment"]["FSRL_API_KEY"])
+    assert "./adapters:/adapters:ro" in service["volumes"]
+    assert "/health" in " ".join(service["healthcheck"]["test"])
+
+
+def test_the_image_runs_as_a_user_on_pinned_versions():
+    lines = [line.split("#")[0].strip() for line in (REPO / "Dockerfile").read_text().splitlines()]
+    base = next(line for line in lines if line.startswith("FROM "))
+    assert re.fullmatch(r"FROM python:\d+\.\d+\.\d+-slim-\w+(@sha256:[0-9a-f]{64})?", base)
+    assert any('"torch==' in line for line in lines if line.startswith("RUN "))
+    users = [line for line in lines if line.startswith("USER ")]
+    assert users and users[-1] not in ("USER root", "USER 0")
