@@ -253,7 +253,7 @@ def read_adapter_config(folder: str | Path, where: str | None = None, root: Path
     where = where if where is not None else str(folder)
     meta = _inside(folder / META_FILE, root, f"{where}/{META_FILE}")
     if not meta.is_file():
-        raise FsrlError(f"{where}: {META_FILE} is missing")
+        raise CorruptFileError(f"{where}: {META_FILE} is missing")
     with open(meta, "rb") as fh:
         raw = fh.read(META_MAX_BYTES + 1)
     if len(raw) > META_MAX_BYTES:
@@ -331,7 +331,7 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
     weights_where = f"{where}/{WEIGHTS_FILE}"
     weights_path = _inside(folder / WEIGHTS_FILE, root, weights_where)
     if not weights_path.is_file():
-        raise FsrlError(f"{where}: {WEIGHTS_FILE} is missing")
+        raise CorruptFileError(f"{where}: {WEIGHTS_FILE} is missing")
     expected = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "b_in": (config.d_in,)}
     if config.activation == "soft_threshold":
         expected["tau"] = (config.d_sae,)

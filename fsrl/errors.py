@@ -6,7 +6,7 @@ class FsrlError(Exception):
 
     status_code = 400
     error_type = "invalid_request_error"
-    code: str | None = None
+    code: str | None = "invalid_request"
 
 
 class NotFoundError(FsrlError):

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "replay on CUDA; compiles at start (default: off)")
     parser.add_argument("--max-adapters", type=int,
                         help="adapters loaded at once; a load beyond it gets 409 (default: 64)")
-    parser.add_argument("--stream-send-timeout", type=float, dest="stream_send_timeout_s",
+    parser.add_argument("--stream-send-timeout", type=float,
                         help="seconds a streaming client may read nothing before it is cut off "
                              "(default: 60)")
     parser.add_argument("--insecure-no-auth", action="store_true", default=None,
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
         pack_cpu_weights=args.pack_cpu_weights, compile_decode=args.compile_decode,
         static_cache_tokens=args.static_cache_tokens, max_adapters=args.max_adapters,
-        stream_send_timeout_s=args.stream_send_timeout_s, insecure_no_auth=args.insecure_no_auth)
+        stream_send_timeout=args.stream_send_timeout, insecure_no_auth=args.insecure_no_auth)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

@@ -101,8 +101,8 @@ class Engine:
     engine closes the thread.
 
     One request can only fail itself: a row that cannot be sampled finishes alone with an
-    error; a step that raises is retried row group by row group, each job alone, and the jobs
-    that fail alone are the ones answered with an error. If the worker itself stops, every
+    error; after a step that raises, each job is retried alone (from its rows' host state),
+    and only the jobs that fail alone are answered with an error. If the worker itself stops, every
     job waiting or running is answered and `alive` turns false (`/health` says 503)."""
 
     def __init__(self, generator: Generator, model_thread: ModelThread, max_pending: int = 64,
@@ -128,8 +128,8 @@ class Engine:
         return self.stopped_because is None and not self._worker.done()
 
     def check_capacity(self) -> None:
-        """Refuse now (503) rather than queue a job that would be refused when it runs; a
-        stream calls this before its response starts, while it can still send a status."""
+        """Refuse now (503) rather than queue a job that cannot run; `serving.check` calls it
+        before any work, `submit` again as it queues."""
         if self._closed:
             raise Overloaded("the server is shutting down")
         if not self.alive:

@@ -112,7 +112,7 @@ class BodySizeLimit:
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error",
           503: "overloaded_error"}
-_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+_CODES = {403: "forbidden", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "too_large", 503: "overloaded"}
 
 
@@ -171,7 +171,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if status == 404 and message == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     if status == 400 and message == "There was an error parsing the body":  # FastAPI's words
-        return _respond(request, 400, "body: not valid JSON (not UTF-8, or nested too deep)",
+        # As pydantic's malformed JSON: 422 invalid_json.
+        return _respond(request, 422, "body: not valid JSON (not UTF-8, or nested too deep)",
                         "invalid_request_error", "invalid_json", "body")
     return _respond(request, status, message,
                     _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error"),
@@ -196,11 +197,11 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-def error_event(exc: BaseException) -> dict[str, Any]:
+def error_event(exc: BaseException, openai: bool = False) -> dict[str, Any]:
     """The error shape for a failure after a stream has started (the status is already sent)."""
     if isinstance(exc, FsrlError):
-        return error_body(str(exc), exc.error_type, exc.code)
-    return error_body("internal server error", "server_error", "internal_error")
+        return error_body(str(exc), exc.error_type, exc.code, getattr(exc, "field", None), openai)
+    return error_body("internal server error", "server_error", "internal_error", None, openai)
 
 
 class ErrorDetail(BaseModel):

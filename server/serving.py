@@ -152,10 +152,11 @@ def check(state: ServerState, params: GenerateParams) -> None:
         raise InvalidField(field_name, f"{chars} characters cannot fit in this server's "
                                        f"{state.settings.max_prompt_tokens} prompt tokens")
     rows = max(len(params.prompts), 1) * params.n + params.compare
-    if rows > state.settings.max_batch_rows:
+    limit = max(state.settings.max_batch_rows, 2)  # a compare request always fits
+    if rows > limit:
         raise InvalidField("n" if params.n > 1 else "prompt",
-                           f"the request asks for {rows} rows; this server takes at most "
-                           f"{state.settings.max_batch_rows} per request")
+                           f"the request asks for {rows} rows (prompts x n); this server takes "
+                           f"at most {limit} per request")
 
 
 async def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "gen") -> PreparedGeneration:

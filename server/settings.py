@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     compile_decode: bool = False             # static-shape decode step, compiled (CUDA graphs on CUDA)
     static_cache_tokens: int | None = Field(None, ge=8)  # its cache length; None: prompt + new-token caps
     max_adapters: int = Field(64, ge=1)      # adapters loaded at once; more loads get 409
-    stream_send_timeout_s: float = Field(60.0, gt=0)  # a stream's client that reads nothing this long is cut off
+    stream_send_timeout: float = Field(60.0, gt=0)  # seconds a streaming client may read nothing
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     insecure_no_auth: bool = False           # serve a non-loopback address without an API key

@@ -127,8 +127,8 @@ CASES = {
     "2000 messages": (post("/generate", {"messages": [{"role": "user", "content": "a"}] * 2000}), 422, "messages"),
     # bodies
     "JSON nested 100,000 deep": (post("/generate", raw=b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
-                                 400, "not valid JSON"),
-    "a body that is not UTF-8": (post("/generate", raw=b'{"prompt": "\xff\xfe"}'), 400, "not valid JSON"),
+                                 422, "not valid JSON"),
+    "a body that is not UTF-8": (post("/generate", raw=b'{"prompt": "\xff\xfe"}'), 422, "not valid JSON"),
     "a body that is a list": (post("/generate", raw=b"[1, 2]"), 422, "body"),
     "an unknown field": (post("/generate", {"prompt": "hi", "evil": True}), 422, "evil"),
     "a junk method": (post("/generate", raw=b"{}", method="BREW"), 405, ""),
@@ -278,5 +278,37 @@ def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(set
             else:
                 assert done and not any("error" in e for e in events)
                 assert events[-1]["type"] == "response"
+    finally:
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_the_first_reported_cases_on_the_default_model(tmp_path):
+    """The cases first measured against the default model (both requests got 500 then)."""
+    proc = ServerProcess(["--adapters-dir", str(Path(__file__).resolve().parents[1] / "adapters"),
+                          "--device", "cpu"], log_path=tmp_path / "server.log")
+    ordinary = {"messages": [{"role": "user", "content": "Tell me about volcanoes."}],
+                "adapter": "concise", "max_new_tokens": 48, "ignore_eos": True}
+    try:
+        proc.wait_ready(timeout_s=180, max_polls=1800)
+        with httpx.Client(base_url=proc.url, timeout=120.0) as c:
+            alone = c.post("/generate", json=ordinary).json()["steered"]["text"]
+            greedy = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4}).json()["steered"]["text"]
+        cases = [({"prompt": "hi", "max_new_tokens": 4, "temperature": 1e-38}, 200),
+                 ({"prompt": "hi", "features": [{"index": 0, "op": "set", "value": 1e39}]}, 422),
+                 ({"prompt": "hi \ud800"}, 422)]
+        for body, status in cases:
+            with httpx.Client(base_url=proc.url, timeout=120.0) as mine, \
+                    httpx.Client(base_url=proc.url, timeout=120.0) as theirs, \
+                    mine.stream("POST", "/generate", json={**ordinary, "stream": True}) as r:
+                lines = r.iter_lines()
+                next(line for line in lines if line.startswith("data: "))
+                bad = theirs.post("/generate", content=json.dumps(body).encode(), headers=JSON)
+                events = [json.loads(line.removeprefix("data: ")) for line in lines
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            assert bad.status_code == status, bad.text
+            if status == 200:
+                assert bad.json()["steered"]["text"] == greedy
+            assert events[-1]["response"]["steered"]["text"] == alone
     finally:
         proc.stop()

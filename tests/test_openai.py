@@ -111,6 +111,7 @@ def test_stream_with_logprobs_and_usage(client):
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         events, done = read_sse(r)
     assert done and events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 12
+    assert all(e["usage"] is None for e in events[:-1])
     for index in (0, 1):
         mine = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == index]
         scored = [c["logprobs"]["content"][0] for c in mine if c["logprobs"]]

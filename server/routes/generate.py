@@ -18,7 +18,7 @@ router = APIRouter(tags=["generate"])
 async def generate(body: GenerateBody, state: StateDep, request: Request):
     prepared = await serving.prepare(state, body.to_params())
     if body.stream:
-        return sse_response(_events(state, prepared), state.settings.stream_send_timeout_s)
+        return sse_response(_events(state, prepared), state.settings.stream_send_timeout)
     outcome = await cancel_on_disconnect(request, serving.run(state, prepared))
     return render_generation(outcome, state.base.name, state.sae.label)
 

@@ -48,21 +48,32 @@ async def _complete(state: ServerState, request: Request, body: ChatCompletionBo
                                      id_prefix="chatcmpl" if chat else "cmpl")
     if body.stream:
         return sse_response(_chunks(state, prepared, body.model, chat, body.include_usage),
-                            state.settings.stream_send_timeout_s)
+                            state.settings.stream_send_timeout, openai=True)
     outcome = await cancel_on_disconnect(request, serving.run(state, prepared))
     return render_completion(outcome, body.model, chat, state.token_text)
 
 
 async def _chunks(state: ServerState, prepared: serving.PreparedGeneration, model: str,
                   chat: bool, include_usage: bool) -> AsyncIterator[dict]:
+    async for chunk in _choice_chunks(state, prepared, model, chat):
+        if isinstance(chunk, serving.GenerationOutcome):
+            if include_usage:
+                yield render_usage_chunk(chunk, model, chat)
+            continue
+        if include_usage:  # as OpenAI: every chunk but the last carries "usage": null
+            chunk["usage"] = None
+        yield chunk
+
+
+async def _choice_chunks(state: ServerState, prepared: serving.PreparedGeneration, model: str,
+                         chat: bool) -> AsyncIterator[dict | serving.GenerationOutcome]:
     if chat:
         for index in range(len(prepared.job.requests)):
             yield render_chunk(prepared, model, chat, index, "", role=True)
     async with aclosing(serving.stream(state, prepared)) as items:
         async for item in items:
             if isinstance(item, serving.GenerationOutcome):
-                if include_usage:
-                    yield render_usage_chunk(item, model, chat)
+                yield item
                 continue
             if item.text_delta or item.logprobs is not None:
                 yield render_chunk(prepared, model, chat, item.row, item.text_delta, event=item,

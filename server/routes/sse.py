@@ -40,14 +40,14 @@ class TimedStreamingResponse(StreamingResponse):
             await self.body_iterator.aclose()  # its job, if still running, is aborted
 
 
-def sse_response(events: AsyncIterator[dict], send_timeout_s: float) -> StreamingResponse:
+def sse_response(events: AsyncIterator[dict], send_timeout_s: float, openai: bool = False) -> StreamingResponse:
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, allow_nan=False)}\n\n"
         except Exception as exc:  # the status is already sent: report in the stream
             log.error("stream failed: %s: %s", type(exc).__name__, exc)
-            yield f"data: {json.dumps(error_event(exc))}\n\n"
+            yield f"data: {json.dumps(error_event(exc, openai))}\n\n"
         finally:
             await events.aclose()
         yield "data: [DONE]\n\n"
