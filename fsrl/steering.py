@@ -271,11 +271,11 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
         new = torch.where(op == OP_CODE["unsteer"], torch.zeros_like(new), new)
         d = d_ext.scatter(-1, idx, new)[..., :d_sae]
 
-    d = d * steered[..., None].to(d.dtype)
+    d = torch.where(steered[..., None], d, 0.0)
     x_out = torch.where(steered[..., None], (xs + _decode_delta(d, sae)).to(x.dtype), x)
 
     out = SteerOutput(x=x_out, delta=d if keep_delta else None,
-                      v=v_rows * steered[..., None].to(d.dtype) if keep_v else None)
+                      v=torch.where(steered[..., None], v_rows, 0.0) if keep_v else None)
     if batch.capture_top > 0:
         last = d[:, -1, :]                                                            # (B, d_sae)
         top = last.abs().topk(min(batch.capture_top, d_sae), dim=-1)
@@ -296,7 +296,8 @@ def _adapter_pushes(xs: torch.Tensor, batch: SteeringBatch, d_sae: int, keep_v: 
     for slot, adapter in enumerate(batch.adapters):
         in_slot = batch.adapter_slot == slot                                          # (B,)
         v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
-        pushed = (in_slot.to(xs.dtype) * batch.scale)[:, None, None] * v
+        # where, not a 0/1 product: another row's v may be inf, and 0 * inf is NaN.
+        pushed = torch.where(in_slot[:, None, None], batch.scale[:, None, None] * v, 0.0)
         d = pushed if d is None else d + pushed
         if keep_v:
             v_rows = torch.where(in_slot[:, None, None], v, v_rows)

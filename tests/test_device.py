@@ -165,3 +165,39 @@ def test_the_compiled_static_step_generates_what_eager_generates(device):
         if not len(batch):
             break
     assert [events[i] for i in range(len(requests))] == alone
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_whose_output_overflows_fails_alone(device):
+    gen, (a, _) = device_generator(device)
+    blown = copy.deepcopy(a)
+    with torch.no_grad():
+        blown.W.fill_(1e38)  # v overflows to inf: that row's logits are not finite
+    requests = [greedy([5, 6, 7, 8], RowSteering(a, 1.0)), greedy([9, 10, 11], RowSteering(blown, 1.0)),
+                greedy([12, 13], RowSteering(None))]
+    together = gen.generate(requests)
+    assert together[1].finish_reason == "error" and "not finite" in together[1].error
+    for request, result in zip(requests[::2], together[::2]):
+        assert result.finish_reason == "length" and result.token_ids == gen.generate([request])[0].token_ids
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_are_the_steered_models_log_softmax(device):
+    gen, (a, _) = device_generator(device)
+    prompt = [5, 6, 7, 8, 9]
+    request = GenerationRequest(prompt, RowSteering(a, 1.0), SamplingParams(max_new_tokens=3, ignore_eos=True),
+                                logprobs=2, prompt_logprobs=2)
+    result = gen.generate([request])[0]
+    ids = prompt + result.token_ids
+    hook = SteeringHook(gen.base.layers, LAYER, gen.sae)  # the same steering, over the whole text
+    try:
+        batch = SteeringBatch.build([RowSteering(a, 1.0)], gen.sae.d_sae, device=device)
+        with torch.no_grad(), hook.steering(batch, torch.arange(len(ids), device=device)[None]):
+            logp = gen.base.model(input_ids=torch.tensor([ids], device=device)).logits[0].float().log_softmax(-1)
+    finally:
+        hook.remove()
+    want = [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+    got = [lp for lp, _ in result.prompt_logprobs] + [lp for lp, _ in result.logprobs]
+    assert got == pytest.approx(want, abs=1e-4)
+    for lp, top in result.logprobs:  # greedy: the chosen token is the top one
+        assert len(top) == 2 and lp == top[0][1]
