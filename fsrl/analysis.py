@@ -9,6 +9,7 @@ captured once at start (`reference_activations`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,25 +66,38 @@ def reference_token_ids(tokenizer, limit: int = 96) -> list[list[int]]:
     return out
 
 
+@dataclass(frozen=True)
+class FeaturePush:
+    """Per feature, over tokens: mean v, mean |v| (what rankings use: opposite-sign pushes of a
+    soft-threshold adapter do not cancel in it) and the share of tokens with v != 0."""
+
+    mean_v: torch.Tensor
+    mean_abs_v: torch.Tensor
+    active_share: torch.Tensor
+
+    @classmethod
+    def from_sums(cls, v_sum: torch.Tensor, abs_sum: torch.Tensor, active: torch.Tensor,
+                  tokens: float) -> "FeaturePush":
+        n = max(tokens, 1)
+        return cls(*((t.double() / n).float().cpu() for t in (v_sum, abs_sum, active)))
+
+
 @torch.no_grad()
-def feature_push(adapter: FsrlAdapter, activations: torch.Tensor, chunk: int = 1024
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean v and share of tokens with v != 0, per feature, over `activations` (N, d_in)."""
+def feature_push(adapter: FsrlAdapter, activations: torch.Tensor, chunk: int = 1024) -> FeaturePush:
+    """How the adapter pushes each feature over `activations` (N, d_in)."""
     d_sae = adapter.config.d_sae
-    v_sum = torch.zeros(d_sae, dtype=torch.float64, device=activations.device)
-    active = torch.zeros(d_sae, dtype=torch.float64, device=activations.device)
+    sums = torch.zeros(3, d_sae, dtype=torch.float64, device=activations.device)
     for start in range(0, activations.shape[0], chunk):
-        v = adapter(activations[start:start + chunk].to(adapter.W.device)).to(v_sum.device)
-        v_sum += v.double().sum(0)
-        active += (v != 0).double().sum(0)
-    n = max(activations.shape[0], 1)
-    return (v_sum / n).float().cpu(), (active / n).float().cpu()
+        v = adapter(activations[start:start + chunk].to(adapter.W.device)).to(sums.device).double()
+        sums += torch.stack([v.sum(0), v.abs().sum(0), (v != 0).double().sum(0)])
+    return FeaturePush.from_sums(*sums, activations.shape[0])
 
 
-def top_features(mean_v: torch.Tensor, active_share: torch.Tensor, sae: Sae,
-                 k: int = 20) -> list[dict[str, Any]]:
+def top_features(push: FeaturePush, sae: Sae, k: int = 20) -> list[dict[str, Any]]:
     """The k features with the largest mean |v| over tokens, with their SAE labels."""
-    order = mean_v.abs().argsort(descending=True)[:k]
-    return [{"index": int(i), "mean_v": round(float(mean_v[i]), 5),
-             "active_share": round(float(active_share[i]), 4), "label": sae.label(int(i))}
-            for i in order if mean_v[i] != 0]
+    order = push.mean_abs_v.argsort(descending=True)[:k]
+    return [{"index": int(i), "mean_abs_v": round(float(push.mean_abs_v[i]), 5),
+             "mean_v": round(float(push.mean_v[i]), 5),
+             "active_share": round(float(push.active_share[i]), 4), "label": sae.label(int(i)),
+             "label_source": sae.info.label_sources.get(int(i))}
+            for i in order if push.mean_abs_v[i] != 0]

@@ -10,7 +10,8 @@ import sys
 
 from fsrl.errors import FsrlError
 
-# (argv path, module implementing add_arguments(parser) and run(args) -> int | None, help)
+# (argv path, module implementing add_arguments(parser) and run(args) -> int | None, help;
+#  "module:variant" for a module with several commands: add_<variant>_arguments, run_<variant>)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("serve",), "server.cli", "start the steering server"),
     (("train",), "fsrl.train.cli", "train an FSRL adapter on preference data (SimPO/DPO)"),
@@ -19,6 +20,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("sae", "convert-gemma-scope"), "fsrl.commands.convert_gemma_scope",
      "convert a Gemma Scope params.npz folder into a sae-lens folder"),
     (("bench",), "fsrl.bench", "decode throughput, base vs steered; prints a table, writes JSON"),
+    (("features", "build"), "fsrl.commands.features:build",
+     "dashboards and rule labels for every feature of an SAE, from a corpus"),
+    (("features", "label"), "fsrl.commands.features:label",
+     "feature labels from an OpenAI-compatible endpoint or Neuronpedia explanations"),
 ]
 
 
@@ -27,6 +32,16 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _entry(module: str, name: str):
+    """`module`'s `name` function; "module:variant" names `<name-start>_<variant>` (run_build,
+    add_build_arguments) for modules that hold several commands."""
+    path, _, variant = module.partition(":")
+    loaded = importlib.import_module(path)
+    if not variant:
+        return getattr(loaded, name)
+    return getattr(loaded, f"run_{variant}" if name == "run" else f"add_{variant}_arguments")
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -47,7 +62,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
         sub.set_defaults(_module=module)
         if tuple(words[:len(path)]) == path:
-            importlib.import_module(module).add_arguments(sub)
+            _entry(module, "add_arguments")(sub)
     return parser
 
 
@@ -57,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        code = importlib.import_module(args._module).run(args)
+        code = _entry(args._module, "run")(args)
     except FsrlError as exc:
         print(f"fsrl: error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ class SaeInfo:
     fingerprint: str
     labels: dict[int, str] = field(default_factory=dict)
     path: str | None = None
+    label_sources: dict[int, str] = field(default_factory=dict)  # index -> "rule", "llm:<model>", ...
 
 
 class Sae(nn.Module):
@@ -134,6 +135,28 @@ class Sae(nn.Module):
         return self.info.labels.get(index)
 
 
+def read_labels(folder: str | Path) -> dict[int, tuple[str, str]]:
+    """`feature_labels.json` beside an SAE: index -> (label, source). The file holds
+    {"<index>": {"label", "source"}}; a file of plain {"<index>": label} reads as source "file"."""
+    path = Path(folder) / SAE_LABELS_FILE
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {int(k): (v, "file") if isinstance(v, str) else (str(v["label"]), str(v.get("source", "file")))
+                for k, v in raw.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CorruptFileError(f"{path.name}: not a labels file ({type(exc).__name__})") from None
+
+
+def write_labels(folder: str | Path, labels: dict[int, tuple[str, str]]) -> Path:
+    path = Path(folder) / SAE_LABELS_FILE
+    path.write_text(json.dumps({str(i): {"label": label, "source": source}
+                                for i, (label, source) in sorted(labels.items())}, indent=0) + "\n",
+                    encoding="utf-8")
+    return path
+
+
 def sae_fingerprint(W_enc: torch.Tensor, W_dec: torch.Tensor, architecture: str) -> str:
     """Hash of shapes and a bfloat16-rounded sample of the weights (dtype and device proof)."""
     h = hashlib.sha256(f"{architecture}:{tuple(W_enc.shape)}:{tuple(W_dec.shape)}".encode())
@@ -190,16 +213,18 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu",
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     meta = cfg.get("metadata") or {}
     hook_name = meta.get("hook_name") or cfg.get("hook_name")
-    labels: dict[int, str] = {}
-    if (path / SAE_LABELS_FILE).exists():
-        raw = json.loads((path / SAE_LABELS_FILE).read_text())
-        labels = {int(k): str(v) for k, v in raw.items()}
+    found = read_labels(path)
+    labels = {i: label for i, (label, _) in found.items()}
+    label_sources = {i: source for i, (_, source) in found.items()}
     info = SaeInfo(
         name=meta.get("sae_name") or cfg.get("name") or path.resolve().name,
         architecture=arch, hook_name=hook_name, layer=layer_from_hook_name(hook_name),
         model_name=meta.get("model_name") or cfg.get("model_name"),
-        fingerprint=sae_fingerprint(W_enc, W_dec, arch), labels=labels, path=str(path))
+        fingerprint=sae_fingerprint(W_enc, W_dec, arch), labels=labels, label_sources=label_sources,
+        path=str(path))
     threshold = weights.get("threshold")
+    if arch == "jumprelu" and threshold is None:  # without it the SAE would act as a plain ReLU
+        raise CorruptFileError(f"SAE {path}: a jumprelu SAE needs a threshold tensor in {SAE_WEIGHTS_FILE}")
     sae = Sae(W_enc, b_enc, W_dec, b_dec, arch, info, k=cfg.get("k"),
               threshold=threshold.float() if threshold is not None else None,
               apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
@@ -230,7 +255,8 @@ def save_sae(sae: Sae, path: str | Path, dtype: torch.dtype = torch.float32,
         cfg["k"] = sae.k
     (path / SAE_CFG_FILE).write_text(json.dumps(cfg, indent=2))
     if sae.info.labels:
-        (path / SAE_LABELS_FILE).write_text(json.dumps({str(k): v for k, v in sorted(sae.info.labels.items())}, indent=1))
+        write_labels(path, {i: (label, sae.info.label_sources.get(i, "file"))
+                            for i, label in sae.info.labels.items()})
     return path
 
 

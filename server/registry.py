@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter, read_adapter_config
-from fsrl.analysis import feature_push, top_features
+from fsrl.analysis import FeaturePush, feature_push, top_features
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
 
@@ -70,7 +70,7 @@ class AdapterRegistry:
         self.pack_for_cpu = pack_for_cpu  # adapters' W packed for oneDNN (the model's were: CPU only)
         self._adapters: dict[str, LoadedAdapter] = {}
         self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
-        self._pushes: dict[str, tuple[LoadedAdapter, torch.Tensor, torch.Tensor]] = {}
+        self._pushes: dict[str, tuple[LoadedAdapter, FeaturePush]] = {}
         # One lock per id while a load or unload of it runs; removed when no one holds it, so
         # the table never outgrows the ids being worked on.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -213,13 +213,13 @@ class AdapterRegistry:
         log.info("adapter %s unloaded", adapter_id)
 
     def top_features(self, adapter_id: str, top: int) -> list[dict[str, Any]]:
-        """The features the adapter pushes hardest: mean v (and the share of tokens it is
-        non-zero on) over the reference activations, measured once per loaded version."""
+        """The features the adapter pushes hardest: mean |v| (with mean v and the share of
+        tokens it is non-zero on) over the reference activations, measured once per loaded
+        version."""
         entry = self.entry(adapter_id)
         cached = self._pushes.get(adapter_id)
         if cached is None or cached[0] is not entry:
             if self.reference is None or self.reference.shape[0] == 0:
                 raise FsrlError("this server has no reference activations to measure features on")
-            mean_v, share = feature_push(entry.adapter, self.reference)
-            cached = self._pushes[adapter_id] = (entry, mean_v, share)
-        return top_features(cached[1], cached[2], self.sae, top)
+            cached = self._pushes[adapter_id] = (entry, feature_push(entry.adapter, self.reference))
+        return top_features(cached[1], self.sae, top)

@@ -16,6 +16,8 @@ import torch
 from fsrl.analysis import hook_activations, reference_token_ids
 from fsrl.cpu_inference import ModelThread, pack_linear_layers
 from fsrl.errors import FsrlError, MismatchError
+from fsrl.features import dashboards
+from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
@@ -39,6 +41,7 @@ class ServerState:
     packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
+    features: FeatureIndex | None = None  # labels and dashboards, for /features
     # Tokenising and adapter copies run here, one at a time, off the event loop.
     prepare_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsrl-prepare"))
@@ -97,9 +100,21 @@ def load_state(settings: Settings) -> ServerState:
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
                     max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
-                        engine=engine, packed_cpu_weights=packed, metrics=metrics)
+                        engine=engine, packed_cpu_weights=packed, metrics=metrics,
+                        features=load_feature_index(settings.sae_path, sae))
     state.max_chars_per_token  # measured once, at start, not on a request
     return state
+
+
+def load_feature_index(folder, sae: Sae) -> FeatureIndex:
+    """The SAE's labels and, when they were built, its dashboards; dashboards that cannot be
+    read are left out with one log line (the server still serves labels)."""
+    try:
+        doc = dashboards.read(folder, sae)
+    except FsrlError as exc:
+        log.warning("feature dashboards not loaded: %s", exc)
+        doc = None
+    return FeatureIndex(sae.d_sae, sae.info.labels, sae.info.label_sources, doc)
 
 
 def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor, bool]:

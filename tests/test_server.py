@@ -148,12 +148,13 @@ def test_adapter_features_are_measured_on_the_reference_prompts_with_sae_labels(
     # The same measurement made here, on the same files.
     base = load_base_model(str(setup.model_dir), "cpu")
     reference = hook_activations(base, LAYER, reference_token_ids(base.tokenizer))
-    mean_v, share = feature_push(load_adapter(setup.adapters_dir / "tiny"), reference)
+    push = feature_push(load_adapter(setup.adapters_dir / "tiny"), reference)
     assert r.json()["measured_on_tokens"] == reference.shape[0] > 100
-    assert [f["index"] for f in features] == mean_v.abs().argsort(descending=True)[:5].tolist()
+    assert [f["index"] for f in features] == push.mean_abs_v.argsort(descending=True)[:5].tolist()
     for f in features:
-        assert f["mean_v"] == pytest.approx(float(mean_v[f["index"]]), abs=1e-4)
-        assert f["active_share"] == pytest.approx(float(share[f["index"]]), abs=1e-4)
+        assert f["mean_abs_v"] == pytest.approx(float(push.mean_abs_v[f["index"]]), abs=1e-4)
+        assert f["mean_v"] == pytest.approx(float(push.mean_v[f["index"]]), abs=1e-4)
+        assert f["active_share"] == pytest.approx(float(push.active_share[f["index"]]), abs=1e-4)
         assert f["label"] == (f"feature {f['index']}" if f["index"] % 2 == 0 else None)
 
 

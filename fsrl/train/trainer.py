@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fsrl.adapter import FsrlAdapter, new_adapter, save_adapter
-from fsrl.analysis import top_features
+from fsrl.analysis import FeaturePush, top_features
 from fsrl.errors import FsrlError
 from fsrl.models import BaseModel, default_dtype, load_base_model, resolve_device
 from fsrl.sae import Sae, default_sae_dir, load_sae
@@ -120,6 +120,7 @@ class PairForward:
     l1: torch.Tensor | None = None      # () mean over real tokens of ||v||_1
     l0: torch.Tensor | None = None      # () mean over real tokens of #(v != 0)
     v_sum: torch.Tensor | None = None   # (d_sae,) sum of v over real tokens (feature ranking)
+    v_abs_sum: torch.Tensor | None = None  # (d_sae,) sum of |v|
     v_active: torch.Tensor | None = None  # (d_sae,) tokens where v_i != 0
     tokens: int = 0
 
@@ -152,6 +153,7 @@ def forward_pairs(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | No
         if feature_stats:
             vd = v.detach() * real[..., None]
             result.v_sum = vd.sum((0, 1))
+            result.v_abs_sum = vd.abs().sum((0, 1))
             result.v_active = (vd != 0).sum((0, 1)).float()
     return result
 
@@ -217,6 +219,7 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
     sums = torch.zeros(5, dtype=torch.float64)          # loss*pairs, correct, l0*tokens, tokens, pairs
     d_sae = hook.sae.d_sae
     v_sum = torch.zeros(d_sae, dtype=torch.float64)
+    v_abs_sum = torch.zeros(d_sae, dtype=torch.float64)
     v_active = torch.zeros(d_sae, dtype=torch.float64)
     mine = list(range(dist.rank, len(dataset), dist.world))
     for start in range(0, len(mine), bs):
@@ -226,13 +229,15 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
                               stats.l0 * fwd.tokens, fwd.tokens, stats.pairs], dtype=torch.float64)
         if fwd.v_sum is not None:
             v_sum += fwd.v_sum.double().cpu()
+            v_abs_sum += fwd.v_abs_sum.double().cpu()
             v_active += fwd.v_active.double().cpu()
-    sums, v_sum, v_active = dist.sum(sums), dist.sum(v_sum), dist.sum(v_active)
+    sums, v_sum, v_abs_sum, v_active = (dist.sum(t) for t in (sums, v_sum, v_abs_sum, v_active))
     pairs, tokens = max(sums[4].item(), 1), max(sums[3].item(), 1)
     result = EvalResult(loss=sums[0].item() / pairs, accuracy=sums[1].item() / pairs,
                         mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()))
     if feature_stats and adapter is not None:
-        result.top_features = top_features(v_sum / tokens, v_active / tokens, hook.sae, TOP_FEATURES)
+        result.top_features = top_features(FeaturePush.from_sums(v_sum, v_abs_sum, v_active, tokens),
+                                           hook.sae, TOP_FEATURES)
     return result
 
 

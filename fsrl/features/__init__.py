@@ -1,0 +1,2 @@
+"""Readable SAE features: dashboards built offline from a corpus (`dashboards`), short labels
+that record their source (`labels`), and search over both (`search`)."""

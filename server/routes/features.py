@@ -1,0 +1,23 @@
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from fsrl.errors import NotFoundError
+from server.deps import StateDep
+
+router = APIRouter(prefix="/features", tags=["features"])
+
+
+@router.get("")
+async def search_features(state: StateDep, q: Annotated[str, Query(min_length=1, max_length=200)],
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
+    """Features whose label, peak tokens or promoted tokens hold `q` (case-insensitive), best first."""
+    return {"query": q, "features": state.features.search(q, limit)}
+
+
+@router.get("/{index}")
+async def feature(state: StateDep, index: Annotated[int, Path(ge=0, le=2**31 - 1)]) -> dict:
+    """One feature's label and dashboard."""
+    if index >= state.sae.d_sae:
+        raise NotFoundError(f"feature {index} is out of range [0, {state.sae.d_sae})")
+    return state.features.card(index)

@@ -1,0 +1,273 @@
+"""Readable features: dashboards against a brute-force computation, resuming, labels from the
+rule, an OpenAI-compatible labeler and Neuronpedia explanations, and search and dashboards
+served over HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from factories import tiny_base, tiny_sae
+from fsrl.errors import CorruptFileError, FsrlError
+from fsrl.features import dashboards
+from fsrl.features.dashboards import HIST_EDGES, WINDOW_BEFORE, Accumulator, BuildSettings
+from fsrl.features.labels import llm_labels, neuronpedia_labels, rule_label
+from fsrl.features.search import FeatureIndex
+from fsrl.sae import load_sae, read_labels, save_sae
+from server_fixtures import ServerProcess, write_tiny_setup
+
+LAYER = 1
+CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",
+          "I am sorry, I apologize for the confusion. Sorry again!",
+          "The quick brown fox jumps over the lazy dog. " * 6]
+
+
+def brute_force(base, sae, contexts: list[list[int]]) -> tuple[torch.Tensor, int]:
+    """Active counts per feature and the token count, one context at a time, straight from
+    the definitions (position 0 and special tokens left out)."""
+    special = set(base.tokenizer.all_special_ids)
+    active, tokens = torch.zeros(sae.d_sae, dtype=torch.long), 0
+    for context in contexts:
+        out = base.model(input_ids=torch.tensor([context]), output_hidden_states=True)
+        f = sae.encode(out.hidden_states[LAYER + 1][0])
+        for t, token in enumerate(context):
+            if t == 0 or token in special:
+                continue
+            tokens += 1
+            active += (f[t] > 0).long()
+    return active, tokens
+
+
+def test_accumulator_keeps_exact_counts_histograms_and_top_windows():
+    f = torch.zeros(2, 5, 3)
+    f[0, 2, 0], f[1, 4, 0], f[1, 1, 1], f[0, 3, 0] = 5.0, 0.5, 0.02, 3.0
+    ids = torch.arange(10).reshape(2, 5)
+    valid = torch.ones(2, 5, dtype=torch.bool)
+    valid[:, 0] = False
+    acc = Accumulator(d_sae=3, top_k=2)
+    acc.update(f, ids, valid)
+    assert acc.tokens == 8 and acc.active.tolist() == [3, 1, 0]
+    assert acc.top_values[0].tolist() == [5.0, 3.0] and acc.top_values[1, 0] == 0.02
+    assert math.isinf(acc.top_values[1, 1]) and math.isinf(acc.top_values[2, 0])
+    window = acc.top_windows[0, 0].tolist()  # the peak token (id 2) sits WINDOW_BEFORE in
+    assert window[WINDOW_BEFORE] == 2 and window[:WINDOW_BEFORE - 2] == [-1] * (WINDOW_BEFORE - 2)
+    assert window[WINDOW_BEFORE - 2:WINDOW_BEFORE + 3] == [0, 1, 2, 3, 4]
+    bins = torch.bucketize(torch.tensor([5.0, 3.0, 0.5, 0.02]), torch.tensor(HIST_EDGES))
+    assert acc.hist[0, bins[0]] + acc.hist[0, bins[1]] + acc.hist[0, bins[2]] == 3
+    assert acc.hist[1, bins[3]] == 1 and acc.hist.sum() == 4
+    # A later batch with a larger value takes the top place; the older second place drops.
+    acc.update(f * 2, ids, valid)
+    assert acc.top_values[0].tolist() == [10.0, 6.0]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Dashboards and rule labels for a tiny model and SAE, built through `dashboards.build`."""
+    root = tmp_path_factory.mktemp("features")
+    base, sae = tiny_base(), tiny_sae(layer=LAYER)
+    token_text = base.tokenizer.batch_decode([[i] for i in range(len(base.tokenizer))])
+    settings = BuildSettings(context_size=24, batch_size=3, top_k=4)
+    dashboards.build(base, sae, LAYER, CORPUS, "test", root, settings, token_text, progress=False)
+    return base, sae, root, dashboards.read(root, sae)
+
+
+def test_density_is_the_share_of_tokens_the_feature_fires_on(built):
+    base, sae, _, doc = built
+    contexts = list(dashboards.iter_contexts(base.tokenizer, CORPUS, 24))
+    active, tokens = brute_force(base, sae, contexts)
+    assert doc["tokens"] == tokens and doc["contexts"] == len(contexts)
+    assert [f["density"] for f in doc["features"]] == [round(int(a) / tokens, 7) for a in active]
+
+
+def test_top_contexts_mark_the_peak_and_the_histogram_counts_every_activation(built):
+    base, sae, _, doc = built
+    live = [f for f in doc["features"] if f.get("top_contexts")]
+    assert live
+    for f in live:
+        values = [c["activation"] for c in f["top_contexts"]]
+        assert values == sorted(values, reverse=True) and values[0] == f["max_activation"]
+        assert sum(f["histogram"]) == round(f["density"] * doc["tokens"])
+        for c in f["top_contexts"]:
+            assert 0 <= c["peak"] < len(c["tokens"]) and "<pad>" not in c["tokens"]
+    # The top context of a feature, run through the model, peaks where it says.
+    f = live[0]
+    text = "".join(f["top_contexts"][0]["tokens"])
+    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    acts = sae.encode(base.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+                      .hidden_states[LAYER + 1][0])[:, f["index"]]
+    assert acts.max().item() > 0
+
+
+def test_promoted_tokens_are_the_decoder_direction_through_the_unembedding(built):
+    base, sae, _, doc = built
+    unembed = base.model.get_output_embeddings().weight
+    logits = (sae.W_dec * base.model.model.norm.weight) @ unembed.T
+    text = base.tokenizer.batch_decode([[i] for i in range(len(base.tokenizer))])
+    for f in doc["features"][:16]:
+        top = logits[f["index"]].topk(3).indices.tolist()
+        assert [t for t, _ in f["promoted"][:3]] == [text[i] for i in top]
+        assert f["suppressed"][0][1] == pytest.approx(logits[f["index"]].min().item(), abs=1e-3)
+
+
+def test_an_interrupted_build_resumes_to_the_same_dashboards(built, tmp_path):
+    base, sae, _, doc = built
+    token_text = base.tokenizer.batch_decode([[i] for i in range(len(base.tokenizer))])
+    settings = BuildSettings(context_size=24, batch_size=3, top_k=4, checkpoint_every=3)
+
+    def interrupted():
+        yield CORPUS[0]
+        yield CORPUS[1]
+        raise KeyboardInterrupt  # the run stops partway, after a checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        dashboards.build(base, sae, LAYER, interrupted(), "test", tmp_path, settings, token_text, progress=False)
+    assert (tmp_path / dashboards.PARTIAL_FILE).exists()
+    dashboards.build(base, sae, LAYER, CORPUS, "test", tmp_path, settings, token_text, progress=False)
+    assert dashboards.read(tmp_path, sae)["features"] == doc["features"]
+    assert not (tmp_path / dashboards.PARTIAL_FILE).exists()
+
+
+def test_dashboards_of_another_sae_are_refused(built):
+    _, _, root, _ = built
+    with pytest.raises(CorruptFileError, match="another SAE"):
+        dashboards.read(root, tiny_sae(layer=LAYER, seed=9))
+
+
+def test_the_rule_label_names_the_peak_tokens_and_the_promoted_token():
+    feature = {"density": 0.1, "promoted": [[" ", 2.0], [" items", 1.5]],
+               "top_contexts": [{"tokens": ["a", " list", ":"], "peak": 1}] * 3
+                               + [{"tokens": ["\n", "x"], "peak": 0}]}
+    assert rule_label(feature) == '"list" → "items"'
+    mixed = {**feature, "top_contexts": [{"tokens": [" List"], "peak": 0}, {"tokens": ["\n"], "peak": 0},
+                                         {"tokens": ["\n"], "peak": 0}, {"tokens": [" sorry"], "peak": 0}]}
+    assert rule_label(mixed) == '"newline" → "items"'
+    assert rule_label({"density": 0, "promoted": []}) is None
+
+
+def test_neuronpedia_explanations_import_with_their_source(tmp_path):
+    path = tmp_path / "batch-0.jsonl.gz"
+    records = [{"modelId": "gemma-2-2b", "layer": "12-gemmascope-res-16k", "index": "3",
+                "description": "references to lists", "explanationModelName": "gpt-4o-mini"},
+               {"index": 900, "description": "out of range"}, {"index": 5, "description": "apologies"}]
+    with gzip.open(path, "wt") as fh:
+        fh.write("\n".join(json.dumps(r) for r in records))
+    labels = neuronpedia_labels(path, d_sae=256)
+    assert labels == {3: ("references to lists", "neuronpedia:gpt-4o-mini"), 5: ("apologies", "neuronpedia")}
+    with pytest.raises(FsrlError, match="no explanation"):
+        neuronpedia_labels(path, d_sae=2)
+
+
+class _Labeler(BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible chat endpoint: labels a feature by its marked peak token."""
+
+    seen: list[dict] = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({**body, "auth": self.headers.get("Authorization")})
+        prompt = body["messages"][-1]["content"]
+        peak = prompt.split("⟦", 1)[1].split("⟧", 1)[0]
+        answer = {"choices": [{"message": {"role": "assistant", "content": f'Label: "peaks on {peak!r}"\nmore'}}]}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_openai_compatible_labeler_labels_live_features(built, monkeypatch):
+    _, _, _, doc = built
+    server = HTTPServer(("127.0.0.1", 0), _Labeler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("FSRL_LABELER_KEY", "k")
+    try:
+        labels, failed = llm_labels(doc, f"http://127.0.0.1:{server.server_port}/v1", "judge", limit=5,
+                                    progress=False)
+    finally:
+        server.shutdown()
+    live = [f for f in doc["features"] if f.get("top_contexts")][:5]
+    assert failed == 0 and sorted(labels) == [f["index"] for f in live]
+    for f in live:
+        peak = f["top_contexts"][0]["tokens"][f["top_contexts"][0]["peak"]]
+        assert labels[f["index"]] == (f"peaks on {peak!r}"[:60], "llm:judge")
+    assert _Labeler.seen[0]["model"] == "judge" and _Labeler.seen[0]["auth"] == "Bearer k"
+    with pytest.raises(FsrlError, match="gave no label"):
+        llm_labels(doc, "http://127.0.0.1:9/v1", "judge", limit=2, progress=False, timeout_s=2)
+
+
+def test_search_ranks_label_matches_above_token_matches():
+    entries = [{"index": 0, "density": 0.5, "promoted": [["list", 1.0]], "top_contexts": []},
+               {"index": 1, "density": 0.1, "promoted": [], "top_contexts": [{"tokens": [" lists"], "peak": 0}]},
+               {"index": 2, "density": 0.01, "promoted": [], "top_contexts": []}]
+    index = FeatureIndex(4, {2: "bulleted list items", 3: "apology"}, {2: "rule", 3: "llm:x"},
+                         {"features": entries, "histogram_edges": HIST_EDGES})
+    assert [f["index"] for f in index.search("LIST")] == [2, 1, 0]
+    assert [f["index"] for f in index.search("apolog")] == [3]
+    assert index.search("nothing-like-it") == []
+    card = index.card(1)
+    assert card["top_contexts"][0]["peak"] == 0 and card["label"] is None
+
+
+def test_a_jumprelu_sae_without_a_threshold_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_sae(tiny_sae(architecture="jumprelu"), tmp_path)
+    weights = load_file(tmp_path / "sae_weights.safetensors")
+    weights.pop("threshold")
+    save_file(weights, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(CorruptFileError, match="threshold"):
+        load_sae(tmp_path)
+
+
+def test_build_and_serve_labels_search_and_dashboards(tmp_path):
+    """`fsrl features build` on a tiny setup, then the server: labels in return_features and
+    adapter features, /features search, /features/{index}."""
+    setup = write_tiny_setup(tmp_path / "tiny")
+    (setup.sae_dir / "feature_labels.json").unlink()  # the rule labels the build writes replace them
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(CORPUS))
+    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "features", "build", "--sae", str(setup.sae_dir),
+                           "--model", str(setup.model_dir), "--text", str(corpus), "--device", "cpu",
+                           "--context-size", "24", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    labels = read_labels(setup.sae_dir)
+    doc = dashboards.read(setup.sae_dir)
+    live = [f["index"] for f in doc["features"] if f.get("top_contexts")]
+    assert sorted(labels) == live and all(source == "rule" for _, source in labels.values())
+    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu"],
+                         log_path=tmp_path / "server.log")
+    try:
+        proc.wait_ready(timeout_s=120)
+        with httpx.Client(base_url=proc.url, timeout=60) as c:
+            out = c.post("/generate", json={"prompt": "a list of", "adapter": "tiny", "max_new_tokens": 6,
+                                            "return_features": 5, "ignore_eos": True}).json()
+            steps = [f for step in out["steered"]["features"] for f in step]
+            assert steps and all(f["label"] == labels[f["index"]][0] for f in steps if f["index"] in labels)
+            assert sum(f["label"] is not None for f in steps) >= 0.9 * sum(f["index"] in live for f in steps)
+            top = c.get("/adapters/tiny/features", params={"top": 5}).json()["features"]
+            assert all(f["label_source"] == "rule" for f in top if f["index"] in labels)
+            some = labels[live[0]][0].split('"')[1]  # a peak token of a live feature's label
+            found = c.get("/features", params={"q": some, "limit": 50}).json()["features"]
+            assert live[0] in [f["index"] for f in found] and found[0]["score"] >= found[-1]["score"]
+            card = c.get(f"/features/{live[0]}").json()
+            assert card["label"] == labels[live[0]][0] and card["top_contexts"] and card["histogram"]["edges"]
+            assert c.get("/features/256").status_code == 404
+            assert c.get("/features", params={"q": ""}).status_code == 422
+    finally:
+        proc.stop()
