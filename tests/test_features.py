@@ -58,7 +58,8 @@ def test_accumulator_keeps_exact_counts_histograms_and_top_windows():
     acc = Accumulator(d_sae=3, top_k=2)
     acc.update(f, ids, valid)
     assert acc.tokens == 8 and acc.active.tolist() == [3, 1, 0]
-    assert acc.top_values[0].tolist() == [5.0, 3.0] and acc.top_values[1, 0] == 0.02
+    # One place per context: context 0's peak (5.0) and context 1's (0.5); 3.0 shares context 0.
+    assert acc.top_values[0].tolist() == [5.0, 0.5] and acc.top_values[1, 0] == 0.02
     assert math.isinf(acc.top_values[1, 1]) and math.isinf(acc.top_values[2, 0])
     window = acc.top_windows[0, 0].tolist()  # the peak token (id 2) sits WINDOW_BEFORE in
     assert window[WINDOW_BEFORE] == 2 and window[:WINDOW_BEFORE - 2] == [-1] * (WINDOW_BEFORE - 2)
@@ -68,7 +69,7 @@ def test_accumulator_keeps_exact_counts_histograms_and_top_windows():
     assert acc.hist[1, bins[3]] == 1 and acc.hist.sum() == 4
     # A later batch with a larger value takes the top place; the older second place drops.
     acc.update(f * 2, ids, valid)
-    assert acc.top_values[0].tolist() == [10.0, 6.0]
+    assert acc.top_values[0].tolist() == [10.0, 5.0]
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +148,15 @@ def test_the_rule_label_names_the_peak_tokens_and_the_promoted_token():
     feature = {"density": 0.1, "promoted": [[" ", 2.0], [" items", 1.5]],
                "top_contexts": [{"tokens": ["a", " list", ":"], "peak": 1}] * 3
                                + [{"tokens": ["\n", "x"], "peak": 0}]}
-    assert rule_label(feature) == '"list" → "items"'
+    assert rule_label(feature) == '"list" after "a"'
     mixed = {**feature, "top_contexts": [{"tokens": [" List"], "peak": 0}, {"tokens": ["\n"], "peak": 0},
-                                         {"tokens": ["\n"], "peak": 0}, {"tokens": [" sorry"], "peak": 0}]}
-    assert rule_label(mixed) == '"newline" → "items"'
+                                         {"tokens": ["\n"], "peak": 0}, {"tokens": ["I", " sorry"], "peak": 1}]}
+    assert rule_label(mixed) == '"newline"'
+    split = {**feature, "top_contexts": [{"tokens": [" List"], "peak": 0}, {"tokens": ["\n"], "peak": 0},
+                                         {"tokens": [" list"], "peak": 0}]}
+    assert rule_label(split) == '"list"'
+    three = [{"tokens": [" List"], "peak": 0}, {"tokens": ["\n"], "peak": 0}, {"tokens": [" sorry"], "peak": 0}]
+    assert rule_label({**split, "top_contexts": three}) == '"list" / "newline"'
     assert rule_label({"density": 0, "promoted": []}) is None
 
 
@@ -271,3 +277,19 @@ def test_build_and_serve_labels_search_and_dashboards(tmp_path):
             assert c.get("/features", params={"q": ""}).status_code == 422
     finally:
         proc.stop()
+
+
+def test_the_default_sae_ships_dashboards_and_a_label_for_every_live_feature():
+    from fsrl.sae import default_sae_dir
+
+    sae = load_sae(default_sae_dir())
+    doc = dashboards.read(default_sae_dir(), sae)  # built for this SAE (fingerprint checked)
+    live = [f for f in doc["features"] if f.get("top_contexts")]
+    assert len(doc["features"]) == sae.d_sae and len(live) >= 0.9 * sae.d_sae
+    assert sum(f["index"] in sae.info.labels for f in live) >= 0.9 * len(live)
+    assert not doc["corpus"].count("/work/") and not doc["corpus"].startswith("/")  # no machine paths
+    index = FeatureIndex(sae.d_sae, sae.info.labels, sae.info.label_sources, doc)
+    for query in ("list", "sorry", "python"):
+        best = index.search(query, 1)[0]
+        contexts = index.card(best["index"])["top_contexts"]
+        assert any(query in c["tokens"][c["peak"]].lower() for c in contexts), (query, best)

@@ -770,7 +770,12 @@ def test_default_model_and_sae_answer_a_steered_compare_request(tmp_path):
             text = out[output]["text"]
             assert sum(ch.isalpha() for ch in text) >= 5, (output, text)
         assert "Paris" in out["base"]["text"]
-        assert any(f["index"] == 0 for step in out["steered"]["features"] for f in step)
+        returned = [f for step in out["steered"]["features"] for f in step]
+        assert any(f["index"] == 0 for f in returned)
+        # The shipped labels: nearly every feature a request reports has one, with its source.
+        assert sum(f["label"] is not None for f in returned) >= 0.9 * len(returned)
+        found = httpx.get(f"{proc.url}/features", params={"q": "list", "limit": 3}, timeout=30).json()["features"]
+        assert found and all("list" in f["label"] for f in found)
         # The shipped adapters load; `concise` answers in a complete, much shorter text.
         assert health["adapters"] == 2
         r = httpx.post(f"{proc.url}/generate", timeout=300, json={

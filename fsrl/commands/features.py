@@ -35,7 +35,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--top-k", type=int, default=8, help="top activating contexts kept per feature")
+    parser.add_argument("--top-k", type=int, default=12,
+                        help="top activating contexts kept per feature (the file shows the 8 best distinct ones)")
     parser.add_argument("--max-tokens", type=int, help="stop after this many corpus tokens")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a saved state exists")
     parser.add_argument("--no-labels", action="store_true", help="dashboards only")

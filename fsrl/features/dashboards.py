@@ -45,7 +45,8 @@ WINDOW_BEFORE, WINDOW_AFTER = 12, 4
 class BuildSettings:
     context_size: int = 128
     batch_size: int = 16
-    top_k: int = 8
+    top_k: int = 12                     # contexts kept per feature; the file shows `shown`
+    shown: int = 8                      # distinct ones (a repeated text counts once)
     max_tokens: int | None = None       # stop after this many corpus tokens
     checkpoint_every: int = 512         # contexts between saved states
     exclude_norm_above: float | None = None  # activations this large (outlier positions) are left out
@@ -84,9 +85,11 @@ class Accumulator:
         self.hist.view(-1).index_add_(0, where[:, 1] * self.hist.shape[1] + bins,
                                       torch.ones_like(bins))
         k = self.top_values.shape[1]
-        values, positions = flat.topk(min(k, B * T), dim=0)                    # (k, d_sae)
+        # One candidate per context (its peak), so that a context fills one place, not several.
+        peak_values, peak_at = f.max(dim=1)                                    # (B, d_sae)
+        values, rows = peak_values.topk(min(k, B), dim=0)                      # (k, d_sae)
+        positions = (rows * T + peak_at.gather(0, rows)).T                     # (d_sae, k) flat
         values = torch.where(values > 0, values, -math.inf).T                  # (d_sae, k)
-        positions = positions.T
         padded = torch.cat([torch.full((B, WINDOW_BEFORE), -1), ids,
                             torch.full((B, WINDOW_AFTER), -1)], dim=1)          # (B, T + W - 1)
         width = padded.shape[1]
@@ -233,13 +236,15 @@ def build(base: BaseModel, sae: Sae, layer: int, documents: Iterable[str], corpu
     if acc.tokens == 0:
         raise FsrlError(f"corpus {corpus!r} gave no tokens to measure features on")
     lens = logit_lens(base, sae)
-    path = write(out_dir, acc, lens, sae, base.name, corpus, token_text)
+    path = write(out_dir, acc, lens, sae, base.name, corpus, token_text, settings.shown)
     partial.unlink(missing_ok=True)
     return path
 
 
 def write(out_dir: Path, acc: Accumulator, lens, sae: Sae, model_name: str, corpus: str,
-          token_text: list[str]) -> Path:
+          token_text: list[str], shown: int | None = None) -> Path:
+    """The dashboards file; each feature shows its `shown` best distinct contexts (default:
+    all it kept)."""
     hi_v, hi_i, lo_v, lo_i = lens
     text = (lambda i: token_text[i] if 0 <= i < len(token_text) else "")
     features = []
@@ -250,15 +255,16 @@ def write(out_dir: Path, acc: Accumulator, lens, sae: Sae, model_name: str, corp
         if acc.active[i] > 0:
             entry["max_activation"] = round(float(acc.top_values[i, 0]), 4)
             entry["histogram"] = acc.hist[i, 1:].tolist()  # bin 0 would count values below 0.01
-            contexts = []
+            contexts, seen = [], set()
             for value, window in zip(acc.top_values[i].tolist(), acc.top_windows[i].tolist()):
-                if not math.isfinite(value):
+                if not math.isfinite(value) or tuple(window) in seen:  # a text the corpus repeats
                     continue
+                seen.add(tuple(window))
                 start = next(p for p, t in enumerate(window) if t >= 0)
                 tokens = [text(t) for t in window if t >= 0]
                 contexts.append({"tokens": tokens, "peak": WINDOW_BEFORE - start,
                                  "activation": round(value, 4)})
-            entry["top_contexts"] = contexts
+            entry["top_contexts"] = contexts[:shown]
         features.append(entry)
     doc = {"format": DASHBOARDS_FORMAT, "sae": sae.info.name, "sae_fingerprint": sae.info.fingerprint,
            "model": model_name, "corpus": corpus, "tokens": acc.tokens, "contexts": acc.contexts,

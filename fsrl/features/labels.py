@@ -51,7 +51,10 @@ def rule_label(feature: dict[str, Any]) -> str | None:
     1. The peak token of each top context, named (`token_name`), counted case-insensitively.
     2. If one covers at least half of the contexts, it alone: `"list"`; else the two most
        common: `"list" / "items"`.
-    3. Then the output token the feature promotes most: `"list" / "items" → "of"`.
+    3. If at least half of the contexts also share the token just before the peak, it is
+       named too: `"python" after "a"`.
+    (Promoted tokens stay out of the label: through the logit lens at a middle layer they
+    are often word pieces; dashboards and search still show them.)
     """
     contexts = feature.get("top_contexts") or []
     if not feature.get("density") or not contexts:
@@ -60,9 +63,11 @@ def rule_label(feature: dict[str, Any]) -> str | None:
     ranked = [t for t, _ in peaks.most_common()]
     words = ranked[:1] if peaks[ranked[0]] * 2 >= len(contexts) else ranked[:2]
     label = " / ".join(f'"{w}"' for w in words)
-    promoted = next((token_name(t) for t, _ in feature.get("promoted") or [] if t.strip()), None)
-    if promoted:
-        label += f' → "{promoted}"'
+    before = Counter(token_name(c["tokens"][c["peak"] - 1]).lower() for c in contexts if c["peak"] > 0)
+    if before:
+        word, count = before.most_common(1)[0]
+        if count * 2 >= len(contexts):
+            label += f' after "{word}"'
     return label[:MAX_LABEL_CHARS]
 
 

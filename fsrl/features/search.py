@@ -46,6 +46,8 @@ class FeatureIndex:
 
     def search(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
         query = query.strip().lower()
+        if not query:
+            return []
         scored = [(s, i) for i in range(self.d_sae) if (s := self.score(i, query)) > 0]
         scored.sort(key=lambda si: (-si[0], -self.density(si[1]), si[1]))
         return [{**self.summary(i), "score": round(s, 3)} for s, i in scored[:limit]]
