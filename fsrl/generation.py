@@ -307,13 +307,14 @@ def sample_rows(rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture
     row's owner. A row that cannot go on (`RowError`, non-finite logits) finishes with an
     error event; the other rows are not affected."""
     greedy = logits.argmax(-1).tolist()
-    finite = torch.isfinite(logits).all(-1).tolist()
+    # NaN or +inf anywhere is a broken row; -inf alone is a token the model rules out.
+    broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
     top_i = capture.top_index.tolist() if capture.top_index is not None else None
     top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
     events, tokens = [], []
     for b, row in enumerate(rows):
         try:
-            if not finite[b]:
+            if broken[b]:
                 raise RowError("the model's output for this request is not finite "
                                "(steering too strong for this model's precision?)")
             token = row.choose(logits[b], greedy[b])
