@@ -72,6 +72,15 @@ def test_completions_echo_returns_the_prompt_tokens_with_the_models_own_logprobs
     assert r.json()["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}
 
 
+def test_null_parameters_mean_their_defaults(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "n": None, "temperature": None, "logprobs": None, "top_logprobs": None, "stop": None,
+            "tools": None, "stream": None, "seed": None}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+
+
 def test_chat_logprobs_give_each_tokens_logprob_and_its_top(client):
     r = client.post("/v1/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
