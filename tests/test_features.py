@@ -273,6 +273,10 @@ def test_build_and_serve_labels_search_and_dashboards(tmp_path):
             assert live[0] in [f["index"] for f in found] and found[0]["score"] >= found[-1]["score"]
             card = c.get(f"/features/{live[0]}").json()
             assert card["label"] == labels[live[0]][0] and card["top_contexts"] and card["histogram"]["edges"]
+            assert card["class"] in ("alignment", "style", "other")
+            kept = c.get("/features", params={"q": some, "class": card["class"], "limit": 100}).json()["features"]
+            assert kept and {f["class"] for f in kept} == {card["class"]}
+            assert c.get("/features", params={"q": some, "class": "bogus"}).status_code == 422
             assert c.get("/features/256").status_code == 404
             assert c.get("/features", params={"q": ""}).status_code == 422
     finally:
@@ -293,3 +297,27 @@ def test_the_default_sae_ships_dashboards_and_a_label_for_every_live_feature():
         best = index.search(query, 1)[0]
         contexts = index.card(best["index"])["top_contexts"]
         assert any(query in c["tokens"][c["peak"]].lower() for c in contexts), (query, best)
+
+
+def test_the_class_rule_reads_peaks_and_the_words_before_them():
+    from fsrl.features.classes import classify
+
+    def feature(*contexts):
+        return {"density": 0.1, "top_contexts": [{"tokens": list(c), "peak": len(c) - 1} for c in contexts]}
+    assert classify(feature(["I", "'m", " sorry"], ["I", " apologize", " for"], ["a", " cat"])) == "alignment"
+    assert classify(feature(["end", "."], ["1", "."], ["\n"], [" cat"])) == "style"
+    assert classify(feature([" code", "def"], [" a", " list"], [" cat"], [" dog"])) == "style"
+    assert classify(feature([" the", " cat"], [" a", " dog"], ["."])) == "other"
+    assert classify({"density": 0, "top_contexts": []}) is None
+
+
+def test_the_class_rule_agrees_with_the_hand_labelled_sample():
+    """data/features/class_sample.json: 100 live features of the default SAE, labelled by reading
+    their contexts before the rule's output was seen. Measured: 91 of 100 agree."""
+    from fsrl.features.classes import classify
+    from fsrl.sae import default_sae_dir
+
+    sample = json.loads((Path(__file__).resolve().parents[1] / "data/features/class_sample.json").read_text())
+    entries = {f["index"]: f for f in dashboards.read(default_sae_dir())["features"]}
+    pairs = [(label, classify(entries[int(i)])) for i, label in sample["labels"].items()]
+    assert len(pairs) == 100 and sum(a == b for a, b in pairs) >= 90

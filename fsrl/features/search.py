@@ -5,13 +5,15 @@ A query matches a feature when it occurs (case-insensitively, as a substring: "a
     label      4, plus 2 when a word of the label starts with the query
     peak       2 + the share of its top contexts whose peak token holds the query
     promoted   1
-summed over the three; ties go to the denser feature, then the lower index.
+summed over the three; ties go to the denser feature, then the lower index. Each feature with
+a dashboard also has a class (`fsrl.features.classes`), and a search can keep one class.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from fsrl.features.classes import classify
 from fsrl.features.labels import token_name
 
 
@@ -26,6 +28,7 @@ class FeatureIndex:
                        for i, f in self.entries.items()}
         self._promoted = {i: [token_name(t).lower() for t, _ in f.get("promoted") or []]
                           for i, f in self.entries.items()}
+        self.classes = {i: c for i, f in self.entries.items() if (c := classify(f)) is not None}
 
     @property
     def has_dashboards(self) -> bool:
@@ -44,11 +47,13 @@ class FeatureIndex:
             score += 1
         return score
 
-    def search(self, query: str, limit: int = 20) -> list[dict[str, Any]]:
+    def search(self, query: str, limit: int = 20, feature_class: str | None = None) -> list[dict[str, Any]]:
+        """Best first; with `feature_class`, only features of that class."""
         query = query.strip().lower()
         if not query:
             return []
-        scored = [(s, i) for i in range(self.d_sae) if (s := self.score(i, query)) > 0]
+        scored = [(s, i) for i in range(self.d_sae) if (s := self.score(i, query)) > 0
+                  and (feature_class is None or self.classes.get(i) == feature_class)]
         scored.sort(key=lambda si: (-si[0], -self.density(si[1]), si[1]))
         return [{**self.summary(i), "score": round(s, 3)} for s, i in scored[:limit]]
 
@@ -57,6 +62,7 @@ class FeatureIndex:
 
     def summary(self, index: int) -> dict[str, Any]:
         return {"index": index, "label": self.labels.get(index), "label_source": self.sources.get(index),
+                "class": self.classes.get(index),
                 "density": self.entries[index]["density"] if index in self.entries else None,
                 "peak_tokens": sorted(set(self._peaks.get(index, [])), key=self._peaks.get(index, []).count,
                                       reverse=True)[:3],
@@ -69,6 +75,7 @@ class FeatureIndex:
         edges = (self.dashboards or {}).get("histogram_edges")
         hist = entry.get("histogram")
         return {"index": index, "label": self.labels.get(index), "label_source": self.sources.get(index),
+                "class": self.classes.get(index),
                 "density": entry.get("density"), "max_activation": entry.get("max_activation"),
                 "histogram": {"edges": edges, "counts": hist} if hist is not None else None,
                 "top_contexts": entry.get("top_contexts") if self.has_dashboards else None,

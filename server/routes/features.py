@@ -1,8 +1,9 @@
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 
 from fsrl.errors import NotFoundError
+from fsrl.features.classes import CLASSES
 from server.deps import StateDep
 
 router = APIRouter(prefix="/features", tags=["features"])
@@ -10,9 +11,11 @@ router = APIRouter(prefix="/features", tags=["features"])
 
 @router.get("")
 async def search_features(state: StateDep, q: Annotated[str, Query(min_length=1, max_length=200)],
-                          limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict:
-    """Features whose label, peak tokens or promoted tokens hold `q` (case-insensitive), best first."""
-    return {"query": q, "features": state.features.search(q, limit)}
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          feature_class: Annotated[Literal[CLASSES] | None, Query(alias="class")] = None) -> dict:
+    """Features whose label, peak tokens or promoted tokens hold `q` (case-insensitive), best
+    first; `class` keeps one class (alignment, style, other)."""
+    return {"query": q, "features": state.features.search(q, limit, feature_class)}
 
 
 @router.get("/{index}")
