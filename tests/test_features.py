@@ -98,7 +98,8 @@ def test_top_contexts_mark_the_peak_and_the_histogram_counts_every_activation(bu
     for f in live:
         values = [c["activation"] for c in f["top_contexts"]]
         assert values == sorted(values, reverse=True) and values[0] == f["max_activation"]
-        assert sum(f["histogram"]) == round(f["density"] * doc["tokens"])
+        assert sum(f["histogram"]) == round(f["density"] * doc["tokens"])  # every activation, small ones too
+        assert len(f["histogram"]) == len(doc["histogram_edges"])
         for c in f["top_contexts"]:
             assert 0 <= c["peak"] < len(c["tokens"]) and "<pad>" not in c["tokens"]
     # The top context of a feature, run through the model, peaks where it says.
@@ -291,6 +292,7 @@ def test_the_default_sae_ships_dashboards_and_a_label_for_every_live_feature():
     live = [f for f in doc["features"] if f.get("top_contexts")]
     assert len(doc["features"]) == sae.d_sae and len(live) >= 0.9 * sae.d_sae
     assert sum(f["index"] in sae.info.labels for f in live) >= 0.9 * len(live)
+    assert all(sum(f["histogram"]) == round(f["density"] * doc["tokens"]) for f in live)
     assert not doc["corpus"].count("/work/") and not doc["corpus"].startswith("/")  # no machine paths
     index = FeatureIndex(sae.d_sae, sae.info.labels, sae.info.label_sources, doc)
     for query in ("list", "sorry", "python"):

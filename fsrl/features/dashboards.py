@@ -3,7 +3,8 @@
 For every feature of an SAE at one layer, from the model's activations on a corpus:
 
     density          share of corpus tokens on which the feature is active (f > 0)
-    histogram        counts of its positive activations in log-spaced bins (HIST_EDGES)
+    histogram        counts of its positive activations in bins: (0, 0.01], then four a decade
+                     up to 10,000 (HIST_EDGES), then above
     top_contexts     the top-k activating token windows, the peak token marked
     promoted         output tokens its decoder direction raises most, through the final norm's
     suppressed       scale and the unembedding (logit lens): W_dec[i] * norm.weight @ W_U^T
@@ -254,7 +255,7 @@ def write(out_dir: Path, acc: Accumulator, lens, sae: Sae, model_name: str, corp
         entry["suppressed"] = [[text(t), round(v, 4)] for t, v in zip(lo_i[i].tolist(), lo_v[i].tolist())]
         if acc.active[i] > 0:
             entry["max_activation"] = round(float(acc.top_values[i, 0]), 4)
-            entry["histogram"] = acc.hist[i, 1:].tolist()  # bin 0 would count values below 0.01
+            entry["histogram"] = acc.hist[i].tolist()  # counts[j]: edges[j] < value <= edges[j + 1]
             contexts, seen = [], set()
             for value, window in zip(acc.top_values[i].tolist(), acc.top_windows[i].tolist()):
                 if not math.isfinite(value) or tuple(window) in seen:  # a text the corpus repeats
@@ -268,7 +269,7 @@ def write(out_dir: Path, acc: Accumulator, lens, sae: Sae, model_name: str, corp
         features.append(entry)
     doc = {"format": DASHBOARDS_FORMAT, "sae": sae.info.name, "sae_fingerprint": sae.info.fingerprint,
            "model": model_name, "corpus": corpus, "tokens": acc.tokens, "contexts": acc.contexts,
-           "histogram_edges": HIST_EDGES, "features": features}
+           "histogram_edges": [0.0, *HIST_EDGES], "features": features}
     path = out_dir / DASHBOARDS_FILE
     tmp = path.with_suffix(".tmp")
     with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as fh:
