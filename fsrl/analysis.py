@@ -19,32 +19,13 @@ from fsrl.models import BaseModel
 from fsrl.sae import Sae
 
 
-class _Stop(Exception):
-    """Raised by the capture hook: nothing above the hook layer is needed."""
-
-
 @torch.no_grad()
 def hook_activations(base: BaseModel, layer: int, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """The residual stream at the output of decoder layer `layer` for every token of every
     sequence but the first (its norm is hundreds of times the rest's; SAEs train without it):
     (tokens, d_model), on the model's device."""
-    captured: list[torch.Tensor] = []
-
-    def grab(module, args, output):
-        captured.append((output[0] if isinstance(output, tuple) else output)[0, 1:].detach())
-        raise _Stop
-
-    handle = base.layers[layer].register_forward_hook(grab)
-    try:
-        for ids in token_ids:
-            if len(ids) < 2:
-                continue
-            try:
-                base.model(input_ids=torch.tensor([list(ids)], device=base.device))
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
+    captured = [base.layer_output(layer, torch.tensor([list(ids)]))[0, 1:]
+                for ids in token_ids if len(ids) >= 2]
     if not captured:
         return torch.zeros(0, base.d_model, device=base.device, dtype=base.dtype)
     return torch.cat(captured)

@@ -95,17 +95,9 @@ def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0
 def _calibration_activations(base, layer: int, n_tokens: int = 256):
     import torch
 
-    captured = []
-    handle = base.layers[layer].register_forward_hook(
-        lambda m, a, out: captured.append((out[0] if isinstance(out, tuple) else out).detach()))
-    try:
-        ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
-                            generator=torch.Generator().manual_seed(0)).to(base.device)
-        with torch.inference_mode():
-            base.model(input_ids=ids)
-    finally:
-        handle.remove()
-    return captured[0][0, 1:]                                             # drop position 0
+    ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
+                        generator=torch.Generator().manual_seed(0))
+    return base.layer_output(layer, ids)[0, 1:]                          # drop position 0
 
 
 def _overrides(sae) -> list:

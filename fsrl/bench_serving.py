@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     adapters_dir = Path(args.adapters_dir)
     if not any(adapters_dir.glob("*/adapter.json")):
         raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
-    from server.process import ServerProcess
+    from fsrl.server_process import ServerProcess
 
     args_serve = ["--adapters-dir", str(adapters_dir), "--device", args.device,
                   "--max-batch-rows", str(args.max_batch_rows)]

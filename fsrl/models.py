@@ -125,6 +125,31 @@ class BaseModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    @torch.no_grad()
+    def layer_output(self, layer: int, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after decoder layer `layer` for (B, T) tokens: (B, T, d_model).
+        The forward pass stops there: nothing above the layer runs."""
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            captured["x"] = output[0] if isinstance(output, tuple) else output
+            raise _StopForward
+
+        handle = self.layers[layer].register_forward_hook(grab)
+        try:
+            self.model(input_ids=input_ids.to(self.device),
+                       attention_mask=None if attention_mask is None else attention_mask.to(self.device))
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured["x"]
+
+
+class _StopForward(Exception):
+    """Raised by `BaseModel.layer_output`'s hook once it has what it needs."""
+
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks of a transformers causal LM (llama, gemma, gpt2, ...)."""

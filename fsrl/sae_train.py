@@ -586,30 +586,9 @@ def pack_contexts(tokenizer, rows: list[str], context_size: int, separator: int 
     return torch.tensor(ids[: n * context_size]).view(n, context_size)
 
 
-class _Stop(Exception):
-    pass
-
-
 def layer_activations(base, layer: int, tokens):
-    """Residual stream after decoder layer `layer` for (B, T) tokens -> (B, T, d_in) float32;
-    the forward pass stops there."""
-    import torch
-
-    captured = {}
-
-    def hook(module, inputs, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = base.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            base.model(tokens.to(base.device))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["x"].float()
+    """Residual stream after decoder layer `layer` for (B, T) tokens -> (B, T, d_in) float32."""
+    return base.layer_output(layer, tokens).float()
 
 
 def _ce_loss(base, layer: int, tokens, keep, edit) -> tuple[float, int]:

@@ -12,7 +12,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
 
-from server_fixtures import ServerProcess, TinySetup, read_sse, write_tiny_setup  # noqa: E402
+from server_fixtures import ServerProcess, TinySetup, read_sse, tiny_server_args, write_tiny_setup  # noqa: E402
 
 __all__ = ["ServerProcess", "TinySetup", "read_sse", "write_tiny_setup", "start_tiny_server"]
 
@@ -20,9 +20,7 @@ __all__ = ["ServerProcess", "TinySetup", "read_sse", "write_tiny_setup", "start_
 def start_tiny_server(root: Path, *extra: str) -> tuple[TinySetup, ServerProcess]:
     """Writes the tiny setup under `root` and starts `fsrl serve` on it; the caller stops it."""
     setup = write_tiny_setup(root)
-    server = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                            "--adapters-dir", str(setup.adapters_dir), "--device", "cpu", *extra],
-                           log_path=root / "server.log")
+    server = ServerProcess(tiny_server_args(setup, *extra), log_path=root / "server.log")
     try:
         server.wait_ready(timeout_s=180)
     except BaseException:

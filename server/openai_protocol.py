@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fsrl.generation import GenerationResult, LogProbs, TokenEvent
 from server.errors import InvalidField
@@ -69,10 +69,13 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-def _neutral(value: Any, neutral: Any, name: str) -> Any:
-    if value not in (None, neutral):
-        raise ValueError(f"this server supports only {name}={neutral!r}")
-    return value
+def neutral_only(neutral: Any) -> AfterValidator:
+    """For an OpenAI parameter this server takes only at its neutral value."""
+    def check(value: Any) -> Any:
+        if value != neutral:
+            raise ValueError(f"this server supports only {neutral!r}")
+        return value
+    return AfterValidator(check)
 
 
 class _Common(BaseModel):
@@ -91,9 +94,9 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     steering: Steering | None = None
     user: str | None = Field(None, max_length=256)               # accepted, not used
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Annotated[float, neutral_only(0.0)] = 0.0
+    frequency_penalty: Annotated[float, neutral_only(0.0)] = 0.0
+    logit_bias: Annotated[dict[str, float], neutral_only({})] = {}
 
     @model_validator(mode="before")
     @classmethod
@@ -101,18 +104,6 @@ class _Common(BaseModel):
         """OpenAI clients send null for a parameter left at its default (and for one they do
         not use): it means the default here too."""
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value, info):
-        return _neutral(value, 0.0, info.field_name)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, value):
-        if value:
-            raise ValueError("this server does not support logit_bias")
-        return value
 
     def unsupported(self) -> None:
         """422 for the first OpenAI parameter this server does not implement."""
@@ -166,20 +157,8 @@ class CompletionBody(_Common):
     max_tokens: int | None = Field(16, ge=1)                     # OpenAI's default
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)    # top k; 0: the chosen token's only
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("this server does not support suffix")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of_one(cls, value, info):
-        return _neutral(value, 1, info.field_name)
+    suffix: Annotated[str, neutral_only("")] = ""
+    best_of: Annotated[int, neutral_only(1)] = 1
 
     @model_validator(mode="after")
     def _echo_not_streamed(self) -> "CompletionBody":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from factories import tiny_adapter, tiny_model, tiny_sae, tiny_tokenizer
 from fsrl.adapter import save_adapter
 from fsrl.models import model_fingerprint
 from fsrl.sae import save_sae
-from server.process import ServerProcess, free_port  # noqa: F401  (the tests' import point)
+from fsrl.server_process import ServerProcess, free_port  # noqa: F401  (the tests' import point)
 
 LAYER = 1
 D_SAE = 256
@@ -69,6 +71,24 @@ def write_tiny_setup(root: Path) -> TinySetup:
     (adapters / "link-out" / "adapter.safetensors").unlink()
     (adapters / "link-out" / "adapter.safetensors").symlink_to(outside / "adapter.safetensors")
     return TinySetup(model_dir, sae_dir, adapters, outside)
+
+
+def tiny_server_args(setup: TinySetup, *extra: str) -> list[str]:
+    """`fsrl serve` flags for the tiny setup on the CPU, then `extra`."""
+    return ["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+            "--adapters-dir", str(setup.adapters_dir), "--device", "cpu", *extra]
+
+
+@contextmanager
+def serving(args: list[str], log_path: Path, timeout_s: float = 120.0,
+            max_polls: int = 1200) -> Iterator[ServerProcess]:
+    """`fsrl serve` with `args` on loopback, ready; stopped by its PID on the way out."""
+    proc = ServerProcess(args, log_path=log_path)
+    try:
+        proc.wait_ready(timeout_s=timeout_s, max_polls=max_polls)
+        yield proc
+    finally:
+        proc.stop()
 
 
 def read_sse(response: httpx.Response, max_events: int = 10_000) -> tuple[list[dict], bool]:

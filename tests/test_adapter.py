@@ -85,7 +85,19 @@ def test_truncated_weights_file_is_refused(saved):
     (lambda m: m.pop("d_sae"), "missing field"),
     (lambda m: m.update(activation="tanh"), "unknown activation"),
     (lambda m: m.update(format="lora"), "format"),
-])
+    # strict: a string is not a number, "false" is not a boolean, nothing unknown, at most 1 MiB
+    (lambda m: m.update(format_version="1"), "format_version"),
+    (lambda m: m.update(d_in=64.0), "d_in"),
+    (lambda m: m.update(base_model="tiny-llama"), "base_model"),
+    (lambda m: m.update(clamp_nonnegative="false"), "clamp_nonnegative"),
+    (lambda m: m.update(layer=True), "layer"),
+    (lambda m: m.update(extra_field=1), "extra_field"),
+    (lambda m: m["sae"].update(fingerprint=7), "sae.fingerprint"),
+    (lambda m: m.update(format_version=99), "newer than this fsrl reads"),
+    (lambda m: m.update(training={"notes": "x" * (1 << 20)}), "larger than"),
+], ids=["missing field", "unknown activation", "other format", "string version", "float d_in",
+        "string base_model", "string bool", "bool layer", "unknown field", "int fingerprint",
+        "future version", "over 1 MiB"])
 def test_bad_metadata_is_refused(saved, edit, msg):
     path = saved[1] / "adapter.json"
     meta = json.loads(path.read_text())
@@ -98,27 +110,6 @@ def test_bad_metadata_is_refused(saved, edit, msg):
 def test_missing_files_are_clear_errors(tmp_path):
     with pytest.raises(FsrlError, match="adapter.json is missing"):
         load_adapter(tmp_path)
-
-
-@pytest.mark.parametrize("edit,msg", [
-    (lambda m: m.update(format_version="1"), "format_version"),
-    (lambda m: m.update(d_in=64.0), "d_in"),
-    (lambda m: m.update(base_model="tiny-llama"), "base_model"),
-    (lambda m: m.update(clamp_nonnegative="false"), "clamp_nonnegative"),
-    (lambda m: m.update(layer=True), "layer"),
-    (lambda m: m.update(extra_field=1), "extra_field"),
-    (lambda m: m["sae"].update(fingerprint=7), "sae.fingerprint"),
-    (lambda m: m.update(format_version=99), "newer than this fsrl reads"),
-    (lambda m: m.update(training={"notes": "x" * (1 << 20)}), "larger than"),
-], ids=["string version", "float d_in", "string base_model", "string bool", "bool layer",
-        "unknown field", "int fingerprint", "future version", "over 1 MiB"])
-def test_adapter_json_is_strict(saved, edit, msg):
-    path = saved[1] / "adapter.json"
-    meta = json.loads(path.read_text())
-    edit(meta)
-    path.write_text(json.dumps(meta))
-    with pytest.raises(CorruptFileError, match=msg):
-        load_adapter(saved[1])
 
 
 def test_adapter_json_nested_too_deep_is_refused(saved):

@@ -1,5 +1,5 @@
 """The steering's promises on every device this machine has: CUDA when there is one, the CPU
-always. `make gpu-check` runs these (`-m cuda`) on a GPU machine; the CPU cases run in every
+always (the bit-identical-logits promise lives only here). `make gpu-check` runs these (`-m cuda`) on a GPU machine; the CPU cases run in every
 suite so that the GPU check cannot rot between GPU sessions."""
 
 import asyncio
@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 from factories import tiny_adapter, tiny_base, tiny_sae
-from test_steering import reference_steer
+from test_steering import reference_steer, run_steer
 
 from fsrl.adapter import save_adapter
 from fsrl.generation import GenerationRequest, Generator, SamplingParams
 from fsrl.static_decode import use_static_decode
-from fsrl.steering import FeatureOverride, RowSteering, SteeringBatch, SteeringHook, steer
+from fsrl.steering import FeatureOverride, RowSteering, SteeringBatch, SteeringHook
 
 pytestmark = pytest.mark.cuda
 
@@ -27,13 +27,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 def on(device: str, dtype: torch.dtype, *modules):
     return [copy.deepcopy(m).to(device, dtype) for m in modules]
-
-
-def run_steer(x, sae, rows):
-    """As the generator builds a batch: on the residual's device, in the SAE's dtype."""
-    batch = SteeringBatch.build(rows, sae.d_sae, device=x.device, dtype=sae.W_dec.dtype)
-    positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-    return steer(x, sae, batch, positions).x
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import shutil
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from fsrl.features.dashboards import HIST_EDGES, WINDOW_BEFORE, Accumulator, Bui
 from fsrl.features.labels import llm_labels, neuronpedia_labels, rule_label
 from fsrl.features.search import FeatureIndex
 from fsrl.sae import load_sae, read_labels, save_sae
-from server_fixtures import ServerProcess, write_tiny_setup
+from server_fixtures import serving, tiny_server_args, write_tiny_setup
 
 LAYER = 1
 CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",
@@ -256,32 +255,26 @@ def test_build_and_serve_labels_search_and_dashboards(tmp_path):
     doc = dashboards.read(setup.sae_dir)
     live = [f["index"] for f in doc["features"] if f.get("top_contexts")]
     assert sorted(labels) == live and all(source == "rule" for _, source in labels.values())
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu"],
-                         log_path=tmp_path / "server.log")
-    try:
-        proc.wait_ready(timeout_s=120)
-        with httpx.Client(base_url=proc.url, timeout=60) as c:
-            out = c.post("/generate", json={"prompt": "a list of", "adapter": "tiny", "max_new_tokens": 6,
-                                            "return_features": 5, "ignore_eos": True}).json()
-            steps = [f for step in out["steered"]["features"] for f in step]
-            assert steps and all(f["label"] == labels[f["index"]][0] for f in steps if f["index"] in labels)
-            assert sum(f["label"] is not None for f in steps) >= 0.9 * sum(f["index"] in live for f in steps)
-            top = c.get("/adapters/tiny/features", params={"top": 5}).json()["features"]
-            assert all(f["label_source"] == "rule" for f in top if f["index"] in labels)
-            some = labels[live[0]][0].split('"')[1]  # a peak token of a live feature's label
-            found = c.get("/features", params={"q": some, "limit": 50}).json()["features"]
-            assert live[0] in [f["index"] for f in found] and found[0]["score"] >= found[-1]["score"]
-            card = c.get(f"/features/{live[0]}").json()
-            assert card["label"] == labels[live[0]][0] and card["top_contexts"] and card["histogram"]["edges"]
-            assert card["class"] in ("alignment", "style", "other")
-            kept = c.get("/features", params={"q": some, "class": card["class"], "limit": 100}).json()["features"]
-            assert kept and {f["class"] for f in kept} == {card["class"]}
-            assert c.get("/features", params={"q": some, "class": "bogus"}).status_code == 422
-            assert c.get("/features/256").status_code == 404
-            assert c.get("/features", params={"q": ""}).status_code == 422
-    finally:
-        proc.stop()
+    with serving(tiny_server_args(setup), tmp_path / "server.log") as proc, \
+            httpx.Client(base_url=proc.url, timeout=60) as c:
+        out = c.post("/generate", json={"prompt": "a list of", "adapter": "tiny", "max_new_tokens": 6,
+                                        "return_features": 5, "ignore_eos": True}).json()
+        steps = [f for step in out["steered"]["features"] for f in step]
+        assert steps and all(f["label"] == labels[f["index"]][0] for f in steps if f["index"] in labels)
+        assert sum(f["label"] is not None for f in steps) >= 0.9 * sum(f["index"] in live for f in steps)
+        top = c.get("/adapters/tiny/features", params={"top": 5}).json()["features"]
+        assert all(f["label_source"] == "rule" for f in top if f["index"] in labels)
+        some = labels[live[0]][0].split('"')[1]  # a peak token of a live feature's label
+        found = c.get("/features", params={"q": some, "limit": 50}).json()["features"]
+        assert live[0] in [f["index"] for f in found] and found[0]["score"] >= found[-1]["score"]
+        card = c.get(f"/features/{live[0]}").json()
+        assert card["label"] == labels[live[0]][0] and card["top_contexts"] and card["histogram"]["edges"]
+        assert card["class"] in ("alignment", "style", "other")
+        kept = c.get("/features", params={"q": some, "class": card["class"], "limit": 100}).json()["features"]
+        assert kept and {f["class"] for f in kept} == {card["class"]}
+        assert c.get("/features", params={"q": some, "class": "bogus"}).status_code == 422
+        assert c.get("/features/256").status_code == 404
+        assert c.get("/features", params={"q": ""}).status_code == 422
 
 
 def test_the_default_sae_ships_dashboards_and_a_label_for_every_live_feature():

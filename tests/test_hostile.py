@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from fsrl.sae import SAE_LABELS_FILE
-from server_fixtures import ServerProcess, TinySetup, read_sse, write_tiny_setup
+from server_fixtures import ServerProcess, TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
 
 ERROR_KEYS = {"message", "type", "code"}
 # Sampled with a seed, steered, long enough to still be decoding when the bad request lands.
@@ -29,12 +29,9 @@ ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens"
 JSON = {"content-type": "application/json"}
 
 
-def serve(setup: TinySetup, log_dir: Path, *extra: str) -> ServerProcess:
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
-                          "--max-new-tokens-cap", "400", *extra], log_path=log_dir / "server.log")
-    proc.wait_ready(timeout_s=120)
-    return proc
+def serve(setup: TinySetup, log_dir: Path, *extra: str):
+    """The tiny server with this file's token cap, as a context manager."""
+    return serving(tiny_server_args(setup, "--max-new-tokens-cap", "400", *extra), log_dir / "server.log")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +41,8 @@ def setup(tmp_path_factory) -> TinySetup:
 
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
-    proc = serve(setup, tmp_path_factory.mktemp("log"))
-    try:
+    with serve(setup, tmp_path_factory.mktemp("log")) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +217,9 @@ def test_streams_that_never_read_hold_no_slot_and_are_cut_off(setup, tmp_path):
     sae_dir = tmp_path / "sae"
     shutil.copytree(setup.sae_dir, sae_dir)
     (sae_dir / SAE_LABELS_FILE).write_text(json.dumps({str(i): f"feature {i} " + "x" * 200 for i in range(256)}))
-    proc = serve(dataclasses.replace(setup, sae_dir=sae_dir), tmp_path, "--max-queue", "8",
-                 "--stream-send-timeout", "3")
-    sockets = []
-    try:
+    sockets: list[socket.socket] = []
+    with serve(dataclasses.replace(setup, sae_dir=sae_dir), tmp_path, "--max-queue", "8",
+               "--stream-send-timeout", "3") as proc:
         host, port = "127.0.0.1", proc.port
         body = json.dumps({"prompt": "never read", "max_new_tokens": 400, "ignore_eos": True,
                            "stream": True, "adapter": "tiny", "return_features": 64}).encode()
@@ -250,15 +243,12 @@ def test_streams_that_never_read_hold_no_slot_and_are_cut_off(setup, tmp_path):
         for s in sockets:
             data = _read_all(s)
             assert data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in data  # cut off
-    finally:
         for s in sockets:
             s.close()
-        proc.stop()
 
 
 def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(setup, tmp_path):
-    proc = serve(setup, tmp_path, "--max-queue", "3", "--max-batch-rows", "2")
-    try:
+    with serve(setup, tmp_path, "--max-queue", "3", "--max-batch-rows", "2") as proc:
         def one(i: int) -> tuple[int, str | None, list[dict], bool]:
             with httpx.Client(base_url=proc.url, timeout=60.0) as c, c.stream(
                     "POST", "/generate", json={"prompt": f"burst {i}", "max_new_tokens": 30,
@@ -278,8 +268,6 @@ def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(set
             else:
                 assert done and not any("error" in e for e in events)
                 assert events[-1]["type"] == "response"
-    finally:
-        proc.stop()
 
 
 @pytest.mark.slow

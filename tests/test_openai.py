@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from server_fixtures import ServerProcess, TinySetup, read_sse, write_tiny_setup
+from server_fixtures import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,8 @@ def setup(tmp_path_factory) -> TinySetup:
 
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu"],
-                         log_path=tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        proc.wait_ready(timeout_s=120)
+    with serving(tiny_server_args(setup), tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -212,12 +206,8 @@ def test_lm_eval_harness_accuracy_on_the_default_model_equals_its_own(tmp_path, 
     from fsrl.models import DEFAULT_MODEL_NAME, ensure_default_model
 
     folder = ensure_default_model()
-    proc = ServerProcess(["--device", "cpu"], log_path=tmp_path / "server.log")
-    try:
-        proc.wait_ready(timeout_s=180, max_polls=1800)
+    with serving(["--device", "cpu"], tmp_path / "server.log", timeout_s=180, max_polls=1800) as proc:
         acc, scores = run_multiple_choice(proc.url, DEFAULT_MODEL_NAME, folder, tmp_path, monkeypatch)
-    finally:
-        proc.stop()
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     want_acc, want_scores = own_multiple_choice(net, AutoTokenizer.from_pretrained(folder))
     assert acc == want_acc and acc >= 0.5  # a real model answers these

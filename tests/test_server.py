@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixtures import D_SAE, LAYER, ServerProcess, TinySetup, read_sse, write_tiny_setup
+from server_fixtures import (D_SAE, LAYER, ServerProcess, TinySetup, read_sse, serving, tiny_server_args,
+                             write_tiny_setup)
 
 REPO = Path(__file__).resolve().parents[1]
 CAP = 400  # the tiny server's --max-new-tokens-cap
@@ -30,15 +31,9 @@ def setup(tmp_path_factory) -> TinySetup:
 
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
-                          "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"],
-                         log_path=tmp_path_factory.mktemp("log") / "server.log")
-    try:
-        proc.wait_ready(timeout_s=120)  # imports alone take seconds on a busy machine
+    with serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"),
+                 tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -75,52 +70,40 @@ def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
 
 
 def test_server_without_packed_weights_answers_as_the_packed_one(client, setup, tmp_path):
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
-                          "--no-pack-cpu-weights"], log_path=tmp_path / "server.log")
-    try:
-        proc.wait_ready(timeout_s=120)
-        with httpx.Client(base_url=proc.url, timeout=60) as plain:
-            assert plain.get("/health").json()["packed_cpu_weights"] is False
-            for body in ({"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
-                         {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]}):
-                body = {**body, "max_new_tokens": 12, "ignore_eos": True}
-                plain_answer, packed_answer = generate(plain, **body), generate(client, **body)
-                for key in ("steered", "base", "usage"):
-                    assert plain_answer[key] == packed_answer[key], key
-    finally:
-        proc.stop()
+    with serving(tiny_server_args(setup, "--no-pack-cpu-weights"), tmp_path / "server.log") as proc, \
+            httpx.Client(base_url=proc.url, timeout=60) as plain:
+        assert plain.get("/health").json()["packed_cpu_weights"] is False
+        for body in ({"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
+                     {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]}):
+            body = {**body, "max_new_tokens": 12, "ignore_eos": True}
+            plain_answer, packed_answer = generate(plain, **body), generate(client, **body)
+            for key in ("steered", "base", "usage"):
+                assert plain_answer[key] == packed_answer[key], key
 
 
 def test_a_compiled_decode_server_answers_as_the_eager_one(client, setup, tmp_path):
-    proc = ServerProcess(["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                          "--adapters-dir", str(setup.adapters_dir), "--device", "cpu",
-                          "--compile-decode", "--static-cache-tokens", "64", "--max-batch-rows", "4"],
-                         log_path=tmp_path / "server.log")
+    args = tiny_server_args(setup, "--compile-decode", "--static-cache-tokens", "64", "--max-batch-rows", "4")
     bodies = [{"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
               {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]},
               {"prompt": "seeded", "adapter": "tiny", "temperature": 1.0, "seed": 5, "return_features": 2},
               {"prompt": "a longer prompt than the others", "adapter": "tiny", "steering_scale": 2.0}]
     bodies = [{**body, "max_new_tokens": 12, "ignore_eos": True} for body in bodies]
-    try:
-        proc.wait_ready(timeout_s=300)  # compiling takes a while
-        with httpx.Client(base_url=proc.url, timeout=120) as compiled:
-            assert compiled.get("/health").json()["compiled_decode"] is True
-            with ThreadPoolExecutor(len(bodies)) as pool:  # rows join and leave the slots
-                answers = list(pool.map(lambda body: generate(compiled, **body), bodies))
-            for body, answer in zip(bodies, answers):
-                eager = generate(client, **body)
-                assert answer["base"] == eager["base"] and answer["usage"] == eager["usage"]
-                mine, theirs = dict(answer["steered"]), dict(eager["steered"])
-                # Compiled kernels round differently: feature deltas agree to float precision.
-                for a, b in zip(mine.pop("features", None) or [], theirs.pop("features", None) or []):
-                    assert [f["index"] for f in a] == [f["index"] for f in b], body
-                    assert [f["delta"] for f in a] == pytest.approx([f["delta"] for f in b], rel=1e-4)
-                assert mine == theirs, body
-            too_long = compiled.post("/generate", json={"prompt": "x" * 60, "max_new_tokens": 5})
-            assert_error(too_long, 422, "max_new_tokens", "64")
-    finally:
-        proc.stop()
+    with serving(args, tmp_path / "server.log", timeout_s=300) as proc, \
+            httpx.Client(base_url=proc.url, timeout=120) as compiled:  # compiling takes a while
+        assert compiled.get("/health").json()["compiled_decode"] is True
+        with ThreadPoolExecutor(len(bodies)) as pool:  # rows join and leave the slots
+            answers = list(pool.map(lambda body: generate(compiled, **body), bodies))
+        for body, answer in zip(bodies, answers):
+            eager = generate(client, **body)
+            assert answer["base"] == eager["base"] and answer["usage"] == eager["usage"]
+            mine, theirs = dict(answer["steered"]), dict(eager["steered"])
+            # Compiled kernels round differently: feature deltas agree to float precision.
+            for a, b in zip(mine.pop("features", None) or [], theirs.pop("features", None) or []):
+                assert [f["index"] for f in a] == [f["index"] for f in b], body
+                assert [f["delta"] for f in a] == pytest.approx([f["delta"] for f in b], rel=1e-4)
+            assert mine == theirs, body
+        too_long = compiled.post("/generate", json={"prompt": "x" * 60, "max_new_tokens": 5})
+        assert_error(too_long, 422, "max_new_tokens", "64")
 
 
 def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(client):

@@ -38,9 +38,10 @@ def reference_steer(x, sae, adapter, scale, overrides, clamp):
 
 
 def run_steer(x, sae, rows, positions=None):
-    batch = SteeringBatch.build(rows, sae.d_sae)
+    """As the generator builds a batch: on the residual's device, in the SAE's dtype."""
+    batch = SteeringBatch.build(rows, sae.d_sae, device=x.device, dtype=sae.W_dec.dtype)
     if positions is None:
-        positions = torch.arange(x.shape[1]).expand(x.shape[0], -1)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
     return steer(x, sae, batch, positions).x
 
 
@@ -155,25 +156,6 @@ def test_capture_reports_top_deltas_at_last_position():
     out = steer(torch.randn(1, 3, 64), sae, batch, torch.arange(3)[None])
     assert out.top_index.tolist() == [[4, 9]]
     torch.testing.assert_close(out.top_delta, torch.tensor([[-5.0, 3.0]]))
-
-
-def test_hooked_model_without_steering_gives_bit_identical_logits(base):
-    sae = tiny_sae(layer=LAYER)
-    ids = torch.randint(3, 100, (3, 9))
-    plain = base.model(input_ids=ids).logits
-    hook = SteeringHook(base.layers, LAYER, sae)
-    try:
-        adapter = tiny_adapter(sae)
-        rows = [RowSteering(None), RowSteering(adapter), RowSteering(None)]
-        batch = SteeringBatch.build(rows, sae.d_sae)
-        with hook.steering(batch, torch.arange(9).expand(3, -1)):
-            steered = base.model(input_ids=ids).logits
-        outside = base.model(input_ids=ids).logits
-    finally:
-        hook.remove()
-    assert torch.equal(steered[0], plain[0]) and torch.equal(steered[2], plain[2])
-    assert not torch.allclose(steered[1], plain[1])
-    assert torch.equal(outside, plain)
 
 
 def test_hook_applies_reference_steering_inside_the_model(base):

@@ -76,9 +76,9 @@ def chat_documents(path: str, tokenizer) -> Iterator[str]:
 
 def run_build(args: argparse.Namespace) -> int:
     from fsrl.features import dashboards
-    from fsrl.features.labels import rule_labels, write_labels
+    from fsrl.features.labels import rule_labels
     from fsrl.models import load_base_model
-    from fsrl.sae import default_sae_dir, load_sae
+    from fsrl.sae import default_sae_dir, load_sae, write_labels
 
     if not args.text and not args.chat:
         raise FsrlError("give a corpus: --text SPEC and/or --chat FILE")
@@ -119,8 +119,8 @@ def run_build(args: argparse.Namespace) -> int:
 
 def run_label(args: argparse.Namespace) -> int:
     from fsrl.features import dashboards
-    from fsrl.features.labels import llm_labels, neuronpedia_labels, read_labels, write_labels
-    from fsrl.sae import default_sae_dir, load_sae
+    from fsrl.features.labels import llm_labels, neuronpedia_labels
+    from fsrl.sae import default_sae_dir, load_sae, read_labels, write_labels
 
     if not (args.labeler_url or args.neuronpedia):
         raise FsrlError("give --labeler-url with --labeler-model, or --neuronpedia FILE")

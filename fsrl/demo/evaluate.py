@@ -150,10 +150,6 @@ def write_samples(adapter_dir: Path, count: int = 6) -> Path:
     return path
 
 
-class _Stop(Exception):
-    pass
-
-
 def max_activating(base, sae, layer: int, texts: list[str], indices: list[int], k: int = 3,
                    width: int = 6) -> dict[int, list[str]]:
     """For each feature, the k tokens of `texts` where the SAE activates it most, each shown with
@@ -163,33 +159,19 @@ def max_activating(base, sae, layer: int, texts: list[str], indices: list[int], 
 
     best: dict[int, list[tuple[float, str]]] = {i: [] for i in indices}
     idx = torch.tensor(indices)
-    captured = {}
-
-    def grab(module, args, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop  # nothing above the hook is needed
-
-    handle = base.layers[layer].register_forward_hook(grab)
-    try:
-        with torch.no_grad():
-            for text in texts:
-                ids = base.tokenizer(text, add_special_tokens=False)["input_ids"][:160]
-                try:
-                    base.model(input_ids=torch.tensor([ids], device=base.device))
-                except _Stop:
-                    pass
-                f = sae.encode(captured["x"][0])[:, idx]                              # (T, n)
-                f[0] = 0.0
-                for j, i in enumerate(indices):
-                    t = int(f[:, j].argmax())
-                    if f[t, j] <= 0:
-                        continue
-                    left = base.tokenizer.decode(ids[max(0, t - width):t])
-                    right = base.tokenizer.decode(ids[t + 1:t + 1 + width])
-                    snippet = f"{left}[{base.tokenizer.decode([ids[t]])}]{right}".replace("\n", "\\n")
-                    best[i] = sorted(best[i] + [(float(f[t, j]), snippet)], reverse=True)[:k]
-    finally:
-        handle.remove()
+    with torch.no_grad():
+        for text in texts:
+            ids = base.tokenizer(text, add_special_tokens=False)["input_ids"][:160]
+            f = sae.encode(base.layer_output(layer, torch.tensor([ids]))[0])[:, idx]      # (T, n)
+            f[0] = 0.0
+            for j, i in enumerate(indices):
+                t = int(f[:, j].argmax())
+                if f[t, j] <= 0:
+                    continue
+                left = base.tokenizer.decode(ids[max(0, t - width):t])
+                right = base.tokenizer.decode(ids[t + 1:t + 1 + width])
+                snippet = f"{left}[{base.tokenizer.decode([ids[t]])}]{right}".replace("\n", "\\n")
+                best[i] = sorted(best[i] + [(float(f[t, j]), snippet)], reverse=True)[:k]
     return {i: [s for _, s in v] for i, v in best.items()}
 
 

@@ -10,8 +10,8 @@ For every feature of an SAE at one layer, from the model's activations on a corp
     suppressed       scale and the unembedding (logit lens): W_dec[i] * norm.weight @ W_U^T
 
 The corpus is read as a stream of contexts (each document cut into windows of
-`context_size` tokens) and everything kept per feature has a fixed size, so memory does not
-grow with the corpus. Every `checkpoint_every` contexts the state is saved; a run started
+`context_size` tokens) and everything kept per feature has a fixed size, so the statistics
+do not grow with the corpus (the documents themselves come from the caller's iterator). Every `checkpoint_every` contexts the state is saved; a run started
 again with the same settings goes on from there. Stored as gzipped JSON (`DASHBOARDS_FILE`),
 tokens as text.
 """
@@ -147,35 +147,18 @@ def iter_contexts(tokenizer, documents: Iterable[str], context_size: int) -> Ite
                 yield window
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def _features_at(base: BaseModel, sae: Sae, layer: int, batch: list[list[int]], pad_id: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SAE features at the hook layer for a batch of contexts (right-padded), the ids and the
-    mask of real positions; the model runs only up to the hook layer."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAE features at the hook layer for a batch of contexts (right-padded), the ids, the mask
+    of real positions and the residual itself; the model runs only up to the hook layer."""
     width = max(len(c) for c in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.bool)
     for b, context in enumerate(batch):
         ids[b, :len(context)] = torch.tensor(context)
         mask[b, :len(context)] = True
-    captured = {}
-
-    def grab(module, args, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = base.layers[layer].register_forward_hook(grab)
-    try:
-        base.model(input_ids=ids.to(base.device), attention_mask=mask.long().to(base.device))
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    x = captured["x"]
+    x = base.layer_output(layer, ids, mask.long())
     return sae.encode(x), ids, mask, x
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from fsrl.errors import CorruptFileError, FsrlError
-from fsrl.sae import read_labels, write_labels  # noqa: F401  (the labels file's reader and writer)
 
 log = logging.getLogger(__name__)
 
