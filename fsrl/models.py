@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fsrl.errors import FsrlError
+from fsrl.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path, name: str | None = None) -> Pat
     tmp_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    digest = _sha256_file(gguf_file)
+    digest = sha256_of(gguf_file)
     (tmp_dir / "fsrl-model.json").write_text(json.dumps(
         {"name": name or gguf_file.stem, "source": gguf_file.name, "source_sha256": digest},
         indent=2))
@@ -90,14 +91,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, name: str | None = None) -> Pat
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     return out_dir
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 
 from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter, read_adapter_config
 from fsrl.analysis import FeaturePush, feature_push, top_features
+from fsrl.audit_report import read_card
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
 
@@ -89,6 +90,15 @@ class AdapterRegistry:
         if found is None:
             raise NotFoundError(f"unknown adapter {adapter_id!r}")
         return found
+
+    def card(self, adapter_id: str) -> dict[str, Any]:
+        """The audit summary `fsrl analyze` left beside the adapter; 404 when there is none."""
+        entry = self.entry(adapter_id)
+        card = read_card(entry.path, self.root)
+        if card is None:
+            raise NotFoundError(f"adapter {adapter_id!r} has no analysis report "
+                                "(write one with `fsrl analyze ADAPTER_FOLDER --data PREFS`)")
+        return {"adapter": adapter_id, **card}
 
     def get(self, adapter_id: str) -> FsrlAdapter:
         """The adapter on the device, ready to steer with (moved in if it waited on the host)."""

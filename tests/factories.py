@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import string
+from pathlib import Path
 
 import torch
 
@@ -68,3 +70,12 @@ def tiny_adapter(sae: Sae, base: BaseModel | None = None, adapter_id: str = "tin
         adapter.b.copy_(torch.randn(sae.d_sae, generator=g) * 0.5 - 1.5)
         adapter.tau.fill_(0.5)
     return adapter.requires_grad_(False)
+
+
+def tiny_pairs(path: Path, n: int = 24) -> Path:
+    """Preference pairs a tiny model can pick up: chosen answers say "yes!", rejected "no."."""
+    with open(path, "w") as fh:
+        for i in range(n):
+            fh.write(json.dumps({"prompt": f"q{i} {'abc' * (i % 4)}?", "chosen": "yes! " * (1 + i % 3),
+                                 "rejected": "no. " * (1 + (i + 1) % 3)}) + "\n")
+    return path

@@ -1,6 +1,7 @@
 """The OpenAPI schema and docs/api.md state the bounds the server enforces (the constants the
 server checks them with)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,19 @@ def test_docs_state_each_bound(field, bounds):
     row = doc_row(field)
     for bound in bounds:
         assert bound in row, (field, bound, row)
+
+
+def test_every_route_in_the_schema_is_documented_and_none_is_listed_as_planned(schemas):
+    from server.app import create_app
+    from server.settings import Settings
+
+    def norm(path: str) -> str:
+        return re.sub(r"\{[^}]*\}", "{}", path)
+
+    paths = create_app(Settings()).openapi()["paths"]
+    served = {(method.upper(), norm(path)) for path, ops in paths.items() for method in ops}
+    served_text, _, planned = (REPO / "docs" / "api.md").read_text().partition("## Planned (not yet served)")
+    route = r"\b(GET|POST|DELETE|PUT|PATCH) (/[^\s`?,)\]]*)"
+    documented = {(m, norm(p)) for m, p in re.findall(route, served_text)}
+    assert served - documented == set()
+    assert served & {(m, norm(p)) for m, p in re.findall(route, planned)} == set()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from factories import tiny_base, tiny_sae, tiny_tokenizer
+from factories import tiny_base, tiny_pairs, tiny_sae, tiny_tokenizer
 from fsrl.adapter import load_adapter, new_adapter
 from fsrl.cli import main
 from fsrl.models import BaseModel, model_fingerprint
@@ -19,15 +19,6 @@ from fsrl.train.trainer import TrainConfig, bind_setup, evaluate, preference_los
 LAYER = 1
 
 
-def make_pairs(path, n=24):
-    """Chosen answers say "yes!", rejected ones "no." (a preference a tiny model can pick up)."""
-    with open(path, "w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"prompt": f"q{i} {'abc' * (i % 4)}?", "chosen": "yes! " * (1 + i % 3),
-                                 "rejected": "no. " * (1 + (i + 1) % 3)}) + "\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup():
     return bind_setup(tiny_base(), tiny_sae(layer=LAYER), LAYER)
@@ -35,7 +26,7 @@ def setup():
 
 @pytest.fixture()
 def data(tmp_path):
-    return make_pairs(tmp_path / "prefs.jsonl")
+    return tiny_pairs(tmp_path / "prefs.jsonl")
 
 
 def config(tmp_path, data, **kw):
@@ -120,7 +111,7 @@ def save_tiny(tmp_path, base, sae):
 def test_fsrl_train_command_end_to_end(tmp_path, data, capsys):
     base, sae = tiny_base(), tiny_sae(layer=LAYER)
     model_dir, sae_dir = save_tiny(tmp_path, base, sae)
-    make_pairs(tmp_path / "eval.jsonl", n=6)
+    tiny_pairs(tmp_path / "eval.jsonl", n=6)
     out = tmp_path / "adapters" / "demo"
     code = main(["train", "--data", str(data), "--eval-data", str(tmp_path / "eval.jsonl"),
                  "--out", str(out), "--model", str(model_dir), "--sae", str(sae_dir),

@@ -18,7 +18,6 @@ it). Process 0 logs, evaluates into the summary and writes files.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ import torch
 from fsrl.adapter import FsrlAdapter, new_adapter, save_adapter
 from fsrl.analysis import FeaturePush, top_features
 from fsrl.errors import FsrlError
+from fsrl.files import sha256_of
 from fsrl.models import BaseModel, default_dtype, load_base_model, resolve_device
 from fsrl.sae import Sae, default_sae_dir, load_sae
 from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
@@ -207,16 +207,18 @@ class EvalResult:
     mean_l0: float
     pairs: int
     top_features: list[dict[str, Any]] = field(default_factory=list)
+    mean_l1: float = 0.0            # mean over real tokens of ||v||_1 (the L1 term before lambda)
 
 
 @torch.no_grad()
 def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
              dataset: PreferenceDataset, cfg: TrainConfig, dist: "Dist | None" = None,
              feature_stats: bool = False) -> EvalResult:
-    """Held-out preference loss, preference accuracy and mean L0 of v (adapter None: base model)."""
+    """Held-out preference loss (without the L1 term), preference accuracy, and mean L0 and L1
+    of v (adapter None: the base model)."""
     dist = dist or Dist()
     bs = cfg.eval_batch_size or cfg.batch_size
-    sums = torch.zeros(5, dtype=torch.float64)          # loss*pairs, correct, l0*tokens, tokens, pairs
+    sums = torch.zeros(6, dtype=torch.float64)          # loss*pairs, correct, l0*tokens, tokens, pairs, l1*tokens
     d_sae = hook.sae.d_sae
     v_sum = torch.zeros(d_sae, dtype=torch.float64)
     v_abs_sum = torch.zeros(d_sae, dtype=torch.float64)
@@ -226,7 +228,8 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
         batch = dataset.batch(mine[start:start + bs]).to(base.device)
         _, stats, fwd = preference_loss(base, hook, adapter, batch, cfg, 0.0, feature_stats)
         sums += torch.tensor([stats.loss * stats.pairs, stats.accuracy * stats.pairs,
-                              stats.l0 * fwd.tokens, fwd.tokens, stats.pairs], dtype=torch.float64)
+                              stats.l0 * fwd.tokens, fwd.tokens, stats.pairs,
+                              float(fwd.l1 if fwd.l1 is not None else 0.0) * fwd.tokens], dtype=torch.float64)
         if fwd.v_sum is not None:
             v_sum += fwd.v_sum.double().cpu()
             v_abs_sum += fwd.v_abs_sum.double().cpu()
@@ -234,7 +237,8 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
     sums, v_sum, v_abs_sum, v_active = (dist.sum(t) for t in (sums, v_sum, v_abs_sum, v_active))
     pairs, tokens = max(sums[4].item(), 1), max(sums[3].item(), 1)
     result = EvalResult(loss=sums[0].item() / pairs, accuracy=sums[1].item() / pairs,
-                        mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()))
+                        mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()),
+                        mean_l1=sums[5].item() / tokens)
     if feature_stats and adapter is not None:
         result.top_features = top_features(FeaturePush.from_sums(v_sum, v_abs_sum, v_active, tokens),
                                            hook.sae, TOP_FEATURES)
@@ -314,17 +318,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def _file_digest(path: str) -> str | None:
-    p = Path(path)
-    if not p.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _latest_checkpoint(out: Path) -> Path:
@@ -466,7 +459,7 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
         "epochs": round(step / steps_per_epoch, 3), "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum, "processes": dist.world, "effective_batch": pairs_per_step,
         "max_length": cfg.max_length, "seed": cfg.seed, "init_std": cfg.init_std,
-        "data": {"path": cfg.data, "pairs": len(train_set), "sha256_16": _file_digest(cfg.data),
+        "data": {"path": cfg.data, "pairs": len(train_set), "sha256_16": sha256_of(cfg.data, 16),
                  "truncated": train_set.truncated},
         "eval_data": {"path": eval_on, "pairs": final.pairs},
         "initial_eval": asdict(initial) if initial else None,

@@ -38,3 +38,9 @@ async def adapter_features(adapter_id: str, state: StateDep,
     features = await asyncio.to_thread(state.registry.top_features, adapter_id, top)
     return {"adapter": adapter_id, "measured_on_tokens": state.registry.reference.shape[0],
             "features": features}
+
+
+@router.get("/{adapter_id}/card")
+async def adapter_card(adapter_id: str, state: StateDep) -> dict:
+    """The summary of the adapter's `fsrl analyze` report, when one sits beside it."""
+    return await asyncio.to_thread(state.registry.card, adapter_id)
