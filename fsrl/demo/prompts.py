@@ -1,7 +1,13 @@
 """Prompts for the demo data: every topic asked through every template.
 
 The held-out topics never appear in training, so the held-out figures measure prompts on new
-subjects, not new phrasings of seen ones.
+subjects, not new phrasings of seen ones. They were also looked at while the first demo
+adapters were tuned (their L1, the bullets decoding), so they are a selection set now.
+
+The evaluation set (`eval_prompts`) is the one held out for the demo's published figures: new
+topics through new templates, frozen (committed) before any adapter was evaluated on it, and
+never used to choose anything (a scale, an L1, a rule, a decoding). Its sha256 is checked by
+the evaluation (`EVAL_SET_SHA256_16`), so a change to it cannot pass unnoticed.
 """
 
 from __future__ import annotations
@@ -39,6 +45,22 @@ HELDOUT_TOPICS = (
 )
 
 
+EVAL_TEMPLATES = (
+    "Describe {topic}.",
+    "Why does {topic} matter?",
+    "I keep hearing about {topic}. What is it?",
+    "What are the basics of {topic}?",
+)
+
+EVAL_TOPICS = (
+    "glaciers", "the human skeleton", "the Vikings", "the Wright brothers", "juggling",
+    "brewing coffee", "houseplants", "spreadsheets", "wind turbines", "the violin",
+    "mortgages", "first aid for burns", "octopuses", "the Amazon rainforest", "the metric system",
+    "public libraries",
+)
+EVAL_SET_SHA256_16 = "71ebbd738950183b"
+
+
 @dataclass(frozen=True)
 class DemoPrompt:
     id: str
@@ -55,3 +77,16 @@ def demo_prompts() -> list[DemoPrompt]:
                 out.append(DemoPrompt(id=f"{split}-{t_i:02d}-{k}", topic=topic,
                                       text=template.format(topic=topic), split=split))
     return out
+
+
+def eval_prompts() -> list[DemoPrompt]:
+    """The frozen evaluation set: every EVAL_TOPICS topic through every EVAL_TEMPLATES template."""
+    return [DemoPrompt(id=f"eval-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval")
+            for t_i, topic in enumerate(EVAL_TOPICS) for k, template in enumerate(EVAL_TEMPLATES)]
+
+
+def eval_set_digest() -> str:
+    """sha256 (first 16 hex digits) of the evaluation prompts, in order."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(p.text for p in eval_prompts()).encode()).hexdigest()[:16]
