@@ -53,3 +53,44 @@ def test_pairs_keep_only_judged_prompts_and_put_the_preferred_first(tmp_path):
     assert concise["chosen"] == SHORT and concise["chosen_variant"] == "concise"
     bullets = [json.loads(line) for line in (tmp_path / "bullets" / "heldout.jsonl").read_text().splitlines()]
     assert bullets[0]["chosen_variant"] == "plain" and bullets[0]["rejected"] == RAMBLING
+
+
+def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_demo_data():
+    from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, TEMPLATES, eval_prompts, eval_set_digest
+
+    prompts = eval_prompts()
+    assert eval_set_digest() == EVAL_SET_SHA256_16 and len(prompts) == 64
+    assert not {p.topic for p in prompts} & (set(TRAIN_TOPICS) | set(HELDOUT_TOPICS))
+    assert not set(EVAL_TEMPLATES) & set(TEMPLATES)
+
+
+def test_concise_eval_rule_needs_a_finished_on_topic_answer():
+    from fsrl.demo.rules import Answer, judge_concise_eval
+
+    short = Answer("Glaciers are slow rivers of ice that carve valleys.", True, "glaciers")
+    long = Answer("Glaciers are huge masses of ice. " * 4, True, "glaciers")
+    assert judge_concise_eval(short, long) == 1 and judge_concise_eval(long, short) == -1
+    off_topic = Answer("Cats sleep for most of the day.", True, "glaciers")
+    assert judge_concise_eval(off_topic, long) == -1                 # short but not about glaciers
+    cut = Answer(short.text, False, "glaciers")
+    assert judge_concise_eval(cut, long) == -1                       # ran past the budget
+    assert judge_concise_eval(short, Answer(short.text + " Yes.", True, "glaciers")) == 0
+
+
+def test_bullets_eval_rule_needs_an_on_topic_list():
+    from fsrl.demo.rules import Answer, judge_bullets_eval
+
+    listed = "Octopus facts:\n- eight arms\n- three hearts\n- blue blood"
+    assert judge_bullets_eval(Answer(listed, False, "octopuses"), Answer("Octopuses are smart.", True, "octopuses")) == 1
+    assert judge_bullets_eval(Answer(listed, True, "glaciers"), Answer("Ice.", True, "glaciers")) == 0
+
+
+def test_wilson_interval_and_repeated_ngrams():
+    from fsrl.demo.evaluate import repeated_ngram_share, wilson_interval
+
+    # p = 0.5, n = 64, z = 1.96: centre 0.5, half-width 1.96 sqrt(1/256 + z^2/16384) / (1 + z^2/64) = 0.1190
+    low, high = wilson_interval(32, 64)
+    assert abs(low - 0.3810) < 1e-4 and abs(high - 0.6190) < 1e-4
+    assert wilson_interval(0, 10)[0] == 0.0 and abs(wilson_interval(10, 10)[1] - 1.0) < 1e-12
+    assert abs(repeated_ngram_share("a b c d a b c d") - 0.2) < 1e-12  # 5 four-grams, "a b c d" twice
+    assert repeated_ngram_share("one two three four five") == 0.0

@@ -1,17 +1,20 @@
-"""Measure a demo adapter on the held-out prompts, as the demo README reports it.
+"""Measure a demo adapter, as its README reports it.
 
     python -m fsrl.demo.evaluate --adapter adapters/concise --rule concise \
-        --heldout data/demo/concise/heldout.jsonl [--scale 1.0|auto] [--threads 1]
+        --selection data/demo/concise/heldout.jsonl [--scale 1.0|auto] [--threads 1]
 
-1. Held-out SimPO loss (beta 10, gamma 5), preference accuracy and mean L0 of v on the held-out
-   pairs, for the base model (steering off) and with the adapter: the trainer's own evaluation.
-2. Win rate: every held-out prompt (all of them, not only those that made a pair) is answered
-   twice, compare-style: steered and base with the same decoding and seed (greedy by default;
-   `--temperature 0.7 --top-p 0.9` is the data's own sampling), the same budget as the data (96
-   new tokens). The rule judges each (steered, base) pair; win rate = share of prompts where the
-   rule prefers the steered answer (ties count against it). `--scale auto` first picks the
-   steering scale on training prompts (every fourth), the same way, and reports that choice.
-Writes <adapter>/eval.json and <adapter>/samples.md.
+1. On the selection pairs (the old held-out pairs: not trained on, but looked at while the first
+   demo adapters were tuned): SimPO loss (beta 10, gamma 5) without and with the adapter's
+   lambda * mean ||v||_1, preference accuracy and mean L0 of v, base model and adapter.
+2. On the frozen evaluation prompts (`fsrl.demo.prompts.eval_prompts`, never used to choose
+   anything; their digest is checked): every prompt answered twice, compare-style, steered and
+   base with the same decoding, seed and budget (256 new tokens: the base model usually
+   finishes). Rule `EVAL_RULES[rule]` (fsrl/demo/rules.py) judges each pair. Reported: wins,
+   ties, losses, the win rate with its 95 % Wilson interval, wins where the base answer ran
+   past the budget, and beside them coherence of both sides: repeated word 4-grams, repeated
+   list items, and perplexity under the base model (steering off).
+   `--scale auto` picks the steering scale on training prompts (every fourth) first.
+Writes <out>/eval.json and <out>/samples.md (stratified: one sample per template and outcome).
 """
 
 from __future__ import annotations
@@ -19,40 +22,96 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+from collections.abc import Sequence
 from pathlib import Path
 
-from fsrl.demo.build_data import SAMPLING, chat_ids, seed_for
-from fsrl.demo.prompts import demo_prompts
-from fsrl.demo.rules import RULES
+from fsrl.demo.build_data import chat_ids, seed_for
+from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, demo_prompts, eval_prompts, eval_set_digest
+from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, list_items
 
 log = logging.getLogger(__name__)
 
-
 SCALE_CANDIDATES = (0.25, 0.5, 0.75, 1.0)
+EVAL_MAX_NEW_TOKENS = 256
+OUTCOMES = {1: "win", 0: "tie", -1: "loss"}
 
 
-def generate_texts(gen, tokenizer, prompts: list, steering, max_new_tokens: int, temperature: float,
-                   top_p: float, batch_size: int, desc: str) -> list[str]:
+def generate_answers(gen, tokenizer, prompts: Sequence[DemoPrompt], steering, max_new_tokens: int,
+                     temperature: float, top_p: float, batch_size: int, desc: str) -> list[Answer]:
     """One answer per prompt under `steering`; each prompt's seed is fixed (`seed_for`), so the
     steered and base answers of a prompt differ by the steering alone."""
     from tqdm.auto import tqdm
 
     from fsrl.generation import GenerationRequest, SamplingParams
 
-    texts = []
+    answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         chunk = prompts[start:start + batch_size]
         requests = [GenerationRequest(chat_ids(tokenizer, p.text), steering, SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             seed=seed_for(p.id, "eval"))) for p in chunk]
-        texts += [r.text.strip() for r in gen.generate(requests)]
-    return texts
+        answers += [Answer(r.text.strip(), r.finish_reason != "length", p.topic)
+                    for p, r in zip(chunk, gen.generate(requests))]
+    return answers
 
 
-def evaluate_adapter(adapter_dir: Path, rule_name: str, heldout: Path, scale: float | str = 1.0,
-                     batch_size: int = 16, max_new_tokens: int = SAMPLING["max_new_tokens"],
-                     temperature: float = 0.0, top_p: float = 1.0,
-                     samples: int = 6, responses: Path = Path("data/demo/responses.jsonl")) -> dict:
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def repeated_ngram_share(text: str, n: int = 4) -> float:
+    """Share of the word n-grams of `text` that repeat an earlier one (0: none repeat)."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def perplexities(base, prompts: Sequence[DemoPrompt], answers: Sequence[Answer]) -> list[float | None]:
+    """Perplexity of each answer under the base model (steering off), given its prompt."""
+    import torch
+
+    from fsrl.train.losses import sequence_logps
+
+    out: list[float | None] = []
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            prompt = chat_ids(base.tokenizer, p.text)
+            answer = list(base.tokenizer(a.text, add_special_tokens=False)["input_ids"])
+            if not answer:
+                out.append(None)
+                continue
+            ids = torch.tensor([prompt + answer])
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[0, len(prompt):] = True
+            logps = sequence_logps(base.model(input_ids=ids.to(base.device)).logits, ids.to(base.device),
+                                   mask.to(base.device))
+            out.append(math.exp(-float(logps.mean[0])))
+    return out
+
+
+def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[str, float]:
+    """Means over answers: repeated 4-gram share, repeated list items, perplexity (median too)."""
+    known = sorted(x for x in ppl if x is not None)
+    return {"repeated_4gram_share": round(sum(repeated_ngram_share(a.text) for a in answers) / len(answers), 4),
+            "repeated_list_items": round(sum(list_items(a.text) - distinct_items(a.text) for a in answers)
+                                         / len(answers), 3),
+            "perplexity_mean": round(sum(known) / len(known), 3) if known else None,
+            "perplexity_median": round(known[len(known) // 2], 3) if known else None,
+            "words_mean": round(sum(len(a.text.split()) for a in answers) / len(answers), 1),
+            "finished_share": round(sum(a.finished for a in answers) / len(answers), 4)}
+
+
+def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: float | str = 1.0,
+                     batch_size: int = 16, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+                     temperature: float = 0.0, top_p: float = 1.0, out_dir: Path | None = None,
+                     responses: Path = Path("data/demo/responses.jsonl")) -> dict:
     from fsrl.adapter import load_adapter
     from fsrl.generation import Generator
     from fsrl.models import load_base_model
@@ -61,91 +120,111 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, heldout: Path, scale: fl
     from fsrl.train.data import PreferenceDataset, load_pairs
     from fsrl.train.trainer import TrainConfig, bind_setup, evaluate
 
-    rule = RULES[rule_name]
+    if eval_set_digest() != EVAL_SET_SHA256_16:
+        raise SystemExit(f"the evaluation prompts changed (digest {eval_set_digest()}, frozen "
+                         f"{EVAL_SET_SHA256_16}): a changed set is a new set; freeze it anew")
+    out_dir = out_dir or adapter_dir
+    judge = EVAL_RULES[rule_name]
     base = load_base_model(None, "cpu")
     sae = load_sae(default_sae_dir())
     setup = bind_setup(base, sae, None)
     adapter = load_adapter(adapter_dir, sae=sae, layer=setup.layer, base_model_fingerprint=base.fingerprint)
     trained = adapter.config.training or {}
+    l1 = float(trained.get("l1_coefficient", 0.0))
 
-    cfg = TrainConfig(data=str(heldout), out="-", loss="simpo", beta=10.0, gamma=5.0,
+    cfg = TrainConfig(data=str(selection), out="-", loss="simpo", beta=10.0, gamma=5.0,
                       max_length=trained.get("max_length", 256), batch_size=8, progress=False)
-    ds = PreferenceDataset(load_pairs(heldout), base.tokenizer, cfg.max_length)
+    ds = PreferenceDataset(load_pairs(selection), base.tokenizer, cfg.max_length)
     base_eval = evaluate(base, setup.hook, None, ds, cfg)
     steered_eval = evaluate(base, setup.hook, adapter, ds, cfg, feature_stats=True)
 
     gen = Generator(base, sae, setup.layer)
-    decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                    batch_size=batch_size)
-    selection = None
+    decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    selection_report = None
     if scale == "auto":
-        # Chosen on training prompts (every fourth), never on the held-out ones it is judged on.
+        # Chosen on training prompts (every fourth), never on the prompts it is judged on.
         tuning = [p for p in demo_prompts() if p.split == "train"][::4]
-        plain = generate_texts(gen, base.tokenizer, tuning, RowSteering(), desc="tuning: base", **decoding)
-        selection = {"prompts": len(tuning), "split": "train", "win_rate": {}}
+        plain = generate_answers(gen, base.tokenizer, tuning, RowSteering(), desc="tuning: base", **decoding)
+        selection_report = {"prompts": len(tuning), "split": "train", "win_rate": {}}
         for candidate in SCALE_CANDIDATES:
-            steered = generate_texts(gen, base.tokenizer, tuning, RowSteering(adapter, candidate),
-                                     desc=f"tuning: scale {candidate}", **decoding)
-            wins = sum(rule.judge(a, b) > 0 for a, b in zip(steered, plain))
-            selection["win_rate"][candidate] = round(wins / len(tuning), 4)
-        scale = max(SCALE_CANDIDATES, key=lambda c: selection["win_rate"][c])  # ties: the gentler
-        selection["chosen"] = scale
-        log.info("scale chosen on training prompts: %s (win rates %s)", scale, selection["win_rate"])
+            steered = generate_answers(gen, base.tokenizer, tuning, RowSteering(adapter, candidate),
+                                       desc=f"tuning: scale {candidate}", **decoding)
+            wins = sum(judge(a, b) > 0 for a, b in zip(steered, plain))
+            selection_report["win_rate"][candidate] = round(wins / len(tuning), 4)
+        scale = max(SCALE_CANDIDATES, key=lambda c: selection_report["win_rate"][c])  # ties: the gentler
+        selection_report["chosen"] = scale
+        log.info("scale chosen on training prompts: %s (win rates %s)", scale, selection_report["win_rate"])
 
-    prompts = [p for p in demo_prompts() if p.split == "heldout"]
-    steered_texts = generate_texts(gen, base.tokenizer, prompts, RowSteering(adapter, scale),
-                                   desc="held-out: steered", **decoding)
-    plain_texts = generate_texts(gen, base.tokenizer, prompts, RowSteering(), desc="held-out: base",
-                                 **decoding)
-    outcomes, rows = [], []
-    for p, steered, plain in zip(prompts, steered_texts, plain_texts):
-        verdict = rule.judge(steered, plain)
-        outcomes.append(verdict)
-        rows.append({"prompt": p.text, "steered": steered, "base": plain, "verdict": verdict,
-                     "steered_facts": rule.describe(steered), "base_facts": rule.describe(plain)})
-    # Whole conversations (chat template included) of every sixth demo response.
+    prompts = eval_prompts()
+    steered = generate_answers(gen, base.tokenizer, prompts, RowSteering(adapter, scale),
+                               desc="evaluation: steered", **decoding)
+    plain = generate_answers(gen, base.tokenizer, prompts, RowSteering(), desc="evaluation: base", **decoding)
+    ppl_steered, ppl_base = perplexities(base, prompts, steered), perplexities(base, prompts, plain)
+    rows = []
+    for i, (p, s, b) in enumerate(zip(prompts, steered, plain)):
+        verdict = judge(s, b)
+        rows.append({"prompt": p.text, "topic": p.topic, "template": EVAL_TEMPLATES[p.template],
+                     "outcome": OUTCOMES[verdict], "steered": s.text, "base": b.text,
+                     "steered_finished": s.finished, "base_finished": b.finished,
+                     "steered_perplexity": ppl_steered[i], "base_perplexity": ppl_base[i],
+                     "steered_repeated_4gram_share": round(repeated_ngram_share(s.text), 4),
+                     "base_repeated_4gram_share": round(repeated_ngram_share(b.text), 4)})
+    n = len(rows)
+    wins = sum(r["outcome"] == "win" for r in rows)
+    ties = sum(r["outcome"] == "tie" for r in rows)
+    low, high = wilson_interval(wins, n)
     texts = [base.tokenizer.apply_chat_template(
         [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["text"]}], tokenize=False)
         for r in map(json.loads, open(responses).read().splitlines()[::6])] if responses.exists() else []
     examples = max_activating(base, sae, setup.layer, texts, [f["index"] for f in steered_eval.top_features[:10]])
     for f in steered_eval.top_features[:10]:
         f["examples"] = examples[f["index"]]
-    n = len(outcomes)
-    wins, ties = sum(o > 0 for o in outcomes), sum(o == 0 for o in outcomes)
     report = {
-        "adapter": adapter.id, "rule": rule.name, "rule_summary": rule.summary, "scale": scale,
-        "scale_selection": selection,
-        "heldout_pairs": base_eval.pairs,
+        "adapter": adapter.id, "rule": rule_name, "rule_summary": RULES[rule_name].summary, "scale": scale,
+        "scale_selection": selection_report,
+        "selection_pairs": base_eval.pairs, "selection_data": str(selection),
         "simpo_loss": {"base": round(base_eval.loss, 4), "adapter": round(steered_eval.loss, 4),
-                       "reduction": round(1 - steered_eval.loss / base_eval.loss, 4)},
+                       "reduction": round(1 - steered_eval.loss / base_eval.loss, 4),
+                       "adapter_with_l1": round(steered_eval.loss + l1 * steered_eval.mean_l1, 4),
+                       "l1_coefficient": l1, "mean_l1": round(steered_eval.mean_l1, 4)},
         "accuracy": {"base": round(base_eval.accuracy, 4), "adapter": round(steered_eval.accuracy, 4)},
         "mean_l0": round(steered_eval.mean_l0, 1), "d_sae": sae.d_sae,
-        "generation": {"prompts": n, "max_new_tokens": max_new_tokens,
+        "generation": {"prompts": n, "eval_set": EVAL_SET_SHA256_16, "max_new_tokens": max_new_tokens,
                        "decoding": "greedy" if temperature <= 0 else
                        f"sampled (temperature {temperature}, top-p {top_p}, a seed per prompt, the same for both rows)",
                        "wins": wins, "ties": ties, "losses": n - wins - ties,
-                       "win_rate": round(wins / n, 4)},
+                       "win_rate": round(wins / n, 4), "win_rate_95ci": [round(low, 4), round(high, 4)],
+                       "wins_where_base_ran_past_budget": sum(r["outcome"] == "win" and not r["base_finished"]
+                                                              for r in rows)},
+        "coherence": {"steered": coherence(steered, ppl_steered), "base": coherence(plain, ppl_base)},
         "top_features": steered_eval.top_features[:10],
-        "facts_mean": {side: {k: round(sum(r[f"{side}_facts"][k] for r in rows) / n, 3)
-                              for k in rows[0][f"{side}_facts"]} for side in ("steered", "base")},
     }
-    (adapter_dir / "eval.json").write_text(json.dumps({**report, "generations": rows}, indent=1) + "\n")
-    write_samples(adapter_dir, samples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval.json").write_text(json.dumps({**report, "generations": rows}, indent=1) + "\n")
+    write_samples(out_dir)
     return report
 
 
-def write_samples(adapter_dir: Path, count: int = 6) -> Path:
-    """samples.md: `count` held-out generations spread over the topics, from eval.json."""
-    report = json.loads((adapter_dir / "eval.json").read_text())
+def write_samples(folder: Path) -> Path:
+    """samples.md: for each template and outcome (win, tie, loss), the first prompt with it."""
+    report = json.loads((folder / "eval.json").read_text())
     rows, gen = report["generations"], report["generation"]
-    lines = [f"# {report['adapter']}: held-out samples", "",
-             f"Decoding: {gen['decoding']}; {gen['max_new_tokens']} new tokens, steering scale {report['scale']}; the verdict "
-             f"is rule `{report['rule']}`'s. Every prompt's pair is in `eval.json`.", ""]
-    marks = {1: "steered preferred", 0: "no preference", -1: "base preferred"}
-    for r in rows[:: max(1, len(rows) // count)][:count]:
-        lines += [f"## {r['prompt']}  ({marks[r['verdict']]})", "", "**steered**", "", "```text",
-                  r["steered"], "```", "", "**base**", "", "```text", r["base"], "```", ""]
-    path = adapter_dir / "samples.md"
+    lines = [f"# {report['adapter']}: evaluation samples", "",
+             f"Decoding: {gen['decoding']}; at most {gen['max_new_tokens']} new tokens for both answers, steering "
+             f"scale {report['scale']}; the outcome is rule `{report['rule']}`'s evaluation rule (fsrl/demo/rules.py) "
+             "for the steered answer. One sample per template and outcome where there is one: wins, ties and losses "
+             f"alike. All {len(rows)} pairs are in `eval.json`.", ""]
+    for template in dict.fromkeys(r["template"] for r in rows):
+        for outcome in OUTCOMES.values():
+            r = next((r for r in rows if r["template"] == template and r["outcome"] == outcome), None)
+            if r is None:
+                lines += [f"## `{template}`: no {outcome}", ""]
+                continue
+            cut = {True: "", False: " (ran past the budget)"}
+            lines += [f"## {r['prompt']}  ({outcome})", "",
+                      f"**steered**{cut[r['steered_finished']]}", "", "```text", r["steered"], "```", "",
+                      f"**base**{cut[r['base_finished']]}", "", "```text", r["base"], "```", ""]
+    path = folder / "samples.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -183,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsrl.demo.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--rule", choices=sorted(RULES), required=True)
-    parser.add_argument("--heldout", type=Path, required=True)
+    parser.add_argument("--selection", type=Path, required=True,
+                        help="preference pairs for the loss figures (not trained on)")
+    parser.add_argument("--out", type=Path, help="where eval.json and samples.md go (default: the adapter)")
     parser.add_argument("--scale", type=_scale, default=1.0,
                         help="steering scale of the steered row, or `auto`: the best of "
                              f"{', '.join(map(str, SCALE_CANDIDATES))} on training prompts")
@@ -196,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    report = evaluate_adapter(args.adapter, args.rule, args.heldout, args.scale, args.batch_size,
-                              temperature=args.temperature, top_p=args.top_p)
+    report = evaluate_adapter(args.adapter, args.rule, args.selection, args.scale, args.batch_size,
+                              temperature=args.temperature, top_p=args.top_p, out_dir=args.out)
     print(json.dumps(report, indent=1))
     return 0
 

@@ -66,7 +66,8 @@ class DemoPrompt:
     id: str
     topic: str
     text: str
-    split: str          # "train" | "heldout"
+    split: str          # "train" | "heldout" | "eval"
+    template: int = 0   # index into its split's templates
 
 
 def demo_prompts() -> list[DemoPrompt]:
@@ -75,13 +76,14 @@ def demo_prompts() -> list[DemoPrompt]:
         for t_i, topic in enumerate(topics):
             for k, template in enumerate(TEMPLATES):
                 out.append(DemoPrompt(id=f"{split}-{t_i:02d}-{k}", topic=topic,
-                                      text=template.format(topic=topic), split=split))
+                                      text=template.format(topic=topic), split=split, template=k))
     return out
 
 
 def eval_prompts() -> list[DemoPrompt]:
     """The frozen evaluation set: every EVAL_TOPICS topic through every EVAL_TEMPLATES template."""
-    return [DemoPrompt(id=f"eval-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval")
+    return [DemoPrompt(id=f"eval-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval",
+                       template=k)
             for t_i, topic in enumerate(EVAL_TOPICS) for k, template in enumerate(EVAL_TEMPLATES)]
 
 

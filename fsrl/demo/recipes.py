@@ -1,9 +1,14 @@
 """The demo adapters: how each is built, and the README that ships with it.
 
-    python -m fsrl.demo.recipes rebuild concise [--threads 1]   # train + evaluate + README
+    python -m fsrl.demo.recipes rebuild concise [--threads 1]   # sweep lambda, evaluate, choose, README
     python -m fsrl.demo.recipes readme concise                  # README from the files alone
 
-Rebuilding assumes the data is built (`python -m fsrl.demo.build_data generate` then `pairs`).
+Each recipe trains one adapter per L1 coefficient of its sweep (weights under runs/demo-sweep/,
+their adapter.json, eval.json and samples.md kept under data/demo/sweep/<id>/l1-<lambda>/) and
+ships the one `choose_l1` picks: the smallest lambda whose mean L0 of v on the selection pairs
+is at most 5 % of the SAE's width (the paper's adapters steer 3-8 %), so the choice reads
+training-time figures only, never the evaluation prompts. Rebuilding assumes the data is built
+(`python -m fsrl.demo.build_data generate` then `pairs`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,13 +28,17 @@ DATA_COMMANDS = (
     "python -m fsrl.demo.build_data generate --out data/demo/responses.jsonl --threads 1",
     "python -m fsrl.demo.build_data pairs --responses data/demo/responses.jsonl --out data/demo",
 )
+L0_TARGET_SHARE = 0.05   # of the SAE's width
+RECORD_FILES = ("adapter.json", "eval.json", "samples.md")
+COMMON = ("--loss", "simpo", "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "2",
+          "--max-length", "256", "--epochs", "1", "--seed", "0")
 
 
 @dataclass(frozen=True)
 class Recipe:
     id: str
     rule: str
-    train_flags: tuple[str, ...]
+    l1_sweep: tuple[str, ...]
     eval_flags: tuple[str, ...] = ()   # how its generations are judged (scale, decoding)
     eval_note: str = ""                # why, when not the defaults
 
@@ -37,38 +47,83 @@ class Recipe:
         return f"data/demo/{self.rule}/train.jsonl"
 
     @property
-    def heldout(self) -> str:
+    def selection(self) -> str:
+        """The old held-out pairs: training's eval set, and what chooses lambda."""
         return f"data/demo/{self.rule}/heldout.jsonl"
 
-    def train_argv(self) -> list[str]:
-        return ["train", "--data", self.data, "--eval-data", self.heldout, "--out", f"adapters/{self.id}",
-                *self.train_flags]
+    def run_dir(self, l1: str) -> str:
+        return f"runs/demo-sweep/{self.id}-l1-{l1}"
 
-    def train_command(self) -> str:
-        return "fsrl " + shlex.join(self.train_argv())
+    def record_dir(self, l1: str, root: Path = Path(".")) -> Path:
+        return root / "data" / "demo" / "sweep" / self.id / f"l1-{l1}"
 
-    def eval_command(self) -> str:
-        return shlex.join(["python", "-m", "fsrl.demo.evaluate", *self.eval_argv()])
+    def train_argv(self, l1: str) -> list[str]:
+        return ["train", "--data", self.data, "--eval-data", self.selection, "--out", self.run_dir(l1),
+                "--id", self.id, *COMMON, "--l1", l1]
 
-    def eval_argv(self) -> list[str]:
-        return ["--adapter", f"adapters/{self.id}", "--rule", self.rule, "--heldout", self.heldout,
+    def eval_argv(self, l1: str) -> list[str]:
+        return ["--adapter", self.run_dir(l1), "--rule", self.rule, "--selection", self.selection,
                 *self.eval_flags]
 
+    def commands(self) -> list[str]:
+        out = []
+        for l1 in self.l1_sweep:
+            out += ["fsrl " + shlex.join(self.train_argv(l1)),
+                    shlex.join(["python", "-m", "fsrl.demo.evaluate", *self.eval_argv(l1)])]
+        return out
 
-COMMON = ("--loss", "simpo", "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "2",
-          "--max-length", "256", "--epochs", "1", "--seed", "0")
+
 RECIPES: dict[str, Recipe] = {
-    "concise": Recipe("concise", "concise", COMMON + ("--l1", "5e-2")),
+    "concise": Recipe("concise", "concise", ("5e-2", "1e-1", "2e-1")),
     "bullets": Recipe(
-        "bullets", "bullets", COMMON + ("--l1", "1e-2"),
+        "bullets", "bullets", ("1e-2", "5e-2", "1e-1"),
         eval_flags=("--scale", "auto", "--temperature", "0.7", "--top-p", "0.9"),
         eval_note="Judged with the data's own sampling (temperature 0.7, top-p 0.9) at the steering "
                   "scale that wins most often on training prompts (`--scale auto`; the table "
-                  "below). Greedy decoding at scale 1.0 suits this small model badly here: its "
-                  "lists collapse into one line repeated, which the rule does not count as a list "
-                  "(an earlier adapter of this recipe with L1 5e-2 won 10 % that way, and 64.6 % "
-                  "judged as below)."),
+                  "below). Both were chosen on the old held-out prompts before the evaluation set "
+                  "existed: greedy decoding at scale 1.0 makes this small model's lists collapse "
+                  "into one line repeated, which the rule does not count as a list."),
 }
+
+
+def sweep_records(recipe: Recipe, root: Path = Path(".")) -> dict[str, dict]:
+    """lambda -> {"adapter": adapter.json, "eval": eval.json} for each recorded sweep member."""
+    out = {}
+    for l1 in recipe.l1_sweep:
+        folder = recipe.record_dir(l1, root)
+        if (folder / "eval.json").exists():
+            out[l1] = {"adapter": json.loads((folder / "adapter.json").read_text()),
+                       "eval": json.loads((folder / "eval.json").read_text())}
+    return out
+
+
+def choose_l1(records: dict[str, dict]) -> str:
+    """The smallest lambda whose mean L0 on the selection pairs (training's final eval) is at most
+    L0_TARGET_SHARE of the width; the largest lambda when none is."""
+    def l0_share(r: dict) -> float:
+        return r["adapter"]["training"]["final_eval"]["mean_l0"] / r["adapter"]["d_sae"]
+
+    ordered = sorted(records, key=float)
+    return next((l1 for l1 in ordered if l0_share(records[l1]) <= L0_TARGET_SHARE), ordered[-1])
+
+
+def sweep_table(recipe: Recipe, root: Path = Path(".")) -> list[str]:
+    """The paper-style table: lambda -> eval loss (with and without L1), L0, win rate, coherence."""
+    records = sweep_records(recipe, root)
+    chosen = choose_l1(records) if records else None
+    lines = ["| lambda (L1) | SimPO loss | loss + lambda L1 | accuracy | mean L0 of v (% of width) | "
+             "win rate [95 % CI] | wins / ties / losses | steered: repeated 4-grams, perplexity, words | shipped |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for l1, r in sorted(records.items(), key=lambda kv: float(kv[0])):
+        ev, gen, coh = r["eval"], r["eval"]["generation"], r["eval"]["coherence"]["steered"]
+        low, high = gen["win_rate_95ci"]
+        lines.append(
+            f"| {l1} | {ev['simpo_loss']['adapter']:.3f} | {ev['simpo_loss']['adapter_with_l1']:.3f} | "
+            f"{ev['accuracy']['adapter']:.3f} | {ev['mean_l0']:.0f} ({ev['mean_l0'] / ev['d_sae']:.1%}) | "
+            f"{gen['win_rate']:.1%} [{low:.1%}, {high:.1%}] | {gen['wins']} / {gen['ties']} / {gen['losses']} | "
+            f"{coh['repeated_4gram_share']:.3f}, {coh['perplexity_median']}, {coh['words_mean']} | "
+            f"{'yes' if l1 == chosen else ''} |")
+    return lines
 
 
 def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
@@ -78,51 +133,74 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
 
 
 def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
-    """The adapter's README, from its adapter.json, eval.json and data files alone."""
+    """The adapter's README, from its adapter.json, eval.json, the sweep records and the data
+    files alone."""
     folder = root / "adapters" / recipe.id
     meta = json.loads((folder / "adapter.json").read_text())
     t = meta.get("training", {})
     ev = json.loads((folder / "eval.json").read_text())
     rule = RULES[recipe.rule]
     data_counts = {split: sum(1 for _ in open(root / getattr(recipe, attr)))
-                   for split, attr in (("train", "data"), ("heldout", "heldout"))}
-    loss, gen = ev["simpo_loss"], ev["generation"]
+                   for split, attr in (("train", "data"), ("selection", "selection"))}
+    loss, gen, coh = ev["simpo_loss"], ev["generation"], ev["coherence"]
+    low, high = gen["win_rate_95ci"]
     top = ev["top_features"] or t.get("top_features", [])
+    card = folder / "analysis" / "report.json"
     lines = [
         f"# `{recipe.id}`: a demo FSRL adapter that prefers {rule.summary}", "",
         f"Base model {meta['base_model']['name']} (fingerprint {meta['base_model']['fingerprint']}), "
         f"SAE {meta['sae']['name']} (fingerprint {meta['sae']['fingerprint']}, d_sae {meta['d_sae']}) at "
-        f"layer {meta['layer']}; activation `{meta['activation']}`.", "",
-        "## Figures (held-out prompts: topics never seen in training)", "",
+        f"layer {meta['layer']}; activation `{meta['activation']}`; L1 coefficient {t.get('l1_coefficient')}.", "",
+        "## Figures", "",
+        f"On the {gen['prompts']} prompts of the frozen evaluation set (`fsrl/demo/prompts.py`, digest "
+        f"`{gen['eval_set']}`: topics and templates never used in training or to choose anything), each answered "
+        f"by the base model and with this adapter, same decoding and seed ({gen['decoding']}), at most "
+        f"{gen['max_new_tokens']} new tokens each, steering scale {ev['scale']}:", "",
         "| | base model | with this adapter |", "|---|---|---|",
-        f"| SimPO loss on {ev['heldout_pairs']} held-out pairs (beta 10, gamma 5) | {loss['base']:.3f} | "
-        f"{loss['adapter']:.3f} ({loss['reduction']:.1%} lower) |",
-        f"| preference accuracy on the same pairs | {ev['accuracy']['base']:.3f} | {ev['accuracy']['adapter']:.3f} |",
-        f"| rule `{rule.name}` prefers it over the other, {gen['prompts']} held-out prompts, "
-        f"steering scale {ev['scale']}, {gen['decoding']}, {gen['max_new_tokens']} new tokens "
-        f"| - | {gen['win_rate']:.1%} ({gen['wins']} wins, {gen['ties']} ties, {gen['losses']} losses) |",
-        f"| mean L0 of v (features steered per token) | 0 | {ev['mean_l0']:.0f} of {ev['d_sae']} |", "",
-        f"The demo's targets: SimPO loss at least 30 % lower ({'met' if loss['reduction'] >= 0.3 else 'NOT met'}), "
-        f"the rule preferring the steered answer on at least 65 % of held-out prompts "
-        f"({'met' if gen['win_rate'] >= 0.65 else 'NOT met'}).", "",
+        f"| the evaluation rule prefers it (`{recipe.rule}`, fsrl/demo/rules.py) | - | "
+        f"**{gen['win_rate']:.1%}** [95 % CI {low:.1%}-{high:.1%}] ({gen['wins']} wins, {gen['ties']} ties, "
+        f"{gen['losses']} losses) |",
+        f"| of those wins, the base answer ran past the budget | - | {gen['wins_where_base_ran_past_budget']} |",
+        *[f"| {label} | {coh['base'][key]} | {coh['steered'][key]} |" for key, label in (
+            ("words_mean", "words per answer (mean)"), ("finished_share", "answers that ended on their own"),
+            ("repeated_4gram_share", "repeated word 4-grams (share)"),
+            ("repeated_list_items", "repeated list items per answer"),
+            ("perplexity_median", "perplexity under the base model (median)"),
+            ("perplexity_mean", "perplexity under the base model (mean)"))],
+        "",
+        f"On the {ev['selection_pairs']} selection pairs (`{recipe.selection}`: held out from training, but "
+        "looked at while earlier versions were tuned, and what chose lambda below):", "",
+        "| | base model | with this adapter |", "|---|---|---|",
+        f"| SimPO loss (beta 10, gamma 5) | {loss['base']:.3f} | {loss['adapter']:.3f} ({loss['reduction']:.1%} lower) |",
+        f"| SimPO loss + {loss['l1_coefficient']} x mean L1 of v (the training objective) | - | "
+        f"{loss['adapter_with_l1']:.3f} |",
+        f"| preference accuracy | {ev['accuracy']['base']:.3f} | {ev['accuracy']['adapter']:.3f} |",
+        f"| mean L0 of v (features steered per token) | 0 | {ev['mean_l0']:.0f} of {ev['d_sae']} "
+        f"({ev['mean_l0'] / ev['d_sae']:.1%}) |", "",
         *([recipe.eval_note, ""] if recipe.eval_note else []),
         *(["| steering scale | " + " | ".join(map(str, sel["win_rate"])) + " |",
            "|---|" + "---|" * len(sel["win_rate"]),
            f"| win rate on {sel['prompts']} training prompts | "
            + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |", ""]
           if (sel := ev.get("scale_selection")) else []),
-        "Mean over the held-out generations of what the rule reads: "
-        + "; ".join(f"{side}: " + ", ".join(f"{k} {v}" for k, v in facts.items())
-                    for side, facts in ev["facts_mean"].items()) + ".", "",
-        "Features pushed most (mean v over held-out tokens; labels where the SAE has them):", "",
-        "| feature | mean v | share of tokens steered | where the SAE fires it most in the demo responses |",
-        "|---|---|---|---|",
-        *[f"| {f['index']} | {f['mean_v']:+.3f} | {f['active_share']:.2f} | "
+        "## The L1 sweep", "",
+        f"One adapter per L1 coefficient, the same recipe otherwise; shipped: the smallest lambda whose "
+        f"mean L0 on the selection pairs is at most {L0_TARGET_SHARE:.0%} of the width (the paper's adapters "
+        "steer 3-8 %). Loss and L0 on the selection pairs; win rate and coherence on the evaluation set "
+        "(reported for every lambda, used to choose none).", "",
+        *sweep_table(recipe, root), "",
+        "## Features", "",
+        "Features pushed most (mean |v| over the selection pairs' tokens; labels and classes from the "
+        "SAE's dashboards):", "",
+        "| feature | label | mean v | share of tokens steered | where the SAE fires it most in the demo responses |",
+        "|---|---|---|---|---|",
+        *[f"| {f['index']} | {(f.get('label') or '').replace('|', '/')} | {f['mean_v']:+.3f} | {f['active_share']:.2f} | "
           + " / ".join("`" + e.replace("|", "\\|") + "`" for e in f.get("examples", [])) + " |" for f in top[:10]], "",
-        "The default SAE ships without feature labels: each feature is shown by the three tokens "
-        "(in [brackets], with context) where it fires most over every sixth demo conversation "
-        "(chat template included; empty: it never fires there).", "",
-        "Samples: `samples.md`; every held-out generation and verdict: `eval.json`.", "",
+        *(["The paper's audit of this adapter (usage by class, ablations, steering-fraction sweep): "
+           "`analysis/report.html` (`fsrl analyze`; the server serves its summary at `/adapters/"
+           f"{recipe.id}/card`).", ""] if card.exists() else []),
+        "Samples, one per template and outcome (wins, ties and losses): `samples.md`; every evaluation "
+        "answer and verdict: `eval.json`.", "",
         "## Data recipe", "",
         f"Prompts: `fsrl/demo/prompts.py` (topics x 4 templates; held-out topics are separate). "
         f"For each prompt the default model wrote two answers (temperature 0.7, top-p 0.9, "
@@ -130,10 +208,11 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"`{rule.hint.strip()}` appended. The pair is stored under the prompt as written (the hint "
         f"never appears in training) and kept only where the rule prefers one answer; the preferred "
         f"one is `chosen`, whichever it is. Rule `{rule.name}` (`fsrl/demo/rules.py`): {rule.summary}.",
-        f"{data_counts['train']} training pairs (`{recipe.data}`), {data_counts['heldout']} held-out "
-        f"pairs (`{recipe.heldout}`).", "",
-        "## Rebuild", "", "```sh", *DATA_COMMANDS, recipe.train_command(), recipe.eval_command(),
-        f"python -m fsrl.demo.recipes readme {recipe.id}", "```", "",
+        f"{data_counts['train']} training pairs (`{recipe.data}`), {data_counts['selection']} selection "
+        f"pairs (`{recipe.selection}`).", "",
+        "## Rebuild", "", "```sh", *DATA_COMMANDS, f"python -m fsrl.demo.recipes rebuild {recipe.id}", "```", "",
+        "which runs, for each lambda of the sweep, then copies the chosen run into this folder:", "",
+        "```sh", *recipe.commands(), "```", "",
         f"Training: {t.get('steps')} steps of {t.get('effective_batch')} pairs, "
         f"{t.get('train_seconds')} s on {t.get('device')} ({t.get('dtype')}); the full summary is in "
         "`adapter.json` under `training`, the step-by-step log in `train_history.json`.", "",
@@ -141,23 +220,47 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
     return "\n".join(lines)
 
 
+def record(recipe: Recipe, l1: str, run: Path, root: Path = Path(".")) -> Path:
+    """Keep a sweep member's adapter.json, eval.json and samples.md under data/demo/sweep/."""
+    out = recipe.record_dir(l1, root)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        shutil.copy2(run / name, out / name)
+    return out
+
+
+def ship(recipe: Recipe, l1: str, run: Path, root: Path = Path(".")) -> Path:
+    """Copy the chosen run into adapters/<id> (keeping an analysis/ folder that is there)."""
+    target = root / "adapters" / recipe.id
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("adapter.json", "adapter.safetensors", "train_history.json", "eval.json", "samples.md"):
+        shutil.copy2(run / name, target / name)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsrl.demo.recipes", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["rebuild", "readme", "command"])
+    parser.add_argument("action", choices=["rebuild", "readme", "record", "ship"])
     parser.add_argument("id", choices=sorted(RECIPES))
+    parser.add_argument("--run", type=Path, help="record: a trained and evaluated run folder")
+    parser.add_argument("--l1", help="record: that run's L1 coefficient")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
     recipe = RECIPES[args.id]
-    if args.action == "command":
-        print(recipe.train_command())
+    if args.action == "record":
+        if not (args.run and args.l1):
+            parser.error("record needs --run and --l1")
+        print(record(recipe, args.l1, args.run))
         return 0
     if args.action == "rebuild":
         threads = ["--threads", str(args.threads)] if args.threads else []
-        subprocess.run([sys.executable, "-m", "fsrl.cli", *recipe.train_argv(), *threads], check=True)
-        subprocess.run([sys.executable, "-m", "fsrl.demo.evaluate", *recipe.eval_argv(), *threads],
-                       check=True)
-    from fsrl.demo.evaluate import write_samples
-    write_samples(Path("adapters") / recipe.id)
+        for l1 in recipe.l1_sweep:
+            subprocess.run([sys.executable, "-m", "fsrl.cli", *recipe.train_argv(l1), *threads], check=True)
+            subprocess.run([sys.executable, "-m", "fsrl.demo.evaluate", *recipe.eval_argv(l1), *threads], check=True)
+            record(recipe, l1, Path(recipe.run_dir(l1)))
+    if args.action in ("rebuild", "ship"):
+        chosen = choose_l1(sweep_records(recipe))
+        print(f"shipping lambda {chosen}: {ship(recipe, chosen, Path(recipe.run_dir(chosen)))}")
     print(write_readme(recipe))
     return 0
 

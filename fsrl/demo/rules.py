@@ -16,6 +16,22 @@ bullets: "a bulleted or numbered list over a wall of text"
     has_list(t)   = at least 3 distinct items, and at least 3/4 of the items distinct
                     (a list that repeats one line over and over is not a list)
     exactly one has a list             -> that one; else no preference
+
+The rules above built the training pairs. The published evaluation (`fsrl.demo.evaluate`) judges
+generated answers with stricter ones (`EVAL_RULES`, fixed before any adapter was evaluated on
+the evaluation set), because a generated answer can be cut by the token budget and can drift off
+the question:
+    finished(a)    the answer ended on its own (end of turn), not at the token budget
+    relevant(a, q) it names the question's topic: a word of 4+ letters of the topic appears in
+                   it, compared on the first max(4, len - 2) letters ("octopuses" ~ "octopus")
+concise-eval: "a finished, complete, on-topic answer that is clearly shorter"
+    ok(a) = finished, complete and relevant
+    one ok, the other not -> the ok one; neither -> no preference;
+    both -> the one with at most 3/4 of the other's words; else no preference
+    (so the base answer, given the same budget, loses on length only when it finished too, or
+    when it ran past the budget: those wins are counted apart in the report)
+bullets-eval: "an on-topic list over no list"
+    exactly one answer has_list and is relevant -> that one; else no preference
 """
 
 from __future__ import annotations
@@ -79,6 +95,46 @@ def describe_concise(text: str) -> dict:
 
 def describe_bullets(text: str) -> dict:
     return {"list_items": list_items(text), "distinct_items": distinct_items(text), "has_list": has_list(text)}
+
+
+_WORD = re.compile(r"[a-z]{4,}")
+
+
+def relevant(text: str, topic: str) -> bool:
+    lowered = text.lower()
+    return any(word[:max(4, len(word) - 2)] in lowered for word in _WORD.findall(topic.lower()))
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A generated answer as the evaluation rules read it."""
+
+    text: str
+    finished: bool      # ended by the model (end of turn or a stop string), not by the budget
+    topic: str          # the question's topic
+
+
+def judge_concise_eval(a: Answer, b: Answer) -> int:
+    def ok(x: Answer) -> bool:
+        return x.finished and complete(x.text) and relevant(x.text, x.topic)
+
+    oa, ob = ok(a), ok(b)
+    if oa != ob:
+        return 1 if oa else -1
+    if not oa:
+        return 0
+    wa, wb = words(a.text), words(b.text)
+    return 1 if wa <= 0.75 * wb else -1 if wb <= 0.75 * wa else 0
+
+
+def judge_bullets_eval(a: Answer, b: Answer) -> int:
+    la = has_list(a.text) and relevant(a.text, a.topic)
+    lb = has_list(b.text) and relevant(b.text, b.topic)
+    return 0 if la == lb else (1 if la else -1)
+
+
+EVAL_RULES: dict[str, Callable[[Answer, Answer], int]] = {
+    "concise": judge_concise_eval, "bullets": judge_bullets_eval}
 
 
 @dataclass(frozen=True)
