@@ -157,3 +157,32 @@ def test_markup_strippers_keep_prose():
     assert corpus.html_to_text(page) == "Title\n\nSome prose here.\n\nMore & more."
     roff = '.TH X 1\n.SH NAME\nx \\- do \\fBthings\\fR\n.PP\n.BR grep (1)\nis fine.\n'
     assert corpus.roff_to_text(roff) == "NAME\n\nx - do things\n\ngrep(1) is fine."
+
+
+def test_sae_evaluate_adds_per_corpus_figures_equal_to_a_direct_evaluation(trained, tiny_model_dir, tmp_path):
+    """`fsrl sae evaluate` on chat rows: the figures are evaluate_sae's on the same packed
+    tokens with the SAE's own exclusions, written under quality.json's "by_corpus"."""
+    import shutil
+
+    from fsrl.models import load_base_model
+    from fsrl.sae import load_sae
+    from fsrl.sae_train import Exclusions, evaluate_sae, pack_contexts, separator_token_id
+
+    sae_dir = tmp_path / "sae"
+    shutil.copytree(trained, sae_dir)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"prompt": a, "text": b})
+                              for a, b in zip(_sentences(40, 5), _sentences(40, 6))) + "\n")
+    before = json.loads((sae_dir / "quality.json").read_text())
+    assert cli.main(["sae", "evaluate", "--sae", str(sae_dir), "--model", str(tiny_model_dir), "--chat", str(chat),
+                     "--eval-tokens", "256", "--ce-tokens", "64", "--device", "cpu"]) == 0
+    after = json.loads((sae_dir / "quality.json").read_text())
+    figures = after["by_corpus"][f"chat:{chat}"]
+    assert {k: v for k, v in after.items() if k != "by_corpus"} == before  # training figures stay
+
+    base = load_base_model(str(tiny_model_dir), device="cpu")
+    meta = json.loads((sae_dir / "cfg.json").read_text())["metadata"]
+    rows = [f"{a}\n\n{b}" for a, b in zip(_sentences(40, 5), _sentences(40, 6))]  # no chat template: plain
+    tokens = pack_contexts(base.tokenizer, rows, meta["context_size"], separator_token_id(base.tokenizer), 256)
+    excl = Exclusions(meta["excluded_token_ids"], meta["excluded_activation_norm_above"])
+    assert figures == evaluate_sae(base, load_sae(sae_dir), 1, tokens, excl, ce_tokens=64)
