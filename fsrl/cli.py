@@ -26,6 +26,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "dashboards and rule labels for every feature of an SAE, from a corpus"),
     (("features", "label"), "fsrl.commands.features:label",
      "feature labels from an OpenAI-compatible endpoint or Neuronpedia explanations"),
+    (("features", "classify"), "fsrl.commands.features:classify",
+     "the paper's feature classes from an OpenAI-compatible endpoint, over the rule's"),
     (("analyze",), "fsrl.commands.analyze",
      "the paper's audit of one adapter on preference pairs: report.json and report.html"),
 ]

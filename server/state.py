@@ -17,6 +17,7 @@ from fsrl.analysis import hook_activations, reference_token_ids
 from fsrl.cpu_inference import ModelThread, pack_linear_layers
 from fsrl.errors import FsrlError, MismatchError
 from fsrl.features import dashboards
+from fsrl.features.classes import read_classes
 from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
 from fsrl.models import BaseModel, load_base_model, resolve_device
@@ -114,7 +115,12 @@ def load_feature_index(folder, sae: Sae) -> FeatureIndex:
     except FsrlError as exc:
         log.warning("feature dashboards not loaded: %s", exc)
         doc = None
-    return FeatureIndex(sae.d_sae, sae.info.labels, sae.info.label_sources, doc)
+    try:
+        stored = read_classes(folder)
+    except FsrlError as exc:
+        log.warning("feature classes file not loaded: %s", exc)
+        stored = {}
+    return FeatureIndex(sae.d_sae, sae.info.labels, sae.info.label_sources, doc, stored)
 
 
 def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, torch.Tensor, bool]:

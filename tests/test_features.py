@@ -183,7 +183,11 @@ class _Labeler(BaseHTTPRequestHandler):
         type(self).seen.append({**body, "auth": self.headers.get("Authorization")})
         prompt = body["messages"][-1]["content"]
         peak = prompt.split("⟦", 1)[1].split("⟧", 1)[0]
-        answer = {"choices": [{"message": {"role": "assistant", "content": f'Label: "peaks on {peak!r}"\nmore'}}]}
+        if body["messages"][0]["content"].startswith("You sort features"):  # the classifier
+            content = "Style." if not peak.strip().isalnum() else "other"
+        else:
+            content = f'Label: "peaks on {peak!r}"\nmore'
+        answer = {"choices": [{"message": {"role": "assistant", "content": content}}]}
         data = json.dumps(answer).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -214,6 +218,40 @@ def test_an_openai_compatible_labeler_labels_live_features(built, monkeypatch):
     assert _Labeler.seen[0]["model"] == "judge" and _Labeler.seen[0]["auth"] == "Bearer k"
     with pytest.raises(FsrlError, match="gave no label"):
         llm_labels(doc, "http://127.0.0.1:9/v1", "judge", limit=2, progress=False, timeout_s=2)
+
+
+def test_an_openai_compatible_classifier_overrides_the_rule_where_it_answers(built, tmp_path):
+    """`fsrl features classify` writes feature_classes.json; the server's feature index takes
+    those classes (source llm:<model>) over the rule's, which the other features keep."""
+    from fsrl.cli import main
+    from fsrl.features.classes import classify, parse_class, read_classes
+    from server.state import load_feature_index
+
+    _, sae, root, doc = built
+    folder = tmp_path / "sae"
+    save_sae(sae, folder)
+    for name in root.iterdir():
+        (folder / name.name).write_bytes(name.read_bytes())
+    server = HTTPServer(("127.0.0.1", 0), _Labeler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = main(["features", "classify", "--sae", str(folder), "--labeler-url",
+                     f"http://127.0.0.1:{server.server_port}/v1", "--labeler-model", "judge", "--limit", "5",
+                     "--no-progress"])
+    finally:
+        server.shutdown()
+    assert code == 0
+    live = [f for f in doc["features"] if f.get("top_contexts")]
+    stored = read_classes(folder)
+    assert sorted(stored) == [f["index"] for f in live[:5]]
+    for f in live[:5]:
+        peak = f["top_contexts"][0]["tokens"][f["top_contexts"][0]["peak"]]
+        assert stored[f["index"]] == ("style" if not peak.strip().isalnum() else "other", "llm:judge")
+    index = load_feature_index(folder, load_sae(folder))
+    for f in live:
+        expected = stored.get(f["index"], (classify(f), "rule"))
+        assert (index.classes[f["index"]], index.class_sources[f["index"]]) == expected
+    assert parse_class("**Alignment**, because...") == "alignment" and parse_class("no idea") is None
 
 
 def test_search_ranks_label_matches_above_token_matches():

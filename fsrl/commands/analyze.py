@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from fsrl.audit import AuditSettings, audit
     from fsrl.audit_report import ANALYSIS_DIR, write_report
     from fsrl.features import dashboards
-    from fsrl.features.classes import classify
+    from fsrl.features.classes import feature_classes, read_classes
     from fsrl.files import sha256_of
     from fsrl.models import load_base_model
     from fsrl.sae import default_sae_dir, load_sae
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if doc is None:
         raise FsrlError(f"SAE {sae_dir} has no feature dashboards to classify features by; "
                         "run `fsrl features build` first")
-    classes = {f["index"]: c for f in doc["features"] if (c := classify(f)) is not None}
+    classes = {i: c for i, (c, _) in feature_classes(doc, read_classes(sae_dir)).items()}
     pairs = load_pairs(args.data, limit=args.limit)
 
     base = load_base_model(args.model, device=args.device)

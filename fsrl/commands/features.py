@@ -6,6 +6,9 @@
     fsrl features label [--sae DIR] (--labeler-url URL --labeler-model M | --neuronpedia FILE)
         labels from an OpenAI-compatible endpoint or from Neuronpedia explanations, over the
         rule labels (each records its source)
+    fsrl features classify [--sae DIR] --labeler-url URL --labeler-model M [--limit N]
+        the paper's classes from an OpenAI-compatible endpoint, over the rule's classes
+        (written to feature_classes.json beside the SAE)
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labeler-model", help="the model to ask, with --labeler-url")
     parser.add_argument("--limit", type=int, help="label only the first N live features")
     parser.add_argument("--neuronpedia", help="Neuronpedia explanations export (.json, .jsonl or .jsonl.gz)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sae", help="SAE folder with dashboards (default: the shipped default SAE)")
+    parser.add_argument("--labeler-url", required=True, help="base URL of an OpenAI-compatible API, such as "
+                        "http://localhost:8001/v1 (key: $FSRL_LABELER_KEY or $OPENAI_API_KEY)")
+    parser.add_argument("--labeler-model", required=True, help="the model to ask")
+    parser.add_argument("--limit", type=int, help="classify only the first N live features")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -142,4 +154,25 @@ def run_label(args: argparse.Namespace) -> int:
         labels.update(found)
         print(f"{len(found)} labels from {args.labeler_model} ({failed} features got none and keep their label)")
     write_labels(sae_dir, labels)
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    from fsrl.features import dashboards
+    from fsrl.features.classes import llm_classes, read_classes, write_classes
+    from fsrl.sae import default_sae_dir, load_sae
+
+    sae_dir = Path(args.sae or default_sae_dir()).expanduser()
+    sae = load_sae(sae_dir)
+    doc = dashboards.read(sae_dir, sae)
+    if doc is None:
+        raise FsrlError(f"no dashboards in {sae_dir}: run `fsrl features build` first")
+    found, failed = llm_classes(doc, sae.info.labels, args.labeler_url, args.labeler_model, limit=args.limit,
+                                progress=not args.no_progress)
+    stored = read_classes(sae_dir)
+    stored.update(found)
+    path = write_classes(sae_dir, stored)
+    counts = {c: sum(1 for v, _ in found.values() if v == c) for c in ("alignment", "style", "other")}
+    print(f"{len(found)} classes from {args.labeler_model} ({counts}; {failed} features got none and keep "
+          f"the rule's) in {path}")
     return 0

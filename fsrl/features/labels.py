@@ -101,36 +101,42 @@ def clean_label(text: str) -> str | None:
     return line[:MAX_LABEL_CHARS] or None
 
 
+def ask_chat(url: str, model: str, messages: list[dict[str, str]], api_key: str | None = None,
+             max_tokens: int = 24, timeout_s: float = 60.0) -> str | None:
+    """One answer from an OpenAI-compatible chat endpoint (`url` is its base, such as
+    http://host:8000/v1), greedy; None on any error. The key defaults to $FSRL_LABELER_KEY,
+    then $OPENAI_API_KEY."""
+    key = api_key or os.environ.get("FSRL_LABELER_KEY") or os.environ.get("OPENAI_API_KEY")
+    endpoint = url.rstrip("/") + "/chat/completions"
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(endpoint, data=body, headers={
+        "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = json.loads(response.read())
+        return answer["choices"][0]["message"]["content"] or ""
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        log.debug("no answer from %s (%s)", endpoint, exc)
+        return None
+
+
 def llm_labels(dashboards: dict[str, Any], url: str, model: str, api_key: str | None = None,
                limit: int | None = None, timeout_s: float = 60.0, progress: bool = True) -> tuple[Labels, int]:
     """A label for each live feature (the first `limit`) from an OpenAI-compatible chat
-    endpoint (`url` is its base, such as http://host:8000/v1). Returns the labels and how
-    many features got none (an error or an empty answer: they keep their other label)."""
+    endpoint. Returns the labels and how many features got none (an error or an empty answer:
+    they keep their other label)."""
     from tqdm.auto import tqdm
 
-    key = api_key or os.environ.get("FSRL_LABELER_KEY") or os.environ.get("OPENAI_API_KEY")
     live = [f for f in dashboards["features"] if f.get("top_contexts")][:limit]
     labels: Labels = {}
-    failed = 0
-    endpoint = url.rstrip("/") + "/chat/completions"
     for feature in tqdm(live, desc="labels", unit="feature", disable=not progress):
-        body = json.dumps({"model": model, "messages": labeler_messages(feature), "max_tokens": 24,
-                           "temperature": 0}).encode()
-        request = urllib.request.Request(endpoint, data=body, headers={
-            "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                answer = json.loads(response.read())
-            label = clean_label(answer["choices"][0]["message"]["content"] or "")
-        except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            log.debug("feature %d: no label from %s (%s)", feature["index"], endpoint, exc)
-            label = None
-        if label is None:
-            failed += 1
-            continue
-        labels[feature["index"]] = (label, f"llm:{model}")
+        answer = ask_chat(url, model, labeler_messages(feature), api_key, timeout_s=timeout_s)
+        label = clean_label(answer) if answer is not None else None
+        if label is not None:
+            labels[feature["index"]] = (label, f"llm:{model}")
+    failed = len(live) - len(labels)
     if live and failed == len(live):
-        raise FsrlError(f"the labeler at {endpoint} gave no label for any of {len(live)} features")
+        raise FsrlError(f"the labeler at {url} gave no label for any of {len(live)} features")
     return labels, failed
 
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsrl.features.classes import classify
+from fsrl.features.classes import Classes, feature_classes
 from fsrl.features.labels import token_name
 
 
 class FeatureIndex:
     def __init__(self, d_sae: int, labels: dict[int, str], sources: dict[int, str],
-                 dashboards: dict[str, Any] | None):
+                 dashboards: dict[str, Any] | None, stored_classes: Classes | None = None):
         self.d_sae = d_sae
         self.labels, self.sources = labels, sources
         self.dashboards = dashboards
@@ -28,7 +28,9 @@ class FeatureIndex:
                        for i, f in self.entries.items()}
         self._promoted = {i: [token_name(t).lower() for t, _ in f.get("promoted") or []]
                           for i, f in self.entries.items()}
-        self.classes = {i: c for i, f in self.entries.items() if (c := classify(f)) is not None}
+        with_source = feature_classes(dashboards, stored_classes)
+        self.classes = {i: c for i, (c, _) in with_source.items()}
+        self.class_sources = {i: source for i, (_, source) in with_source.items()}
 
     @property
     def has_dashboards(self) -> bool:
@@ -62,7 +64,7 @@ class FeatureIndex:
 
     def summary(self, index: int) -> dict[str, Any]:
         return {"index": index, "label": self.labels.get(index), "label_source": self.sources.get(index),
-                "class": self.classes.get(index),
+                "class": self.classes.get(index), "class_source": self.class_sources.get(index),
                 "density": self.entries[index]["density"] if index in self.entries else None,
                 "peak_tokens": sorted(set(self._peaks.get(index, [])), key=self._peaks.get(index, []).count,
                                       reverse=True)[:3],
@@ -75,7 +77,7 @@ class FeatureIndex:
         edges = (self.dashboards or {}).get("histogram_edges")
         hist = entry.get("histogram")
         return {"index": index, "label": self.labels.get(index), "label_source": self.sources.get(index),
-                "class": self.classes.get(index),
+                "class": self.classes.get(index), "class_source": self.class_sources.get(index),
                 "density": entry.get("density"), "max_activation": entry.get("max_activation"),
                 "histogram": {"edges": edges, "counts": hist} if hist is not None else None,
                 "top_contexts": entry.get("top_contexts") if self.has_dashboards else None,
