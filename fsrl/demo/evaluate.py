@@ -13,7 +13,7 @@
    ties, losses, the win rate with its 95 % Wilson interval, wins where the base answer ran
    past the budget, and beside them coherence of both sides: repeated word 4-grams, repeated
    list items, and perplexity under the base model (steering off).
-   `--scale auto` picks the steering scale on training prompts (every fourth) first.
+   `--scale auto` picks the steering scale on training prompts (every eighth, 96 new tokens) first.
 Writes <out>/eval.json and <out>/samples.md (stratified: one sample per template and outcome).
 """
 
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SCALE_CANDIDATES = (0.25, 0.5, 0.75, 1.0)
 EVAL_MAX_NEW_TOKENS = 256
+TUNING_MAX_NEW_TOKENS = 96  # the training data's budget
 OUTCOMES = {1: "win", 0: "tie", -1: "loss"}
 
 
@@ -142,13 +143,16 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
     selection_report = None
     if scale == "auto":
-        # Chosen on training prompts (every fourth), never on the prompts it is judged on.
-        tuning = [p for p in demo_prompts() if p.split == "train"][::4]
-        plain = generate_answers(gen, base.tokenizer, tuning, RowSteering(), desc="tuning: base", **decoding)
-        selection_report = {"prompts": len(tuning), "split": "train", "win_rate": {}}
+        # Chosen on training prompts (every eighth), never on the prompts it is judged on, at the
+        # training data's budget (a list shows within it; a scale sweep at 256 tokens costs 2.7x).
+        tuning = [p for p in demo_prompts() if p.split == "train"][::8]
+        tuning_decoding = {**decoding, "max_new_tokens": TUNING_MAX_NEW_TOKENS}
+        plain = generate_answers(gen, base.tokenizer, tuning, RowSteering(), desc="tuning: base", **tuning_decoding)
+        selection_report = {"prompts": len(tuning), "split": "train", "max_new_tokens": TUNING_MAX_NEW_TOKENS,
+                            "win_rate": {}}
         for candidate in SCALE_CANDIDATES:
             steered = generate_answers(gen, base.tokenizer, tuning, RowSteering(adapter, candidate),
-                                       desc=f"tuning: scale {candidate}", **decoding)
+                                       desc=f"tuning: scale {candidate}", **tuning_decoding)
             wins = sum(judge(a, b) > 0 for a, b in zip(steered, plain))
             selection_report["win_rate"][candidate] = round(wins / len(tuning), 4)
         scale = max(SCALE_CANDIDATES, key=lambda c: selection_report["win_rate"][c])  # ties: the gentler
