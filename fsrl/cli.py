@@ -1,5 +1,7 @@
 """The `fsrl` command line. Each subcommand lives in its own module as `add_arguments` + `run`;
-this file only wires them and turns user-facing errors into one clear line."""
+this file only wires them and turns user-facing errors into one clear line. Packages built on
+the library add commands through the `fsrl.commands` entry point group (the server adds
+`serve`), so the library never names them."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from fsrl.errors import FsrlError
 # (argv path, module implementing add_arguments(parser) and run(args) -> int | None, help;
 #  "module:variant" for a module with several commands: add_<variant>_arguments, run_<variant>)
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
-    (("serve",), "server.cli", "start the steering server"),
     (("train",), "fsrl.train.cli", "train an FSRL adapter on preference data (SimPO/DPO)"),
     (("fetch-default",), "fsrl.commands.fetch_default", "fetch and convert the embedded default model"),
     (("sae", "train"), "fsrl.sae_train", "train an SAE with sae-lens on a local model and corpus"),
@@ -31,6 +32,21 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("analyze",), "fsrl.commands.analyze",
      "the paper's audit of one adapter on preference pairs: report.json and report.html"),
 ]
+
+
+PLUGIN_GROUP = "fsrl.commands"
+
+
+def plugin_commands() -> list[tuple[tuple[str, ...], str, str]]:
+    """Commands other installed packages add (entry point name "a.b" is `fsrl a b`); each
+    one's help is its module docstring's first line (such modules keep their imports light)."""
+    from importlib.metadata import entry_points
+
+    found = []
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        doc = (importlib.import_module(ep.value.partition(":")[0]).__doc__ or "").strip()
+        found.append((tuple(ep.name.split(".")), ep.value, doc.splitlines()[0] if doc else ""))
+    return found
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -58,7 +74,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     top = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     groups: dict[str, argparse._SubParsersAction] = {}
     words = [a for a in argv if not a.startswith("-")]
-    for path, module, help_text in COMMANDS:
+    for path, module, help_text in [*plugin_commands(), *COMMANDS]:
         subparsers = top
         for part in path[:-1]:
             if part not in groups:

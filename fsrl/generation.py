@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -23,9 +23,6 @@ except ImportError:  # older transformers: no per-layer caches, so rows join onl
 from fsrl.models import BaseModel
 from fsrl.sae import Sae
 from fsrl.steering import RowSteering, StepCapture, SteeringBatch, SteeringHook
-
-if TYPE_CHECKING:
-    from fsrl.static_decode import StaticBatch, StaticDecoder
 
 
 @dataclass
@@ -105,7 +102,7 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
-class _Row:
+class DecodeRow:
     """Host-side state of one row while it generates: what it has produced so far, so that a
     batch can be rebuilt from it (`resume`) after a failed step."""
 
@@ -184,10 +181,38 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
+class DecodeBatch(Protocol):
+    """Rows decoding together that rows join and leave between steps: what `Generator.stream`
+    and the server's engine drive, whichever kind it is (`RunningBatch` here, or
+    `fsrl.static_decode.StaticBatch`). Every event comes paired with its row's owner."""
+
+    def __len__(self) -> int: ...
+
+    @property
+    def can_join(self) -> bool: ...
+
+    def add(self, requests: Sequence[GenerationRequest], owners: Sequence[Any] | None = None
+            ) -> list[tuple[Any, TokenEvent]]: ...
+
+    def step(self) -> list[tuple[Any, TokenEvent]]: ...
+
+    def drop(self, owner: Any) -> int: ...
+
+    def rows_of(self, owner: Any) -> list[DecodeRow]: ...
+
+    def resume(self, rows: Sequence[DecodeRow]) -> list[tuple[Any, TokenEvent]]: ...
+
+
+class BatchSource(Protocol):
+    """Something that hands out batches instead of `RunningBatch` (a static decoder's slots)."""
+
+    def batch(self) -> DecodeBatch: ...
+
+
 class Generator:
     """Generates on one model, steering at one SAE layer. `stream`/`generate` run a fixed set
-    of requests; `batch()` gives a batch that rows join and leave between steps (a
-    `RunningBatch`, or with `fsrl.static_decode.use_static_decode` a `StaticBatch`)."""
+    of requests; `batch()` gives a `DecodeBatch` (a `RunningBatch`, or the batches of the
+    `BatchSource` set as `static_decoder`, as `fsrl.static_decode.use_static_decode` does)."""
 
     def __init__(self, base: BaseModel, sae: Sae, layer: int):
         self.base, self.sae, self.layer = base, sae, layer
@@ -199,7 +224,7 @@ class Generator:
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = base.tokenizer.pad_token_id or 0
-        self.static_decoder: StaticDecoder | None = None  # when set, batches use its slots
+        self.static_decoder: BatchSource | None = None  # when set, batches come from it
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 cache: Any, batch: SteeringBatch, every_position: bool = False
@@ -216,7 +241,7 @@ class Generator:
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         return (out.logits if every_position else out.logits[:, -1, :]), new_cache, capture
 
-    def batch(self) -> RunningBatch | StaticBatch:
+    def batch(self) -> DecodeBatch:
         """A batch for rows to join and leave; over the static decoder's slots when there is one
         (a newer batch takes them from an older one)."""
         return self.static_decoder.batch() if self.static_decoder is not None else RunningBatch(self)
@@ -238,11 +263,11 @@ class Generator:
 
 
 def new_rows(generator: Generator, requests: Sequence[GenerationRequest],
-             owners: Sequence[Any] | None = None) -> list[_Row]:
+             owners: Sequence[Any] | None = None) -> list[DecodeRow]:
     """A row for each request. `owners[i]` tags request i (default None); a row's
     `TokenEvent.row` counts the requests before it in this call with the same owner."""
     owners = list(owners) if owners is not None else [None] * len(requests)
-    return [_Row(r, generator.base.tokenizer, generator.eos_ids, owner,
+    return [DecodeRow(r, generator.base.tokenizer, generator.eos_ids, owner,
                  sum(o is owner for o in owners[:b]))
             for b, (r, owner) in enumerate(zip(requests, owners))]
 
@@ -254,12 +279,12 @@ def steering_for(generator: Generator, requests: Sequence[GenerationRequest]) ->
                                capture_top=max((r.return_features for r in requests), default=0))
 
 
-def prefill(generator: Generator, rows: Sequence[_Row]
+def prefill(generator: Generator, rows: Sequence[DecodeRow]
             ) -> tuple[torch.Tensor, Any, StepCapture, torch.Tensor, torch.Tensor]:
     """One forward over the rows' contexts (prompt, plus what a resumed row has generated),
     left-padded to the longest: their last-position logits (B, V), the cache, the capture, the
     mask (B, W) and the context lengths (B,). A new row that asks for prompt log-probabilities
-    gets them here (`_Row.prompt_logprobs`)."""
+    gets them here (`DecodeRow.prompt_logprobs`)."""
     g = generator
     device = g.base.device
     steering = steering_for(g, [row.request for row in rows])
@@ -301,7 +326,7 @@ def _logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[Log
     return list(zip(chosen, tops))
 
 
-def sample_rows(rows: Sequence[_Row], logits: torch.Tensor, capture: StepCapture
+def sample_rows(rows: Sequence[DecodeRow], logits: torch.Tensor, capture: StepCapture
                 ) -> tuple[list[tuple[Any, TokenEvent]], list[int]]:
     """Each row's next token from its logits (B, V) and the events they make, paired with each
     row's owner. A row that cannot go on (`RowError`, non-finite logits) finishes with an
@@ -368,7 +393,7 @@ class RunningBatch:
 
     def __init__(self, generator: Generator):
         self.generator = generator
-        self.rows: list[_Row] = []
+        self.rows: list[DecodeRow] = []
         self.cache: Any = None
         self.attention_mask: torch.Tensor | None = None   # (B, W) over the cache, plus the next token
         self.next_position: torch.Tensor | None = None    # (B,) position of each row's next input
@@ -390,7 +415,7 @@ class RunningBatch:
         counts the requests before it in this call with the same owner."""
         return self.resume(new_rows(self.generator, requests, owners)) if requests else []
 
-    def resume(self, rows: Sequence[_Row]) -> list[tuple[Any, TokenEvent]]:
+    def resume(self, rows: Sequence[DecodeRow]) -> list[tuple[Any, TokenEvent]]:
         """Rows join from their host state (new, or taken from another batch with `rows_of`):
         one forward over their contexts gives each its next token."""
         if not rows:
@@ -406,7 +431,7 @@ class RunningBatch:
             self._join(cache, mask[keep], lengths[keep], [rows[b] for b in keep], [tokens[b] for b in keep])
         return events
 
-    def rows_of(self, owner: Any) -> list[_Row]:
+    def rows_of(self, owner: Any) -> list[DecodeRow]:
         """The unfinished rows added with `owner`."""
         return [row for row in self.rows if row.owner is owner]
 
@@ -434,7 +459,7 @@ class RunningBatch:
             self._keep(keep)
         return dropped
 
-    def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[_Row],
+    def _join(self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, rows: list[DecodeRow],
               tokens: list[int]) -> None:
         if not self.rows:
             self.cache, self.attention_mask = cache, mask

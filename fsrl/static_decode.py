@@ -26,7 +26,7 @@ import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from fsrl.errors import FsrlError
-from fsrl.generation import GenerationRequest, Generator, TokenEvent, _Row, new_rows, prefill, sample_rows
+from fsrl.generation import GenerationRequest, Generator, TokenEvent, DecodeRow, new_rows, prefill, sample_rows
 from fsrl.steering import SteeringRows, StepCapture
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class StaticBatch:
     def __init__(self, decoder: StaticDecoder):
         self.decoder = decoder
         slots = decoder.rows
-        self.rows: list[_Row | None] = [None] * slots
+        self.rows: list[DecodeRow | None] = [None] * slots
         self.next_token = [0] * slots
         self.start = [0] * slots  # each row's first cache column
         self.column = 0           # where every row writes its next token
@@ -165,7 +165,7 @@ class StaticBatch:
         the free slots or a row's prompt plus new tokens does not fit in the cache."""
         return self.resume(new_rows(self.decoder.generator, requests, owners)) if requests else []
 
-    def resume(self, rows: Sequence[_Row]) -> list[tuple[Any, TokenEvent]]:
+    def resume(self, rows: Sequence[DecodeRow]) -> list[tuple[Any, TokenEvent]]:
         """As `RunningBatch.resume`, with the checks of `add`."""
         if not rows:
             return []
@@ -195,7 +195,7 @@ class StaticBatch:
                 self.next_token[slot], self.start[slot] = tokens[b], self.column - n
         return events
 
-    def rows_of(self, owner: Any) -> list[_Row]:
+    def rows_of(self, owner: Any) -> list[DecodeRow]:
         """The unfinished rows added with `owner`."""
         return [row for row in self.rows if row is not None and row.owner is owner]
 

@@ -1,4 +1,7 @@
-"""`fsrl serve`: start the steering server. Heavy imports stay inside `run`."""
+"""start the steering server
+
+`fsrl serve`, added to the `fsrl` command through the `fsrl.commands` entry point (pyproject).
+Heavy imports stay inside `run`: the `fsrl` command reads this module's docstring for its help."""
 
 from __future__ import annotations
 
