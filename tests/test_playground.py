@@ -224,8 +224,8 @@ def test_ab_run_with_a_searched_clamp_streams_both_rows_and_reproduces_as_curl_a
     expect(dashboard.get_by_role("list", name="Promoted tokens").locator("li").first).to_be_visible()
 
     # A/B: both rows stream side by side, and they part somewhere (the clamp and the adapter push).
-    page.get_by_label("Seed (empty: the server picks)").fill("7")
-    page.get_by_label("Max new tokens").fill("24")
+    page.get_by_label("Seed", exact=True).fill("7")
+    page.get_by_label("Max new tokens", exact=True).fill("24")
     page.get_by_label("Ignore end-of-sequence").check()
     status = run_and_wait(page, "Run", "#run-status")
     assert status.startswith("Done"), (status, text_of(page, "#alert"))
@@ -273,7 +273,7 @@ def test_a_sweep_runs_every_scale_on_one_seed(page, server):
     from playwright.sync_api import expect
 
     page.get_by_label("Adapter", exact=True).select_option("tiny")
-    page.get_by_label("Max new tokens").fill("16")
+    page.get_by_label("Max new tokens", exact=True).fill("16")
     page.get_by_label("Ignore end-of-sequence").check()
     page.get_by_label("Custom scale").fill("3")
     page.get_by_label("Prompt", exact=True).fill("Hello there")
@@ -307,7 +307,7 @@ def test_an_unknown_feature_index_is_shown_to_the_user(page):
     expect(alert).to_contain_text("404 not_found: feature 99999 is out of range [0, 256)")
     page.get_by_role("button", name="Dismiss error").click()
     expect(alert).to_be_hidden()
-    page.get_by_label("Max new tokens").fill("4")
+    page.get_by_label("Max new tokens", exact=True).fill("4")
     assert run_and_wait(page, "Run", "#run-status") == "Failed."
     expect(alert).to_contain_text("422 invalid_value: features: index 99999 is out of range [0, 256)")
 
@@ -365,7 +365,7 @@ def test_a_missing_or_wrong_key_and_a_full_queue_are_shown_to_the_user(chromium,
         busy = threading.Thread(target=hog, daemon=True)
         busy.start()
         try:
-            page.get_by_label("Max new tokens").fill("4")
+            page.get_by_label("Max new tokens", exact=True).fill("4")
             for _ in range(20):  # the hog's next request may not have arrived yet: a few tries
                 if run_and_wait(page, "Run", "#run-status") == "Failed.":
                     break

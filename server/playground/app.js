@@ -109,11 +109,13 @@ function showError(err, what) {
     text += err.retryAfter ? ` The server is busy: retry in ${err.retryAfter} s.` : " The server is busy.";
   }
   $("alert-text").textContent = text;
-  $("alert").hidden = false;
+  $("alert").classList.add("shown");
+  $("alert-dismiss").hidden = false;
 }
 
 function clearError() {
-  $("alert").hidden = true;
+  $("alert").classList.remove("shown");
+  $("alert-dismiss").hidden = true;
   $("alert-text").textContent = "";
 }
 

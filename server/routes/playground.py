@@ -6,7 +6,6 @@ typed into it, so the page must load before the key is known."""
 
 from __future__ import annotations
 
-from functools import cache
 from importlib.resources import files
 
 from fastapi import APIRouter
@@ -25,8 +24,8 @@ HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; st
            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
 
-@cache
 def _read(name: str) -> bytes:
+    # Read per request (a few tens of kB, once per visit): an edited page shows without a restart.
     return (files("server") / "playground" / name).read_bytes()
 
 
