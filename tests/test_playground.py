@@ -317,17 +317,20 @@ def test_an_unknown_feature_index_is_shown_to_the_user(page):
 def test_the_adapter_card_shows_an_analysis_summary_when_the_server_has_one(page):
     from playwright.sync_api import expect
 
-    summary = {"adapter": "tiny", "summary": {"prompts": 12, "mean_kl": 0.25,
-                                              "top_features": [{"index": 3, "label": "list", "share": 0.4}],
-                                              "classes": {"style": 0.6, "other": 0.4}}}
+    # The shape `fsrl analyze` reports take: free-form keys, scalars, objects, lists of rows.
+    summary = {"adapter": "tiny", "report": "analysis/report.json", "weights_match": False,
+               "summary": {"pairs": 12, "eval_loss": 0.25,
+                           "usage_relative_change_prompt_chosen": {"style": 0.6, "other": -0.4},
+                           "top_features": [{"index": 3, "label": "list", "class": "style"}]}}
     page.route("**/adapters/tiny/card", lambda route: route.fulfill(
         status=200, content_type="application/json", body=json.dumps(summary)))
     page.get_by_label("Adapter", exact=True).select_option("tiny")
     analysis = page.locator("#card-analysis")
-    expect(analysis.locator("dt").first).to_have_text("prompts")
+    expect(analysis.locator("dt").first).to_have_text("pairs")
     expect(analysis).to_contain_text("0.250")
-    expect(analysis.locator("table td").first).to_have_text("3")
     expect(analysis.locator("dd dl dt").first).to_have_text("style")
+    expect(analysis.locator("table td").first).to_have_text("3")
+    expect(analysis).to_contain_text("made on other weights")
 
 
 @pytest.mark.slow

@@ -320,13 +320,22 @@ async function showAdapterCard() {
     if (!top.features.length) rows.replaceChildren(el("tr", {}, el("td", {colSpan: 7, text: "This adapter pushes no feature on the reference prompts."})));
   } catch (err) {
     if (ticket !== state.cardFor) return;
-    rows.replaceChildren();
-    showError(err, `Adapter ${id}'s features`);
+    if (err.status === 400) { // a server with no reference prompts to measure on: not the user's doing
+      rows.replaceChildren(el("tr", {}, el("td", {colSpan: 7, text: `Not measured here: ${err.message}`})));
+    } else {
+      rows.replaceChildren();
+      showError(err, `Adapter ${id}'s features`);
+    }
   }
   try {
     const card = await getJSON(`/adapters/${encodeURIComponent(id)}/card`);
     if (ticket !== state.cardFor) return;
-    analysis.replaceChildren(definitionList(card.summary || {}));
+    const notes = [];
+    if (card.weights_match === false) {
+      notes.push(el("p", {class: "hint warn", text: "This analysis was made on other weights than the adapter's current ones."}));
+    }
+    if (card.report) notes.push(el("p", {class: "hint", text: `The full report: ${card.report}, beside the adapter.`}));
+    analysis.replaceChildren(definitionList(card.summary || {}), ...notes);
   } catch (err) {
     if (ticket !== state.cardFor) return;
     if (err.status === 404) {
