@@ -27,6 +27,7 @@ WAIT_MS = 600_000  # a CPU shared with other work can be slow; still bounded
 def shoot(url: str, out: Path, max_new_tokens: int) -> None:
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=WAIT_MS)
     with browser.chromium() as chromium:
         page = chromium.new_page(viewport={"width": 1400, "height": 1200})
         page.set_default_timeout(WAIT_MS)

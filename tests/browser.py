@@ -9,6 +9,10 @@ import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Headless as root in a container; the background-networking flags keep Chromium from dialling
@@ -27,8 +31,8 @@ def missing() -> str | None:
 
 
 @contextmanager
-def chromium() -> Iterator["object"]:
-    """A headless Chromium (a Playwright `Browser`), closed on the way out."""
+def chromium() -> Iterator["Browser"]:
+    """A headless Chromium, closed on the way out."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

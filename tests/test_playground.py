@@ -114,7 +114,7 @@ def test_the_page_and_its_files_load_without_a_key_and_the_api_still_needs_one(t
 
 # --- in the browser -----------------------------------------------------------------------------
 
-# Each browser test starts (or shares) a real server subprocess: slow.
+# The browser tests are also marked slow: each starts, or shares, a real server subprocess.
 needs_browser = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
 
 
@@ -142,9 +142,11 @@ def chromium() -> Iterator:
 
 
 def open_page(chromium, url: str):
-    """A fresh tab (its own session storage and clipboard) on the playground, adapters listed."""
+    """A fresh tab (its own session storage and clipboard) on the playground, reached through
+    `/`, once it has asked the server who it is."""
     from playwright.sync_api import expect
 
+    expect.set_options(timeout=WAIT_MS)  # every expect below is bounded by this, not 5 s
     context = chromium.new_context(viewport={"width": 1400, "height": 1000})
     context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
     page = context.new_page()
@@ -162,8 +164,8 @@ def open_page(chromium, url: str):
 def page(chromium, server) -> Iterator:
     page = open_page(chromium, server.url)
     yield page
-    assert not page.errors, page.errors
     page.context.close()
+    assert not page.errors, page.errors
 
 
 def run_and_wait(page, button: str, status: str) -> str:
@@ -377,5 +379,5 @@ def test_a_missing_or_wrong_key_and_a_full_queue_are_shown_to_the_user(chromium,
         finally:
             stop.set()
             busy.join(timeout=120)
-        assert not page.errors, page.errors
         page.context.close()
+        assert not page.errors, page.errors
