@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup serve test test-fast bench clean gpu-check gpu-check-dry-run
+.PHONY: setup browser serve test test-fast bench clean gpu-check gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -22,10 +22,14 @@ $(VENV)/.installed: pyproject.toml
 serve: setup
 	$(BIN)/fsrl serve --host $(HOST) --port $(PORT)
 
-test: setup
+# The playground's browser tests drive Debian's chromium; Playwright never downloads a browser.
+browser:
+	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
+
+test: setup browser
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup

@@ -15,7 +15,7 @@ from fsrl.errors import FsrlError
 from server.deps import ApiKeyGuard
 from server.errors import ERROR_RESPONSES, BodySizeLimit, install_error_handlers
 from server.metrics import RequestMetricsMiddleware
-from server.routes import adapters, features, generate, health, openai
+from server.routes import adapters, features, generate, health, openai, playground
 from server.settings import Settings
 from server.state import load_state
 
@@ -46,6 +46,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(ApiKeyGuard, settings=settings)
     app.add_middleware(RequestMetricsMiddleware)
     for router in (health.open_router, health.router, generate.router, adapters.router, features.router,
-                   openai.router):
+                   openai.router, playground.router):
         app.include_router(router)
     return app

@@ -14,7 +14,10 @@ from server.errors import error_body
 from server.settings import Settings
 from server.state import ServerState
 
-OPEN_PATHS = frozenset({"/health"})  # load balancers probe it without a key
+# /health: load balancers probe it without a key. The playground page and its files hold no
+# data, and the key is typed into the page, so they load without one (every call it makes
+# carries the key).
+OPEN_PATHS = frozenset({"/health", "/", "/playground", "/playground/app.js", "/playground/style.css"})
 
 
 def get_state(request: Request) -> ServerState:
@@ -43,8 +46,8 @@ def _is_admin_route(method: str, path: str) -> bool:
 
 
 class ApiKeyGuard:
-    """With FSRL_API_KEY set, every route but /health (the docs and the schema included, and
-    paths that do not exist) needs `Authorization: Bearer <key>` (or the admin key): 401
+    """With FSRL_API_KEY set, every route but /health and the playground page (the docs and
+    the schema included, and paths that do not exist) needs `Authorization: Bearer <key>` (or the admin key): 401
     before the body is read. With FSRL_ADMIN_KEY set, adapter load, replace and unload need
     that key: 403. Pure ASGI, in front of everything but the request counter."""
 

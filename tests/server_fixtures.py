@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +75,23 @@ def write_tiny_setup(root: Path) -> TinySetup:
     return TinySetup(model_dir, sae_dir, adapters, outside)
 
 
+DASHBOARD_CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",
+                    "I am sorry, I apologize for the confusion. Sorry again!",
+                    "The quick brown fox jumps over the lazy dog. " * 6]
+
+
+def build_tiny_dashboards(setup: TinySetup, root: Path) -> None:
+    """`fsrl features build` over DASHBOARD_CORPUS: dashboards and rule labels (replacing the
+    setup's placeholder labels) beside the tiny SAE, so /features search has something to find."""
+    (setup.sae_dir / "feature_labels.json").unlink(missing_ok=True)
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n<|endoftext|>\n".join(DASHBOARD_CORPUS))
+    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "features", "build", "--sae", str(setup.sae_dir),
+                           "--model", str(setup.model_dir), "--text", str(corpus), "--device", "cpu",
+                           "--context-size", "24", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def tiny_server_args(setup: TinySetup, *extra: str) -> list[str]:
     """`fsrl serve` flags for the tiny setup on the CPU, then `extra`."""
     return ["--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
@@ -80,10 +99,11 @@ def tiny_server_args(setup: TinySetup, *extra: str) -> list[str]:
 
 
 @contextmanager
-def serving(args: list[str], log_path: Path, timeout_s: float = 120.0,
-            max_polls: int = 1200) -> Iterator[ServerProcess]:
-    """`fsrl serve` with `args` on loopback, ready; stopped by its PID on the way out."""
-    proc = ServerProcess(args, log_path=log_path)
+def serving(args: list[str], log_path: Path, timeout_s: float = 120.0, max_polls: int = 1200,
+            env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """`fsrl serve` with `args` (and `env` over this process's environment) on loopback,
+    ready; stopped by its PID on the way out."""
+    proc = ServerProcess(args, env=env, log_path=log_path)
     try:
         proc.wait_ready(timeout_s=timeout_s, max_polls=max_polls)
         yield proc

@@ -7,8 +7,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -24,7 +22,7 @@ from fsrl.features.dashboards import HIST_EDGES, WINDOW_BEFORE, Accumulator, Bui
 from fsrl.features.labels import llm_labels, neuronpedia_labels, rule_label
 from fsrl.features.search import FeatureIndex
 from fsrl.sae import load_sae, read_labels, save_sae
-from server_fixtures import serving, tiny_server_args, write_tiny_setup
+from server_fixtures import build_tiny_dashboards, serving, tiny_server_args, write_tiny_setup
 
 LAYER = 1
 CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",
@@ -282,13 +280,7 @@ def test_build_and_serve_labels_search_and_dashboards(tmp_path):
     """`fsrl features build` on a tiny setup, then the server: labels in return_features and
     adapter features, /features search, /features/{index}."""
     setup = write_tiny_setup(tmp_path / "tiny")
-    (setup.sae_dir / "feature_labels.json").unlink()  # the rule labels the build writes replace them
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n<|endoftext|>\n".join(CORPUS))
-    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "features", "build", "--sae", str(setup.sae_dir),
-                           "--model", str(setup.model_dir), "--text", str(corpus), "--device", "cpu",
-                           "--context-size", "24", "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    build_tiny_dashboards(setup, tmp_path)  # its rule labels replace the setup's placeholders
     labels = read_labels(setup.sae_dir)
     doc = dashboards.read(setup.sae_dir)
     live = [f["index"] for f in doc["features"] if f.get("top_contexts")]
