@@ -112,7 +112,7 @@ def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[st
 def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: float | str = 1.0,
                      batch_size: int = 16, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
                      temperature: float = 0.0, top_p: float = 1.0, out_dir: Path | None = None,
-                     responses: Path = Path("data/demo/responses.jsonl")) -> dict:
+                     responses: Path = Path("data/demo/responses.jsonl"), reuse_base: Path | None = None) -> dict:
     from fsrl.adapter import load_adapter
     from fsrl.generation import Generator
     from fsrl.models import load_base_model
@@ -162,8 +162,15 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     prompts = eval_prompts()
     steered = generate_answers(gen, base.tokenizer, prompts, RowSteering(adapter, scale),
                                desc="evaluation: steered", **decoding)
-    plain = generate_answers(gen, base.tokenizer, prompts, RowSteering(), desc="evaluation: base", **decoding)
-    ppl_steered, ppl_base = perplexities(base, prompts, steered), perplexities(base, prompts, plain)
+    decoding_name = "greedy" if temperature <= 0 else \
+        f"sampled (temperature {temperature}, top-p {top_p}, a seed per prompt, the same for both rows)"
+    if reuse_base is not None:
+        # The base answers depend on the prompts, seeds, decoding and budget only, not on the adapter.
+        plain, ppl_base = base_answers_from(reuse_base, prompts, decoding_name, max_new_tokens, base.fingerprint)
+    else:
+        plain = generate_answers(gen, base.tokenizer, prompts, RowSteering(), desc="evaluation: base", **decoding)
+        ppl_base = perplexities(base, prompts, plain)
+    ppl_steered = perplexities(base, prompts, steered)
     rows = []
     for i, (p, s, b) in enumerate(zip(prompts, steered, plain)):
         verdict = judge(s, b)
@@ -194,8 +201,7 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
         "accuracy": {"base": round(base_eval.accuracy, 4), "adapter": round(steered_eval.accuracy, 4)},
         "mean_l0": round(steered_eval.mean_l0, 1), "d_sae": sae.d_sae,
         "generation": {"prompts": n, "eval_set": EVAL_SET_SHA256_16, "max_new_tokens": max_new_tokens,
-                       "decoding": "greedy" if temperature <= 0 else
-                       f"sampled (temperature {temperature}, top-p {top_p}, a seed per prompt, the same for both rows)",
+                       "decoding": decoding_name, "base_model": base.fingerprint,
                        "wins": wins, "ties": ties, "losses": n - wins - ties,
                        "win_rate": round(wins / n, 4), "win_rate_95ci": [round(low, 4), round(high, 4)],
                        "wins_where_base_ran_past_budget": sum(r["outcome"] == "win" and not r["base_finished"]
@@ -207,6 +213,21 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     (out_dir / "eval.json").write_text(json.dumps({**report, "generations": rows}, indent=1) + "\n")
     write_samples(out_dir)
     return report
+
+
+def base_answers_from(path: Path, prompts: Sequence[DemoPrompt], decoding: str, max_new_tokens: int,
+                      model_fingerprint: str) -> tuple[list[Answer], list[float | None]]:
+    """The base answers (and their perplexities) of an earlier eval.json made with the same
+    prompts, decoding, budget and base model; anything else is refused."""
+    doc = json.loads(Path(path).read_text())
+    gen = doc["generation"]
+    same = (gen["eval_set"], gen["decoding"], gen["max_new_tokens"], gen.get("base_model", model_fingerprint),
+            [r["prompt"] for r in doc["generations"]])
+    if same != (EVAL_SET_SHA256_16, decoding, max_new_tokens, model_fingerprint, [p.text for p in prompts]):
+        raise SystemExit(f"{path}: its base answers were made with other prompts, decoding, budget or model")
+    rows = doc["generations"]
+    return ([Answer(r["base"], r["base_finished"], p.topic) for r, p in zip(rows, prompts)],
+            [r["base_perplexity"] for r in rows])
 
 
 def write_samples(folder: Path) -> Path:
@@ -269,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", type=Path, required=True,
                         help="preference pairs for the loss figures (not trained on)")
     parser.add_argument("--out", type=Path, help="where eval.json and samples.md go (default: the adapter)")
+    parser.add_argument("--reuse-base", type=Path, help="an eval.json of the same settings whose base answers "
+                        "to reuse (they do not depend on the adapter)")
     parser.add_argument("--scale", type=_scale, default=1.0,
                         help="steering scale of the steered row, or `auto`: the best of "
                              f"{', '.join(map(str, SCALE_CANDIDATES))} on training prompts")
@@ -282,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     report = evaluate_adapter(args.adapter, args.rule, args.selection, args.scale, args.batch_size,
-                              temperature=args.temperature, top_p=args.top_p, out_dir=args.out)
+                              temperature=args.temperature, top_p=args.top_p, out_dir=args.out,
+                              reuse_base=args.reuse_base)
     print(json.dumps(report, indent=1))
     return 0
 

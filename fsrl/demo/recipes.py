@@ -62,8 +62,12 @@ class Recipe:
                 "--id", self.id, *COMMON, "--l1", l1]
 
     def eval_argv(self, l1: str) -> list[str]:
+        """The first lambda's run generates the base answers; the others reuse them (they do not
+        depend on the adapter, and the evaluation refuses ones made with other settings)."""
+        first = self.l1_sweep[0]
+        reuse = [] if l1 == first else ["--reuse-base", f"{self.run_dir(first)}/eval.json"]
         return ["--adapter", self.run_dir(l1), "--rule", self.rule, "--selection", self.selection,
-                *self.eval_flags]
+                *self.eval_flags, *reuse]
 
     def commands(self) -> list[str]:
         out = []
