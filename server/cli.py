@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 port = next((s.getsockname()[1] for srv in self.servers for s in srv.sockets),
                             settings.port)
                 url = f"http://{settings.host}:{port}"
-                log.info("fsrl server ready at %s (health: %s/health)", url, url)
+                log.info("fsrl server ready at %s (playground: %s/playground, health: %s/health)", url, url, url)
 
     # log_config=None: uvicorn's loggers go through the CLI's logging setup.
     app = create_app(settings)
