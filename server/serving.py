@@ -225,7 +225,7 @@ def _outcome(state: ServerState, prepared: PreparedGeneration,
         metrics.time_to_first_token.observe(job.first_token - prepared.received)
     for i, result in enumerate(results):
         row = "base" if prepared.compare and i == len(results) - 1 else "steered"
-        metrics.generated_tokens[row] += result.completion_tokens
+        metrics.generated_tokens.labels(output=row).inc(result.completion_tokens)
     return GenerationOutcome(prepared=prepared, results=list(results),
                              queue_ms=job.queue_s * 1000.0,
                              total_ms=(time.perf_counter() - prepared.received) * 1000.0)

@@ -24,7 +24,7 @@ from fsrl.models import BaseModel, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
 from fsrl.static_decode import StaticDecoder, use_static_decode
 from server.engine import Engine
-from server.metrics import Metrics
+from server.metrics import EngineFigures, Metrics
 from server.registry import AdapterRegistry
 from server.settings import Settings
 
@@ -100,6 +100,8 @@ def load_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
                     max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
+    metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
+                                                   engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
                         engine=engine, packed_cpu_weights=packed, metrics=metrics,
                         features=load_feature_index(settings.sae_path, sae))

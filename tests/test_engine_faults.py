@@ -73,7 +73,7 @@ def test_a_step_that_fails_for_one_row_fails_that_request_alone(app_factory, whe
         assert ordinary.status_code == 200 and ordinary.json()["steered"]["text"] == alone
         assert engine.step_failures >= 1 and engine.failed_jobs == 1
         metrics = c.get("/metrics").text
-        assert "fsrl_failed_requests_total 1" in metrics and "fsrl_step_failures_total 0" not in metrics
+        assert "fsrl_failed_requests_total 1.0" in metrics and "fsrl_step_failures_total 0.0" not in metrics
         assert c.get("/health").status_code == 200
 
 
@@ -92,4 +92,4 @@ def test_a_worker_that_dies_answers_everyone_and_turns_health_to_503(app_factory
         assert "device is gone" not in health.text
         after = c.post("/generate", json={"prompt": "hi"})
         assert after.status_code == 503 and after.json()["error"]["code"] == "engine_stopped"
-        assert "fsrl_engine_up 0" in c.get("/metrics").text
+        assert "fsrl_engine_up 0.0" in c.get("/metrics").text

@@ -514,7 +514,7 @@ def test_metrics_count_requests_tokens_and_queue_depth(client):
     assert any(l.startswith('fsrl_requests_total{method="GET",route="unmatched",status="404"}') for l in lines)
     assert any(l.startswith('fsrl_adapter_requests_total{adapter="tiny"}') for l in lines)
     assert any(l.startswith('fsrl_generated_tokens_total{output="steered"}') for l in lines)
-    assert "fsrl_queue_depth 0" in lines and any(l.startswith("fsrl_time_to_first_token_seconds_count") for l in lines)
+    assert "fsrl_queue_depth 0.0" in lines and any(l.startswith("fsrl_time_to_first_token_seconds_count") for l in lines)
 
 
 # --- OpenAI-compatible surface ---------------------------------------------------------------

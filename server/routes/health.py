@@ -1,8 +1,9 @@
 from fastapi import APIRouter
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 
 from server.deps import StateDep
 from server.errors import EngineStopped
+from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 open_router = APIRouter(tags=["operations"])  # no API key: probes
@@ -21,8 +22,6 @@ async def health(state: StateDep) -> dict:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(state: StateDep) -> str:
-    engine = state.engine
-    return state.metrics.render(queue_depth=engine.pending, batch_rows=engine.running_rows,
-                                step_failures=engine.step_failures, failed_jobs=engine.failed_jobs,
-                                engine_alive=engine.alive)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus's text format (prometheus_client)."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
