@@ -26,15 +26,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from fsrl.cpu_inference import ModelThread
-from fsrl.generation import (GenerationRequest, GenerationResult, Generator, RunningBatch,
-                             TokenEvent, results_from_events)
+from fsrl.generation import (DecodeBatch, GenerationRequest, GenerationResult, Generator, TokenEvent,
+                             results_from_events)
 from server.errors import EngineStopped, GenerationFailed, Overloaded
-
-if TYPE_CHECKING:
-    from fsrl.static_decode import StaticBatch
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +191,7 @@ class Engine:
 
     # The worker thread.
 
-    def _take_waiting(self, running: RunningBatch | StaticBatch) -> list[Ticket]:
+    def _take_waiting(self, running: DecodeBatch) -> list[Ticket]:
         """Waiting jobs that fit in the batch now, oldest first (called holding `_wake`)."""
         taken: list[Ticket] = []
         if not running.can_join:
@@ -268,8 +264,8 @@ class Engine:
                 running = self._recover(running, joining)
             self.running_rows = len(running)
 
-    def _recover(self, broken: RunningBatch | StaticBatch, joining: list[Ticket]
-                 ) -> RunningBatch | StaticBatch:
+    def _recover(self, broken: DecodeBatch, joining: list[Ticket]
+                 ) -> DecodeBatch:
         """After a failed step, whose batch may be half-written: each job runs alone for a
         prefill and a step, from its rows' host state, and a job that fails alone is answered
         with an error; the others go on together in a new batch."""
@@ -308,7 +304,7 @@ class Engine:
                 self._fail(ticket, running)
         return running
 
-    def _fail(self, ticket: Ticket, running: RunningBatch | StaticBatch,
+    def _fail(self, ticket: Ticket, running: DecodeBatch,
               error: BaseException | None = None) -> None:
         """Answer one job with an error and take its rows out of `running`."""
         self.failed_jobs += 1
@@ -324,7 +320,7 @@ class Engine:
         if self.observe_batch is not None:
             self.observe_batch(rows)
 
-    def _dispatch(self, events: list[tuple[Ticket, TokenEvent]], running: RunningBatch | StaticBatch) -> None:
+    def _dispatch(self, events: list[tuple[Ticket, TokenEvent]], running: DecodeBatch) -> None:
         now = time.perf_counter()
         for ticket, event in events:
             if ticket not in self._active:  # failed by an earlier row's event of this step
