@@ -116,6 +116,7 @@ class DecodeRow:
         self.eos_ids = set() if request.sampling.ignore_eos else eos_ids
         self.token_ids: list[int] = []
         self.text = ""
+        self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.emitted = 0  # characters of text already handed out
         self.finish_reason: str | None = None
         self.features: list[list[tuple[int, float]]] | None = [] if request.return_features else None
@@ -143,29 +144,59 @@ class DecodeRow:
         """Record a token; returns the text that may be shown now.
 
         Text that could still turn into a stop string, or a character cut in half by the
-        token boundary, is held back until the next token decides it.
+        token boundary, is held back until the next token decides it. While the row runs its
+        text grows by `IncrementalDetokenizer` (a short window per token); when it finishes,
+        its text is the decode of all its tokens, exactly.
         """
         self.token_ids.append(token)
         if self.features is not None:
             self.features.append(features or [])
+        before = len(self.text)
         if token in self.eos_ids:
             self.finish_reason = "stop"
         else:
-            full = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-            for stop in self.params.stop:
-                at = full.find(stop, max(0, len(self.text) - len(stop)))
-                if at != -1:
-                    full, self.finish_reason = full[:at], "stop"
-                    break
-            self.text = full
-            if self.finish_reason is None and len(self.token_ids) >= self.params.max_new_tokens:
+            self.text += self.detokenizer.step(self.token_ids)
+            if len(self.token_ids) >= self.params.max_new_tokens:
                 self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._cut_at_stop(before)
         shown = len(self.text)
         if self.finish_reason is None:
             shown -= _held_back(self.text, self.params.stop)
         delta = self.text[self.emitted:shown]
         self.emitted = max(self.emitted, shown)
         return delta
+
+    def _cut_at_stop(self, searched_up_to: int) -> None:
+        """End the text at the first stop string that reaches past `searched_up_to`."""
+        for stop in self.params.stop:
+            at = self.text.find(stop, max(0, searched_up_to - len(stop)))
+            if at != -1:
+                self.text, self.finish_reason = self.text[:at], "stop"
+                return
+
+
+class IncrementalDetokenizer:
+    """The text of a growing token list, decoding a short window per new token (O(1)
+    amortised, where decoding the whole list each time is O(n) per token): the window starts
+    at the tokens whose text was last handed out, so tokenizers that mark a word's leading
+    space on its first token still decode right. Text that ends in a character cut by the token
+    boundary waits for the next token (the method of TGI's and vLLM's detokenizers)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.prefix = 0   # first token of the window
+        self.read = 0     # tokens whose text has been handed out
+
+    def step(self, token_ids: Sequence[int]) -> str:
+        """New text since the last call (possibly ""), after `token_ids` grew."""
+        prefix_text = self.tokenizer.decode(token_ids[self.prefix:self.read], skip_special_tokens=True)
+        new_text = self.tokenizer.decode(token_ids[self.prefix:], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(token_ids)
+            return new_text[len(prefix_text):]
+        return ""
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

@@ -170,3 +170,34 @@ def test_dropped_rows_leave_the_others_untouched(gen):
     assert running.drop("gone") == 2 and len(running) == 1
     rest = [e.token_id for _ in range(7) for _, e in running.step()]
     assert not running and first + rest == gen.generate([keep])[0].token_ids
+
+
+def _default_tokenizer():
+    from transformers import AutoTokenizer
+
+    from fsrl.models import ensure_default_model
+
+    return AutoTokenizer.from_pretrained(ensure_default_model(progress=False))
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_incremental_detokenizer_gives_the_whole_decode_a_window_at_a_time(which):
+    """Over real text (accents, CJK, emoji: characters split across byte-level tokens) and
+    random token ids, the text handed out so far is always a prefix of decoding every token,
+    and all of it whenever that decode ends on a whole character."""
+    from factories import tiny_tokenizer
+    from fsrl.generation import IncrementalDetokenizer
+
+    tokenizer = tiny_tokenizer() if which == "tiny" else _default_tokenizer()
+    text = "Déjà vu: 東京 is big 🌋🌋! Line two,\n\n  spaced   out. Ünïcödé ✓ done."
+    g = torch.Generator().manual_seed(0)
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"]]
+    sequences += [torch.randint(0, len(tokenizer), (60,), generator=g).tolist() for _ in range(20)]
+    for ids in sequences:
+        detok, handed = IncrementalDetokenizer(tokenizer), ""
+        for n in range(1, len(ids) + 1):
+            handed += detok.step(ids[:n])
+            full = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            assert full.startswith(handed)
+            if not full.endswith("\ufffd"):
+                assert handed == full
