@@ -112,6 +112,7 @@ class SteeringBatch:
     needs_f: bool                       # some clamp or set/scale/ablate reads f
     capture_top: int = 0                # >0: report the top-|d| features at the last position
     row_adapters: RowAdapters | None = None  # instead of `adapters`: each row's own weights
+    slot_rows: tuple[torch.Tensor | None, ...] = ()  # per slot, its rows (long); None: every row
 
     @classmethod
     def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
@@ -137,6 +138,9 @@ class SteeringBatch:
                 index[b, m], op[b, m], value[b, m] = o.index, OP_CODE[o.op], float(o.value)
         active = [not r.is_noop for r in rows]
         any_clamp = any(c and a for c, a in zip(clamps, active))
+        slot_rows = tuple(None if all(s == k for s in slots) else
+                          torch.tensor([b for b, s in enumerate(slots) if s == k], dtype=torch.long, device=device)
+                          for k in range(len(adapters)))
         needs_f = any_clamp or any(o.op in OPS_READING_F for r in rows for o in r.overrides)
         return cls(
             adapters=tuple(adapters),
@@ -148,7 +152,8 @@ class SteeringBatch:
             steer_from=torch.tensor([r.steer_from for r in rows], dtype=torch.long, device=device),
             row_active=torch.tensor(active, dtype=torch.bool, device=device),
             any_active=any(active), any_clamp=any_clamp,
-            any_override=any(r.overrides for r in rows), needs_f=needs_f, capture_top=capture_top)
+            any_override=any(r.overrides for r in rows), needs_f=needs_f, capture_top=capture_top,
+            slot_rows=slot_rows)
 
 
 class SteeringRows:
@@ -286,21 +291,25 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
 def _adapter_pushes(xs: torch.Tensor, batch: SteeringBatch, d_sae: int, keep_v: bool
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d = s_b * v_b for every row (0 where a row has no adapter), and each row's v when
-    `keep_v` (or when it comes for free)."""
+    `keep_v` (or when it comes for free). Each distinct adapter runs on its own rows only
+    (gathered, then scattered back), so the cost follows rows, not adapters x rows, and a row's
+    push never touches another's (one adapter's inf cannot reach another row)."""
     if batch.row_adapters is not None:  # every row through its own weights (a static batch)
         v = batch.row_adapters(xs).to(xs.dtype)                                       # (B, T, d_sae)
         return batch.scale[:, None, None] * v, v
     B, T, _ = xs.shape
-    d = xs.new_zeros(B, T, d_sae) if not batch.adapters else None
+    d = xs.new_zeros(B, T, d_sae)
     v_rows = xs.new_zeros(B, T, d_sae) if keep_v else None
     for slot, adapter in enumerate(batch.adapters):
-        in_slot = batch.adapter_slot == slot                                          # (B,)
-        v = adapter(xs).to(xs.dtype)                                                  # (B, T, d_sae)
-        # where, not a 0/1 product: another row's v may be inf, and 0 * inf is NaN.
-        pushed = torch.where(in_slot[:, None, None], batch.scale[:, None, None] * v, 0.0)
-        d = pushed if d is None else d + pushed
+        rows = batch.slot_rows[slot]
+        if rows is None:  # one adapter on every row (training, or a batch of one adapter)
+            v = adapter(xs).to(xs.dtype)                                              # (B, T, d_sae)
+            return batch.scale[:, None, None] * v, v
+        v = adapter(xs.index_select(0, rows)).to(xs.dtype)                           # (n, T, d_sae)
+        # index_copy, not in place: training differentiates through it.
+        d = d.index_copy(0, rows, batch.scale.index_select(0, rows)[:, None, None] * v)
         if keep_v:
-            v_rows = torch.where(in_slot[:, None, None], v, v_rows)
+            v_rows = v_rows.index_copy(0, rows, v)
     return d, v_rows
 
 
