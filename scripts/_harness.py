@@ -1,18 +1,14 @@
 """Shared by the load and fuzz scripts: a tiny random setup and a server process on loopback.
 
-Both reuse the test suite's builders (`tests/server_fixtures.py`), so the scripts need no
-network and no weights beyond what they make themselves.
+Both use the builders the tests use (`fsrl/testing.py`), so the scripts need no network and no
+weights beyond what they make themselves.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-sys.path.insert(0, str(TESTS))
-
-from server_fixtures import ServerProcess, TinySetup, read_sse, tiny_server_args, write_tiny_setup  # noqa: E402
+from fsrl.testing import ServerProcess, TinySetup, read_sse, tiny_server_args, write_tiny_setup
 
 __all__ = ["ServerProcess", "TinySetup", "read_sse", "write_tiny_setup", "start_tiny_server"]
 

@@ -4,7 +4,7 @@
 
 Without --url it starts `fsrl serve` on the default model with the shipped adapters (CPU,
 loopback, a free port) and stops it by its PID. Drives Debian's chromium headless through
-Playwright (tests/browser.py), as the playground's tests do. On two CPU cores it takes a few
+Playwright (fsrl/testing.py), as the playground's tests do. On two CPU cores it takes a few
 minutes, most of it generation.
 """
 
@@ -14,11 +14,10 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+from fsrl.server_process import ServerProcess
+from fsrl.testing import browser_missing, headless_chromium
 
-import browser  # noqa: E402
-from fsrl.server_process import ServerProcess  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 PROMPT = "How do I make a good cup of tea?"
 WAIT_MS = 600_000  # a CPU shared with other work can be slow; still bounded
@@ -28,7 +27,7 @@ def shoot(url: str, out: Path, max_new_tokens: int) -> None:
     from playwright.sync_api import expect
 
     expect.set_options(timeout=WAIT_MS)
-    with browser.chromium() as chromium:
+    with headless_chromium() as chromium:
         page = chromium.new_page(viewport={"width": 1400, "height": 1200})
         page.set_default_timeout(WAIT_MS)
         page.goto(url + "/playground")
@@ -64,8 +63,8 @@ def main() -> int:
     ap.add_argument("--url", help="a running server (default: start one on the default model)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
-    if browser.missing():
-        print(f"cannot take screenshots: {browser.missing()}", file=sys.stderr)
+    if browser_missing():
+        print(f"cannot take screenshots: {browser_missing()}", file=sys.stderr)
         return 1
     if args.url:
         shoot(args.url.rstrip("/"), args.out, args.max_new_tokens)

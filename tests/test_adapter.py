@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import tiny_adapter, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_sae
 from fsrl.adapter import load_adapter, read_adapter_config, save_adapter
 from fsrl.errors import CorruptFileError, ForbiddenError, FsrlError, MismatchError
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from factories import tiny_base, tiny_sae
+from fsrl.testing import tiny_base, tiny_sae
 from fsrl.adapter import new_adapter
 from fsrl.analysis import feature_push, hook_activations, reference_token_ids, top_features
 

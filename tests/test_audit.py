@@ -11,11 +11,11 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from factories import tiny_adapter, tiny_base, tiny_pairs, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_pairs, tiny_sae
 from fsrl.audit import BUCKETS, AuditSettings, audit, keep_top_fraction, zero_features
 from fsrl.train.data import PreferenceDataset, load_pairs
 from fsrl.train.trainer import bind_setup, evaluate
-from server_fixtures import serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import serving, tiny_server_args, write_tiny_setup
 
 LAYER = 1
 # A fixed class map: every feature a class by its index, 200 and up unclassified.

@@ -34,7 +34,7 @@ def test_help_lists_every_command():
 def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     import json
 
-    from server_fixtures import write_tiny_setup
+    from fsrl.testing import write_tiny_setup
 
     setup = write_tiny_setup(tmp_path / "tiny")
     out = tmp_path / "bench.json"
@@ -51,7 +51,7 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
 def test_bench_measures_the_compiled_static_decode_beside_the_plain_one(tmp_path):
     import json
 
-    from server_fixtures import write_tiny_setup
+    from fsrl.testing import write_tiny_setup
 
     setup = write_tiny_setup(tmp_path / "tiny")
     out = tmp_path / "bench.json"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from factories import tiny_adapter, tiny_base, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from fsrl.cpu_inference import (CHUNK_ROWS, ROW_STEP, SMALL_ROW_COUNTS, PackedLinear, can_pack,
                                 pack_linear_layers)
 from fsrl.generation import GenerationRequest, Generator, SamplingParams

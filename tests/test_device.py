@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from factories import tiny_adapter, tiny_base, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from test_steering import reference_steer, run_steer
 
 from fsrl.adapter import save_adapter

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server_fixtures import write_tiny_setup
+from fsrl.testing import write_tiny_setup
 
 ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens": 120,
             "ignore_eos": True, "temperature": 0.8, "seed": 5}

@@ -15,14 +15,14 @@ import httpx
 import pytest
 import torch
 
-from factories import tiny_base, tiny_sae
+from fsrl.testing import tiny_base, tiny_sae
 from fsrl.errors import CorruptFileError, FsrlError
 from fsrl.features import dashboards
 from fsrl.features.dashboards import HIST_EDGES, WINDOW_BEFORE, Accumulator, BuildSettings
 from fsrl.features.labels import llm_labels, neuronpedia_labels, rule_label
 from fsrl.features.search import FeatureIndex
 from fsrl.sae import load_sae, read_labels, save_sae
-from server_fixtures import build_tiny_dashboards, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import build_tiny_dashboards, serving, tiny_server_args, write_tiny_setup
 
 LAYER = 1
 CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from factories import tiny_adapter, tiny_base, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from fsrl.generation import GenerationRequest, Generator, SamplingParams, _held_back
 from fsrl.steering import FeatureOverride, RowSteering
 
@@ -185,7 +185,7 @@ def test_incremental_detokenizer_gives_the_whole_decode_a_window_at_a_time(which
     """Over real text (accents, CJK, emoji: characters split across byte-level tokens) and
     random token ids, the text handed out so far is always a prefix of decoding every token,
     and all of it whenever that decode ends on a whole character."""
-    from factories import tiny_tokenizer
+    from fsrl.testing import tiny_tokenizer
     from fsrl.generation import IncrementalDetokenizer
 
     tokenizer = tiny_tokenizer() if which == "tiny" else _default_tokenizer()

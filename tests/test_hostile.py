@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from fsrl.sae import SAE_LABELS_FILE
-from server_fixtures import ServerProcess, TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import ServerProcess, TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
 
 ERROR_KEYS = {"message", "type", "code"}
 # Sampled with a seed, steered, long enough to still be decoding when the bad request lands.

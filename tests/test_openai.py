@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 
-from server_fixtures import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
 
 
 @pytest.fixture(scope="module")

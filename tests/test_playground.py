@@ -19,9 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import browser
 from fsrl.sae import read_labels
-from server_fixtures import (TinySetup, build_tiny_dashboards, serving, tiny_server_args,
+from fsrl.testing import (TinySetup, browser_missing, build_tiny_dashboards, headless_chromium, serving, tiny_server_args,
                              write_tiny_setup)
 
 WAIT_MS = 60_000  # the longest any step may take: a run on two shared CPU cores, with margin
@@ -115,7 +114,7 @@ def test_the_page_and_its_files_load_without_a_key_and_the_api_still_needs_one(t
 # --- in the browser -----------------------------------------------------------------------------
 
 # The browser tests are also marked slow: each starts, or shares, a real server subprocess.
-needs_browser = pytest.mark.skipif(browser.missing() is not None, reason=str(browser.missing()))
+needs_browser = pytest.mark.skipif(browser_missing() is not None, reason=str(browser_missing()))
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +134,9 @@ def server(tiny) -> Iterator:
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator:
-    if browser.missing():
-        pytest.skip(browser.missing())
-    with browser.chromium() as b:
+    if browser_missing():
+        pytest.skip(browser_missing())
+    with headless_chromium() as b:
         yield b
 
 

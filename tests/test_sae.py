@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from factories import tiny_sae
+from fsrl.testing import tiny_sae
 from fsrl.errors import FsrlError
 from fsrl.sae import convert_gemma_scope, layer_from_hook_name, load_sae, save_sae
 

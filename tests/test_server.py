@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server_fixtures import (D_SAE, LAYER, ServerProcess, TinySetup, read_sse, serving, tiny_server_args,
+from fsrl.testing import (D_SAE, LAYER, ServerProcess, TinySetup, read_sse, serving, tiny_server_args,
                              write_tiny_setup)
 
 REPO = Path(__file__).resolve().parents[1]

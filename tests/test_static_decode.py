@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from factories import tiny_adapter, tiny_base, tiny_model, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_model, tiny_sae
 
 from fsrl.adapter import RowAdapters
 from fsrl.errors import FsrlError

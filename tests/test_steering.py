@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from factories import tiny_adapter, tiny_base, tiny_sae
+from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from fsrl.steering import (FeatureOverride, RowSteering, SteeringBatch, SteeringHook,
                            _decode_delta, steer)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from factories import tiny_tokenizer
+from fsrl.testing import tiny_tokenizer
 from fsrl.cli import main
 from fsrl.train.data import (DataError, PreferenceDataset, TokenizedPair, collate, load_pairs,
                              parse_pair, tokenize_pair, truncate)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from factories import tiny_base, tiny_pairs, tiny_sae, tiny_tokenizer
+from fsrl.testing import tiny_base, tiny_pairs, tiny_sae, tiny_tokenizer
 from fsrl.adapter import load_adapter, new_adapter
 from fsrl.cli import main
 from fsrl.models import BaseModel, model_fingerprint
