@@ -80,7 +80,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "concise": Recipe("concise", "concise", ("5e-2", "1e-1", "2e-1")),
     "bullets": Recipe(
-        "bullets", "bullets", ("1e-2", "5e-2", "1e-1"),
+        "bullets", "bullets", ("1e-2", "1e-1", "1e0"),
         eval_flags=("--scale", "auto", "--temperature", "0.7", "--top-p", "0.9"),
         eval_note="Judged with the data's own sampling (temperature 0.7, top-p 0.9) at the steering "
                   "scale that wins most often on training prompts (`--scale auto`; the table "
