@@ -148,3 +148,39 @@ def test_tiny_gemma2_with_converted_gemma_scope_sae_trains(tmp_path, data):
     result = train(config(tmp_path, data, max_steps=1, batch_size=2, grad_accum=1), bind_setup(base, sae, None))
     assert result.summary["steps"] == 1 and np.isfinite(result.summary["final_eval_loss"])
     assert load_adapter(tmp_path / "adapter", sae=sae, layer=1).config.layer == 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_adapter_a_single_process_trains_on_the_same_global_batch(tmp_path, data):
+    """`torchrun --nproc-per-node 2` (gloo, CPU): each process takes half of every step's pairs
+    and the adapter's gradients are summed across them, so after 3 steps the adapter equals one
+    process training on the whole global batch (4 pairs a step; L1 off, since its per-micro-batch
+    token mean is the one thing that depends on how a step's pairs are split)."""
+    import os
+    import subprocess
+    import sys
+
+    from fsrl.server_process import free_port
+
+    base, sae = tiny_base(), tiny_sae(layer=LAYER)
+    model_dir, sae_dir = save_tiny(tmp_path, base, sae)
+    common = ["--data", str(data), "--model", str(model_dir), "--sae", str(sae_dir), "--max-steps", "3",
+              "--max-length", "64", "--device", "cpu", "--no-progress", "--l1", "0", "--lr", "1e-2",
+              "--grad-accum", "1", "--eval-limit", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "fsrl.cli", "train", *common, "--batch-size", "4",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(free_port()), "-m", "fsrl.cli", "train", *common,
+                          "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = (load_adapter(tmp_path / name, sae=load_sae(sae_dir)) for name in ("one", "two"))
+    assert b.config.training["processes"] == 2 and b.config.training["effective_batch"] == 4
+    assert a.config.training["effective_batch"] == 4
+    assert not torch.equal(a.W, torch.zeros_like(a.W))
+    # Summation order differs between the runs; Adam divides by sqrt(v), so an entry with a
+    # near-zero gradient can move ~1e-5 apart. A missing all-reduce moves W by ~lr = 1e-2.
+    torch.testing.assert_close(b.W, a.W, rtol=1e-3, atol=2e-5)
+    torch.testing.assert_close(b.b, a.b, rtol=1e-3, atol=2e-5)
