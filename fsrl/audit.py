@@ -74,7 +74,9 @@ class AuditSettings:
         training = adapter.config.training or {}
         found = {"loss": training.get("loss"), "beta": training.get("beta"), "gamma": training.get("gamma"),
                  "l1": training.get("l1_coefficient"), "max_length": training.get("max_length")}
-        given = {k: v for k, v in {**found, **overrides}.items() if v is not None}
+        # An override of None (a flag not given) keeps the adapter's own value.
+        given = {**{k: v for k, v in found.items() if v is not None},
+                 **{k: v for k, v in overrides.items() if v is not None}}
         return cls(**given)
 
 

@@ -182,3 +182,12 @@ def test_analyze_names_a_bad_flag_in_one_line(tmp_path):
                            "--fractions", "0.5,2"], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and "--fractions" in done.stderr
+
+
+def test_settings_take_the_adapters_own_loss_and_lambda_unless_a_flag_overrides_them():
+    sae = tiny_sae()
+    adapter = tiny_adapter(sae)
+    adapter.config.training = {"loss": "dpo", "beta": 0.2, "l1_coefficient": 0.05, "max_length": 128}
+    kept = AuditSettings.for_adapter(adapter, l1=None, batch_size=2)  # --l1 not given
+    assert (kept.loss, kept.beta, kept.l1, kept.max_length, kept.batch_size) == ("dpo", 0.2, 0.05, 128, 2)
+    assert AuditSettings.for_adapter(adapter, l1=0.5).l1 == 0.5

@@ -193,6 +193,10 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         "steer 3-8 %). Loss and L0 on the selection pairs; win rate and coherence on the evaluation set "
         "(reported for every lambda, used to choose none).", "",
         *sweep_table(recipe, root), "",
+        *([f"No lambda of this sweep brought the mean L0 to {L0_TARGET_SHARE:.0%} of the width, so the largest "
+           "is shipped. Over the sweep L0 falls ever more slowly: with one epoch of short training runs the "
+           "L1 term has few steps to act after its warm-up, and more epochs are the next thing to try.", ""]
+          if ev["mean_l0"] / ev["d_sae"] > L0_TARGET_SHARE else []),
         "## Features", "",
         "Features pushed most (mean |v| over the selection pairs' tokens; labels and classes from the "
         "SAE's dashboards):", "",
