@@ -165,12 +165,13 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"**{gen['win_rate']:.1%}** [95 % CI {low:.1%}-{high:.1%}] ({gen['wins']} wins, {gen['ties']} ties, "
         f"{gen['losses']} losses) |",
         f"| of those wins, the base answer ran past the budget | - | {gen['wins_where_base_ran_past_budget']} |",
-        *[f"| {label} | {coh['base'][key]} | {coh['steered'][key]} |" for key, label in (
-            ("words_mean", "words per answer (mean)"), ("finished_share", "answers that ended on their own"),
-            ("repeated_4gram_share", "repeated word 4-grams (share)"),
-            ("repeated_list_items", "repeated list items per answer"),
-            ("perplexity_median", "perplexity under the base model (median)"),
-            ("perplexity_mean", "perplexity under the base model (mean)"))],
+        *[f"| {label} | {fmt(coh['base'][key])} | {fmt(coh['steered'][key])} |" for key, label, fmt in (
+            ("words_mean", "words per answer (mean)", str),
+            ("finished_share", "answers that ended on their own", "{:.0%}".format),
+            ("repeated_4gram_share", "word 4-grams that repeat an earlier one", "{:.1%}".format),
+            ("repeated_list_items", "repeated list items per answer (mean)", str),
+            ("perplexity_median", "perplexity under the base model (median)", str),
+            ("perplexity_mean", "perplexity under the base model (mean)", str))],
         "",
         f"On the {ev['selection_pairs']} selection pairs (`{recipe.selection}`: held out from training, but "
         "looked at while earlier versions were tuned, and what chose lambda below):", "",
