@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
     adapter_dir = Path(args.adapter).expanduser()
     read_adapter_config(adapter_dir)  # a clear error before the model loads
     sae_dir = Path(args.sae or default_sae_dir()).expanduser()
-    doc = dashboards.read(sae_dir, load_sae(sae_dir))  # checked against this SAE's fingerprint
+    sae = load_sae(sae_dir)
+    doc = dashboards.read(sae_dir, sae)  # checked against this SAE's fingerprint
     if doc is None:
         raise FsrlError(f"SAE {sae_dir} has no feature dashboards to classify features by; "
                         "run `fsrl features build` first")
@@ -69,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     pairs = load_pairs(args.data, limit=args.limit)
 
     base = load_base_model(args.model, device=args.device)
-    setup = bind_setup(base, load_sae(sae_dir, device=base.device), None)
+    if base.device.type != "cpu":  # read once more only where it must move
+        sae = load_sae(sae_dir, device=base.device)
+    setup = bind_setup(base, sae, None)
     adapter = load_adapter(adapter_dir, sae=setup.sae, layer=setup.layer,
                            base_model_fingerprint=base.fingerprint, device=base.device)
     settings = AuditSettings.for_adapter(adapter, batch_size=args.batch_size, random_seeds=args.seeds,

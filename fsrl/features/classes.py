@@ -25,8 +25,8 @@ import string
 from pathlib import Path
 from typing import Any
 
-from fsrl.errors import CorruptFileError, FsrlError
-from fsrl.features.labels import ask_chat, context_text
+from fsrl.errors import CorruptFileError
+from fsrl.features.labels import ask_live_features, context_text
 
 CLASSES = ("alignment", "style", "other")
 ALIGNMENT_WORDS = ("sorry", "apolog", "cannot", "can't", "unable", "refus", "harm", "safe", "danger",
@@ -98,20 +98,10 @@ def llm_classes(dashboards: dict[str, Any], labels: dict[int, str], url: str, mo
                 progress: bool = True) -> tuple[Classes, int]:
     """A class for each live feature (the first `limit`) from an OpenAI-compatible endpoint;
     returns them and how many features got none (they keep the rule's class)."""
-    from tqdm.auto import tqdm
-
-    live = [f for f in dashboards["features"] if f.get("top_contexts")][:limit]
-    found: Classes = {}
-    for feature in tqdm(live, desc="classes", unit="feature", disable=not progress):
-        answer = ask_chat(url, model, classifier_messages(feature, labels.get(feature["index"])), api_key,
-                          max_tokens=4, timeout_s=timeout_s)
-        name = parse_class(answer) if answer is not None else None
-        if name is not None:
-            found[feature["index"]] = (name, f"llm:{model}")
-    failed = len(live) - len(found)
-    if live and failed == len(live):
-        raise FsrlError(f"the classifier at {url} gave no class for any of {len(live)} features")
-    return found, failed
+    found, failed = ask_live_features(dashboards, url, model,
+                                      lambda f: classifier_messages(f, labels.get(f["index"])), parse_class,
+                                      "class", api_key, limit, max_tokens=4, timeout_s=timeout_s, progress=progress)
+    return {i: (name, f"llm:{model}") for i, name in found.items()}, failed
 
 
 def read_classes(folder: str | Path) -> Classes:

@@ -21,7 +21,7 @@ import re
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -120,24 +120,35 @@ def ask_chat(url: str, model: str, messages: list[dict[str, str]], api_key: str 
         return None
 
 
-def llm_labels(dashboards: dict[str, Any], url: str, model: str, api_key: str | None = None,
-               limit: int | None = None, timeout_s: float = 60.0, progress: bool = True) -> tuple[Labels, int]:
-    """A label for each live feature (the first `limit`) from an OpenAI-compatible chat
-    endpoint. Returns the labels and how many features got none (an error or an empty answer:
-    they keep their other label)."""
+def ask_live_features(dashboards: dict[str, Any], url: str, model: str,
+                      messages: Callable[[dict[str, Any]], list[dict[str, str]]],
+                      parse: Callable[[str], str | None], what: str, api_key: str | None = None,
+                      limit: int | None = None, max_tokens: int = 24, timeout_s: float = 60.0,
+                      progress: bool = True) -> tuple[dict[int, str], int]:
+    """One answer per live feature (the first `limit`) from an OpenAI-compatible endpoint,
+    parsed; returns index -> parsed answer and how many features got none (an error, or an
+    answer `parse` rejects). Raises when no feature got one."""
     from tqdm.auto import tqdm
 
     live = [f for f in dashboards["features"] if f.get("top_contexts")][:limit]
-    labels: Labels = {}
-    for feature in tqdm(live, desc="labels", unit="feature", disable=not progress):
-        answer = ask_chat(url, model, labeler_messages(feature), api_key, timeout_s=timeout_s)
-        label = clean_label(answer) if answer is not None else None
-        if label is not None:
-            labels[feature["index"]] = (label, f"llm:{model}")
-    failed = len(live) - len(labels)
-    if live and failed == len(live):
-        raise FsrlError(f"the labeler at {url} gave no label for any of {len(live)} features")
-    return labels, failed
+    found: dict[int, str] = {}
+    for feature in tqdm(live, desc=what, unit="feature", disable=not progress):
+        answer = ask_chat(url, model, messages(feature), api_key, max_tokens=max_tokens, timeout_s=timeout_s)
+        value = parse(answer) if answer is not None else None
+        if value is not None:
+            found[feature["index"]] = value
+    if live and not found:
+        raise FsrlError(f"the endpoint at {url} gave no {what} for any of {len(live)} features")
+    return found, len(live) - len(found)
+
+
+def llm_labels(dashboards: dict[str, Any], url: str, model: str, api_key: str | None = None,
+               limit: int | None = None, timeout_s: float = 60.0, progress: bool = True) -> tuple[Labels, int]:
+    """A label for each live feature (the first `limit`) from an OpenAI-compatible chat
+    endpoint. Returns the labels and how many features got none (they keep their other label)."""
+    found, failed = ask_live_features(dashboards, url, model, labeler_messages, clean_label, "label", api_key,
+                                      limit, timeout_s=timeout_s, progress=progress)
+    return {i: (label, f"llm:{model}") for i, label in found.items()}, failed
 
 
 def neuronpedia_labels(path: str | Path, d_sae: int) -> Labels:
