@@ -13,7 +13,7 @@ from fastapi import FastAPI
 import fsrl
 from fsrl.errors import FsrlError
 from server.deps import ApiKeyGuard
-from server.errors import ERROR_RESPONSES, BodySizeLimit, install_error_handlers
+from server.http_errors import ERROR_RESPONSES, BodySizeLimit, install_error_handlers
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, features, generate, health, openai, playground
 from server.settings import Settings

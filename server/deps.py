@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
 
-from server.errors import error_body
+from server.http_errors import error_body
 from server.settings import Settings
 from server.state import ServerState
 

@@ -5,7 +5,7 @@ from fastapi import APIRouter, Request
 
 from server import serving
 from server.deps import StateDep
-from server.errors import STREAM_RESPONSE
+from server.http_errors import STREAM_RESPONSE
 from server.routes.cancel import cancel_on_disconnect
 from server.routes.sse import sse_response
 from server.schemas import GenerateBody, render_generation, render_token_event

@@ -5,7 +5,8 @@ from fastapi import APIRouter, Request
 
 from server import serving
 from server.deps import StateDep
-from server.errors import STREAM_RESPONSE, ModelNotFound
+from server.errors import ModelNotFound
+from server.http_errors import STREAM_RESPONSE
 from server.openai_protocol import (ChatCompletionBody, CompletionBody, render_chunk,
                                     render_completion, render_usage_chunk)
 from server.routes.cancel import cancel_on_disconnect

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from fastapi.responses import StreamingResponse
 
-from server.errors import error_event
+from server.http_errors import error_event
 
 log = logging.getLogger(__name__)
 
