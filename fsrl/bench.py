@@ -101,7 +101,7 @@ def _calibration_activations(base, layer: int, n_tokens: int = 256):
 
 
 def _overrides(sae) -> list:
-    from fsrl.steering import FeatureOverride
+    from fsrl.overrides import FeatureOverride
 
     ops = ["set", "add", "scale", "ablate", "unsteer", "set", "add", "scale"]
     step = sae.d_sae // 8
@@ -111,7 +111,8 @@ def _overrides(sae) -> list:
 def measure(generator, adapter, overrides, batch: int, prompt_tokens: int, new_tokens: int,
             repeats: int, sync) -> dict[str, float]:
     """Median tok/s of each mode, measured interleaved."""
-    from fsrl.generation import GenerationRequest, SamplingParams
+    from fsrl.generation import GenerationRequest
+    from fsrl.sampling import SamplingParams
     from fsrl.steering import RowSteering
 
     vocab = generator.base.model.config.vocab_size

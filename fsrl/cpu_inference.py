@@ -1,4 +1,4 @@
-"""Faster CPU inference: linear weights packed once for oneDNN, and one thread for the model.
+"""Faster CPU inference: linear weights packed once for oneDNN.
 
 On a CPU a decode step is a few rows times every weight matrix, so it is bound by reading the
 weights. Through the default BLAS path a batch of 2 rows cost 1.6-1.8x a batch of 1 on the
@@ -9,13 +9,6 @@ row, cheap on a CPU. `PackedLinear` does it for the model's layers, `PackedMatri
 steering's own products (adapter, SAE encoder and decoder).
 
 Inference only: the packed matrix multiply has no backward, so training never packs.
-
-`ModelThread`: PyTorch's OpenMP (libgomp) keeps a pool of worker threads for every thread that
-has run a parallel op. Once pooled threads outnumber the cores, idle workers stop spinning and
-sleep, so every op pays a wake-up: on 2 cores a decode step run from a second thread took
-1.5-2.5x as long as the same step from the thread that had loaded the model. A server runs the
-model off its event loop, so the model gets one thread that holds all of torch's intra-op
-threads, and every other thread runs torch single-threaded (no pool of its own).
 
 Bounded shapes: oneDNN builds (and caches) a primitive for every distinct row count a packed
 weight is multiplied with, and memory grew with each new one (three layers fed random row counts
@@ -30,15 +23,9 @@ test's memory still rose when its batch drained (BENCHMARKS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-T = TypeVar("T")
 
 # Rows the packed layout is tuned for; any number of rows works (prefill included).
 DEFAULT_BATCH_HINT = 16
@@ -157,33 +144,3 @@ def pack_linear_layers(model: nn.Module, batch_hint: int = DEFAULT_BATCH_HINT) -
     for param in model.parameters():
         param.data = param.data.clone()
     return len(targets)
-
-
-class ModelThread:
-    """The one thread that runs the model, with all of torch's intra-op threads.
-
-    Creating it hands torch's thread count to the new thread and sets 1 for the creating thread
-    and for threads started later; `close` gives the count back.
-    """
-
-    def __init__(self, name: str = "fsrl-model"):
-        self.threads = torch.get_num_threads()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name, initializer=self._claim)
-        self._executor.submit(lambda: None).result()  # the thread claims its count before we drop ours
-        torch.set_num_threads(1)  # also the count threads started from now on begin with
-
-    def _claim(self) -> None:
-        torch.get_num_threads()  # the thread's one-time init reads the global count: do it first
-        torch.set_num_threads(self.threads)
-
-    def call(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Run `fn` on the model thread and wait for its result (exceptions come through)."""
-        return self._executor.submit(fn, *args, **kwargs).result()
-
-    def submit(self, fn: Callable[..., T], *args, **kwargs) -> Future:
-        """Run `fn` on the model thread (after what is already queued there) without waiting."""
-        return self._executor.submit(fn, *args, **kwargs)
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        torch.set_num_threads(self.threads)

@@ -21,23 +21,11 @@ except ImportError:  # older transformers: no per-layer caches, so rows join onl
     DynamicLayer = None
 
 from fsrl.models import BaseModel
+from fsrl.sampling import MIN_TEMPERATURE, SamplingParams
 from fsrl.sae import Sae
 from fsrl.steering import RowSteering, StepCapture, SteeringBatch, SteeringHook
 
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-
-# Below this temperature a row decodes greedily: logits / t would overflow float32.
-MIN_TEMPERATURE = 1e-5
 LogProbs = tuple[float, list[tuple[int, float]]]  # a token's log-probability, and the top-k's
 LOGPROB_FLOOR = -9999.0
 

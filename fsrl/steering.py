@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,64 +33,40 @@ from torch import nn
 
 from fsrl.adapter import FsrlAdapter, RowAdapters
 from fsrl.errors import FsrlError
+from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride,
+                            validate_overrides)
 from fsrl.sae import Sae
 
-OPS = ("set", "add", "scale", "ablate", "unsteer")
 OP_CODE = {name: code for code, name in enumerate(OPS)}
 NOOP = -1  # padding in the override table
 OPS_READING_F = {"set", "scale", "ablate"}
-MAX_FEATURE_OVERRIDES = 256
-MAX_RETURN_FEATURES = 64  # top steered features a request may ask for per token
-# Bounds that keep every product finite in float32/bf16: feature activations of real SAEs are
-# in the tens to thousands, so 1e4 sets or adds far past any of them without overflowing.
-MAX_FEATURE_VALUE = 1e4
-MAX_STEERING_SCALE = 100.0
 
 
 @dataclass(frozen=True)
-class FeatureOverride:
-    index: int
-    op: str
-    value: float = 0.0
-
-
-@dataclass
 class RowSteering:
-    """One row's steering, as a request asks for it."""
+    """One row's steering, as a request asks for it. Checked once (`check`), however many
+    batches the row joins and leaves."""
 
     adapter: FsrlAdapter | None = None
     scale: float = 1.0
     overrides: Sequence[FeatureOverride] = ()
     steer_from: int = 0  # first steered position in the row's own sequence (prompt length: "generated")
+    _checked_for: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def is_noop(self) -> bool:
         return (self.adapter is None or self.scale == 0.0) and not self.overrides
 
-
-def validate_overrides(overrides: Sequence[FeatureOverride], d_sae: int) -> None:
-    """The contract's rules: known op, index in range, one op per index, at most 256, a
-    finite value within MAX_FEATURE_VALUE."""
-    if len(overrides) > MAX_FEATURE_OVERRIDES:
-        raise FsrlError(f"features: at most {MAX_FEATURE_OVERRIDES} overrides, got {len(overrides)}")
-    seen: set[int] = set()
-    for o in overrides:
-        if o.op not in OP_CODE:
-            raise FsrlError(f"features: unknown op {o.op!r}; expected one of {', '.join(OPS)}")
-        if not 0 <= o.index < d_sae:
-            raise FsrlError(f"features: index {o.index} is out of range [0, {d_sae})")
-        if o.index in seen:
-            raise FsrlError(f"features: index {o.index} has more than one op")
-        if not abs(o.value) <= MAX_FEATURE_VALUE:  # NaN fails this too
-            raise FsrlError(f"features: value {o.value} of index {o.index} is outside "
-                            f"[-{MAX_FEATURE_VALUE:g}, {MAX_FEATURE_VALUE:g}]")
-        seen.add(o.index)
-
-
-def _check_row(row: RowSteering, d_sae: int) -> None:
-    validate_overrides(row.overrides, d_sae)
-    if row.adapter is not None and row.adapter.config.d_sae != d_sae:
-        raise FsrlError(f"adapter {row.adapter.id!r} has d_sae {row.adapter.config.d_sae}, SAE has {d_sae}")
+    def check(self, d_sae: int) -> "RowSteering":
+        """Raise unless this row can steer an SAE `d_sae` features wide (the contract's override
+        rules, the adapter's width); the answer is kept, so a row is checked once."""
+        if d_sae not in self._checked_for:
+            validate_overrides(self.overrides, d_sae)
+            if self.adapter is not None and self.adapter.config.d_sae != d_sae:
+                raise FsrlError(f"adapter {self.adapter.id!r} has d_sae {self.adapter.config.d_sae}, "
+                                f"SAE has {d_sae}")
+            self._checked_for.append(d_sae)
+        return self
 
 
 @dataclass
@@ -120,7 +96,7 @@ class SteeringBatch:
         adapters: list[FsrlAdapter] = []
         slots, clamps = [], []
         for row in rows:
-            _check_row(row, d_sae)
+            row.check(d_sae)
             if row.adapter is None:
                 slots.append(-1)
                 clamps.append(False)
@@ -188,7 +164,7 @@ class SteeringRows:
     def set_row(self, row: int, steering: RowSteering | None) -> None:
         """Row `row` steers as `steering` asks (None: empty, untouched)."""
         if steering is not None:
-            _check_row(steering, self.d_sae)
+            steering.check(self.d_sae)
         b = self.batch
         adapter = steering.adapter if steering is not None else None
         b.row_adapters.set_row(row, adapter)

@@ -85,7 +85,8 @@ CONVERSATIONS = (
 
 
 def generate() -> None:
-    from fsrl.generation import GenerationRequest, Generator, SamplingParams
+    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.sampling import SamplingParams
     from fsrl.models import load_base_model
     from fsrl.sae import default_sae_dir, load_sae
     from fsrl.steering import RowSteering

@@ -1,6 +1,6 @@
 """The engine: continuous batching, off the event loop.
 
-One worker thread (a `ModelThread`) owns the model and a batch (`Generator.batch()`: a
+One worker thread (a `ModelThread`, server/model_thread.py) owns the model and a batch (`Generator.batch()`: a
 `RunningBatch`, or a `StaticBatch` with --compile-decode). Between decode steps
 it takes waiting jobs from the queue (as many as fit under `max_batch_rows`), prefills them
 together, and from then on their rows decode in the same forward passes as every other
@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from fsrl.cpu_inference import ModelThread
 from fsrl.generation import (DecodeBatch, GenerationRequest, GenerationResult, Generator, TokenEvent,
                              results_from_events)
 from server.errors import EngineStopped, GenerationFailed, Overloaded
+from server.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -31,10 +30,10 @@ from fsrl.analysis import FeaturePush, feature_push, top_features
 from fsrl.audit_report import read_card
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.sae import Sae
+from server.params import ADAPTER_ID
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def _shown(path: str | Path) -> str:

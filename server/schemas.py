@@ -1,5 +1,6 @@
 """The HTTP edge of /generate and /adapters: pydantic request models that convert themselves
-into internal dataclasses, and the functions that render internal results as API.md's JSON.
+into plain parameters (`server.params`). A leaf: no torch, no engine (`server/render.py`
+renders results as API.md's JSON).
 
 Everything checkable without the model is checked here (types, ranges, finiteness, one op
 per index, at most 256 overrides), so a bad request is a 422 naming its field before any
@@ -9,21 +10,15 @@ checked in `serving.prepare`.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
                       model_validator)
 
-from fsrl.generation import MIN_TEMPERATURE, GenerationResult, TokenEvent
-from fsrl.steering import (MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES,
-                           MAX_STEERING_SCALE, OPS, FeatureOverride)
-from server.registry import ADAPTER_ID
-from server.serving import ROWS, GenerateParams, GenerationOutcome, PreparedGeneration
-
-Label = Callable[[int], str | None]
-OPS_NEEDING_VALUE = ("set", "add", "scale")
+from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES, MAX_STEERING_SCALE,
+                            OPS, OPS_NEEDING_VALUE, FeatureOverride)
+from fsrl.sampling import MIN_TEMPERATURE
+from server.params import ADAPTER_ID, GenerateParams
 
 # The request bounds, in one place; docs/api.md lists them and the OpenAPI schema shows them.
 MAX_STOP_STRINGS = 16
@@ -157,39 +152,3 @@ class AdapterLoadBody(BaseModel):
     id: str = Field(pattern=ADAPTER_ID.pattern)
     path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")  # no path holds a NUL
     replace: bool = False
-
-
-# --- responses -------------------------------------------------------------------------------
-
-def render_features(features: list[tuple[int, float]], label: Label) -> list[dict[str, Any]]:
-    """`delta` is null where it is not a finite number (JSON has no Infinity)."""
-    return [{"index": i, "label": label(i), "delta": d if math.isfinite(d) else None} for i, d in features]
-
-
-def render_output(result: GenerationResult, label: Label, with_features: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
-                           "completion_tokens": result.completion_tokens}
-    if with_features:
-        out["features"] = [render_features(step, label) for step in result.features or []]
-    return out
-
-
-def render_generation(outcome: GenerationOutcome, model: str, label: Label) -> dict[str, Any]:
-    p = outcome.prepared
-    return {
-        "id": p.id, "model": model, "adapter": p.adapter_id, "seed": p.seed,
-        "steered": render_output(outcome.steered, label, p.return_features > 0),
-        "base": render_output(outcome.base, label, False) if outcome.base else None,
-        "usage": {"prompt_tokens": p.prompt_tokens, "completion_tokens": outcome.completion_tokens},
-        "timing": {"queue_ms": round(outcome.queue_ms, 3), "total_ms": round(outcome.total_ms, 3)},
-    }
-
-
-def render_token_event(prepared: PreparedGeneration, event: TokenEvent, label: Label) -> dict[str, Any]:
-    """One streamed token; `output` tells the steered row from the base row."""
-    out: dict[str, Any] = {"type": "token", "id": prepared.id, "output": ROWS[event.row],
-                           "token_id": event.token_id, "text": event.text_delta,
-                           "finish_reason": event.finish_reason}
-    if event.row == 0 and prepared.return_features:
-        out["features"] = render_features(event.features or [], label)
-    return out

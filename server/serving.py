@@ -17,43 +17,15 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
 from fsrl.errors import FsrlError
-from fsrl.generation import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
-from fsrl.steering import FeatureOverride, RowSteering, validate_overrides
+from fsrl.generation import GenerationRequest, GenerationResult, TokenEvent
+from fsrl.sampling import SamplingParams
+from fsrl.steering import RowSteering
 from server.engine import EngineJob, Ticket, job_results
 from server.errors import InvalidField
+from server.params import GenerateParams
 from server.state import ServerState
-
-ROWS = ("steered", "base")  # /generate: row 0 of a job is the steered output, row 1 (compare) the base
-
-
-Prompt = str | tuple[int, ...]  # text, or token ids as they are
-
-
-@dataclass(frozen=True)
-class GenerateParams:
-    prompt: str | None = None
-    messages: tuple[dict[str, Any], ...] | None = None
-    prompts: tuple[Prompt, ...] = ()      # /v1/completions: several prompts, text or token ids
-    adapter: str | None = None
-    steering_scale: float = 1.0
-    features: tuple[FeatureOverride, ...] = ()
-    steer_positions: str = "all"          # "all" | "generated"
-    max_new_tokens: int | None = 64       # None: as many as fit, up to the server's cap
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None               # None: the server picks one and reports it
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    compare: bool = False
-    return_features: int = 0
-    n: int = 1                            # rows per prompt; row j samples with seed + j
-    logprobs: int | None = None           # per generated token: its log-probability and top k
-    echo: bool = False                    # prompt tokens too (their log-probabilities with logprobs)
-
 
 @dataclass
 class PreparedGeneration:
@@ -137,15 +109,11 @@ def _prompt_chars(params: GenerateParams) -> tuple[int, str]:
 
 def check(state: ServerState, params: GenerateParams) -> None:
     """What can be refused at once, on the event loop, without tokenising: capacity, the
-    feature overrides, the adapter's name, a text too long to fit in the prompt limit
-    whatever its tokens, and the rows a request may hold."""
+    adapter's name, a text too long to fit in the prompt limit whatever its tokens, and the
+    rows a request may hold. (The overrides are checked against the SAE as the rows are built.)"""
     state.engine.check_capacity()
     if params.adapter is not None:
         state.registry.entry(params.adapter)  # 404 now; the copy onto the device comes later
-    try:
-        validate_overrides(params.features, state.sae.d_sae)
-    except FsrlError as exc:
-        raise InvalidField("features", str(exc).removeprefix("features: ")) from exc
     chars, field_name = _prompt_chars(params)
     limit = state.settings.max_prompt_tokens * state.max_chars_per_token
     if chars > limit:
@@ -170,6 +138,15 @@ async def prepare(state: ServerState, params: GenerateParams, id_prefix: str = "
     # Queued here, before any response starts: a full queue is a 503, never a stream's error.
     prepared.ticket = state.engine.submit(prepared.job)
     return prepared
+
+
+def _checked(state: ServerState, steering: RowSteering) -> RowSteering:
+    """The row's one check against the served SAE (index < d_sae and the contract's rules);
+    the engine's batches do not check it again."""
+    try:
+        return steering.check(state.sae.d_sae)
+    except FsrlError as exc:
+        raise InvalidField("features", str(exc).removeprefix("features: ")) from exc
 
 
 def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> PreparedGeneration:
@@ -197,8 +174,9 @@ def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> Prepar
     seed = params.seed if params.seed is not None else secrets.randbits(31)
     requests = []
     for prompt_ids in prompts:
-        steering = RowSteering(adapter=adapter, scale=params.steering_scale, overrides=params.features,
-                               steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0)
+        steering = _checked(state, RowSteering(
+            adapter=adapter, scale=params.steering_scale, overrides=params.features,
+            steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0))
         for j in range(params.n):
             sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,
                                       top_p=params.top_p, top_k=params.top_k, seed=(seed + j) % 2**63,

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 
 from fsrl.analysis import hook_activations, reference_token_ids
-from fsrl.cpu_inference import ModelThread, pack_linear_layers
+from fsrl.cpu_inference import pack_linear_layers
 from fsrl.errors import FsrlError, MismatchError
 from fsrl.features import dashboards
 from fsrl.features.classes import read_classes
@@ -25,6 +25,7 @@ from fsrl.sae import Sae, load_sae
 from fsrl.static_decode import StaticDecoder, use_static_decode
 from server.engine import Engine
 from server.metrics import EngineFigures, Metrics
+from server.model_thread import ModelThread
 from server.registry import AdapterRegistry
 from server.settings import Settings
 
@@ -84,7 +85,7 @@ class ServerState:
 
 def load_state(settings: Settings) -> ServerState:
     device = resolve_device(settings.device)
-    # The model is loaded, measured and run on one thread (see fsrl.cpu_inference.ModelThread).
+    # The model is loaded, measured and run on one thread (see server/model_thread.py).
     model_thread = ModelThread()
     try:
         generator, reference, packed = model_thread.call(_load_model, settings, device)

@@ -4,6 +4,8 @@ an import cycle. Read from the source (AST), every import counted, inside functi
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,3 +112,17 @@ def test_the_checker_sees_a_cycle_and_an_upward_import(tmp_path):
     assert "fsrl.server" in names and strings == {"server.cli"}
     module.write_text("def f():\n    from server.engine import Engine\n")
     assert "server.engine" in imported_names("fsrl.m", module)[0]
+
+
+EDGE = ("server.params", "server.schemas", "server.openai_schemas")
+
+
+def test_the_http_edge_is_a_leaf_that_loads_no_torch_and_no_engine():
+    """The request models need only pydantic and plain data: importing them loads neither
+    torch nor the engine, the serving layer or the web framework."""
+    probe = ("import sys\n" + "".join(f"import {m}\n" for m in EDGE) +
+             "print(sorted(m for m in ('torch', 'fastapi', 'server.engine', 'server.serving', 'server.state')"
+             " if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

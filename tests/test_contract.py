@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fsrl.steering import MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES, MAX_STEERING_SCALE
-from server.openai_protocol import MAX_LOGPROBS, MAX_N
+from fsrl.overrides import MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES, MAX_STEERING_SCALE
+from server.openai_schemas import MAX_LOGPROBS, MAX_N
 from server.schemas import MAX_MESSAGES, MAX_STOP_CHARS, MAX_STOP_STRINGS, MAX_TEMPERATURE
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,8 @@ from torch import nn
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from fsrl.cpu_inference import (CHUNK_ROWS, ROW_STEP, SMALL_ROW_COUNTS, PackedLinear, can_pack,
                                 pack_linear_layers)
-from fsrl.generation import GenerationRequest, Generator, SamplingParams
+from fsrl.generation import GenerationRequest, Generator
+from fsrl.sampling import SamplingParams
 from fsrl.steering import RowSteering
 
 needs_onednn = pytest.mark.skipif(not can_pack(nn.Linear(2, 2)), reason="no oneDNN in this torch")
@@ -90,7 +91,7 @@ def test_pack_leaves_other_dtypes_alone(dtype):
 def test_model_thread_holds_torchs_threads_and_gives_them_back():
     import threading
 
-    from fsrl.cpu_inference import ModelThread
+    from server.model_thread import ModelThread
 
     before = torch.get_num_threads()
     model_thread = ModelThread()
@@ -109,7 +110,8 @@ def test_model_thread_holds_torchs_threads_and_gives_them_back():
 @needs_onednn
 @pytest.mark.parametrize("architecture", ["topk", "relu", "jumprelu"])
 def test_packed_sae_and_adapter_steer_as_the_plain_ones(architecture, monkeypatch):
-    from fsrl.steering import FeatureOverride, SteeringBatch, steer
+    from fsrl.overrides import FeatureOverride
+    from fsrl.steering import SteeringBatch, steer
 
     sae = tiny_sae(architecture=architecture)
     adapter = tiny_adapter(sae, tiny_base())

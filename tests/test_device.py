@@ -11,9 +11,11 @@ from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from test_steering import reference_steer, run_steer
 
 from fsrl.adapter import save_adapter
-from fsrl.generation import GenerationRequest, Generator, SamplingParams
+from fsrl.generation import GenerationRequest, Generator
+from fsrl.sampling import SamplingParams
 from fsrl.static_decode import use_static_decode
-from fsrl.steering import FeatureOverride, RowSteering, SteeringBatch, SteeringHook
+from fsrl.overrides import FeatureOverride
+from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
 
 pytestmark = pytest.mark.cuda
 

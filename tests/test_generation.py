@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
-from fsrl.generation import GenerationRequest, Generator, SamplingParams, _held_back
-from fsrl.steering import FeatureOverride, RowSteering
+from fsrl.generation import GenerationRequest, Generator, _held_back
+from fsrl.sampling import SamplingParams
+from fsrl.overrides import FeatureOverride
+from fsrl.steering import RowSteering
 
 LAYER = 1
 

@@ -8,9 +8,11 @@ from fsrl.testing import tiny_adapter, tiny_base, tiny_model, tiny_sae
 
 from fsrl.adapter import RowAdapters
 from fsrl.errors import FsrlError
-from fsrl.generation import GenerationRequest, Generator, SamplingParams
+from fsrl.generation import GenerationRequest, Generator
+from fsrl.sampling import SamplingParams
 from fsrl.static_decode import StaticDecoder, use_static_decode
-from fsrl.steering import FeatureOverride, RowSteering
+from fsrl.overrides import FeatureOverride
+from fsrl.steering import RowSteering
 
 LAYER = 1
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
-from fsrl.steering import (FeatureOverride, RowSteering, SteeringBatch, SteeringHook,
-                           _decode_delta, steer)
+from fsrl.overrides import FeatureOverride
+from fsrl.steering import RowSteering, SteeringBatch, SteeringHook, _decode_delta, steer
 
 LAYER = 1
 

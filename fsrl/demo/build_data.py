@@ -43,7 +43,8 @@ def generate(out: Path, batch_size: int = 32, model: str | None = None, limit: i
     """Generate the three responses of every prompt; appends, so a rerun resumes."""
     from tqdm.auto import tqdm
 
-    from fsrl.generation import GenerationRequest, Generator, SamplingParams
+    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.sampling import SamplingParams
     from fsrl.models import load_base_model
     from fsrl.sae import random_sae
     from fsrl.steering import RowSteering

@@ -44,7 +44,8 @@ def generate_answers(gen, tokenizer, prompts: Sequence[DemoPrompt], steering, ma
     steered and base answers of a prompt differ by the steering alone."""
     from tqdm.auto import tqdm
 
-    from fsrl.generation import GenerationRequest, SamplingParams
+    from fsrl.generation import GenerationRequest
+    from fsrl.sampling import SamplingParams
 
     answers = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):

@@ -8,7 +8,8 @@ from server.deps import StateDep
 from server.http_errors import STREAM_RESPONSE
 from server.routes.cancel import cancel_on_disconnect
 from server.routes.sse import sse_response
-from server.schemas import GenerateBody, render_generation, render_token_event
+from server.render import render_generation, render_token_event
+from server.schemas import GenerateBody
 from server.state import ServerState
 
 router = APIRouter(tags=["generate"])

@@ -7,8 +7,8 @@ from server import serving
 from server.deps import StateDep
 from server.errors import ModelNotFound
 from server.http_errors import STREAM_RESPONSE
-from server.openai_protocol import (ChatCompletionBody, CompletionBody, render_chunk,
-                                    render_completion, render_usage_chunk)
+from server.openai_render import render_chunk, render_completion, render_usage_chunk
+from server.openai_schemas import ChatCompletionBody, CompletionBody
 from server.routes.cancel import cancel_on_disconnect
 from server.routes.sse import sse_response
 from server.state import ServerState
