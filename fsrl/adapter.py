@@ -48,11 +48,24 @@ def _soft_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.sign(z) * torch.relu(z.abs() - tau)
 
 
-# activation name -> v = fn(z, tau); resolved once when the adapter is built.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "relu": _relu,
-    "soft_threshold": _soft_threshold,
+@dataclass(frozen=True)
+class Activation:
+    """An adapter activation: v = fn(z, tau), and whether tau is one of its learned weights."""
+
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    learns_threshold: bool
+
+
+# activation name -> what it is; the name is resolved here once (an adapter keeps its Activation).
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(_relu, learns_threshold=False),
+    "soft_threshold": Activation(_soft_threshold, learns_threshold=True),
 }
+
+
+def learned_weights(activation: Activation) -> tuple[str, ...]:
+    """The adapter weights training learns (and files store, with b_in beside them)."""
+    return ("W", "b", "tau") if activation.learns_threshold else ("W", "b")
 
 
 @dataclass
@@ -112,7 +125,7 @@ class AdapterFile(BaseModel):
     format: Literal["fsrl-adapter"]
     format_version: int = Field(ge=1, le=ADAPTER_FORMAT_VERSION)
     id: str = Field(min_length=1, max_length=128)
-    activation: Literal["relu", "soft_threshold"]
+    activation: Literal[tuple(ACTIVATIONS)]  # type: ignore[valid-type]
     clamp_nonnegative: bool
     d_in: int = Field(ge=1, le=MAX_D_IN)
     d_sae: int = Field(ge=1, le=MAX_D_SAE)
@@ -129,14 +142,14 @@ class FsrlAdapter(nn.Module):
                  init_std: float = 1e-4, seed: int = 0):
         super().__init__()
         self.config = config
-        self._activation = ACTIVATIONS[config.activation]
+        self.activation = ACTIVATIONS[config.activation]
         g = torch.Generator().manual_seed(seed)
         # Near zero, so training starts at the base model; not exactly zero, or relu'(0) = 0
         # would leave W without a gradient.
         self.W = nn.Parameter(torch.randn(config.d_in, config.d_sae, generator=g) * init_std)
         self.b = nn.Parameter(torch.zeros(config.d_sae))
         self.tau = nn.Parameter(torch.full((config.d_sae,), 1e-6),
-                                requires_grad=config.activation == "soft_threshold")
+                                requires_grad=self.activation.learns_threshold)
         self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
                              else torch.zeros(config.d_in))
         self.packed: PackedMatrix | None = None  # set by pack_for_cpu (serving on a CPU)
@@ -163,12 +176,11 @@ class FsrlAdapter(nn.Module):
             z = self.packed(x_in)
         else:
             z = x_in @ self.W + self.b  # (..., d_sae)
-        return self._activation(z, self.tau)
+        return self.activation.fn(z, self.tau)
 
     def parameter_count(self) -> int:
-        """Learned parameters: W and b, plus tau for soft_threshold (frozen or not)."""
-        learned = ("W", "b", "tau") if self.config.activation == "soft_threshold" else ("W", "b")
-        return sum(getattr(self, name).numel() for name in learned)
+        """Learned parameters: W and b, plus tau where the activation learns it (frozen or not)."""
+        return sum(getattr(self, name).numel() for name in learned_weights(self.activation))
 
 
 class RowAdapters:
@@ -202,7 +214,7 @@ class RowAdapters:
             self.b[row].copy_(adapter.b)
             self.b_in[row].copy_(adapter.b_in)
             self.tau[row].copy_(adapter.tau)
-            self.soft_threshold[row] = adapter.config.activation == "soft_threshold"
+            self.soft_threshold[row] = adapter.activation is ACTIVATIONS["soft_threshold"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
@@ -210,7 +222,7 @@ class RowAdapters:
         z = torch.bmm(x_in, self.W) + self.b[:, None, :]
         tau = self.tau[:, None, :]
         return torch.where(self.soft_threshold[:, None, None],
-                           ACTIVATIONS["soft_threshold"](z, tau), ACTIVATIONS["relu"](z, tau))
+                           ACTIVATIONS["soft_threshold"].fn(z, tau), ACTIVATIONS["relu"].fn(z, tau))
 
 
 def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,
@@ -230,9 +242,7 @@ def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fi
 def save_adapter(adapter: FsrlAdapter, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {"W": adapter.W, "b": adapter.b, "b_in": adapter.b_in}
-    if adapter.config.activation == "soft_threshold":
-        tensors["tau"] = adapter.tau
+    tensors = {name: getattr(adapter, name) for name in (*learned_weights(adapter.activation), "b_in")}
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, out_dir / WEIGHTS_FILE)
     (out_dir / META_FILE).write_text(json.dumps(adapter.config.to_json(), indent=2) + "\n")
     return out_dir
@@ -333,7 +343,7 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
     if not weights_path.is_file():
         raise CorruptFileError(f"{where}: {WEIGHTS_FILE} is missing")
     expected = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "b_in": (config.d_in,)}
-    if config.activation == "soft_threshold":
+    if ACTIVATIONS[config.activation].learns_threshold:
         expected["tau"] = (config.d_sae,)
     tensors = _read_weights(weights_path, expected, weights_where)
     adapter = FsrlAdapter(config, init_std=0.0)
