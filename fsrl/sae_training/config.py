@@ -3,7 +3,9 @@ line that rebuilds a run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from fsrl.errors import FsrlError
 
@@ -70,21 +72,36 @@ def _jumprelu(cfg: SaeTrainConfig, d_in: int, device: str):
     return JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, device=device, **extra)
 
 
-# Each saves in an inference architecture fsrl.sae reads (batchtopk saves as jumprelu).
-ARCHITECTURES = {"topk": _topk, "batchtopk": _batchtopk, "standard": _standard,
-                 "jumprelu": _jumprelu}
+@dataclass(frozen=True)
+class Architecture:
+    """One SAE architecture `fsrl sae train` can train; each saves in an inference architecture
+    fsrl.sae reads (batchtopk saves as jumprelu)."""
+
+    name: str
+    training_config: Callable[[SaeTrainConfig, int, str], Any]  # (cfg, d_in, device) -> sae-lens's
+    uses_k: bool  # --k active features per token
 
 
-def check_config(cfg: SaeTrainConfig) -> None:
-    """Fail in one line on settings that cannot train, before anything loads."""
-    if cfg.architecture not in ARCHITECTURES:
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
+    Architecture("topk", _topk, uses_k=True),
+    Architecture("batchtopk", _batchtopk, uses_k=True),
+    Architecture("standard", _standard, uses_k=False),
+    Architecture("jumprelu", _jumprelu, uses_k=False),
+)}
+
+
+def check_config(cfg: SaeTrainConfig) -> Architecture:
+    """Fail in one line on settings that cannot train, before anything loads; returns the
+    architecture `cfg` names (resolved here, once)."""
+    arch = ARCHITECTURES.get(cfg.architecture)
+    if arch is None:
         raise FsrlError(f"unknown architecture {cfg.architecture!r}; "
                         f"choose from {', '.join(sorted(ARCHITECTURES))}")
     for name in ("d_sae", "batch_size", "training_tokens", "context_size", "store_batch_size",
                  "eval_tokens", "dead_feature_window"):
         if getattr(cfg, name) <= 0:
             raise FsrlError(f"--{name.replace('_', '-')} must be positive")
-    if cfg.architecture in ("topk", "batchtopk") and not 0 < cfg.k <= cfg.d_sae:
+    if arch.uses_k and not 0 < cfg.k <= cfg.d_sae:
         raise FsrlError(f"--k must be in 1..{cfg.d_sae}")
     if cfg.context_size < 2:
         raise FsrlError("--context-size must be at least 2 (position 0 is left out)")
@@ -94,6 +111,13 @@ def check_config(cfg: SaeTrainConfig) -> None:
         raise FsrlError("--eval-fraction must be between 0 and 1")
     if cfg.training_tokens < cfg.batch_size:
         raise FsrlError("--training-tokens must be at least --batch-size")
+    return arch
+
+
+def sae_name(cfg: SaeTrainConfig, arch: Architecture, model_name: str) -> str:
+    """The SAE's name in cfg.json: --name, else model, layer, architecture (with k) and size."""
+    return cfg.name or (f"{model_name}-L{cfg.layer}-{arch.name}{cfg.k if arch.uses_k else ''}"
+                        f"-{cfg.d_sae}")
 
 
 def rebuild_command(cfg: SaeTrainConfig) -> str:

@@ -30,7 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fsrl.errors import FsrlError
-from fsrl.sae_training.config import SaeTrainConfig, check_config, rebuild_command
+from fsrl.sae_training.config import SaeTrainConfig, check_config, rebuild_command, sae_name
 from fsrl.sae_training.evaluation import evaluate_sae, pack_contexts, sae_lens_parity
 from fsrl.sae_training.exclusions import Exclusions, separator_token_id
 from fsrl.sae_training.runner import run_sae_lens, sae_lens_version
@@ -44,7 +44,7 @@ QUALITY_FORMAT = "fsrl-sae-quality/1"
 
 def train_sae(cfg: SaeTrainConfig) -> dict:
     """Train, save and evaluate; returns the quality record written to OUT/quality.json."""
-    check_config(cfg)
+    arch = check_config(cfg)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -80,12 +80,11 @@ def train_sae(cfg: SaeTrainConfig) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="fsrl-sae-") as tmp:
         t_train = time.time()
-        trained_dir, tokens_trained = run_sae_lens(cfg, base, hook_name, separator, excl,
+        trained_dir, tokens_trained = run_sae_lens(cfg, arch, base, hook_name, separator, excl,
                                                    train_rows, Path(tmp), str(device))
         t_train = time.time() - t_train
-        sae_name = cfg.name or (f"{base.name}-L{cfg.layer}-{cfg.architecture}"
-                                f"{cfg.k if 'topk' in cfg.architecture else ''}-{cfg.d_sae}")
-        write_output(trained_dir, out, cfg, sae_name, base, excl)
+        name = sae_name(cfg, arch, base.name)
+        write_output(trained_dir, out, cfg, name, base, excl)
 
     from fsrl.sae import load_sae
 
@@ -98,9 +97,9 @@ def train_sae(cfg: SaeTrainConfig) -> dict:
                                                               tokens[:4], excl)
     quality = {
         "format": QUALITY_FORMAT,
-        "sae": sae_name, "model": base.name, "model_fingerprint": base.fingerprint,
+        "sae": name, "model": base.name, "model_fingerprint": base.fingerprint,
         "sae_fingerprint": sae.info.fingerprint, "hook_name": hook_name, "layer": cfg.layer,
-        "architecture": cfg.architecture, "d_in": base.d_model, "d_sae": cfg.d_sae,
+        "architecture": arch.name, "d_in": base.d_model, "d_sae": cfg.d_sae,
         **figures,
         "tokens_trained": tokens_trained,
         "unique_tokens_trained": cfg.unique_tokens if 0 < cfg.unique_tokens < tokens_trained

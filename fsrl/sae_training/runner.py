@@ -11,14 +11,14 @@ from pathlib import Path
 
 from fsrl.sae_training.cache import (cache_key, collect_activations, read_cache_manifest,
                                      write_activation_cache)
-from fsrl.sae_training.config import ARCHITECTURES, SaeTrainConfig
+from fsrl.sae_training.config import Architecture, SaeTrainConfig
 from fsrl.sae_training.exclusions import Exclusions
 
 log = logging.getLogger(__name__)
 
 
-def run_sae_lens(cfg: SaeTrainConfig, base, hook_name: str, separator: int | None,
-                 excl: Exclusions, train_rows: list[str], tmp: Path,
+def run_sae_lens(cfg: SaeTrainConfig, arch: Architecture, base, hook_name: str,
+                 separator: int | None, excl: Exclusions, train_rows: list[str], tmp: Path,
                  device: str) -> tuple[Path, int]:
     """Train with sae-lens's runner; returns the folder it saved and the tokens trained on.
     Sets `excl.norm_threshold` from the first batch of activations."""
@@ -34,7 +34,7 @@ def run_sae_lens(cfg: SaeTrainConfig, base, hook_name: str, separator: int | Non
     cache_path = None
     key = cache_key(cfg, base, hook_name)
     with _quiet_sae_lens():
-        stream_cfg = _runner_config(cfg, base, hook_name, separator, excl, device,
+        stream_cfg = _runner_config(cfg, arch, base, hook_name, separator, excl, device,
                                     trained_dir, None)
         store = ActivationsStore.from_config(proxy, stream_cfg, override_dataset=train_ds)
         cached = None
@@ -59,7 +59,7 @@ def run_sae_lens(cfg: SaeTrainConfig, base, hook_name: str, separator: int | Non
                                     "norm_threshold": excl.norm_threshold})
             del acts
         del store
-        run_cfg = _runner_config(cfg, base, hook_name, separator, excl, device,
+        run_cfg = _runner_config(cfg, arch, base, hook_name, separator, excl, device,
                                  trained_dir, cache_path)
         runner = LanguageModelSAETrainingRunner(run_cfg, override_dataset=train_ds,
                                                 override_model=proxy)
@@ -96,13 +96,14 @@ def _remove_proxy_hooks(model) -> None:
                 del module._forward_hooks[key]
 
 
-def _runner_config(cfg: SaeTrainConfig, base, hook_name: str, separator: int | None,
-                    excl: Exclusions, device: str, output_path: Path, cache_path: Path | None):
+def _runner_config(cfg: SaeTrainConfig, arch: Architecture, base, hook_name: str,
+                   separator: int | None, excl: Exclusions, device: str, output_path: Path,
+                   cache_path: Path | None):
     from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 
     steps = math.ceil(cfg.training_tokens / cfg.batch_size)
     return LanguageModelSAERunnerConfig(
-        sae=ARCHITECTURES[cfg.architecture](cfg, base.d_model, device),
+        sae=arch.training_config(cfg, base.d_model, device),
         model_name=base.name, model_class_name="AutoModelForCausalLM", hook_name=hook_name,
         dataset_path="", streaming=False, is_dataset_tokenized=False,
         context_size=cfg.context_size, prepend_bos=False, seqpos_slice=(1, None),
