@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from fsrl.train.trainer import TrainConfig
+    from fsrl.train.config import TrainConfig
 
     checks = [("--batch-size", args.batch_size, 1), ("--grad-accum", args.grad_accum, 1),
               ("--max-length", args.max_length, 8)]
