@@ -4,62 +4,64 @@ from __future__ import annotations
 
 import argparse
 
+from fsrl.cli_options import ConfigOptions
 from fsrl.sae_training.config import ARCHITECTURES, SaeTrainConfig
 from fsrl.sae_training.pipeline import train_sae
 
 
+# Defaults live in SaeTrainConfig; every option that fills one of its fields takes that default.
+OPTIONS = ConfigOptions(SaeTrainConfig)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text", required=True,
-                        help="corpus: a .txt file, a folder of .txt files, a `datasets` folder "
-                             "(save_to_disk, column `text`), or builtin:system-docs")
-    parser.add_argument("--layer", type=int, required=True,
-                        help="hook layer L: the residual stream after decoder layer L")
-    parser.add_argument("--out", required=True, help="output SAE folder")
-    parser.add_argument("--model", default=None, help="base model (default: the embedded one)")
-    parser.add_argument("--d-sae", type=int, default=4608, help="number of features")
-    parser.add_argument("--architecture", default="topk", choices=sorted(ARCHITECTURES))
-    parser.add_argument("--k", type=int, default=64, help="active features per token (topk)")
-    parser.add_argument("--aux-k-coefficient", type=float, default=1.0,
-                        help="weight of the AuxK loss that revives dead features (topk; 0: off)")
-    parser.add_argument("--sparsity-coefficient", type=float, default=None,
-                        help="L1 (standard) or L0 (jumprelu) coefficient; default: sae-lens's")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--lr-decay-fraction", type=float, default=0.2,
-                        help="decay the learning rate linearly to 0 over this last share of steps")
-    parser.add_argument("--batch-size", type=int, default=1024, help="tokens per SAE step")
-    parser.add_argument("--training-tokens", type=int, default=2_000_000,
-                        help="tokens the SAE is trained on (steps = this / batch size)")
-    parser.add_argument("--unique-tokens", type=int, default=0,
-                        help="collect this many activations once and train over them for "
-                             "--training-tokens (epochs); 0: fresh activations every batch")
-    parser.add_argument("--context-size", type=int, default=128)
-    parser.add_argument("--store-batch-size", type=int, default=32,
-                        help="contexts per model forward pass when collecting activations")
-    parser.add_argument("--dead-feature-window", type=int, default=100,
-                        help="steps without firing after which a feature counts as dead (AuxK)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                        help="dtype of the saved weights")
-    parser.add_argument("--eval-tokens", type=int, default=32_768,
-                        help="held-out tokens for explained variance, L0 and dead features")
-    parser.add_argument("--ce-tokens", type=int, default=4_096,
-                        help="held-out tokens for the CE-loss figures (3 full forward passes)")
-    parser.add_argument("--eval-fraction", type=float, default=0.05,
-                        help="share of corpus chunks held out from training")
-    parser.add_argument("--max-norm-ratio", type=float, default=10.0,
-                        help="leave out positions whose activation norm exceeds this many times "
-                             "the median (attention sinks); 0: keep them")
-    parser.add_argument("--name", default=None, help="SAE name in cfg.json (default: derived)")
-    parser.add_argument("--activation-cache", default=None, metavar="DIR",
-                        help="with --unique-tokens: keep the collected activations in DIR and "
-                             "reuse them when a later run asks for the same ones (sweeps)")
+    add = OPTIONS.add
+    add(parser, "--text",
+        help="corpus: a .txt file, a folder of .txt files, a `datasets` folder "
+             "(save_to_disk, column `text`), or builtin:system-docs")
+    add(parser, "--layer", type=int, help="hook layer L: the residual stream after decoder layer L")
+    add(parser, "--out", help="output SAE folder")
+    add(parser, "--model", help="base model (default: the embedded one)")
+    add(parser, "--d-sae", type=int, help="number of features")
+    add(parser, "--architecture", choices=sorted(ARCHITECTURES))
+    add(parser, "--k", type=int, help="active features per token (topk)")
+    add(parser, "--aux-k-coefficient", type=float,
+        help="weight of the AuxK loss that revives dead features (topk; 0: off)")
+    add(parser, "--sparsity-coefficient", type=float,
+        help="L1 (standard) or L0 (jumprelu) coefficient; default: sae-lens's")
+    add(parser, "--lr", type=float)
+    add(parser, "--lr-decay-fraction", type=float,
+        help="decay the learning rate linearly to 0 over this last share of steps")
+    add(parser, "--batch-size", type=int, help="tokens per SAE step")
+    add(parser, "--training-tokens", type=int,
+        help="tokens the SAE is trained on (steps = this / batch size)")
+    add(parser, "--unique-tokens", type=int,
+        help="collect this many activations once and train over them for "
+             "--training-tokens (epochs); 0: fresh activations every batch")
+    add(parser, "--context-size", type=int)
+    add(parser, "--store-batch-size", type=int,
+        help="contexts per model forward pass when collecting activations")
+    add(parser, "--dead-feature-window", type=int,
+        help="steps without firing after which a feature counts as dead (AuxK)")
+    add(parser, "--device", help="auto | cpu | cuda[:N]")
+    add(parser, "--seed", type=int)
+    add(parser, "--dtype", choices=["float16", "bfloat16", "float32"],
+        help="dtype of the saved weights")
+    add(parser, "--eval-tokens", type=int,
+        help="held-out tokens for explained variance, L0 and dead features")
+    add(parser, "--ce-tokens", type=int,
+        help="held-out tokens for the CE-loss figures (3 full forward passes)")
+    add(parser, "--eval-fraction", type=float, help="share of corpus chunks held out from training")
+    add(parser, "--max-norm-ratio", type=float,
+        help="leave out positions whose activation norm exceeds this many times "
+             "the median (attention sinks); 0: keep them")
+    add(parser, "--name", help="SAE name in cfg.json (default: derived)")
+    add(parser, "--activation-cache", metavar="DIR",
+        help="with --unique-tokens: keep the collected activations in DIR and "
+             "reuse them when a later run asks for the same ones (sweeps)")
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = SaeTrainConfig.__dataclass_fields__
-    cfg = SaeTrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    quality = train_sae(cfg)
+    quality = train_sae(OPTIONS.config(args))
     print(format_summary(quality))
     return 0
 
