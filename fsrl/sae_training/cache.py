@@ -24,7 +24,6 @@ def cache_key(cfg: SaeTrainConfig, base, hook_name: str) -> dict:
             "max_norm_ratio": cfg.max_norm_ratio}
 
 
-
 def collect_activations(store, n_tokens: int, seed: int = 0):
     """n_tokens activations (n_tokens, d_in) from an ActivationsStore, excluded positions
     already filtered out, shuffled."""
@@ -41,7 +40,6 @@ def collect_activations(store, n_tokens: int, seed: int = 0):
             pbar.update(batch.shape[0])
     acts = torch.cat(chunks)
     return acts[torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))]
-
 
 
 def read_cache_manifest(path: Path, key: dict) -> dict | None:
