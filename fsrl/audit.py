@@ -37,8 +37,9 @@ from torch import nn
 from fsrl.adapter import FsrlAdapter
 from fsrl.analysis import FeaturePush, top_features
 from fsrl.features.classes import CLASSES
+from fsrl.train.config import TrainConfig
 from fsrl.train.data import PreferenceDataset
-from fsrl.train.trainer import EvalResult, Setup, TrainConfig, evaluate
+from fsrl.train.trainer import EvalResult, Setup, evaluate
 
 BUCKETS = (*CLASSES, "unclassified")
 CONTEXTS = ("prompt", "prompt+chosen", "prompt+rejected")

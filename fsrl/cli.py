@@ -17,7 +17,7 @@ from fsrl.errors import FsrlError
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "fsrl.train.cli", "train an FSRL adapter on preference data (SimPO/DPO)"),
     (("fetch-default",), "fsrl.commands.fetch_default", "fetch and convert the embedded default model"),
-    (("sae", "train"), "fsrl.sae_train", "train an SAE with sae-lens on a local model and corpus"),
+    (("sae", "train"), "fsrl.sae_training.cli", "train an SAE with sae-lens on a local model and corpus"),
     (("sae", "evaluate"), "fsrl.commands.sae_evaluate",
      "an SAE's explained variance and CE loss recovered on chat or other text, per corpus"),
     (("sae", "convert-gemma-scope"), "fsrl.commands.convert_gemma_scope",

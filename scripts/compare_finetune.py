@@ -42,7 +42,8 @@ def _heldout_metrics(model, tokenizer, name: str, heldout: str, adapter=None) ->
     from fsrl.models import BaseModel, model_fingerprint
     from fsrl.sae import default_sae_dir, load_sae, random_sae
     from fsrl.train.data import PreferenceDataset, load_pairs
-    from fsrl.train.trainer import TrainConfig, bind_setup, evaluate
+    from fsrl.train.config import TrainConfig
+    from fsrl.train.trainer import bind_setup, evaluate
 
     base = BaseModel(model=model.eval().requires_grad_(False), tokenizer=tokenizer, name=name,
                      fingerprint=model_fingerprint(model))
@@ -112,7 +113,8 @@ def run_trl(method: str, args) -> dict:
 def run_fsrl(args) -> dict:
     from fsrl.models import load_base_model
     from fsrl.sae import default_sae_dir, load_sae
-    from fsrl.train.trainer import TrainConfig, bind_setup, train
+    from fsrl.train.config import TrainConfig
+    from fsrl.train.trainer import bind_setup, train
 
     base = load_base_model(None, "cpu")
     setup = bind_setup(base, load_sae(default_sae_dir()), None)

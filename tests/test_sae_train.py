@@ -166,7 +166,8 @@ def test_sae_evaluate_adds_per_corpus_figures_equal_to_a_direct_evaluation(train
 
     from fsrl.models import load_base_model
     from fsrl.sae import load_sae
-    from fsrl.sae_train import Exclusions, evaluate_sae, pack_contexts, separator_token_id
+    from fsrl.sae_training.evaluation import evaluate_sae, pack_contexts
+    from fsrl.sae_training.exclusions import Exclusions, separator_token_id
 
     sae_dir = tmp_path / "sae"
     shutil.copytree(trained, sae_dir)

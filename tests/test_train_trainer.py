@@ -14,7 +14,8 @@ from fsrl.models import BaseModel, model_fingerprint
 from fsrl.sae import convert_gemma_scope, load_sae, save_sae
 from fsrl.steering import RowSteering, SteeringBatch
 from fsrl.train.data import PreferenceDataset, load_pairs
-from fsrl.train.trainer import TrainConfig, bind_setup, evaluate, preference_loss, train
+from fsrl.train.config import TrainConfig
+from fsrl.train.trainer import bind_setup, evaluate, preference_loss, train
 
 LAYER = 1
 

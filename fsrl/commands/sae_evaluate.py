@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     from fsrl.corpus import load_documents
     from fsrl.models import load_base_model
     from fsrl.sae import SAE_CFG_FILE, default_sae_dir, load_sae
-    from fsrl.sae_train import Exclusions, evaluate_sae, pack_contexts, separator_token_id
+    from fsrl.sae_training.evaluation import evaluate_sae, pack_contexts
+    from fsrl.sae_training.exclusions import Exclusions, separator_token_id
 
     if not args.chat and not args.text:
         raise FsrlError("give a corpus: --chat FILE and/or --text SPEC")

@@ -120,7 +120,8 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     from fsrl.sae import default_sae_dir, load_sae
     from fsrl.steering import RowSteering
     from fsrl.train.data import PreferenceDataset, load_pairs
-    from fsrl.train.trainer import TrainConfig, bind_setup, evaluate
+    from fsrl.train.config import TrainConfig
+    from fsrl.train.trainer import bind_setup, evaluate
 
     if eval_set_digest() != EVAL_SET_SHA256_16:
         raise SystemExit(f"the evaluation prompts changed (digest {eval_set_digest()}, frozen "

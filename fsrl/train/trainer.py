@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,77 +37,16 @@ from fsrl.files import sha256_of
 from fsrl.models import BaseModel, default_dtype, load_base_model, resolve_device
 from fsrl.sae import Sae, default_sae_dir, load_sae
 from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
+from fsrl.train.config import TrainConfig
 from fsrl.train.data import PairBatch, PreferenceDataset, load_pairs
-from fsrl.train.losses import LOSSES, LossSpec, SequenceLogps, l1_coefficient, l1_penalty, mean_l0, sequence_logps
+from fsrl.train.losses import LossSpec, SequenceLogps, l1_coefficient, l1_penalty, mean_l0, sequence_logps
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 TOP_FEATURES = 20
-
-
-@dataclass
-class TrainConfig:
-    """Everything one training run reads. Round-trips through JSON (it is saved with the run)."""
-
-    data: str
-    out: str
-    eval_data: str | None = None
-    model: str | None = None            # None: the embedded default model
-    sae: str | None = None              # None: the default SAE shipped with fsrl
-    layer: int | None = None            # None: the SAE's own hook layer
-    adapter_id: str | None = None       # None: the name of the out folder
-    loss: str = "simpo"
-    beta: float | None = None           # None: the loss's default (SimPO 10, DPO 0.1)
-    gamma: float | None = None          # SimPO target margin; None: 0.5 * beta (gamma/beta = 0.5)
-    l1: float = 1e-2                    # L1 coefficient on mean_tokens ||v||_1
-    l1_warmup: float = 0.2              # share of the steps with the L1 term off
-    lr: float = 1e-4
-    lr_warmup: float = 0.05             # share of the steps with a linear learning-rate ramp
-    min_lr_ratio: float = 0.1           # cosine decay ends at lr * min_lr_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0
-    max_steps: int | None = None        # caps the optimiser steps (the schedule follows it)
-    batch_size: int = 4                 # pairs per micro-batch, per process
-    grad_accum: int = 2
-    eval_batch_size: int | None = None  # None: batch_size
-    max_length: int = 256               # tokens per sequence (prompt + response)
-    activation: str = "relu"
-    clamp_nonnegative: bool = False
-    init_std: float = 1e-6              # near zero: step 0 is the base model
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None            # None: bfloat16 on a CUDA device that has it, else float32
-    eval_every: int = 0                 # 0: evaluate at the start and the end only
-    save_every: int = 0                 # 0: a checkpoint every ~10 % of the run
-    keep_checkpoints: int = 2
-    resume: str | None = None           # a checkpoint folder, or "latest" (under out/checkpoints)
-    eval_limit: int = 128               # with no eval data: evaluate on this many training pairs
-    progress: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @property
-    def loss_spec(self) -> LossSpec:
-        if self.loss not in LOSSES:
-            raise FsrlError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
-        return LOSSES[self.loss]
-
-    @property
-    def resolved_beta(self) -> float:
-        return self.beta if self.beta is not None else self.loss_spec.default_beta
-
-    @property
-    def resolved_gamma(self) -> float:
-        return self.gamma if self.gamma is not None else 0.5 * self.resolved_beta
+RECENT_STEPS = 20  # the summary's final training figures average the last this many steps
 
 
 # --------------------------------------------------------------------------------- forward
@@ -335,8 +274,64 @@ class TrainResult:
     out: Path
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """How long a run is: pairs per optimiser step (all processes), steps per epoch and in all,
+    and how often it checkpoints."""
+
+    pairs_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    save_every: int
+
+    @classmethod
+    def plan(cls, cfg: TrainConfig, n_pairs: int, world: int) -> "Schedule":
+        pairs_per_step = cfg.batch_size * cfg.grad_accum * world
+        steps_per_epoch = math.ceil(n_pairs / pairs_per_step)
+        total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        if cfg.max_steps is not None:
+            total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+        save_every = cfg.save_every or max(1, total_steps // 10)
+        return cls(pairs_per_step, steps_per_epoch, total_steps, save_every)
+
+
+@dataclass
+class TrainingRun:
+    """One run's moving parts, from setup to summary; `step` is the optimiser steps taken."""
+
+    cfg: TrainConfig
+    dist: Dist
+    setup: Setup
+    out: Path
+    train_set: PreferenceDataset
+    eval_set: PreferenceDataset
+    eval_on: str                        # what the summary says the evaluation pairs are
+    schedule: Schedule
+    adapter: FsrlAdapter
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    initial: EvalResult | None = None   # the step-0 evaluation (None when resumed)
+    recent: list[StepStats] = field(default_factory=list)
+
+
 def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
     """Train one adapter as `cfg` says; write it (with its summary) to cfg.out."""
+    run = start_run(cfg, setup)
+    train_seconds = _train_steps(run)
+    final = _evaluate_at_end(run)
+    summary = build_summary(run, final, train_seconds)
+    run.adapter.config.training = summary
+    if run.dist.main:
+        save_adapter(run.adapter, run.out)
+        (run.out / "train_history.json").write_text(json.dumps(run.history, indent=1) + "\n")
+    return TrainResult(adapter=run.adapter, summary=summary, out=run.out)
+
+
+def start_run(cfg: TrainConfig, setup: Setup | None = None) -> TrainingRun:
+    """Data, model, schedule, a fresh adapter and its optimiser; then the checkpoint to resume
+    from, or else the evaluation at step 0 (the base model)."""
     dist = Dist()
     cfg.loss_spec  # an unknown loss fails here, before anything loads
     out = Path(cfg.out)
@@ -344,7 +339,7 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
     train_pairs = load_pairs(cfg.data)
     eval_pairs = load_pairs(cfg.eval_data) if cfg.eval_data else train_pairs[: cfg.eval_limit]
     setup = setup or load_setup(cfg, dist)
-    base, sae, hook = setup.base, setup.sae, setup.hook
+    base, sae = setup.base, setup.sae
     dist.init(base.device)
     torch.manual_seed(cfg.seed)
 
@@ -357,111 +352,143 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
     if train_set.truncated:
         log.info("%d of %d training pairs were truncated to --max-length %d",
                  train_set.truncated, len(train_set), cfg.max_length)
-
-    pairs_per_step = cfg.batch_size * cfg.grad_accum * dist.world
-    steps_per_epoch = math.ceil(len(train_set) / pairs_per_step)
-    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    save_every = cfg.save_every or max(1, total_steps // 10)
+    schedule = Schedule.plan(cfg, len(train_set), dist.world)
 
     adapter = new_adapter(cfg.adapter_id or out.name, sae, base.name, base.fingerprint, setup.layer,
                           activation=cfg.activation, clamp_nonnegative=cfg.clamp_nonnegative,
                           init_std=cfg.init_std, seed=cfg.seed).to(base.device)
     params = [p for p in adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    step, history = 0, []
+    run = TrainingRun(cfg=cfg, dist=dist, setup=setup, out=out, train_set=train_set,
+                      eval_set=eval_set, eval_on=eval_on, schedule=schedule, adapter=adapter,
+                      params=params, optimizer=optimizer)
 
     if cfg.resume:
         ckpt = _latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
-        step, history = _restore(ckpt, adapter, optimizer, cfg, total_steps, pairs_per_step)
-        log.info("resumed from %s at step %d of %d", ckpt, step, total_steps)
-
-    initial = None
-    if step == 0:
-        initial = evaluate(base, hook, adapter, eval_set, cfg, dist)
+        run.step, run.history = _restore(ckpt, adapter, optimizer, cfg, schedule.total_steps,
+                                         schedule.pairs_per_step)
+        log.info("resumed from %s at step %d of %d", ckpt, run.step, schedule.total_steps)
+    if run.step == 0:
+        run.initial = evaluate(base, setup.hook, adapter, eval_set, cfg, dist)
         log.info("eval at step 0 (the base model): loss %.4f, accuracy %.3f, L0 %.1f on %d pairs",
-                 initial.loss, initial.accuracy, initial.mean_l0, initial.pairs)
-        history.append({"step": 0, "eval_loss": initial.loss, "eval_accuracy": initial.accuracy,
-                        "eval_l0": initial.mean_l0})
+                 run.initial.loss, run.initial.accuracy, run.initial.mean_l0, run.initial.pairs)
+        run.history.append(_eval_row(0, run.initial))
+    return run
 
-    t0 = time.perf_counter()                               # training time, evaluations excluded
-    bar = _progress(cfg, dist, total_steps, step)
-    adapter.train()
-    recent: list[StepStats] = []
-    while step < total_steps:
-        epoch, within = divmod(step, steps_per_epoch)
-        order = train_set.order(epoch, cfg.seed)
-        step_pairs = order[within * pairs_per_step:(within + 1) * pairs_per_step]
-        mine = step_pairs[dist.rank::dist.world]
-        l1_now = l1_coefficient(step, total_steps, cfg.l1, cfg.l1_warmup)
-        lr_now = lr_at(step, total_steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
 
-        optimizer.zero_grad(set_to_none=False)
-        merged = StepStats(0.0, 0.0, 0.0, 0.0, 0)
-        for k in range(cfg.grad_accum):
-            micro = mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]
-            if not micro:
-                continue
-            batch = train_set.batch(micro).to(base.device)
-            total, stats, _ = preference_loss(base, hook, adapter, batch, cfg, l1_now)
-            # Weighted by pairs, so the step's gradient is the mean over all its pairs.
-            (total * (stats.pairs / len(step_pairs))).backward()
-            w = stats.pairs
-            merged = StepStats(merged.loss + stats.loss * w, merged.total + stats.total * w,
-                               merged.accuracy + stats.accuracy * w, merged.l0 + stats.l0 * w,
-                               merged.pairs + w)
-        for p in params:
-            p.grad = dist.sum(p.grad if p.grad is not None else torch.zeros_like(p))
-        packed = dist.sum(torch.tensor([merged.loss, merged.total, merged.accuracy, merged.l0,
-                                        merged.pairs], dtype=torch.float64))
-        n = max(packed[4].item(), 1)
-        stats = StepStats(*(packed[i].item() / n for i in range(4)), pairs=int(n))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        step += 1
-
-        recent = (recent + [stats])[-20:]
-        history.append({"step": step, "loss": round(stats.loss, 5), "total": round(stats.total, 5),
-                        "accuracy": round(stats.accuracy, 4), "l0": round(stats.l0, 2),
-                        "l1_coef": l1_now, "lr": lr_now, "grad_norm": round(float(grad_norm), 5)})
+def _train_steps(run: TrainingRun) -> float:
+    """Optimiser steps until the schedule's end, with the evaluations and checkpoints due on
+    the way; returns the training time in seconds, evaluations excluded."""
+    t0 = time.perf_counter()
+    bar = _progress(run.cfg, run.dist, run.schedule.total_steps, run.step)
+    run.adapter.train()
+    while run.step < run.schedule.total_steps:
+        stats, l1_now = optimisation_step(run)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", acc=f"{stats.accuracy:.2f}", L0=f"{stats.l0:.0f}",
                             l1=f"{l1_now:g}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            t_eval = time.perf_counter()
-            mid = evaluate(base, hook, adapter, eval_set, cfg, dist)
-            t0 += time.perf_counter() - t_eval
-            history.append({"step": step, "eval_loss": mid.loss, "eval_accuracy": mid.accuracy,
-                            "eval_l0": mid.mean_l0})
-            log.info("eval at step %d: loss %.4f, accuracy %.3f, L0 %.1f", step, mid.loss, mid.accuracy, mid.mean_l0)
-        if step % save_every == 0 and step < total_steps and dist.main:
-            _checkpoint(out, step, adapter, optimizer, cfg, total_steps, pairs_per_step, history)
+        t0 += _evaluate_and_checkpoint(run)
     if bar is not None:
         bar.close()
-    train_s = time.perf_counter() - t0
+    return time.perf_counter() - t0
 
-    adapter.eval()
-    final = evaluate(base, hook, adapter, eval_set, cfg, dist, feature_stats=True)
+
+def optimisation_step(run: TrainingRun) -> tuple[StepStats, float]:
+    """One AdamW step over the next step's pairs (this process takes its share; gradients and
+    figures are summed across processes); returns the step's figures and its L1 coefficient."""
+    cfg, dist, schedule = run.cfg, run.dist, run.schedule
+    epoch, within = divmod(run.step, schedule.steps_per_epoch)
+    order = run.train_set.order(epoch, cfg.seed)
+    step_pairs = order[within * schedule.pairs_per_step:(within + 1) * schedule.pairs_per_step]
+    mine = step_pairs[dist.rank::dist.world]
+    l1_now = l1_coefficient(run.step, schedule.total_steps, cfg.l1, cfg.l1_warmup)
+    lr_now = lr_at(run.step, schedule.total_steps, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_now
+
+    run.optimizer.zero_grad(set_to_none=False)
+    base, hook = run.setup.base, run.setup.hook
+    merged = StepStats(0.0, 0.0, 0.0, 0.0, 0)
+    for k in range(cfg.grad_accum):
+        micro = mine[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+        if not micro:
+            continue
+        batch = run.train_set.batch(micro).to(base.device)
+        total, stats, _ = preference_loss(base, hook, run.adapter, batch, cfg, l1_now)
+        # Weighted by pairs, so the step's gradient is the mean over all its pairs.
+        (total * (stats.pairs / len(step_pairs))).backward()
+        w = stats.pairs
+        merged = StepStats(merged.loss + stats.loss * w, merged.total + stats.total * w,
+                           merged.accuracy + stats.accuracy * w, merged.l0 + stats.l0 * w,
+                           merged.pairs + w)
+    for p in run.params:
+        p.grad = dist.sum(p.grad if p.grad is not None else torch.zeros_like(p))
+    packed = dist.sum(torch.tensor([merged.loss, merged.total, merged.accuracy, merged.l0,
+                                    merged.pairs], dtype=torch.float64))
+    n = max(packed[4].item(), 1)
+    stats = StepStats(*(packed[i].item() / n for i in range(4)), pairs=int(n))
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.step += 1
+
+    run.recent = (run.recent + [stats])[-RECENT_STEPS:]
+    run.history.append({"step": run.step, "loss": round(stats.loss, 5), "total": round(stats.total, 5),
+                        "accuracy": round(stats.accuracy, 4), "l0": round(stats.l0, 2),
+                        "l1_coef": l1_now, "lr": lr_now, "grad_norm": round(float(grad_norm), 5)})
+    return stats, l1_now
+
+
+def _evaluate_and_checkpoint(run: TrainingRun) -> float:
+    """The evaluation (every --eval-every steps) and checkpoint (every --save-every, process 0)
+    due after the step just taken, none after the last; returns the seconds spent evaluating."""
+    cfg, step, total_steps = run.cfg, run.step, run.schedule.total_steps
+    eval_seconds = 0.0
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+        t_eval = time.perf_counter()
+        mid = evaluate(run.setup.base, run.setup.hook, run.adapter, run.eval_set, cfg, run.dist)
+        eval_seconds = time.perf_counter() - t_eval
+        run.history.append(_eval_row(step, mid))
+        log.info("eval at step %d: loss %.4f, accuracy %.3f, L0 %.1f", step, mid.loss, mid.accuracy, mid.mean_l0)
+    if step % run.schedule.save_every == 0 and step < total_steps and run.dist.main:
+        _checkpoint(run.out, step, run.adapter, run.optimizer, cfg, total_steps,
+                    run.schedule.pairs_per_step, run.history)
+    return eval_seconds
+
+
+def _evaluate_at_end(run: TrainingRun) -> EvalResult:
+    """The final evaluation, with the features the adapter pushes most."""
+    run.adapter.eval()
+    final = evaluate(run.setup.base, run.setup.hook, run.adapter, run.eval_set, run.cfg, run.dist,
+                     feature_stats=True)
     log.info("eval at step %d: loss %.4f, accuracy %.3f, L0 %.1f on %d pairs",
-             step, final.loss, final.accuracy, final.mean_l0, final.pairs)
-    history.append({"step": step, "eval_loss": final.loss, "eval_accuracy": final.accuracy,
-                    "eval_l0": final.mean_l0})
+             run.step, final.loss, final.accuracy, final.mean_l0, final.pairs)
+    run.history.append(_eval_row(run.step, final))
+    return final
 
-    summary = {
+
+def _eval_row(step: int, result: EvalResult) -> dict[str, Any]:
+    """An evaluation's line in train_history.json."""
+    return {"step": step, "eval_loss": result.loss, "eval_accuracy": result.accuracy,
+            "eval_l0": result.mean_l0}
+
+
+def build_summary(run: TrainingRun, final: EvalResult, train_seconds: float) -> dict[str, Any]:
+    """The run's summary: the recipe, the data, the first and final evaluations, the top
+    features; saved in the adapter's config as `training`."""
+    cfg, base, initial, recent = run.cfg, run.setup.base, run.initial, run.recent
+    return {
         "method": "fsrl", "loss": cfg.loss, "beta": cfg.resolved_beta,
         "gamma": cfg.resolved_gamma if cfg.loss == "simpo" else None,
         "gamma_beta_ratio": cfg.resolved_gamma / cfg.resolved_beta if cfg.loss == "simpo" else None,
-        "l1_coefficient": cfg.l1, "l1_warmup": cfg.l1_warmup, "lr": cfg.lr, "steps": step,
-        "epochs": round(step / steps_per_epoch, 3), "batch_size": cfg.batch_size,
-        "grad_accum": cfg.grad_accum, "processes": dist.world, "effective_batch": pairs_per_step,
+        "l1_coefficient": cfg.l1, "l1_warmup": cfg.l1_warmup, "lr": cfg.lr, "steps": run.step,
+        "epochs": round(run.step / run.schedule.steps_per_epoch, 3), "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum, "processes": run.dist.world,
+        "effective_batch": run.schedule.pairs_per_step,
         "max_length": cfg.max_length, "seed": cfg.seed, "init_std": cfg.init_std,
-        "data": {"path": cfg.data, "pairs": len(train_set), "sha256_16": sha256_of(cfg.data, 16),
-                 "truncated": train_set.truncated},
-        "eval_data": {"path": eval_on, "pairs": final.pairs},
+        "data": {"path": cfg.data, "pairs": len(run.train_set), "sha256_16": sha256_of(cfg.data, 16),
+                 "truncated": run.train_set.truncated},
+        "eval_data": {"path": run.eval_on, "pairs": final.pairs},
         "initial_eval": asdict(initial) if initial else None,
         "final_eval": {k: v for k, v in asdict(final).items() if k != "top_features"},
         "final_eval_loss": final.loss, "final_eval_accuracy": final.accuracy,
@@ -470,15 +497,10 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
                         "l0": _mean(recent, "l0"), "over_last_steps": len(recent)},
         "top_features": final.top_features,
         "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
-        "train_seconds": round(train_s, 1),
-        "trainable_parameters": adapter.parameter_count(),
+        "train_seconds": round(train_seconds, 1),
+        "trainable_parameters": run.adapter.parameter_count(),
         "fsrl_version": _version(),
     }
-    adapter.config.training = summary
-    if dist.main:
-        save_adapter(adapter, out)
-        (out / "train_history.json").write_text(json.dumps(history, indent=1) + "\n")
-    return TrainResult(adapter=adapter, summary=summary, out=out)
 
 
 def _mean(items: list[StepStats], key: str) -> float | None:
