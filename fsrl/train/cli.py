@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from fsrl.adapter import ACTIVATIONS
 from fsrl.cli_options import ConfigOptions
 from fsrl.errors import FsrlError
 from fsrl.train.config import TrainConfig
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model dtype (default: bfloat16 on a CUDA device that has it, else float32)")
 
     a = parser.add_argument_group("adapter")
-    add(a, "--activation", choices=["relu", "soft_threshold"],
+    add(a, "--activation", choices=list(ACTIVATIONS),
         help="relu: steering only adds; soft_threshold: can push features down (default %(default)s)")
     add(a, "--clamp-nonnegative", action="store_true",
         help="clamp the steered features at zero: g = relu(f + v)")
