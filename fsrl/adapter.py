@@ -135,7 +135,22 @@ class AdapterFile(BaseModel):
     training: dict[str, Any] = {}
 
 
-class FsrlAdapter(nn.Module):
+class SteeringAdapter(nn.Module):
+    """What `fsrl.steering` takes as an adapter: a config, and v = self(x) of shape
+    (..., d_in) -> (..., d_sae). Its id and clamp follow from the config."""
+
+    config: AdapterConfig
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def clamp_nonnegative(self) -> bool:
+        return self.config.clamp_nonnegative
+
+
+class FsrlAdapter(SteeringAdapter):
     """v = activation(x~ @ W + b). Shapes: x (..., d_in) -> v (..., d_sae)."""
 
     def __init__(self, config: AdapterConfig, b_in: torch.Tensor | None = None,
@@ -153,14 +168,6 @@ class FsrlAdapter(nn.Module):
         self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
                              else torch.zeros(config.d_in))
         self.packed: PackedMatrix | None = None  # set by pack_for_cpu (serving on a CPU)
-
-    @property
-    def id(self) -> str:
-        return self.config.id
-
-    @property
-    def clamp_nonnegative(self) -> bool:
-        return self.config.clamp_nonnegative
 
     def pack_for_cpu(self) -> bool:
         """Pack W once for oneDNN, for CPU float32 inference (fsrl.cpu_inference); returns

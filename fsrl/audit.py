@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-from fsrl.adapter import FsrlAdapter
+from fsrl.adapter import FsrlAdapter, SteeringAdapter
 from fsrl.analysis import FeaturePush, top_features
 from fsrl.features.classes import CLASSES
 from fsrl.train.config import TrainConfig
@@ -83,25 +82,13 @@ class AuditSettings:
 
 # ------------------------------------------------------------------------------ edits of v
 
-class EditedAdapter(nn.Module):
-    """An adapter whose v goes through `edit` before steering uses it: v' = edit(v). It stands
-    wherever `fsrl.steering` takes an adapter (id, config, clamp_nonnegative, call)."""
+class EditedAdapter(SteeringAdapter):
+    """An adapter whose v goes through `edit` before steering uses it: v' = edit(v)."""
 
     def __init__(self, adapter: FsrlAdapter, edit: Callable[[torch.Tensor], torch.Tensor], name: str):
         super().__init__()
         self.inner, self.edit, self.name = adapter, edit, name
-
-    @property
-    def config(self):
-        return self.inner.config
-
-    @property
-    def id(self) -> str:
-        return self.inner.id
-
-    @property
-    def clamp_nonnegative(self) -> bool:
-        return self.inner.clamp_nonnegative
+        self.config = adapter.config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.edit(self.inner(x))

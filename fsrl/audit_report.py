@@ -27,10 +27,12 @@ def write_report(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     return json_path, html_path
 
 
-def read_card(adapter_dir: Path, root: Path | None = None) -> dict[str, Any] | None:
+def read_card(adapter_dir: Path, root: Path | None = None,
+              weights_sha256_16: str | None = None) -> dict[str, Any] | None:
     """The summary of the report `fsrl analyze` wrote beside an adapter
     (`<adapter>/analysis/report.json`), or None when there is none (or, with `root`, when it
-    lies outside `root`). `weights_match`: the report was made on the weights now in the folder."""
+    lies outside `root`). `weights_match`: the report was made on these weights (their digest
+    `weights_sha256_16`; by default, the weights now in the folder)."""
     path = adapter_dir / ANALYSIS_DIR / REPORT_JSON
     if not path.is_file() or (root is not None and not path.resolve().is_relative_to(root)):
         return None
@@ -42,7 +44,8 @@ def read_card(adapter_dir: Path, root: Path | None = None) -> dict[str, Any] | N
         return None
     made_on = (doc.get("adapter") or {}).get("weights_sha256_16")
     return {"summary": doc["summary"], "report": f"{ANALYSIS_DIR}/{REPORT_JSON}",
-            "weights_match": made_on is not None and made_on == sha256_of(adapter_dir / WEIGHTS_FILE, 16)}
+            "weights_match": made_on is not None and made_on == (
+                weights_sha256_16 or sha256_of(adapter_dir / WEIGHTS_FILE, 16))}
 
 
 # ---------------------------------------------------------------------------------- plots

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsrl.adapter import FsrlAdapter, RowAdapters
+from fsrl.adapter import RowAdapters, SteeringAdapter
 from fsrl.errors import FsrlError
 from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride,
                             validate_overrides)
@@ -47,7 +47,7 @@ class RowSteering:
     """One row's steering, as a request asks for it. Checked once (`check`), however many
     batches the row joins and leaves."""
 
-    adapter: FsrlAdapter | None = None
+    adapter: SteeringAdapter | None = None
     scale: float = 1.0
     overrides: Sequence[FeatureOverride] = ()
     steer_from: int = 0  # first steered position in the row's own sequence (prompt length: "generated")
@@ -73,7 +73,7 @@ class RowSteering:
 class SteeringBatch:
     """Per-row steering of a batch, as tensors. Build it with `SteeringBatch.build`."""
 
-    adapters: tuple[FsrlAdapter, ...]   # distinct adapters of this batch; a row points at one by slot
+    adapters: tuple[SteeringAdapter, ...]  # distinct adapters of this batch; a row points at one by slot
     adapter_slot: torch.Tensor          # (B,) long, -1: no adapter
     scale: torch.Tensor                 # (B,)
     clamp: torch.Tensor                 # (B,) bool, the row's adapter clamps g at zero
@@ -93,7 +93,7 @@ class SteeringBatch:
     @classmethod
     def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32, capture_top: int = 0) -> "SteeringBatch":
-        adapters: list[FsrlAdapter] = []
+        adapters: list[SteeringAdapter] = []
         slots, clamps = [], []
         for row in rows:
             row.check(d_sae)

@@ -25,10 +25,11 @@ from typing import Any
 
 import torch
 
-from fsrl.adapter import META_FILE, FsrlAdapter, load_adapter, read_adapter_config
+from fsrl.adapter import META_FILE, WEIGHTS_FILE, FsrlAdapter, load_adapter, read_adapter_config
 from fsrl.analysis import FeaturePush, feature_push, top_features
 from fsrl.audit_report import read_card
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
+from fsrl.files import sha256_of
 from fsrl.sae import Sae
 from server.params import ADAPTER_ID
 
@@ -48,6 +49,7 @@ class LoadedAdapter:
     path: Path
     metadata: dict[str, Any]  # the adapter.json as found on disk
     loaded_at: float
+    weights_sha256_16: str | None  # of the weights file as loaded: what an audit report is checked against
 
     @property
     def id(self) -> str:
@@ -91,9 +93,10 @@ class AdapterRegistry:
         return found
 
     def card(self, adapter_id: str) -> dict[str, Any]:
-        """The audit summary `fsrl analyze` left beside the adapter; 404 when there is none."""
+        """The audit summary `fsrl analyze` left beside the adapter, checked against the weights
+        served under this id (hashed once, at load); 404 when there is none."""
         entry = self.entry(adapter_id)
-        card = read_card(entry.path, self.root)
+        card = read_card(entry.path, self.root, entry.weights_sha256_16)
         if card is None:
             raise NotFoundError(f"adapter {adapter_id!r} has no analysis report "
                                 "(write one with `fsrl analyze ADAPTER_FOLDER --data PREFS`)")
@@ -147,6 +150,7 @@ class AdapterRegistry:
                                    where=where, root=self.root, config=config)
             if self.pack_for_cpu:
                 adapter.pack_for_cpu()
+            digest = sha256_of(folder / WEIGHTS_FILE, 16)
         except FsrlError:
             raise
         except OSError as exc:  # a name too long, a permission, a folder gone mid-load
@@ -154,7 +158,7 @@ class AdapterRegistry:
         except Exception as exc:  # anything else the files provoke is still the files' fault
             log.exception("adapter %s from %s", adapter_id, where)
             raise CorruptFileError(f"cannot load the adapter in {where} ({type(exc).__name__})") from exc
-        return LoadedAdapter(adapter, folder, metadata, time.time())
+        return LoadedAdapter(adapter, folder, metadata, time.time(), digest)
 
     def load_directory(self) -> None:
         """At start: every folder of the adapters directory holding an adapter.json, by

@@ -3,6 +3,7 @@ ablations against an adapter with those features' weights zeroed, the steering-f
 the loss with L1 by hand, and the command and the server's card end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from scipy.stats import binomtest
 
 from fsrl.testing import tiny_adapter, tiny_base, tiny_pairs, tiny_sae
+from fsrl.adapter import WEIGHTS_FILE
 from fsrl.audit import BUCKETS, AuditSettings, audit, keep_top_fraction, zero_features
 from fsrl.train.data import PreferenceDataset, load_pairs
 from fsrl.train.trainer import bind_setup, evaluate
@@ -170,6 +172,12 @@ def test_analyze_writes_the_report_and_the_server_serves_its_card(tmp_path):
         assert card.status_code == 200, card.text
         assert card.json() == {"adapter": "tiny", "summary": doc["summary"], "report": "analysis/report.json",
                                "weights_match": True}
+        # Other weights in the folder: the served adapter is still the analysed one until a replace.
+        shutil.copyfile(setup.adapters_dir / "more" / "tiny-b" / WEIGHTS_FILE,
+                        setup.adapters_dir / "tiny" / WEIGHTS_FILE)
+        assert c.get("/adapters/tiny/card").json()["weights_match"] is True
+        c.post("/adapters", json={"id": "tiny", "path": "tiny", "replace": True}).raise_for_status()
+        assert c.get("/adapters/tiny/card").json()["weights_match"] is False
         c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}).raise_for_status()
         missing = c.get("/adapters/b/card")
         assert missing.status_code == 404 and "fsrl analyze" in missing.json()["error"]["message"]
