@@ -133,9 +133,10 @@ def why_not(ws: list[Wheel], python: str | None = None) -> str:
     needs = sorted({w.requires_python() for w in ws if not _python_ok(w, python)})
     if needs:
         return f"it needs Python {' or '.join(needs)}, this is {python}"
-    tags = sorted({t for w in ws for t in w.tags})
-    shown = ", ".join(tags[:6]) + (f" and {len(tags) - 6} more" if len(tags) > 6 else "")
-    return f"no wheel for this Python and platform (the wheelhouse has {shown})"
+    pythons = sorted({t.split("-")[0] for w in ws for t in w.tags})
+    platforms = sorted({t.split("-")[2] for w in ws for t in w.tags})
+    return (f"no wheel for this Python and platform (the wheelhouse has {', '.join(pythons)} "
+            f"on {', '.join(platforms)})")
 
 
 def installed_versions() -> dict[str, str]:
