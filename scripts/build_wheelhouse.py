@@ -12,8 +12,9 @@ Versions are pinned to what this environment has installed (the versions the sui
 here); pip downloads them, with what each needs on every Python in --pythons (3.10-3.14 by
 default: the GPU machine's Python is not known in advance; one seen was 3.12). Pure-Python
 wheels only, except pydantic-core, which is compiled: its manylinux x86-64 wheel is fetched
-once per Python. A Python pip finds no wheels for is reported, not fatal; gpu_check.py then
-skips, on a machine with that Python, the steps that need the missing wheel.
+once per Python. Where the whole pinned set does not resolve for a Python (some pins need a
+newer one), each step's share is fetched on its own, and what fails is reported, not fatal:
+gpu_check.py then skips, on a machine with that Python, the steps that need a missing wheel.
 
 Our own wheel leaves out fsrl/default_sae (12 MiB of weights the checkout beside it carries;
 gpu_check.py puts the checkout first on the path): `--full-wheel` keeps it.
@@ -76,9 +77,20 @@ def root_requirements() -> list[str]:
     return [n + declared.get(n, "") for n in names]
 
 
-def local_closure(roots: list[str]) -> dict[str, str]:
-    """name -> version installed here, for the roots and everything they need (markers for this
-    Python), leaving out the machine's own (PROVIDED) and this package."""
+def step_roots(roots: list[str], step: str) -> list[str]:
+    names = {canonicalize_name(n) for n in STEP_NEEDS[step]}
+    return [r for r in roots if canonicalize_name(Requirement(r).name) in names]
+
+
+def local_closure(roots: list[str], python: str | None = None) -> dict[str, str]:
+    """name -> version installed here, for the roots and everything they need on `python`
+    (default: this one), leaving out the machine's own (PROVIDED) and this package. What that
+    Python needs and this environment lacks (tomli for 3.10, say) is left unpinned ("").
+    pip download evaluates requirement markers for the Python it runs on, whatever
+    --python-version says, so the other Pythons' needs are named here."""
+    env = {"extra": ""}
+    if python:
+        env.update(python_version=python, python_full_version=f"{python}.0")
     pins: dict[str, str] = {}
     queue = [Requirement(r) for r in roots]
     while queue:
@@ -89,13 +101,12 @@ def local_closure(roots: list[str]) -> dict[str, str]:
         try:
             dist = distribution(name)
         except PackageNotFoundError:
-            print(f"  {name} is not installed here: pip picks its version", flush=True)
             pins[name] = ""
             continue
         pins[name] = dist.version
         for line in dist.requires or []:
             sub = Requirement(line)
-            if sub.marker is None or sub.marker.evaluate({"extra": ""}):
+            if sub.marker is None or sub.marker.evaluate(env):
                 queue.append(sub)
     return pins
 
@@ -176,12 +187,23 @@ def main(argv: list[str] | None = None) -> int:
             manifest["pins"] = pins
             print(f"pins ({len(pins)}): " + ", ".join(f"{n}=={v}" for n, v in sorted(pins.items())), flush=True)
             for python in [p.strip() for p in args.pythons.split(",") if p.strip()]:
-                ok, why = download(pins, python, out)
-                manifest["pythons"][python] = why
-                print(f"Python {python}: {why}", flush=True)
-            if not any(v == "ok" for v in manifest["pythons"].values()):
+                theirs = local_closure(roots, python)
+                if theirs != pins:
+                    print(f"Python {python} also: " + ", ".join(f"{n}=={v}" if v else n for n, v in
+                                                                sorted(theirs.items()) if pins.get(n) != v))
+                ok, why = download(theirs, python, out)
+                if ok:
+                    manifest["pythons"][python] = {step: "ok" for step in STEP_NEEDS}
+                else:  # step by step: a Python some pins exclude may still run the other steps
+                    print(f"Python {python}: not every step: {why}", flush=True)
+                    manifest["pythons"][python] = {
+                        step: download(local_closure(step_roots(roots, step), python), python, out)[1]
+                        for step in STEP_NEEDS}
+                print(f"Python {python}: " + ", ".join(f"{step} {res}" for step, res in
+                                                       manifest["pythons"][python].items()), flush=True)
+            if not any(r == "ok" for results in manifest["pythons"].values() for r in results.values()):
                 raise WheelhouseError("pip found the wheels for none of the Pythons: "
-                                      + "; ".join(f"{p}: {w}" for p, w in manifest["pythons"].items()))
+                                      + json.dumps(manifest["pythons"]))
         ours = build_ours(out, args.full_wheel)
         manifest["ours"] = ours.name
         wheels = list_wheels(out)
