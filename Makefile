@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup browser serve test test-fast bench clean gpu-check gpu-check-dry-run
+.PHONY: setup browser serve test test-fast bench clean wheelhouse gpu-check gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -38,7 +38,13 @@ bench: setup
 clean:
 	rm -rf $(VENV) .pytest_cache bench-results
 
-# A GPU machine: torch and transformers installed, no registry, nothing of ours (scripts/gpu_check.py).
+# Where pip reaches a registry: the wheels gpu-check installs on a GPU machine that has none
+# (pinned to this environment's versions; pure Python, pydantic-core per Python), into ./wheelhouse.
+wheelhouse: setup
+	$(BIN)/python scripts/build_wheelhouse.py
+
+# A GPU machine: torch and transformers installed, no registry, nothing of ours; it installs the
+# rest from ./wheelhouse when that was carried along (scripts/gpu_check.py). Needs no registry.
 gpu-check:
 	$(PYTHON) scripts/gpu_check.py
 

@@ -160,6 +160,26 @@ def write_tiny_setup(root: Path) -> TinySetup:
     return TinySetup(model_dir, sae_dir, adapters, outside)
 
 
+def write_bench_setup(root: Path, hidden: int = 64, n_layers: int = 2, d_sae: int = 256, layer: int = 1,
+                      adapters: int = 2, l0: int = 16) -> TinySetup:
+    """A random model of the given shape with the tiny tokenizer, a random top-k SAE and
+    `adapters` synthetic adapters (about `l0` features firing a token, `fsrl bench`'s kind):
+    what `fsrl bench --serving` serves on a machine with no model to download (gpu_check.py)."""
+    from fsrl.bench import _calibration_activations, synthetic_adapter
+
+    model_dir, sae_dir, adapters_dir = root / "model", root / "sae", root / "adapters"
+    model, tokenizer = tiny_model(n_layers=n_layers, hidden=hidden), tiny_tokenizer()
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    base = BaseModel(model=model, tokenizer=tokenizer, name=model_dir.name, fingerprint=model_fingerprint(model))
+    sae = tiny_sae(d_in=hidden, d_sae=d_sae, layer=layer)
+    save_sae(sae, sae_dir)
+    calibration = _calibration_activations(base, layer)
+    for i in range(adapters):
+        save_adapter(synthetic_adapter(sae, base, layer, l0, calibration, seed=i), adapters_dir / f"synthetic-{i}")
+    return TinySetup(model_dir, sae_dir, adapters_dir, outside_dir=root / "outside")
+
+
 DASHBOARD_CORPUS = ["Here is a list: apples, pears and plums. The list goes on and on.",
                     "I am sorry, I apologize for the confusion. Sorry again!",
                     "The quick brown fox jumps over the lazy dog. " * 6]

@@ -1,19 +1,33 @@
 """`make gpu-check`: the checks a GPU machine runs, in one go, with one JSON and a summary.
 
 A lent GPU machine has torch and transformers but no package registry and little time, so
-this script needs nothing else of ours installed: it runs from the repository root with the
-root on PYTHONPATH. Steps, each in its own process with its own time limit, so one that hangs
-or fails still leaves the others' results:
+this script runs from the repository root with the root on PYTHONPATH, and takes what else the
+steps import from `wheelhouse/` (`make wheelhouse` on a machine with the registry; carry the
+folder along) when there is one. Steps, each in its own process (group) with its own time
+limit inside one overall budget (--budget-s, 450 s on a GPU: under 8 minutes in all), so one
+that hangs or fails still leaves the others' results:
 
-  tests   pytest -m cuda: steering against the float64 reference in fp32 and bf16, batch
-          independence, unsteered logits bit-identical, hot swap, the compiled static step
-          (CUDA-graph replay) against eager decoding
-  bench   fsrl bench on a random-weight Llama-3.2-1B shape with a 16k SAE: eager and the
-          compiled static decode, base against steered, side by side
+  wheelhouse     pip install --no-index --no-deps --find-links wheelhouse --target TMP, for the
+                 wheelhouse's listed packages that this machine lacks or has in a version they
+                 cannot use (--install all: every one); torch, transformers and the rest of the
+                 machine's packages are never touched. TMP goes on PYTHONPATH after the checkout
+  tests          pytest -m cuda: steering against the float64 reference in fp32 and bf16, batch
+                 independence, unsteered logits bit-identical, hot swap, the compiled static step
+                 (CUDA-graph replay) against eager decoding
+  bench          fsrl bench on a random-weight Llama-3.2-1B shape with a 16k SAE: eager and the
+                 compiled static decode, base against steered, side by side
+  serving-setup  a random model (512 wide, 8 layers; the tests' character tokenizer), a 4,096-
+                 feature SAE and two synthetic adapters, written to a temporary folder
+  serving        fsrl bench --serving on them: `fsrl serve` under 1-16 concurrent clients
 
-`--dry-run` runs the same steps on the CPU with a tiny shape, and the test suite runs it, so
-the script cannot rot between GPU sessions. Output: OUT/gpu-check.json, OUT/summary.md and
-each step's log.
+Before each step its imports are tried; a step whose packages are missing (no wheelhouse, or
+no wheel for this Python in it) is skipped with the reason in the JSON, and does not fail the
+check. `--dry-run` runs the same steps on the CPU with tiny shapes (and --install all, so the
+install is real), and the test suite runs it, so the script cannot rot between GPU sessions.
+
+Output, seven files (the device tool brings back eight): OUT/gpu-check.json, OUT/summary.md,
+OUT/gpu-check.log (every step's output in turn), tests.xml, bench.json, bench-serving.json and
+its .server.log. The JSON and summary are rewritten after every step.
 """
 
 from __future__ import annotations
@@ -22,13 +36,46 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from _wheels import MANIFEST, WheelhouseError, installed_versions, list_wheels, plan_install  # noqa: E402
+
+OUTPUTS = ["gpu-check.json", "summary.md", "gpu-check.log", "tests.xml", "bench.json", "bench-serving.json",
+           "bench-serving.server.log"]
+# Modules each step imports beyond torch and transformers, tried before it runs.
+PROBES = {
+    "tests": ["pytest", "pydantic", "httpx", "safetensors"],
+    "bench": ["pydantic", "safetensors"],
+    "serving-setup": ["pydantic", "safetensors", "httpx", "tokenizers"],
+    "serving": ["fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client", "httpx"],
+}
+PROBE = ("import importlib, json, sys\n"
+         "found = {}\n"
+         "for m in sys.argv[1:]:\n"
+         "    if m == 'serve-entry-point':\n"
+         "        from importlib.metadata import entry_points\n"
+         "        serve = [e for e in entry_points(group='fsrl.commands') if e.name == 'serve']\n"
+         "        if not serve:\n"
+         "            sys.exit('no `fsrl serve`: the fsrl.commands entry point comes with our wheel')\n"
+         "        found[m] = str(serve[0].dist._path) if hasattr(serve[0].dist, '_path') else serve[0].value\n"
+         "    else:\n"
+         "        found[m] = getattr(importlib.import_module(m), '__file__', None)\n"
+         "print(json.dumps(found))\n")
+# (seconds on a GPU, seconds in a dry run): each step's own limit, within the budget.
+LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "serving-setup": (60, 60),
+          "serving": (150, 120)}
+MIN_STEP_S = 20  # a step is not started with less of the budget left
+SERVING_SHAPES = {"gpu": {"hidden": 512, "n_layers": 8, "d_sae": 4096, "layer": 4},
+                  "cpu": {"hidden": 64, "n_layers": 2, "d_sae": 256, "layer": 1}}
 
 
 def machine() -> dict:
@@ -37,29 +84,167 @@ def machine() -> dict:
 
     cuda = torch.cuda.is_available()
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "python_tag": sys.implementation.cache_tag,
+            "executable": sys.executable, "torch": torch.__version__, "transformers": transformers.__version__,
             "cuda_device": torch.cuda.get_device_name() if cuda else None,
             "cuda_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
             if cuda else None}
 
 
-def run_step(name: str, cmd: list[str], out: Path, timeout_s: float) -> dict:
-    """Run one step with its output in OUT/<name>.log; never raises."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
-    log = out / f"{name}.log"
-    print(f"== {name}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as fh:
+class Check:
+    """The report, the shared log, the budget and the steps' environment."""
+
+    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+        self.out, self.dry_run = out, dry_run
+        self.deadline = time.monotonic() + budget_s
+        self.started = time.monotonic()
+        self.log = out / "gpu-check.log"
+        self.log.write_text("")
+        self.site: Path | None = None  # where the wheelhouse installed to
+        self.report: dict = {"dry_run": dry_run, "budget_s": budget_s, "complete": False, "steps": []}
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        path = [str(ROOT), str(self.site) if self.site else "", os.environ.get("PYTHONPATH", "")]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p), "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(extra or {})}
+
+    def write(self) -> None:
+        self.report["seconds"] = round(time.monotonic() - self.started, 1)
+        (self.out / "gpu-check.json").write_text(json.dumps(self.report, indent=2))
+        (self.out / "summary.md").write_text(summary(self.report))
+
+    def skip(self, name: str, reason: str) -> dict:
+        step = {"name": name, "status": "skipped", "rc": None, "seconds": 0.0, "reason": reason}
+        print(f"== {name}: skipped: {reason}", flush=True)
+        with open(self.log, "a") as fh:
+            fh.write(f"\n==== {name}: skipped: {reason}\n")
+        self.report["steps"].append(step)
+        self.write()
+        return step
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _run(self, cmd: list[str], timeout_s: float, env: dict[str, str]) -> int | str:
+        """One command in its own process group, output appended to the log; on timeout the whole
+        group (a server it started too) is stopped, by its id."""
+        with open(self.log, "ab") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n".encode())
+            fh.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                return proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except ProcessLookupError:
+                        break
+                    try:
+                        proc.wait(timeout=grace)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+                return "timeout"
+
+    def probe(self, modules: list[str], env: dict[str, str]) -> tuple[str | None, dict]:
+        """Import `modules` in a fresh interpreter with the steps' environment: (None, where each
+        came from), or (why not, {})."""
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                timeout=timeout_s).returncode
+            done = subprocess.run([sys.executable, "-c", PROBE, *modules], cwd=ROOT, env=env,
+                                  capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
-            rc = "timeout"
-    seconds = round(time.perf_counter() - start, 1)
-    print(f"== {name}: rc={rc} in {seconds} s", flush=True)
-    print("".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]), flush=True)
-    return {"name": name, "cmd": cmd, "rc": rc, "seconds": seconds, "log": log.name}
+            return "importing them took over 120 s", {}
+        if done.returncode == 0:
+            try:
+                return None, json.loads(done.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                return None, {}
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+        return (lines[-1] if lines else f"exit {done.returncode}"), {}
+
+    def step(self, name: str, cmd: list[str], probe: list[str] | None = None,
+             env: dict[str, str] | None = None) -> dict:
+        """Run one step (after its import probe) within the budget; never raises."""
+        env = env or self.env()
+        left = self.remaining()
+        if left < MIN_STEP_S:
+            return self.skip(name, f"the check's time budget ({self.report['budget_s']:.0f} s, --budget-s) "
+                                   f"is spent ({left:.0f} s left)")
+        missing, imports = self.probe(probe, env) if probe else (None, {})
+        if missing:
+            unavailable = self.report.get("wheelhouse", {}).get("plan", {}).get("unavailable", {})
+            hint = (f" (not installable here: {'; '.join(unavailable.values())})" if unavailable else
+                    "" if self.site else " (no wheelhouse installed: `make wheelhouse` where pip reaches "
+                                         "a registry, then carry wheelhouse/ along)")
+            return self.skip(name, f"cannot import what it needs: {missing}{hint}")
+        timeout_s = min(LIMITS[name][1 if self.dry_run else 0], left)
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        offset = self.log.stat().st_size
+        with open(self.log, "a") as fh:
+            fh.write(f"\n==== {name} (limit {timeout_s:.0f} s)\n")
+        start = time.perf_counter()
+        rc = self._run(cmd, timeout_s, env)
+        seconds = round(time.perf_counter() - start, 1)
+        status = "passed" if rc == 0 else "timeout" if rc == "timeout" else "failed"
+        with open(self.log, "a") as fh:
+            fh.write(f"==== {name}: {status} (rc {rc}) in {seconds} s\n")
+        print(f"== {name}: {status} (rc={rc}) in {seconds} s", flush=True)
+        with open(self.log, "rb") as fh:
+            fh.seek(offset)
+            print("".join(fh.read().decode(errors="replace").splitlines(keepends=True)[-15:]), flush=True)
+        entry = {"name": name, "status": status, "rc": rc, "seconds": seconds, "limit_s": round(timeout_s),
+                 "cmd": cmd, "log": self.log.name, **({"imports": imports} if imports else {})}
+        self.report["steps"].append(entry)
+        self.write()
+        return entry
+
+    def install_wheelhouse(self, folder: Path | None, mode: str) -> None:
+        """The wheelhouse step: plan, then one pip call (one per package if that fails)."""
+        if folder is None:
+            self.report["wheelhouse"] = {"present": False}
+            self.skip("wheelhouse", "--no-wheelhouse")
+            return
+        info: dict = {"path": str(folder), "present": folder.is_dir(), "mode": mode}
+        self.report["wheelhouse"] = info
+        if not folder.is_dir():
+            self.skip("wheelhouse", f"no wheelhouse at {folder}: the steps use what this machine has "
+                                    "(`make wheelhouse` where pip reaches a registry, then carry it along)")
+            return
+        try:
+            wheels = list_wheels(folder)
+            manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).exists() else {}
+            roots = manifest.get("roots") or sorted({w.name for w in wheels})
+            plan = plan_install(roots, wheels, installed_versions(), mode)
+        except (WheelhouseError, OSError, ValueError) as exc:
+            info["error"] = str(exc)
+            self.report["steps"].append({"name": "wheelhouse", "status": "failed", "rc": None, "seconds": 0.0,
+                                         "reason": str(exc)})
+            self.write()
+            return
+        info.update(manifest={k: manifest.get(k) for k in ("built", "built_with", "pythons")},
+                    wheels=len(wheels), plan=plan.to_json())
+        if not plan.install:
+            self.skip("wheelhouse", "nothing to install: this machine has every listed package "
+                                    f"({len(plan.kept)} kept)")
+            return
+        self.site = Path(tempfile.mkdtemp(prefix="fsrl-gpu-check-site-"))
+        info["site"] = str(self.site)
+        pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
+               "--disable-pip-version-check", "--quiet", "--find-links", str(folder), "--target", str(self.site)]
+        pins = [f"{n}=={w.version}" for n, w in sorted(plan.install.items())]
+        entry = self.step("wheelhouse", pip + pins, env={**os.environ, "PIP_NO_INPUT": "1"})
+        if entry["status"] == "failed":  # one bad wheel should not keep the others out
+            failed = [p for p in pins if self.remaining() < 2 * MIN_STEP_S
+                      or self._run(pip + ["--upgrade", p], min(60, self.remaining() / 2), {**os.environ}) != 0]
+            info["failed"] = failed
+            entry["reason"] = (f"pip refused {', '.join(failed)}; the other {len(pins) - len(failed)} "
+                               "installed one at a time" if failed else "installed one at a time")
+            if not failed:
+                entry["status"] = "passed"
+            self.write()
+        info["installed"] = [p for p in pins if p not in info.get("failed", [])] if entry["status"] != "timeout" else []
 
 
 def test_results(junit: Path) -> dict:
@@ -82,23 +267,50 @@ def test_results(junit: Path) -> dict:
 
 
 def summary(report: dict) -> str:
-    m = report["machine"]
+    m = report.get("machine", {})
     lines = [f"# gpu-check {'(dry run, CPU)' if report['dry_run'] else ''}".rstrip(), "",
-             f"{m['cuda_device'] or 'no CUDA device'}; torch {m['torch']}, transformers "
-             f"{m['transformers']}, Python {m['python']}", "",
-             "| step | rc | seconds |", "|---|---|---|"]
-    lines += [f"| {s['name']} | {s['rc']} | {s['seconds']} |" for s in report["steps"]]
-    tests = report["tests"]
+             f"{m.get('cuda_device') or 'no CUDA device'}; torch {m.get('torch')}, transformers "
+             f"{m.get('transformers')}, Python {m.get('python')}", ""]
+    wh = report.get("wheelhouse", {})
+    plan = wh.get("plan")
+    if plan:
+        installed = wh.get("installed", [])
+        lines.append(f"wheelhouse (--install {wh['mode']}): {len(installed)} installed"
+                     + (f" ({', '.join(installed)})" if installed else "")
+                     + f"; {len(plan['kept'])} already here")
+        lines += [f"- not installable: {why}" for why in plan["unavailable"].values()]
+        lines += [f"- pip refused: {p}" for p in wh.get("failed", [])]
+        lines.append("")
+    elif wh.get("error"):
+        lines += [f"wheelhouse: {wh['error']}", ""]
+    if not report.get("complete"):
+        lines += ["(incomplete: the check was still running when this was written)", ""]
+    lines += ["| step | status | rc | seconds |", "|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {'' if s['rc'] is None else s['rc']} | {s['seconds']} |"
+              for s in report["steps"]]
+    lines += [f"- {s['name']}: {s['reason']}" for s in report["steps"] if s.get("reason")]
+    lines.append(f"\n{report.get('seconds', 0)} s of the {report['budget_s']:.0f} s budget")
+    tests = report.get("tests", {})
     if tests.get("ran"):
         lines += ["", f"tests: {tests['passed']} passed, {tests['failed']} failed, "
                       f"{tests['skipped']} skipped"]
         lines += [f"- FAILED {c['test']}: {c['message']}" for c in tests["cases"] if c["outcome"] == "failed"]
-    rows = report["bench"].get("rows", [])
+    rows = report.get("bench", {}).get("rows", [])
     if rows:
         cols = ["setup", "batch", "base tok/s", "adapter tok/s", "adapter+8 tok/s",
                 "adapter/base", "adapter+8/base"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    serving = report.get("serving", {}).get("summary")
+    if serving:
+        shape = report["serving"].get("shape", {})
+        lines += ["", f"serving: `fsrl serve` on {report['serving'].get('server', {}).get('device', '?')}, "
+                      f"random model {shape.get('hidden')} wide x {shape.get('n_layers')} layers, "
+                      f"SAE {shape.get('d_sae')}, adapters {', '.join(report['serving'].get('adapters', []))}"]
+        cols = list(serving["concurrency"][0])
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in serving["concurrency"]]
+        lines += [""] + [f"- {k}: {v}" for k, v in serving.items() if k != "concurrency"]
     return "\n".join(lines) + "\n"
 
 
@@ -106,45 +318,105 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "bench-results" / "gpu-check"))
     parser.add_argument("--dry-run", action="store_true", help="the same steps on the CPU, tiny shapes")
+    parser.add_argument("--wheelhouse", type=Path, default=ROOT / "wheelhouse",
+                        help="wheels to install from first, when the folder exists (default: ./wheelhouse)")
+    parser.add_argument("--no-wheelhouse", action="store_true", help="install nothing")
+    parser.add_argument("--install", choices=["needed", "all"], default=None,
+                        help="needed: the listed packages this machine lacks or has in an unusable "
+                             "version (default on a GPU); all: every listed one (default in a dry run)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="the whole check's time limit (default: 450 on a GPU, 240 in a dry run); a step "
+                             "cut at it takes up to 15 s more to stop")
     parser.add_argument("--skip-bench", action="store_true")
+    parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also the compiled static decode (default: on a GPU, not in a dry run)")
+    parser.add_argument("--serving-compile", action="store_true",
+                        help="serve with --compile-decode in the serving bench (compiles at start)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report = {"dry_run": args.dry_run, "machine": machine(), "steps": []}
+    for name in OUTPUTS:  # never report an earlier run's files as this one's
+        (out / name).unlink(missing_ok=True)
+    budget = args.budget_s if args.budget_s is not None else 240.0 if args.dry_run else 450.0
+    check = Check(out, args.dry_run, budget)
+    report = check.report
+    report["machine"] = machine()  # first: the Python this machine has decides which wheels install
+    check.write()
     if not args.dry_run and not report["machine"]["cuda_device"]:
         print("gpu-check: no CUDA device here; use --dry-run for the CPU rehearsal", file=sys.stderr)
         return 2
     device = "cpu" if args.dry_run else "cuda"
+    scratch = Path(tempfile.mkdtemp(prefix="fsrl-gpu-check-"))
+    try:
+        check.install_wheelhouse(None if args.no_wheelhouse else args.wheelhouse.resolve(),
+                                 args.install or ("all" if args.dry_run else "needed"))
 
-    junit = out / "tests.xml"
-    report["steps"].append(run_step("tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider",
-                                              f"--junitxml={junit}", "-q", "tests/test_device.py"],
-                                    out, timeout_s=120 if args.dry_run else 300))
-    report["tests"] = test_results(junit)
+        junit = out / "tests.xml"
+        check.step("tests", [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider",
+                             f"--junitxml={junit}", "-q", "tests/test_device.py"], PROBES["tests"],
+                   env=check.env({"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}))
+        report["tests"] = test_results(junit)
 
-    report["bench"] = {}
-    if not args.skip_bench:
-        bench_json = out / "bench.json"
-        compile_decode = args.bench_compile if args.bench_compile is not None else not args.dry_run
-        cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--device", device, "--no-default-model",
-               "--out", str(bench_json)]
-        cmd += (["--random-shapes", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1"]
-                if args.dry_run else ["--random-shapes", "llama-1.2b", "--batch-sizes", "1,16",
-                                      "--new-tokens", "64", "--repeats", "3"])
-        if compile_decode:
-            cmd.append("--compile-decode")
-        report["steps"].append(run_step("bench", cmd, out, timeout_s=120 if args.dry_run else 360))
-        if bench_json.exists():
-            report["bench"] = json.loads(bench_json.read_text())
+        report["bench"] = {}
+        if args.skip_bench:
+            check.skip("bench", "--skip-bench")
+        else:
+            bench_json = out / "bench.json"
+            compile_decode = args.bench_compile if args.bench_compile is not None else not args.dry_run
+            cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--device", device, "--no-default-model",
+                   "--out", str(bench_json)]
+            cmd += (["--random-shapes", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1"]
+                    if args.dry_run else ["--random-shapes", "llama-1.2b", "--batch-sizes", "1,16",
+                                          "--new-tokens", "64", "--repeats", "3"])
+            if compile_decode:
+                cmd.append("--compile-decode")
+            check.step("bench", cmd, PROBES["bench"])
+            if bench_json.exists():
+                report["bench"] = json.loads(bench_json.read_text())
+                check.write()
 
-    (out / "gpu-check.json").write_text(json.dumps(report, indent=2))
-    (out / "summary.md").write_text(summary(report))
+        report["serving"] = {}
+        if args.skip_serving:
+            check.skip("serving", "--skip-serving")
+        else:
+            shape = SERVING_SHAPES["cpu" if args.dry_run else "gpu"]
+            setup_dir = scratch / "serving"
+            setup = check.step("serving-setup", [
+                sys.executable, "-c", "import json, sys; from pathlib import Path; "
+                "from fsrl.testing import write_bench_setup; "
+                "write_bench_setup(Path(sys.argv[1]), **json.loads(sys.argv[2]))",
+                str(setup_dir), json.dumps(shape)], PROBES["serving-setup"])
+            report["serving"] = {"shape": shape}
+            if setup["status"] != "passed":
+                check.skip("serving", f"serving-setup {setup['status']}")
+            else:
+                serving_json = out / "bench-serving.json"
+                cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--serving", "--device", device,
+                       "--model", str(setup_dir / "model"), "--sae", str(setup_dir / "sae"),
+                       "--adapters-dir", str(setup_dir / "adapters"), "--out", str(serving_json)]
+                cmd += (["--clients", "1,4", "--repeats", "1", "--new-tokens", "8", "--max-batch-rows", "4"]
+                        if args.dry_run else ["--clients", "1,4,8,16", "--repeats", "2", "--new-tokens", "32",
+                                              "--max-batch-rows", "16"])
+                if args.serving_compile:
+                    cmd.append("--compile-decode")
+                check.step("serving", cmd, PROBES["serving"] + ["serve-entry-point"])
+                if serving_json.exists():
+                    done = json.loads(serving_json.read_text())
+                    report["serving"].update({k: done.get(k) for k in ("server", "adapters", "summary")})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if check.site:
+            shutil.rmtree(check.site, ignore_errors=True)
+        report["complete"] = True
+        check.write()
     print(summary(report))
-    failed = [s["name"] for s in report["steps"] if s["rc"] != 0]
+    failed = [s["name"] for s in report["steps"] if s["status"] in ("failed", "timeout")]
+    skipped = [s["name"] for s in report["steps"] if s["status"] == "skipped"]
+    if skipped:
+        print(f"gpu-check: skipped steps: {', '.join(skipped)} (reasons in {out / 'summary.md'})", file=sys.stderr)
     if failed:
-        print(f"gpu-check: failed steps: {', '.join(failed)} (logs in {out})", file=sys.stderr)
+        print(f"gpu-check: failed steps: {', '.join(failed)} (log: {check.log})", file=sys.stderr)
     return 1 if failed else 0
 
 
