@@ -29,7 +29,9 @@ browser:
 test: setup browser
 	$(BIN)/python -m pytest
 
-test-fast: setup browser
+# Every test but those marked slow (pyproject.toml: a subprocess server, torch.compile, sae-lens
+# training, the browser, torchrun, the real default model); no browser needed.
+test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup

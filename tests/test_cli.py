@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def run_fsrl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fsrl.cli", *args], capture_output=True,
@@ -48,6 +50,7 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
 
 
+@pytest.mark.slow  # compiles the decode step
 def test_bench_measures_the_compiled_static_decode_beside_the_plain_one(tmp_path):
     import json
 

@@ -1,35 +1,62 @@
-"""Faults injected into the engine of an in-process server: a step that raises because of one
-row fails that row's request alone; a worker that dies turns /health to 503 and answers
-everyone."""
+"""Faults injected into the engine of an in-process server: an unexpected error is a 500 in the
+error shape (also in the middle of a stream) and the server stays up; a step that raises
+because of one row fails that row's request alone; a worker that dies turns /health to 503 and
+answers everyone."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from fsrl.testing import write_tiny_setup
+from fsrl.testing import read_sse
+
+import _server_fixtures as fixtures
+from _server_fixtures import assert_error
+
+# Fixtures the server's test files share: pytest finds them by these names.
+setup, app_factory = fixtures.setup, fixtures.app_factory
 
 ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens": 120,
             "ignore_eos": True, "temperature": 0.8, "seed": 5}
 MARK = 7.0  # a steering scale that the injected fault recognises
 
 
-@pytest.fixture(scope="module")
-def app_factory(tmp_path_factory):
-    from fastapi.testclient import TestClient
+def fail_forward_after(generator, calls: int) -> Callable[[], None]:
+    """Make the model's forward raise after `calls` good calls; returns the undo."""
+    real, count = generator.forward, itertools.count()
 
-    from server.app import create_app
-    from server.settings import Settings
+    def forward(*args, **kwargs):
+        if next(count) >= calls:
+            raise RuntimeError("secret internals")
+        return real(*args, **kwargs)
+    generator.forward = forward
+    return lambda: setattr(generator, "forward", real)
 
-    setup = write_tiny_setup(tmp_path_factory.mktemp("tiny"))
 
-    def make(**settings) -> TestClient:
-        return TestClient(create_app(Settings(
-            model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
-            device="cpu", **settings)), raise_server_exceptions=False)
-    return make
+def test_unexpected_error_is_a_500_in_the_error_shape_and_the_server_stays_up(app_factory):
+    with app_factory() as c:
+        undo = fail_forward_after(c.app_state["fsrl"].engine.generator, 0)
+        r = c.post("/generate", json={"prompt": "hi"})
+        error = assert_error(r, 500)
+        assert "secret" not in r.text and "Traceback" not in r.text and error["type"] == "server_error"
+        assert c.get("/health").status_code == 200
+        undo()  # the engine survived the failed batch and serves the next request
+        assert c.post("/generate", json={"prompt": "hi", "max_new_tokens": 3}).status_code == 200
+
+
+def test_failure_mid_stream_ends_the_stream_with_an_error_event_and_done(app_factory):
+    with app_factory() as c:
+        fail_forward_after(c.app_state["fsrl"].engine.generator, 1)  # prefill works, decoding fails
+        with c.stream("POST", "/generate", json={"prompt": "hi", "stream": True, "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            events, done = read_sse(r)
+        assert done and events[0]["type"] == "token" and events[-1]["error"]["type"] == "server_error"
+        assert "secret" not in json.dumps(events)
 
 
 def fail_marked_rows(generator, when: str) -> None:

@@ -276,6 +276,7 @@ def test_a_jumprelu_sae_without_a_threshold_is_refused(tmp_path):
         load_sae(tmp_path)
 
 
+@pytest.mark.slow  # a `fsrl serve` subprocess
 def test_build_and_serve_labels_search_and_dashboards(tmp_path):
     """`fsrl features build` on a tiny setup, then the server: labels in return_features and
     adapter features, /features search, /features/{index}."""

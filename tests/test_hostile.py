@@ -28,6 +28,8 @@ ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens"
             "ignore_eos": True, "temperature": 0.8, "seed": 5}
 JSON = {"content-type": "application/json"}
 
+pytestmark = pytest.mark.slow  # every test here talks to a `fsrl serve` subprocess
+
 
 def serve(setup: TinySetup, log_dir: Path, *extra: str):
     """The tiny server with this file's token cap, as a context manager."""

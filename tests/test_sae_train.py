@@ -72,6 +72,7 @@ def trained(tiny_model_dir, tiny_corpus, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # trains with sae-lens
 def test_train_writes_a_sae_lens_folder_our_reader_loads(trained):
     from fsrl.sae import load_sae
 
@@ -83,6 +84,7 @@ def test_train_writes_a_sae_lens_folder_our_reader_loads(trained):
     assert cfg["metadata"]["prepend_bos"] is False
 
 
+@pytest.mark.slow  # trains with sae-lens
 def test_quality_json_has_sane_figures(trained):
     q = json.loads((trained / "quality.json").read_text())
     assert q["explained_variance"] <= 1.0 and q["explained_variance"] > -1.0
@@ -101,6 +103,7 @@ def test_quality_json_has_sane_figures(trained):
     assert q["command"].startswith("fsrl sae train --text ")
 
 
+@pytest.mark.slow  # trains with sae-lens
 def test_our_encode_decode_equals_sae_lens(trained):
     from sae_lens import SAE
 
@@ -116,6 +119,7 @@ def test_our_encode_decode_equals_sae_lens(trained):
                                    atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # trains with sae-lens
 def test_streaming_run_saves_float16_weights(tiny_model_dir, tiny_corpus, tmp_path):
     """--unique-tokens 0: sae-lens streams fresh activations for every batch."""
     from safetensors.torch import load_file
@@ -159,6 +163,7 @@ def test_markup_strippers_keep_prose():
     assert corpus.roff_to_text(roff) == "NAME\n\nx - do things\n\ngrep(1) is fine."
 
 
+@pytest.mark.slow  # trains with sae-lens
 def test_sae_evaluate_adds_per_corpus_figures_equal_to_a_direct_evaluation(trained, tiny_model_dir, tmp_path):
     """`fsrl sae evaluate` on chat rows: the figures are evaluate_sae's on the same packed
     tokens with the SAE's own exclusions, written under quality.json's "by_corpus"."""

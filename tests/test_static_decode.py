@@ -170,6 +170,7 @@ def test_a_model_with_sliding_window_layers_is_refused():
         StaticDecoder(gen, rows=2, columns=16, compile=False)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_step_is_one_graph_for_every_mix_and_matches_each_request_alone():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

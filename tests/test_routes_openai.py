@@ -1,34 +1,24 @@
-"""The OpenAI surface's log-probabilities, echo and n, over real HTTP against a real server on a
-tiny random model, checked against the model's own log-probabilities; and lm-evaluation-harness
-running a multiple-choice task through /v1/completions."""
+"""The OpenAI-compatible surface (/v1) of the tiny server, in-process: models, chat and text
+completions with the steering extras, streams, log-probabilities (checked against the model's
+own), echo and n, the official openai client; and lm-evaluation-harness running a
+multiple-choice task through /v1/completions of a real `fsrl serve` (slow: a subprocess)."""
 
 from __future__ import annotations
 
 import json
 import math
 
-import httpx
 import pytest
 import torch
 
-from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import read_sse, serving
 
+import _server_fixtures as fixtures
+from _server_fixtures import assert_error
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> TinySetup:
-    return write_tiny_setup(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def server(setup, tmp_path_factory):
-    with serving(tiny_server_args(setup), tmp_path_factory.mktemp("log") / "server.log") as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0) as c:
-        yield c
+# Fixtures the server's test files share: pytest finds them by these names.
+setup, app_factory, client = fixtures.setup, fixtures.app_factory, fixtures.client
+openai_client, server = fixtures.openai_client, fixtures.server
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +35,39 @@ def own_logprobs(model, ids: list[int]) -> list[float]:
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     logp = logits.log_softmax(-1)
     return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+
+def test_openai_models_lists_the_base_model_and_adapters(client, setup):
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[0] == setup.model_dir.name and "tiny" in ids
+
+
+def test_openai_chat_completion_with_an_adapter_and_steering_extras(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "temperature": 0, "steering": {"scale": 2.0, "features": [{"index": 3, "op": "ablate"}]}}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["model"] == "tiny"
+    assert out["choices"][0]["message"]["role"] == "assistant"
+    assert out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+
+
+def test_openai_stream_sends_chunks_that_add_up_to_the_completion_then_done(client):
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks, done = read_sse(r)
+    assert done and all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"] == "length"
+
+
+def test_openai_unknown_model_is_404_in_the_openai_error_shape(client):
+    r = client.post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
+    assert assert_error(r, 404, "gpt-4")["param"] == "model"
 
 
 def test_completions_echo_returns_the_prompt_tokens_with_the_models_own_logprobs(client, setup, model):
@@ -122,6 +145,51 @@ def test_stream_with_logprobs_and_usage(client):
         assert "".join(s["token"] for s in scored) == "".join(c["delta"].get("content") or "" for c in mine)
 
 
+# --- the official openai client -------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0,
+        "extra_body": {"ignore_eos": True, "steering": {"scale": 2.0, "features": [{"index": 3, "op": "set", "value": 4.0}]}}}
+
+
+def test_openai_client_chat_with_an_adapter_and_steering_extras(openai_client, client):
+    out = openai_client.chat.completions.create(model="tiny", **CHAT)
+    assert out.model == "tiny" and out.choices[0].message.role == "assistant"
+    assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+    plain = openai_client.chat.completions.create(model="tiny", **{**CHAT, "extra_body": {"ignore_eos": True}})
+    assert out.choices[0].message.content != plain.choices[0].message.content  # the extras steer
+
+
+def test_openai_client_chat_stream_adds_up_to_the_completion(openai_client):
+    whole = openai_client.chat.completions.create(model="tiny", **CHAT).choices[0]
+    chunks = list(openai_client.chat.completions.create(model="tiny", stream=True, **CHAT))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason
+
+
+def test_openai_client_completion_on_the_base_model(openai_client, setup):
+    out = openai_client.completions.create(model=setup.model_dir.name, prompt="hello", max_tokens=5,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert out.object == "text_completion" and out.usage.completion_tokens == 5
+    streamed = openai_client.completions.create(model=setup.model_dir.name, prompt="hello", max_tokens=5,
+                                                temperature=0, extra_body={"ignore_eos": True}, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_openai_client_unknown_model_raises_not_found(openai_client):
+    import openai
+    with pytest.raises(openai.NotFoundError) as caught:
+        openai_client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert "gpt-4" in caught.value.message and caught.value.body["param"] == "model"
+
+
+def test_openai_client_lists_models(openai_client, setup):
+    ids = [m.id for m in openai_client.models.list()]
+    assert ids[0] == setup.model_dir.name and "tiny" in ids
+
+
+# --- lm-evaluation-harness, through a real server (slow) ------------------------------------------
+
 MC_DOCS = [
     {"question": "What color is the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
     {"question": "How many legs does a cat have?", "choices": ["two", "four", "six"], "answer": 1},
@@ -190,6 +258,7 @@ def own_multiple_choice(net, tokenizer) -> tuple[float, list]:
     return correct / len(MC_DOCS), all_scores
 
 
+@pytest.mark.slow
 def test_lm_eval_harness_scores_choices_as_the_model_does(server, setup, model, tmp_path, monkeypatch):
     acc, scores = run_multiple_choice(server.url, setup.model_dir.name, setup.model_dir, tmp_path, monkeypatch)
     want_acc, want_scores = own_multiple_choice(*model)

@@ -1,0 +1,169 @@
+"""/adapters on the tiny server, in-process: the adapters found at start, loading, replacing and
+unloading by id, the paths a load may name, feature rankings, and the device budget."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsrl.testing import D_SAE, LAYER
+
+import _server_fixtures as fixtures
+from _server_fixtures import assert_error, generate
+
+# Fixtures the server's test files share: pytest finds them by these names.
+setup, app_factory, client = fixtures.setup, fixtures.app_factory, fixtures.client
+
+
+def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(client):
+    adapters = client.get("/adapters").json()["adapters"]
+    assert [a["id"] for a in adapters] == ["tiny"]  # corrupt, other-sae, escape, no-meta skipped
+    tiny = adapters[0]
+    assert tiny["status"] == "loaded" and tiny["device"] == "cpu"
+    assert tiny["parameters"] == 64 * D_SAE + D_SAE
+    assert tiny["metadata"]["format"] == "fsrl-adapter" and tiny["metadata"]["d_sae"] == D_SAE
+
+
+def test_get_adapter_by_id_and_unknown_is_404(client):
+    assert client.get("/adapters/tiny").json()["id"] == "tiny"
+    assert_error(client.get("/adapters/nope"), 404, "nope")
+
+
+def test_adapter_features_are_measured_on_the_reference_prompts_with_sae_labels(client, setup):
+    from fsrl.adapter import load_adapter
+    from fsrl.analysis import feature_push, hook_activations, reference_token_ids
+    from fsrl.models import load_base_model
+
+    r = client.get("/adapters/tiny/features", params={"top": 5})
+    assert r.status_code == 200, r.text
+    features = r.json()["features"]
+    # The same measurement made here, on the same files.
+    base = load_base_model(str(setup.model_dir), "cpu")
+    reference = hook_activations(base, LAYER, reference_token_ids(base.tokenizer))
+    push = feature_push(load_adapter(setup.adapters_dir / "tiny"), reference)
+    assert r.json()["measured_on_tokens"] == reference.shape[0] > 100
+    assert [f["index"] for f in features] == push.mean_abs_v.argsort(descending=True)[:5].tolist()
+    for f in features:
+        assert f["mean_abs_v"] == pytest.approx(float(push.mean_abs_v[f["index"]]), abs=1e-4)
+        assert f["mean_v"] == pytest.approx(float(push.mean_v[f["index"]]), abs=1e-4)
+        assert f["active_share"] == pytest.approx(float(push.active_share[f["index"]]), abs=1e-4)
+        assert f["label"] == (f"feature {f['index']}" if f["index"] % 2 == 0 else None)
+
+
+def test_adapter_features_after_a_replace_are_the_new_weights(client):
+    def top(adapter_id: str) -> list[tuple[int, float]]:
+        r = client.get(f"/adapters/{adapter_id}/features", params={"top": 5})
+        assert r.status_code == 200, r.text
+        return [(f["index"], f["mean_v"]) for f in r.json()["features"]]
+    assert client.post("/adapters", json={"id": "feat", "path": "tiny"}).status_code == 201
+    try:
+        before = top("feat")  # measured, and cached, for the first weights
+        swap = {"id": "feat", "path": "more/tiny-b", "replace": True}
+        assert client.post("/adapters", json=swap).status_code == 201
+        assert client.post("/adapters", json={"id": "feat-b", "path": "more/tiny-b"}).status_code == 201
+        assert top("feat") == top("feat-b") != before
+    finally:
+        for adapter_id in ("feat", "feat-b"):
+            client.delete(f"/adapters/{adapter_id}")
+
+
+def test_load_adapter_201_then_409_then_replace_then_delete(client):
+    r = client.post("/adapters", json={"id": "copy", "path": "tiny"})
+    assert r.status_code == 201 and r.json()["id"] == "copy"
+    assert_error(client.post("/adapters", json={"id": "copy", "path": "tiny"}), 409, "copy")
+    assert client.post("/adapters", json={"id": "copy", "path": "tiny", "replace": True}).status_code == 201
+    assert generate(client, prompt="hi", adapter="copy", max_new_tokens=2)["adapter"] == "copy"
+    assert client.delete("/adapters/copy").status_code == 200
+    assert_error(client.post("/generate", json={"prompt": "hi", "adapter": "copy"}), 404, "copy")
+
+
+def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, client):
+    import asyncio
+
+    from server import serving
+    from server.settings import Settings
+    from server.state import load_state
+
+    state = load_state(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
+                                adapters_dir=setup.adapters_dir, device="cpu"))
+    params = serving.GenerateParams(prompt="hello there", adapter="tiny", steering_scale=3.0,
+                                    max_new_tokens=10, ignore_eos=True)
+
+    async def replace_between_prepare_and_run():
+        started = await serving.prepare(state, params)  # holds the adapter it was given
+        await state.registry.load("tiny", "more/tiny-b", replace=True)
+        later = await serving.prepare(state, params)
+        return [(await serving.run(state, p)).steered.text for p in (started, later)]
+
+    try:
+        old, new = asyncio.run(replace_between_prepare_and_run())
+    finally:
+        state.close()
+    served_by_old = generate(client, **{k: getattr(params, k) for k in
+                                        ("prompt", "adapter", "steering_scale", "max_new_tokens", "ignore_eos")})
+    assert old == served_by_old["steered"]["text"] != new
+
+
+def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_factory, client):
+    body = {"prompt": "hello there", "max_new_tokens": 8, "ignore_eos": True}
+    with app_factory(max_adapters_on_device=1) as c:
+        status = lambda: {a["id"]: a["status"] for a in c.get("/adapters").json()["adapters"]}  # noqa: E731
+        assert status() == {"tiny": "offloaded"}  # nothing asked for it yet
+        assert c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}).status_code == 201
+        tiny = c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"]
+        assert status() == {"tiny": "loaded", "b": "offloaded"}
+        b = c.post("/generate", json={**body, "adapter": "b"}).json()["steered"]["text"]
+        assert status() == {"tiny": "offloaded", "b": "loaded"}
+        assert c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"] == tiny
+        assert c.app_state["fsrl"].registry.moves == 3
+    # Moving in and out changes nothing: the same text as a server with every adapter resident.
+    assert tiny == generate(client, adapter="tiny", **body)["steered"]["text"] != b
+
+
+# --- loads that are refused -----------------------------------------------------------------------
+
+def test_load_corrupt_adapter_is_400_naming_the_file(client):
+    error = assert_error(client.post("/adapters", json={"id": "bad", "path": "corrupt"}), 400,
+                         "adapter.safetensors")
+    assert error["code"] == "corrupt_file"
+
+
+def test_load_adapter_made_for_another_sae_is_400_naming_the_sae(client):
+    error = assert_error(client.post("/adapters", json={"id": "bad", "path": "other-sae"}), 400, "SAE")
+    assert error["code"] == "mismatch"
+
+
+def test_load_adapter_with_a_malformed_adapter_json_is_400_naming_the_field(client, setup):
+    r = client.post("/adapters", json={"id": "bad", "path": "bad-meta"})
+    error = assert_error(r, 400, "bad-meta/adapter.json", "clamp_nonnegative")
+    assert error["code"] == "corrupt_file" and str(setup.adapters_dir) not in r.text
+
+
+def test_load_adapter_whose_file_links_outside_is_403(client):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "link-out"}), 403,
+                 "link-out/adapter.safetensors resolves outside")
+
+
+def test_load_adapter_without_files_is_400(client):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "no-meta"}), 400, "adapter.json")
+
+
+@pytest.mark.parametrize("path", ["../outside/stray", "escape"], ids=["dotdot", "symlink"])
+def test_load_adapter_outside_the_adapters_dir_is_403(client, path):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": path}), 403, "outside")
+
+
+def test_load_adapter_from_an_unresolvable_path_is_403(client):
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "~no-such-user-here/x"}), 403,
+                 "cannot be resolved")
+
+
+def test_load_adapter_from_a_path_too_long_for_the_filesystem_is_400(client):  # found by fuzzing
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "0" * 3000}), 400, "too long")
+
+
+def test_load_adapter_path_with_a_nul_byte_is_422(client):  # found by scripts/fuzz_api.py
+    assert_error(client.post("/adapters", json={"id": "bad", "path": "a\u0000b"}), 422, "path")
+
+
+def test_delete_unknown_adapter_is_404(client):
+    assert_error(client.delete("/adapters/never-loaded"), 404)
