@@ -2,19 +2,25 @@
 keeps no conftest.py, and the tiny builders live in `fsrl.testing`).
 
 Each test file that imports the fixtures gets its own tiny setup (`write_tiny_setup`) and:
-- `client`: the app `fsrl serve` runs, in this process (FastAPI's TestClient runs its lifespan:
-  model, SAE, adapters and engine load as in a real start), with the tiny server's settings;
-- `app_factory`: more such apps on the same files with other settings (auth, limits);
-- `openai_client`: the official openai client over `client`;
+- `client`: an HTTP client of the app `fsrl serve` runs, served by uvicorn on a loopback port
+  from a thread of this process (real HTTP, the full lifespan: model, SAE, adapters and engine
+  load as in a real start, without starting a new interpreter), with the tiny server's settings;
+- `app_factory`: more such servers on the same files with other settings (auth, limits);
+- `openai_client`: the official openai client of `client`'s server;
 - `server`: a real `fsrl serve` process with the same settings (a subprocess: tests that use it
   are marked slow).
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any
+
 import httpx
 import pytest
 
+from fsrl.server_process import free_port
 from fsrl.testing import TinySetup, serving, tiny_server_args, write_tiny_setup
 
 CAP = 400  # the tiny server's --max-new-tokens-cap
@@ -26,24 +32,54 @@ def setup(tmp_path_factory) -> TinySetup:
     return write_tiny_setup(tmp_path_factory.mktemp("tiny"))
 
 
+class ServedClient(httpx.Client):
+    """An HTTP client of one app served by uvicorn on loopback from a thread of this process;
+    entering starts the server (and its lifespan), leaving stops it. `app_state` is the
+    lifespan's state, for tests that reach into the engine."""
+
+    def __init__(self, app, start_timeout_s: float = 120.0):
+        import uvicorn
+
+        port = free_port()
+        super().__init__(base_url=f"http://127.0.0.1:{port}", timeout=60)
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="test-uvicorn", daemon=True)
+        self._start_timeout_s = start_timeout_s
+
+    @property
+    def app_state(self) -> dict[str, Any]:
+        return self._server.lifespan.state
+
+    def __enter__(self) -> "ServedClient":
+        self._thread.start()
+        deadline = time.monotonic() + self._start_timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the in-thread server did not start (see the log above)")
+            time.sleep(0.05)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def app_factory(setup):
-    from fastapi.testclient import TestClient
-
     from server.app import create_app
     from server.settings import Settings
 
-    def make(**settings) -> TestClient:
-        # raise_server_exceptions=False: see the 500 a client sees, not the exception itself.
-        return TestClient(create_app(Settings(
+    def make(**settings) -> ServedClient:
+        return ServedClient(create_app(Settings(
             model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
-            device="cpu", **settings)), raise_server_exceptions=False)
+            device="cpu", **settings)))
     return make
 
 
 @pytest.fixture(scope="module")
 def client(app_factory):
-    """The tiny server, in-process: `--max-new-tokens-cap 400 --pack-cpu-weights`."""
+    """The tiny server (uvicorn in a thread): `--max-new-tokens-cap 400 --pack-cpu-weights`."""
     with app_factory(max_new_tokens_cap=CAP, pack_cpu_weights=True) as c:
         yield c
 
@@ -59,9 +95,8 @@ def server(setup, tmp_path_factory):
 @pytest.fixture(scope="module")
 def openai_client(client):
     import openai
-    # The TestClient is an httpx.Client: the openai client sends its requests through it.
-    yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", max_retries=0, timeout=60,
-                        http_client=client)
+    yield openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="unused", max_retries=0,
+                        timeout=60)
 
 
 def generate(client, **body) -> dict:

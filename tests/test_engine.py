@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from fsrl.cpu_inference import ModelThread
+from server.model_thread import ModelThread
 from fsrl.generation import GenerationRequest, Generator, SamplingParams
 from fsrl.steering import RowSteering
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae

@@ -1,5 +1,5 @@
-"""Faults injected into the engine of an in-process server: an unexpected error is a 500 in the
-error shape (also in the middle of a stream) and the server stays up; a step that raises
+"""Faults injected into the engine of a served app (uvicorn in a test thread): an unexpected
+error is a 500 in the error shape (also in the middle of a stream) and the server stays up; a step that raises
 because of one row fails that row's request alone; a worker that dies turns /health to 503 and
 answers everyone."""
 

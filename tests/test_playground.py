@@ -70,15 +70,14 @@ class _Controls(HTMLParser):
 
 
 def test_the_page_and_its_files_load_without_a_key_and_the_api_still_needs_one(tmp_path):
-    from fastapi.testclient import TestClient
-
+    from _server_fixtures import ServedClient
     from server.app import create_app
     from server.settings import Settings
 
     setup = write_tiny_setup(tmp_path / "tiny")
     app = create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
                               device="cpu", api_key="sesame"))
-    with TestClient(app) as c:
+    with ServedClient(app) as c:
         root = c.get("/", follow_redirects=False)
         assert root.status_code in (302, 307) and root.headers["location"] == "/playground"
         page = c.get("/playground")

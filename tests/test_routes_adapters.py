@@ -1,5 +1,5 @@
-"""/adapters on the tiny server, in-process: the adapters found at start, loading, replacing and
-unloading by id, the paths a load may name, feature rankings, and the device budget."""
+"""/adapters on the tiny server (uvicorn in a test thread): the adapters found at start,
+loading, replacing and unloading by id, the paths a load may name, feature rankings, and the device budget."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""POST /generate on the tiny server, in-process: the contract's shape, steering, sampling and
-stop conditions, streaming, and the requests it refuses (in the error shape, naming the field)."""
+"""POST /generate on the tiny server (uvicorn in a test thread): the contract's shape,
+steering, sampling and stop conditions, streaming, and the requests it refuses (in the error shape, naming the field)."""
 
 from __future__ import annotations
 

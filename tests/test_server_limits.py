@@ -1,5 +1,5 @@
-"""The limits a server is started with, in-process on the tiny setup: the request body and prompt
-sizes, the API key and the admin key, the number of adapters, and a full queue."""
+"""The limits a server is started with, on the tiny setup (uvicorn in a test thread): the
+request body and prompt sizes, the API key and the admin key, the number of adapters, and a full queue."""
 
 from __future__ import annotations
 
