@@ -19,7 +19,7 @@ from fsrl.testing import tiny_base, tiny_sae
 from fsrl.errors import CorruptFileError, FsrlError
 from fsrl.features import dashboards
 from fsrl.features.dashboards import HIST_EDGES, WINDOW_BEFORE, Accumulator, BuildSettings
-from fsrl.features.labels import llm_labels, neuronpedia_labels, rule_label
+from fsrl.features.labels import ask_chat, llm_labels, neuronpedia_labels, rule_label
 from fsrl.features.search import FeatureIndex
 from fsrl.sae import load_sae, read_labels, save_sae
 from fsrl.testing import build_tiny_dashboards, serving, tiny_server_args, write_tiny_setup
@@ -347,3 +347,25 @@ def test_the_class_rule_agrees_with_the_hand_labelled_sample():
     entries = {f["index"]: f for f in dashboards.read(default_sae_dir())["features"]}
     pairs = [(label, classify(entries[int(i)])) for i, label in sample["labels"].items()]
     assert len(pairs) == 100 and sum(a == b for a, b in pairs) >= 90
+
+
+def test_the_labelers_client_talks_to_a_real_openai_compatible_server(tmp_path):
+    """`ask_chat` (what the LLM labeler and classifier send) against this project's own /v1,
+    served over HTTP: the answer is the server's greedy completion of the same messages, and a
+    model the server does not know is no answer (None), never an exception."""
+    from _server_fixtures import ServedClient
+    from server.app import create_app
+    from server.settings import Settings
+
+    setup = write_tiny_setup(tmp_path / "tiny")
+    app = create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
+                              device="cpu"))
+    messages = [{"role": "user", "content": "Which class is this feature? Answer with one word."}]
+    with ServedClient(app) as c:
+        url = str(c.base_url).rstrip("/") + "/v1"
+        model = c.get("/v1/models").json()["data"][0]["id"]
+        direct = c.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 3,
+                                                      "temperature": 0})
+        answer = ask_chat(url, model, messages, max_tokens=3)
+        assert answer == direct.json()["choices"][0]["message"]["content"] and answer
+        assert ask_chat(url, "no-such-model", messages, max_tokens=3) is None
