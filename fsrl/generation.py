@@ -275,10 +275,10 @@ class Generator:
                 yield event
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
-        rows: list[list[TokenEvent]] = [[] for _ in requests]
+        collected = EventsByRow(requests)
         for event in self.stream(requests):
-            rows[event.row].append(event)
-        return results_from_events(requests, rows)
+            collected.add(event)
+        return collected.results()
 
 
 def new_rows(generator: Generator, requests: Sequence[GenerationRequest],
@@ -515,6 +515,22 @@ class RunningBatch:
                 layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
             self.attention_mask = self.attention_mask[:, unused:]
         self.steering = steering_for(self.generator, [r.request for r in self.rows])
+
+
+class EventsByRow:
+    """Token events kept row by row as they stream, then put together into each row's result:
+    what `Generator.generate`, the engine and the server's streams all collect."""
+
+    def __init__(self, requests: Sequence[GenerationRequest]):
+        self.requests = list(requests)
+        self.rows: list[list[TokenEvent]] = [[] for _ in self.requests]
+
+    def add(self, event: TokenEvent) -> TokenEvent:
+        self.rows[event.row].append(event)
+        return event
+
+    def results(self, first_token_s: float | None = None) -> list[GenerationResult]:
+        return results_from_events(self.requests, self.rows, first_token_s)
 
 
 def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Sequence[TokenEvent]],

@@ -23,12 +23,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from fsrl.generation import (DecodeBatch, GenerationRequest, GenerationResult, Generator, TokenEvent,
-                             results_from_events)
+from fsrl.generation import (DecodeBatch, EventsByRow, GenerationRequest, GenerationResult, Generator,
+                             TokenEvent)
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 from server.model_thread import ModelThread
 
@@ -51,10 +51,10 @@ class EngineJob:
         return (self.started or self.finished or time.perf_counter()) - self.submitted
 
 
-def job_results(job: EngineJob, rows: Sequence[Sequence[TokenEvent]]) -> list[GenerationResult]:
+def job_results(job: EngineJob, collected: EventsByRow) -> list[GenerationResult]:
     """Each row's events, put together as `Generator.generate` would."""
     first = (job.first_token - job.started) if job.first_token and job.started else None
-    return results_from_events(job.requests, rows, first_token_s=first)
+    return collected.results(first_token_s=first)
 
 
 @dataclass
@@ -152,11 +152,11 @@ class Engine:
 
     async def generate(self, ticket: Ticket) -> list[GenerationResult]:
         """All rows of the job, once every row has finished. Cancelling aborts the job."""
-        rows: list[list[TokenEvent]] = [[] for _ in ticket.job.requests]
+        collected = EventsByRow(ticket.job.requests)
         async with aclosing(self.stream(ticket)) as events:
             async for event in events:
-                rows[event.row].append(event)
-        return job_results(ticket.job, rows)
+                collected.add(event)
+        return job_results(ticket.job, collected)
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early

@@ -19,7 +19,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fsrl.errors import FsrlError
-from fsrl.generation import GenerationRequest, GenerationResult, TokenEvent
+from fsrl.generation import EventsByRow, GenerationRequest, GenerationResult, TokenEvent
 from fsrl.sampling import SamplingParams
 from fsrl.steering import RowSteering
 from server.engine import EngineJob, Ticket, job_results
@@ -216,9 +216,8 @@ async def run(state: ServerState, prepared: PreparedGeneration) -> GenerationOut
 async def stream(state: ServerState, prepared: PreparedGeneration
                  ) -> AsyncIterator[TokenEvent | GenerationOutcome]:
     """Every token event as it comes, then the whole outcome."""
-    rows: list[list[TokenEvent]] = [[] for _ in prepared.job.requests]
+    collected = EventsByRow(prepared.job.requests)
     async with aclosing(state.engine.stream(prepared.ticket)) as events:  # closing it aborts the job
         async for event in events:
-            rows[event.row].append(event)
-            yield event
-    yield _outcome(state, prepared, job_results(prepared.job, rows))
+            yield collected.add(event)
+    yield _outcome(state, prepared, job_results(prepared.job, collected))
