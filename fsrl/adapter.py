@@ -221,7 +221,7 @@ class RowAdapters:
             self.b[row].copy_(adapter.b)
             self.b_in[row].copy_(adapter.b_in)
             self.tau[row].copy_(adapter.tau)
-            self.soft_threshold[row] = adapter.activation is ACTIVATIONS["soft_threshold"]
+            self.soft_threshold[row] = adapter.activation == ACTIVATIONS["soft_threshold"]  # equal after a deepcopy too
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
