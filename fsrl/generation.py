@@ -530,21 +530,16 @@ class EventsByRow:
         return event
 
     def results(self, first_token_s: float | None = None) -> list[GenerationResult]:
-        return results_from_events(self.requests, self.rows, first_token_s)
-
-
-def results_from_events(requests: Sequence[GenerationRequest], rows: Sequence[Sequence[TokenEvent]],
-                        first_token_s: float | None = None) -> list[GenerationResult]:
-    """Each row's token events put together into its result."""
-    results = []
-    for request, events in zip(requests, rows):
-        last = events[-1]
-        tokens = [e for e in events if e.error is None]  # an error event carries no token
-        results.append(GenerationResult(
-            token_ids=[e.token_id for e in tokens], text=last.text or "",
-            finish_reason=last.finish_reason or "length",
-            features=[e.features or [] for e in tokens] if request.return_features else None,
-            first_token_s=first_token_s,
-            logprobs=[e.logprobs for e in tokens] if request.logprobs is not None else None,
-            prompt_logprobs=events[0].prompt_logprobs, error=last.error))
-    return results
+        """Each row's token events put together into its result."""
+        results = []
+        for request, events in zip(self.requests, self.rows):
+            last = events[-1]
+            tokens = [e for e in events if e.error is None]  # an error event carries no token
+            results.append(GenerationResult(
+                token_ids=[e.token_id for e in tokens], text=last.text or "",
+                finish_reason=last.finish_reason or "length",
+                features=[e.features or [] for e in tokens] if request.return_features else None,
+                first_token_s=first_token_s,
+                logprobs=[e.logprobs for e in tokens] if request.logprobs is not None else None,
+                prompt_logprobs=events[0].prompt_logprobs, error=last.error))
+        return results
