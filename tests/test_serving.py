@@ -84,4 +84,4 @@ def test_a_row_is_checked_once_against_the_served_sae(state):
     outcome = prepare_and_run(state, GenerateParams(prompt="hi", features=(FeatureOverride(2, "set", 1.0),),
                                                     max_new_tokens=3))
     steering = outcome.prepared.job.requests[0].steering
-    assert steering._checked_for == [state.sae.d_sae]  # checked when built; joining the batch did not add a check
+    assert steering._checked_for == [state.sae.d_sae]  # checked when built; later checks read the kept answer
