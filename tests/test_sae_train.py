@@ -192,3 +192,75 @@ def test_sae_evaluate_adds_per_corpus_figures_equal_to_a_direct_evaluation(train
     tokens = pack_contexts(base.tokenizer, rows, meta["context_size"], separator_token_id(base.tokenizer), 256)
     excl = Exclusions(meta["excluded_token_ids"], meta["excluded_activation_norm_above"])
     assert figures == evaluate_sae(base, load_sae(sae_dir), 1, tokens, excl, ce_tokens=64)
+
+
+def test_mix_rows_holds_the_chat_share_in_every_prefix_and_keeps_each_order():
+    text = [f"t{i:02d}" + "x" * 97 for i in range(40)]   # 100 characters each
+    chat = [f"c{i:02d}" + "y" * 47 for i in range(60)]   # 50 characters each
+    mixed = corpus.mix_rows(text, chat, 0.25)
+    assert [r for r in mixed if r[0] == "t"] == text and [r for r in mixed if r[0] == "c"] == chat
+    chat_chars = total = 0
+    for row in mixed[:-1]:
+        chat_chars += len(row) if row[0] == "c" else 0
+        total += len(row)
+        if total - chat_chars < sum(map(len, text)):  # while both last: within one row of 25 %
+            assert abs(chat_chars - 0.25 * total) <= 100
+    assert corpus.mix_rows(text, [], 0.5) == text
+
+
+def test_rst_to_text_keeps_prose_and_drops_code_and_markup():
+    page = """\
+.. _sessions:
+
+==============
+Using sessions
+==============
+
+Django *stores* sessions in your database (see :doc:`the cache docs </topics/cache>`
+and :class:`~django.contrib.sessions.models.Session`). Use ``SESSION_ENGINE``::
+
+    SESSION_ENGINE = "cache"
+
+.. code-block:: python
+
+    request.session["k"] = 1
+
+.. note::
+   :class: small
+
+   Sessions are **lazy**; see `the guide <https://example.org>`_.
+
+* one item
+* two items
+"""
+    assert corpus.rst_to_text(page) == (
+        "Using sessions\n\n"
+        "Django stores sessions in your database (see the cache docs and Session). "
+        "Use SESSION_ENGINE:\n\n"
+        "Sessions are lazy; see the guide.\n\n"
+        "* one item\n* two items")
+
+
+def test_django_docs_archive_with_another_digest_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSRL_CACHE_DIR", str(tmp_path))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / corpus.DJANGO_SDIST).write_bytes(b"not the archive")
+    with pytest.raises(FsrlError, match="expected de450c09e91879fa"):
+        corpus.load_documents("builtin:django-docs")
+
+
+@pytest.mark.slow  # trains with sae-lens
+def test_chat_mixed_into_training_is_evaluated_apart_from_the_text(tiny_model_dir, tiny_corpus, tmp_path):
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"prompt": a, "text": b})
+                              for a, b in zip(_sentences(60, 7), _sentences(60, 8))) + "\n")
+    out = tmp_path / "sae"
+    # a text row is a 3,000-character chunk: the share is measured over enough rows to show
+    _train(tiny_model_dir, tiny_corpus, out, "--chat", str(chat), "--chat-share", "0.4",
+           "--unique-tokens", "4096", "--training-tokens", "4096")
+    quality = json.loads((out / "quality.json").read_text())
+    assert set(quality["by_corpus"]) == {f"held-out {tiny_corpus}", f"held-out chat:{chat}"}
+    for figures in quality["by_corpus"].values():
+        assert 0 < figures["eval_tokens"] and -1 < figures["explained_variance"] <= 1
+    assert 0.2 < quality["trained_chat_share"] < 0.6
+    assert "--chat " + str(chat) in quality["command"] and "--chat-share 0.4" in quality["command"]

@@ -65,27 +65,6 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def chat_documents(path: str, tokenizer) -> Iterator[str]:
-    """Each line's prompt and answer as the model's chat template renders them."""
-    source = Path(path).expanduser()
-    if not source.is_file():
-        raise FsrlError(f"chat file not found: {source}")
-    with open(source, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, answer = str(row["prompt"]), str(row.get("text", row.get("response")))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise FsrlError(f"{source}:{number}: expected {{\"prompt\", \"text\"}} ({type(exc).__name__})") from None
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            try:
-                yield tokenizer.apply_chat_template(messages, tokenize=False)
-            except Exception:  # no chat template: the two turns as plain text
-                yield f"{prompt}\n\n{answer}"
-
-
 def run_build(args: argparse.Namespace) -> int:
     from fsrl.features import dashboards
     from fsrl.features.labels import rule_labels
@@ -108,7 +87,7 @@ def run_build(args: argparse.Namespace) -> int:
     corpus = " + ".join([*args.text, *(f"chat:{c}" for c in args.chat)])
 
     def documents() -> Iterator[str]:
-        from fsrl.corpus import load_documents
+        from fsrl.corpus import chat_documents, load_documents
 
         for spec in args.text:
             yield from load_documents(spec)

@@ -25,8 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fsrl.commands.features import chat_documents
-    from fsrl.corpus import load_documents
+    from fsrl.corpus import chat_documents, load_documents
     from fsrl.models import load_base_model
     from fsrl.sae import SAE_CFG_FILE, default_sae_dir, load_sae
     from fsrl.sae_training.evaluation import evaluate_sae, pack_contexts

@@ -18,6 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add(parser, "--text",
         help="corpus: a .txt file, a folder of .txt files, a `datasets` folder "
              "(save_to_disk, column `text`), or builtin:system-docs")
+    add(parser, "--chat", metavar="FILE.jsonl",
+        help='chat text mixed into the corpus: {"prompt", "text"} rows, each rendered by the '
+             "model's chat template")
+    add(parser, "--chat-share", type=float,
+        help="share of the training characters that are chat, while the chat lasts")
     add(parser, "--layer", type=int, help="hook layer L: the residual stream after decoder layer L")
     add(parser, "--out", help="output SAE folder")
     add(parser, "--model", help="base model (default: the embedded one)")

@@ -38,6 +38,8 @@ class SaeTrainConfig:
     name: str | None = None
     activation_cache: str | None = None
     max_norm_ratio: float = 10.0
+    chat: str | None = None      # JSON Lines of {"prompt", "text"}: chat mixed into the corpus
+    chat_share: float = 0.5      # of the training characters, while the chat lasts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,6 +109,8 @@ def check_config(cfg: SaeTrainConfig) -> Architecture:
         raise FsrlError("--context-size must be at least 2 (position 0 is left out)")
     if cfg.max_norm_ratio < 0 or 0 < cfg.max_norm_ratio <= 1:
         raise FsrlError("--max-norm-ratio must be 0 (off) or above 1")
+    if not 0 < cfg.chat_share < 1:
+        raise FsrlError("--chat-share must be between 0 and 1")
     if not 0 < cfg.eval_fraction < 1:
         raise FsrlError("--eval-fraction must be between 0 and 1")
     if cfg.training_tokens < cfg.batch_size:

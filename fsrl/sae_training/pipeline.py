@@ -42,6 +42,43 @@ QUALITY_FILE = "quality.json"
 QUALITY_FORMAT = "fsrl-sae-quality/1"
 
 
+def corpus_sources(cfg: SaeTrainConfig, text_rows: list[str],
+                   tokenizer) -> dict[str, tuple[list[str], list[str]]]:
+    """Each source of the corpus (the text spec, and the chat file when there is one) as
+    (held-out rows, training rows): shuffled with the seed, the first `eval_fraction` held out,
+    so each source is held out in the same share."""
+    import random
+
+    from fsrl import corpus
+
+    sources = {cfg.text: text_rows}
+    if cfg.chat:
+        chat_rows = list(corpus.chat_documents(cfg.chat, tokenizer))
+        random.Random(cfg.seed).shuffle(chat_rows)
+        sources[f"chat:{cfg.chat}"] = chat_rows
+    out = {}
+    for name, rows in sources.items():
+        if len(rows) < 2:
+            raise FsrlError(f"corpus {name!r} is too small: it needs at least two paragraphs")
+        n_held = max(1, round(len(rows) * cfg.eval_fraction))
+        out[name] = (rows[:n_held], rows[n_held:])
+        log.info("corpus %s: %d rows (%d held out for evaluation)", name, len(rows), n_held)
+    return out
+
+
+def trained_chat_share(tokenizer, rows: list[str], chat_rows: set[str], tokens: int) -> float:
+    """Roughly the share of chat among the tokens training read: the rows in order, tokenised,
+    up to `tokens` (sae-lens packs them into contexts; exclusions are not counted)."""
+    seen = chat = 0
+    for row in rows:
+        n = len(tokenizer(row, add_special_tokens=False)["input_ids"])
+        seen += n
+        chat += n if row in chat_rows else 0
+        if seen >= tokens:
+            break
+    return round(chat / max(seen, 1), 4)
+
+
 def train_sae(cfg: SaeTrainConfig) -> dict:
     """Train, save and evaluate; returns the quality record written to OUT/quality.json."""
     arch = check_config(cfg)
@@ -60,13 +97,9 @@ def train_sae(cfg: SaeTrainConfig) -> dict:
         raise FsrlError(f"--out {out} exists and is not a folder")
     t_start = time.time()
     torch.manual_seed(cfg.seed)
-    rows = corpus.load_rows(cfg.text, seed=cfg.seed)
-    if len(rows) < 2:
-        raise FsrlError(f"corpus {cfg.text!r} is too small: it needs at least two paragraphs")
-    n_held = max(1, round(len(rows) * cfg.eval_fraction))
-    held_rows, train_rows = rows[:n_held], rows[n_held:]
-    log.info("corpus %s: %d chunks (%d held out for evaluation)", cfg.text, len(rows), n_held)
-
+    text_rows = corpus.load_rows(cfg.text, seed=cfg.seed)  # before the model: a bad corpus fails fast
+    if cfg.chat and not Path(cfg.chat).expanduser().is_file():
+        raise FsrlError(f"chat file not found: {cfg.chat}")
     device = resolve_device(cfg.device)
     base = load_base_model(cfg.model, device=device)
     n_layers = len(base.layers)
@@ -74,6 +107,11 @@ def train_sae(cfg: SaeTrainConfig) -> dict:
         raise FsrlError(f"--layer {cfg.layer} is out of range: {base.name} has {n_layers} "
                         f"layers (0..{n_layers - 1})")
     hook_name = f"model.layers.{cfg.layer}"
+    sources = corpus_sources(cfg, text_rows, base.tokenizer)
+    text_held, text_train = sources[cfg.text]
+    chat_held, chat_train = sources.get(f"chat:{cfg.chat}", ([], []))
+    held_rows = corpus.mix_rows(text_held, chat_held, cfg.chat_share)
+    train_rows = corpus.mix_rows(text_train, chat_train, cfg.chat_share)
     separator = separator_token_id(base.tokenizer)
     excl = Exclusions(token_ids=sorted(set(getattr(base.tokenizer, "all_special_ids", []) or [])
                                        | ({separator} if separator is not None else set())))
@@ -95,6 +133,16 @@ def train_sae(cfg: SaeTrainConfig) -> dict:
     figures = evaluate_sae(base, sae, cfg.layer, tokens, excl, ce_tokens=cfg.ce_tokens)
     figures["sae_lens_parity_max_abs_diff"] = sae_lens_parity(out, sae, base, cfg.layer,
                                                               tokens[:4], excl)
+    if cfg.chat:  # each source's held-out rows apart: prose and chat are fitted differently
+        figures["by_corpus"] = {
+            f"held-out {name}": evaluate_sae(
+                base, sae, cfg.layer,
+                pack_contexts(base.tokenizer, held, cfg.context_size, separator, cfg.eval_tokens),
+                excl, ce_tokens=cfg.ce_tokens)
+            for name, (held, _) in sources.items()}
+        figures["trained_chat_share"] = trained_chat_share(
+            base.tokenizer, train_rows, set(chat_train), cfg.unique_tokens
+            or cfg.training_tokens)
     quality = {
         "format": QUALITY_FORMAT,
         "sae": name, "model": base.name, "model_fingerprint": base.fingerprint,
