@@ -98,19 +98,22 @@ def fsrl_reference(paths: dict) -> dict[str, list[int]]:
     return out
 
 
-def vllm_tokens(paths: dict, eager: bool, tp: int, steered: bool) -> tuple[dict[str, list[int]], float, float]:
-    """Every case in one `generate` call (one batch), then each case alone; start time and
-    the batch's wall time."""
+def vllm_tokens(paths: dict, eager: bool, tp: int, steered: bool) -> tuple[dict[str, list[int]], float, float, list]:
+    """Every case in one `generate` call (one batch), then each case alone; start time, the
+    batch's wall time and each rank's counters. Adapter `a` is stacked in the bank when the
+    model is built, `b` is loaded into it after the engine has started (and compiled)."""
     from vllm import LLM, SamplingParams
 
     from fsrl.vllm_engine import steered_llm_kwargs, steering_extra_args
 
-    extra = steered_llm_kwargs(paths["sae"], LAYER, adapters={"a": paths["a"], "b": paths["b"]}) if steered else {}
+    extra = steered_llm_kwargs(paths["sae"], LAYER, adapters={"a": paths["a"]}) if steered else {}
     t0 = time.perf_counter()
     llm = LLM(model=paths["model"], dtype="float32", enforce_eager=eager, max_model_len=256,
               max_num_seqs=16, max_num_batched_tokens=256, seed=0, tensor_parallel_size=tp,
               distributed_executor_backend="mp" if tp > 1 else None, **extra)
     start_s = time.perf_counter() - t0
+    if steered:
+        print("adapter b loaded into bank slot", llm.collective_rpc("fsrl_load_adapter", args=("b", paths["b"])))
 
     def params(p: int, spec: dict | None) -> SamplingParams:
         args = None
@@ -133,7 +136,8 @@ def vllm_tokens(paths: dict, eager: bool, tp: int, steered: bool) -> tuple[dict[
         for n in names:
             got[f"{n} [alone]"] = list(llm.generate([{"prompt_token_ids": PROMPTS[CASES[n][0]]}],
                                                     [params(*CASES[n])], use_tqdm=False)[0].outputs[0].token_ids)
-    return got, start_s, batch_s
+    counters = llm.collective_rpc("fsrl_counters") if steered else []
+    return got, start_s, batch_s, counters
 
 
 def main() -> int:
@@ -146,7 +150,7 @@ def main() -> int:
     args = ap.parse_args()
     paths = build_setup(Path(args.root))
     ref = fsrl_reference(paths)
-    got, start_s, batch_s = vllm_tokens(paths, args.eager, args.tp, steered=not args.stock)
+    got, start_s, batch_s, counters = vllm_tokens(paths, args.eager, args.tp, steered=not args.stock)
     mode = f"{'eager' if args.eager else 'compiled'}, tp={args.tp}, {'stock vLLM' if args.stock else 'steered model'}"
     print(f"\nvLLM {mode}: engine start {start_s:.1f} s, one batch of {len(got)} requests {batch_s:.2f} s")
     print(f"{'case':<40} {'tokens == fsrl':<15} {'!= unsteered':<13} first tokens (vLLM)")
@@ -166,9 +170,15 @@ def main() -> int:
         print(f"{name:<40} {'yes' if equal else 'NO':<15} {mark:<13} {tokens[:8]}")
         if not equal:
             print(f"{'':<40} fsrl: {ref[base][:16]}\n{'':<40} vLLM: {tokens[:16]}")
-    print(f"{len(got) - failures} passed, {failures} failed")
+    for rank, c in enumerate(counters):
+        # Compiled: the site's Python never ran (the graph did the steering). Eager: every step.
+        ok = c["steps"] > 0 and (c["eager_site_forwards"] >= c["steps"] if args.eager else c["eager_site_forwards"] == 0)
+        failures += not ok
+        print(f"rank {rank}: {c['steps']} steps with buffers written, steering site's Python ran "
+              f"{c['eager_site_forwards']} times outside a compiled graph: {'ok' if ok else 'FAIL'}")
+    print(f"{len(got) + len(counters) - failures} passed, {failures} failed")
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": mode, "start_s": start_s, "batch_s": batch_s,
+        Path(args.json).write_text(json.dumps({"mode": mode, "start_s": start_s, "batch_s": batch_s, "counters": counters,
                                                "got": got, "ref": ref, "failures": failures}))
     return 1 if failures else 0
 

@@ -47,7 +47,8 @@ def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None
     return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: spec},
             # Prefix caching would let a steered request reuse another's (differently steered)
             # KV blocks; a real engine salts each request (cache_salt) with its steering instead.
-            "enable_prefix_caching": False}
+            "enable_prefix_caching": False,
+            "worker_extension_cls": "fsrl.vllm_engine.worker.SteeringWorkerExtension"}
 
 
 def steering_extra_args(adapter: str | None = None, scale: float = 1.0,

@@ -31,6 +31,11 @@ from fsrl.vllm_engine import CONFIG_KEY
 
 log = logging.getLogger(__name__)
 
+# Per process: steps whose buffers were written, and runs of the steering site's Python outside
+# a compiled graph (a compiled graph never runs that branch: a check that the graph, not
+# eager Python, did the steering).
+COUNTERS = {"steps": 0, "eager_site_forwards": 0}
+
 
 class AdapterBank(RowAdapters, nn.Module):
     """K adapter slots, stacked: `RowAdapters`' tensors and maths with one row per slot (not
@@ -120,6 +125,8 @@ class SteeringSite(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (N, d_in) the residual stream after the layer, one row per token of the step;
         positions: (N,) each token's position in its own request."""
+        if not torch.compiler.is_compiling():
+            COUNTERS["eager_site_forwards"] += 1
         n = x.shape[0]
         row = self.token_row[:n]
         slot = self.slots.slot[row]

@@ -57,6 +57,8 @@ def prepare_step(site, runner) -> None:
             rows[req_id] = free
         token_row[starts[i]:starts[i + 1]] = rows[req_id]
     site.token_row.copy_(torch.from_numpy(token_row))
+    from fsrl.vllm_engine.model import COUNTERS
+    COUNTERS["steps"] += 1
 
 
 def install_runner_hook() -> None:
