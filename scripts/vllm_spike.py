@@ -136,6 +136,21 @@ def vllm_tokens(paths: dict, eager: bool, tp: int, steered: bool) -> tuple[dict[
         for n in names:
             got[f"{n} [alone]"] = list(llm.generate([{"prompt_token_ids": PROMPTS[CASES[n][0]]}],
                                                     [params(*CASES[n])], use_tqdm=False)[0].outputs[0].token_ids)
+    if steered:  # rows joining a running batch: two requests added after 3 decode steps of a first
+        engine = llm.llm_engine
+        engine.add_request("join-0", {"prompt_token_ids": PROMPTS[CASES["adapter a"][0]]}, params(*CASES["adapter a"]))
+        finished, steps = {}, 0
+        while engine.has_unfinished_requests():
+            if steps == 3:
+                engine.add_request("join-1", {"prompt_token_ids": PROMPTS[1]}, params(1, None))
+                engine.add_request("join-2", {"prompt_token_ids": PROMPTS[CASES["b + set"][0]]}, params(*CASES["b + set"]))
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = list(out.outputs[0].token_ids)
+            steps += 1
+        got["adapter a [joined by 2 at step 3]"] = finished["join-0"]
+        got["unsteered prompt 1 [joins at step 3]"] = finished["join-1"]
+        got["b + set [joins at step 3]"] = finished["join-2"]
     counters = llm.collective_rpc("fsrl_counters") if steered else []
     return got, start_s, batch_s, counters
 
@@ -156,7 +171,7 @@ def main() -> int:
     print(f"{'case':<40} {'tokens == fsrl':<15} {'!= unsteered':<13} first tokens (vLLM)")
     failures = 0
     for name, tokens in got.items():
-        base = name.removesuffix(" [alone]")
+        base = name.split(" [")[0]
         equal = tokens == ref[base]
         p = CASES[base][0] if base in CASES else None
         spec = CASES[base][1] if base in CASES else None
