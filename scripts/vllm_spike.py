@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 LAYER, HIDDEN, D_SAE, NEW_TOKENS = 1, 128, 256, 16
+LOGPROBS: list = []
 PROMPTS = [[1] + [3 + (7 * i + j) % 95 for j in range(5 + 3 * i)] for i in range(4)]
 
 
@@ -115,23 +116,28 @@ def vllm_tokens(paths: dict, eager: bool, tp: int, steered: bool) -> tuple[dict[
     if steered:
         print("adapter b loaded into bank slot", llm.collective_rpc("fsrl_load_adapter", args=("b", paths["b"])))
 
-    def params(p: int, spec: dict | None) -> SamplingParams:
+    def params(p: int, spec: dict | None, logprobs: int | None = None) -> SamplingParams:
         args = None
         if spec is not None and steered:
             steer_from = len(PROMPTS[p]) if spec.get("steer_from") == "prompt" else 0
             args = steering_extra_args(spec.get("adapter"), spec.get("scale", 1.0), spec.get("overrides"), steer_from)
-        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=args)
+        return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, extra_args=args,
+                              logprobs=logprobs)
 
     names = list(CASES) if steered else ["unsteered"]
     reqs = [{"prompt_token_ids": PROMPTS[CASES[n][0]]} for n in names]
     reqs += [{"prompt_token_ids": p} for p in PROMPTS]
-    sps = [params(*CASES[n]) for n in names] + [params(p, None) for p in range(len(PROMPTS))]
+    sps = [params(*CASES[n]) for n in names] + [params(p, None, logprobs=3) for p in range(len(PROMPTS))]
     t1 = time.perf_counter()
     outs = llm.generate(reqs, sps, use_tqdm=False)
     batch_s = time.perf_counter() - t1
     got = {n: list(o.outputs[0].token_ids) for n, o in zip(names, outs)}
     got.update({f"unsteered prompt {p}": list(o.outputs[0].token_ids)
                 for p, o in zip(range(len(PROMPTS)), outs[len(names):])})
+    # The unsteered rows' top-3 log-probabilities, as floats: compare two runs' JSON files
+    # (stock vLLM and the steered model) for bit-for-bit equality of untouched rows.
+    LOGPROBS.extend([[{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]
+                     for o in outs[len(names):]])
     if steered:  # each steered case alone too (a batch of one)
         for n in names:
             got[f"{n} [alone]"] = list(llm.generate([{"prompt_token_ids": PROMPTS[CASES[n][0]]}],
@@ -193,7 +199,7 @@ def main() -> int:
               f"{c['eager_site_forwards']} times outside a compiled graph: {'ok' if ok else 'FAIL'}")
     print(f"{len(got) + len(counters) - failures} passed, {failures} failed")
     if args.json:
-        Path(args.json).write_text(json.dumps({"mode": mode, "start_s": start_s, "batch_s": batch_s, "counters": counters,
+        Path(args.json).write_text(json.dumps({"mode": mode, "start_s": start_s, "batch_s": batch_s, "counters": counters, "logprobs": LOGPROBS,
                                                "got": got, "ref": ref, "failures": failures}))
     return 1 if failures else 0
 
