@@ -25,6 +25,10 @@ from __future__ import annotations
 ARCHITECTURE = "FsrlSteeredLlamaForCausalLM"
 EXTRA_ARGS_KEY = "fsrl"
 CONFIG_KEY = "fsrl_steering"
+# Per process: steps whose buffers were written, and runs of the steering site's Python outside
+# a compiled graph (a compiled graph never runs that branch: a check that the graph, not
+# eager Python, did the steering).
+COUNTERS = {"steps": 0, "eager_site_forwards": 0}
 
 
 def register() -> None:

@@ -27,14 +27,10 @@ from fsrl.adapter import RowAdapters, SteeringAdapter, load_adapter
 from fsrl.errors import FsrlError
 from fsrl.sae import Sae, load_sae
 from fsrl.steering import SteeringBatch, SteeringRows, steer
-from fsrl.vllm_engine import CONFIG_KEY
+from fsrl.vllm_engine import CONFIG_KEY, COUNTERS
+from fsrl.vllm_engine.step import install_runner_hook
 
 log = logging.getLogger(__name__)
-
-# Per process: steps whose buffers were written, and runs of the steering site's Python outside
-# a compiled graph (a compiled graph never runs that branch: a check that the graph, not
-# eager Python, did the steering).
-COUNTERS = {"steps": 0, "eager_site_forwards": 0}
 
 
 class AdapterBank(RowAdapters, nn.Module):
@@ -181,7 +177,6 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
         for adapter_id, folder in spec.get("adapters", {}).items():
             site.load_adapter(adapter_id, load_adapter(folder, sae=sae, layer=layer))
         self.fsrl_layer = layer
-        from fsrl.vllm_engine.step import install_runner_hook
         install_runner_hook()
 
     @property

@@ -21,7 +21,7 @@ import torch
 
 from fsrl.overrides import FeatureOverride
 from fsrl.steering import RowSteering
-from fsrl.vllm_engine import EXTRA_ARGS_KEY
+from fsrl.vllm_engine import COUNTERS, EXTRA_ARGS_KEY
 
 
 def row_steering(spec: dict | None, adapters: dict[str, Any]) -> RowSteering | None:
@@ -57,7 +57,6 @@ def prepare_step(site, runner) -> None:
             rows[req_id] = free
         token_row[starts[i]:starts[i + 1]] = rows[req_id]
     site.token_row.copy_(torch.from_numpy(token_row))
-    from fsrl.vllm_engine.model import COUNTERS
     COUNTERS["steps"] += 1
 
 

@@ -4,6 +4,7 @@ once through `LLM.collective_rpc(name, args=...)`."""
 from __future__ import annotations
 
 from fsrl.adapter import load_adapter
+from fsrl.vllm_engine import COUNTERS
 
 
 class SteeringWorkerExtension:
@@ -22,6 +23,4 @@ class SteeringWorkerExtension:
     def fsrl_counters(self) -> dict[str, int]:
         """How often `prepare_step` wrote the buffers, and how often the steering site's Python
         ran outside a compiled graph (0 when the compiled graph ran every step)."""
-        from fsrl.vllm_engine.model import COUNTERS
-
         return dict(COUNTERS)
