@@ -1,4 +1,4 @@
-"""Steering inside vLLM (a spike for #13): the steering maths of `fsrl.steering`, run inside
+"""Steering inside vLLM: the steering maths of `fsrl.steering`, run inside
 vLLM's compiled model, per token, from fixed-shape buffers written before each step.
 
 How it fits into vLLM (0.32, V1 model runner):

@@ -94,9 +94,9 @@ class SteeringSite(nn.Module):
         self.adapters: dict[str, SteeringAdapter] = {}  # id -> host copy (RowSteering names it)
         self.slot_of: dict[int, int] = {}
         self.empty_row = table_rows                      # never written: unsteered tokens
-        self.table = SteeringRows(table_rows + 1, sae, device=device or "cpu", dtype=dtype)
-        self.slots = SlotTable(table_rows + 1, self.slot_of, device=device)
-        self.table.batch.row_adapters = self.slots       # SteeringRows.set_row writes the slot
+        self.slots = SlotTable(table_rows + 1, self.slot_of, device=device)  # SteeringRows.set_row writes the slot
+        self.table = SteeringRows(table_rows + 1, sae, device=device or "cpu", dtype=dtype,
+                                  row_adapters=self.slots)
         b = self.table.batch
         for name in ("scale", "clamp", "override_index", "override_op", "override_value",
                      "steer_from", "row_active"):
