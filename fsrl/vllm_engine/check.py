@@ -44,6 +44,7 @@ class Setup:
     prompts: list[list[int]]
     new_tokens: int
     max_model_len: int
+    clamp_scale: float = 1.0   # `set` and `add` values of the cases are multiplied by this
 
 
 def tiny_setup(root: Path) -> Setup:
@@ -87,8 +88,10 @@ def default_setup(adapters_dir: Path) -> Setup:
                                                        add_generation_prompt=True),
                          add_special_tokens=False)["input_ids"] for text in DEFAULT_PROMPTS]
     layer = load_sae(default_sae_dir()).info.layer
+    # Its residual stream at the SAE's layer is ~150 in norm: a clamp of 8 moves no token.
     return Setup(str(model), str(default_sae_dir()), layer, ("concise", str(adapters_dir / "concise")),
-                 ("bullets", str(adapters_dir / "bullets")), prompts, new_tokens=24, max_model_len=512)
+                 ("bullets", str(adapters_dir / "bullets")), prompts, new_tokens=24, max_model_len=512,
+                 clamp_scale=10.0)
 
 
 # name -> (prompt index, steering: adapter role ("first"/"second"), scale, overrides,
@@ -109,6 +112,10 @@ CASES = {
 def _adapter_id(setup: Setup, spec: dict) -> str | None:
     role = spec.get("adapter")
     return None if role is None else getattr(setup, role)[0]
+
+
+def _overrides(setup: Setup, spec: dict) -> list[tuple[int, str, float]]:
+    return [(i, op, v * setup.clamp_scale if op in ("set", "add") else v) for i, op, v in spec.get("overrides", ())]
 
 
 def fsrl_reference(setup: Setup) -> dict[str, list[int]]:
@@ -137,7 +144,7 @@ def fsrl_reference(setup: Setup) -> dict[str, list[int]]:
             a_id = _adapter_id(setup, spec)
             steering = RowSteering(adapter=adapters[a_id] if a_id else None, scale=spec.get("scale", 1.0),
                                    steer_from=len(setup.prompts[p]) if spec.get("steer_from") == "prompt" else 0,
-                                   overrides=tuple(FeatureOverride(i, op, v) for i, op, v in spec.get("overrides", ())))
+                                   overrides=tuple(FeatureOverride(i, op, v) for i, op, v in _overrides(setup, spec)))
         out[name] = gen.generate([GenerationRequest(setup.prompts[p], steering=steering, sampling=sampling)])[0].token_ids
     for p, prompt in enumerate(setup.prompts):  # unsteered tokens of every prompt (the silent-no-op check)
         out[f"unsteered prompt {p}"] = gen.generate([GenerationRequest(prompt, sampling=sampling)])[0].token_ids
@@ -166,7 +173,7 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
         args = None
         if spec is not None and steered and not drop_steering:
             steer_from = len(setup.prompts[p]) if spec.get("steer_from") == "prompt" else 0
-            args = steering_extra_args(_adapter_id(setup, spec), spec.get("scale", 1.0), spec.get("overrides"),
+            args = steering_extra_args(_adapter_id(setup, spec), spec.get("scale", 1.0), _overrides(setup, spec),
                                        steer_from)
         return SamplingParams(temperature=0.0, max_tokens=setup.new_tokens, ignore_eos=True, extra_args=args,
                               logprobs=logprobs)
