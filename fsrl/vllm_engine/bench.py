@@ -8,7 +8,8 @@ mode alike. Modes:
   steered, none       the steered engine, rows unsteered (what its buffers cost)
   adapter             every row steered by one adapter
   adapter+8           the adapter plus 8 feature overrides per row
-  K=k adapters        rows spread over k distinct adapters (copies of one, in k bank slots)
+  K=k adapters        rows spread over k distinct adapters (copies of one, in k bank slots;
+                      at batch sizes of k rows or more)
 Every slot of the bank runs on every token (`fsrl.vllm_engine.model._BankPush`), so the cost of
 steering grows with --bank-slots, not with k. Ratios are against vanilla at the same batch.
 """
@@ -80,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         reqs = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(batch)]
         for _ in range(args.repeats + 1):  # the first round warms up and is not kept
             for name, (llm, extra) in modes.items():
+                if name.startswith("K=") and batch < int(name[2:].split()[0]):
+                    continue  # k adapters need k rows
                 t = time.perf_counter()
                 llm.generate(reqs, [params(extra(i)) for i in range(batch)], use_tqdm=False)
                 times.setdefault((name, batch), []).append(time.perf_counter() - t)
@@ -87,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         vanilla = batch * args.new_tokens / statistics.median(times[("vanilla", batch)][1:])
         for name in modes:
+            if (name, batch) not in times:
+                continue
             tok_s = batch * args.new_tokens / statistics.median(times[(name, batch)][1:])
             rows.append({"mode": name, "batch": batch, "tok_s": round(tok_s, 1), "ratio": round(tok_s / vanilla, 3)})
     print(f"\nvLLM {'eager' if args.eager else 'compiled'}, default model, fp32, {args.new_tokens} new tokens, "
