@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     procs: dict[str, ServerProcess] = {}
     try:
         for engine in engines:
-            log_path = out.with_suffix(f".{engine}.server.log")
+            log_path = out.with_suffix(".server.log" if len(engines) == 1 else f".{engine}.server.log")
             procs[engine] = proc = ServerProcess([*common, *engine_args[engine]], log_path=log_path)
             try:
                 proc.wait_ready(timeout_s=900, max_polls=9000)

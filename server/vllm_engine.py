@@ -98,16 +98,21 @@ class AdapterBank:
 
     def __init__(self, llm, slots: int):
         self.llm, self.slots = llm, slots
-        self._key_of: dict[int, str] = {}       # id(adapter object) -> key
+        # id(adapter object) -> (the object, kept alive so its id stays its own; its key), from
+        # the load until the slot is freed.
+        self._key_of: dict[int, tuple[Any, str]] = {}
         self._users: dict[str, int] = {}        # key -> running rows
         self._retired: set[str] = set()
         self._count = itertools.count(1)
 
     def key(self, adapter: Any) -> str:
+        """The bank key of this adapter object: the version a request resolved keeps serving
+        it until it ends, even when it was replaced meanwhile (as on the default engine)."""
         found = self._key_of.get(id(adapter))
-        if found is None or found in self._retired:
-            raise FsrlError(f"adapter {getattr(adapter, 'id', adapter)!r} is not in the vLLM bank")
-        return found
+        if found is None:  # replaced, and its last request ended, between resolving and queueing
+            raise Overloaded(f"adapter {adapter.id!r} was replaced or unloaded while this request "
+                             "was prepared; retry")
+        return found[1]
 
     async def add(self, adapter: Any, folder: str, weights_sha256_16: str | None) -> str:
         if len(self._users) >= self.slots:
@@ -120,14 +125,14 @@ class AdapterBank:
         except Exception as exc:
             del self._users[key]
             raise FsrlError(f"the vLLM workers could not load adapter {adapter.id!r}: {exc}") from exc
-        self._key_of[id(adapter)] = key
+        self._key_of[id(adapter)] = (adapter, key)
         return key
 
     async def retire(self, adapter: Any) -> None:
-        key = self._key_of.pop(id(adapter), None)
-        if key is not None:
-            self._retired.add(key)
-            await self._free_if_unused(key)
+        found = self._key_of.get(id(adapter))
+        if found is not None:
+            self._retired.add(found[1])
+            await self._free_if_unused(found[1])
 
     def hold(self, key: str) -> None:
         self._users[key] += 1
@@ -140,6 +145,7 @@ class AdapterBank:
         if key in self._retired and self._users.get(key) == 0:
             self._retired.discard(key)
             del self._users[key]
+            self._key_of = {i: held for i, held in self._key_of.items() if held[1] != key}
             try:
                 await self.llm.collective_rpc("fsrl_unload_adapter", args=(key,))
             except Exception:  # the slot stays taken; serving goes on

@@ -187,3 +187,17 @@ def test_replaced_and_unloaded_versions_give_their_bank_slots_back(servers):
     assert vllm.delete("/adapters/swap").status_code == 200
     missing = vllm.post("/generate", json=body)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_two_tensor_parallel_ranks_answer_like_the_default_engine(servers, setup, tmp_path):
+    """`--tensor-parallel-size 2` (the tiny model's 4 heads and 2 KV heads split in two; one CPU
+    core per rank): the steering runs on both ranks, the answers are the default engine's."""
+    default, _ = servers
+    names = ("unsteered", "adapter", "clamps of every op, no adapter", "compare")
+    with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2"),
+                 tmp_path / "tp2.log", timeout_s=600, max_polls=6000,
+                 env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as tp2, httpx.Client(base_url=tp2.url, timeout=120) as ranks:
+        for name in names:
+            body = {"max_new_tokens": 16, **REQUESTS[name]}
+            assert _answer(ranks.post("/generate", json=body).json()) == _answer(
+                default.post("/generate", json=body).json()), name
