@@ -1,6 +1,7 @@
 """What the server holds while it runs: the model, the SAE, the adapters and the engine.
 
-Built once in the app's lifespan (`load_state`), handed to requests through `deps.StateDep`.
+Built once in the app's lifespan (`start_state`: `load_state` for the default engine, the vLLM
+engine's own start otherwise), handed to requests through `deps.StateDep`.
 """
 
 from __future__ import annotations
