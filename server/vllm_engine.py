@@ -31,6 +31,7 @@ from typing import Any
 from fsrl.errors import ConflictError, FsrlError
 from fsrl.generation import (DecodeRow, EventsByRow, GenerationRequest, GenerationResult, LogProbs,
                              TokenEvent)
+from fsrl.overrides import MAX_RETURN_FEATURES
 from fsrl.sampling import MIN_TEMPERATURE
 from server.engine import EngineJob, Ticket, job_results
 from server.errors import EngineStopped, GenerationFailed, Overloaded
@@ -66,7 +67,7 @@ class VllmOptions:
                     distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
                     disable_log_stats=True, kv_cache_memory_bytes=self.kv_cache_bytes,
                     **{**steered_llm_kwargs(self.sae_dir, self.layer, bank_slots=self.bank_slots,
-                                            table_rows=self.max_num_seqs),
+                                            table_rows=self.max_num_seqs, capture_top=MAX_RETURN_FEATURES),
                        # Safe here: every steered request's prompt carries its steering as cache salt.
                        "enable_prefix_caching": True})
 
@@ -165,8 +166,6 @@ def _logprobs(entry: dict | None, token: int, top: int) -> LogProbs | None:
 
 class VllmEngine:
     """See the module's docstring. Built by `server.state` on the event loop it serves."""
-
-    returns_features = False  # `return_features` needs a capture buffer in the graph: not yet
 
     def __init__(self, llm, tokenizer, eos_ids: set[int], bank: AdapterBank, max_pending: int = 64,
                  observe_batch: Callable[[int], None] | None = None):
@@ -268,6 +267,11 @@ class VllmEngine:
 
         row = DecodeRow(request, self.tokenizer, self.eos_ids, owner=ticket, local=index)
         s, sampling = request.steering, request.sampling
+        request_id = f"fsrl-{next(self._ids)}"
+        # An unsteered row's features are empty lists; a steered row's come from the workers.
+        fetch_features = bool(request.return_features) and not s.is_noop
+        steering = None if s.is_noop else steering_extra_args(
+            key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from)
         greedy = sampling.temperature < MIN_TEMPERATURE
         params = VllmSampling(
             max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
@@ -278,19 +282,22 @@ class VllmEngine:
             logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=None if s.is_noop else steering_extra_args(
-                key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from))
+                key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from,
+                return_features=request.return_features if fetch_features else 0, key=request_id))
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
-        if params.extra_args is not None:
+        if steering is not None:
             # The prefix cache keys blocks by tokens and salt: a steered request reuses only
             # blocks computed under the same steering (adapter version, scale, clamps, start).
-            prompt["cache_salt"] = json.dumps(params.extra_args, sort_keys=True)
-        request_id = f"fsrl-{next(self._ids)}"
+            prompt["cache_salt"] = json.dumps(steering, sort_keys=True)
+        features: list[list[tuple[int, float]]] = []  # taken from the workers, not yet sent
         self.running_rows += 1
         try:
             first = True
             async with aclosing(self.llm.generate(prompt, params, request_id)) as outputs:
                 async for out in outputs:
                     completion = out.outputs[0]
+                    if fetch_features and completion.token_ids:
+                        features += await self._take_features(request_id)
                     prompt_logprobs = None
                     if first and request.prompt_logprobs is not None and out.prompt_logprobs is not None:
                         prompt_logprobs = [_logprobs(entry, token, request.prompt_logprobs)
@@ -298,11 +305,12 @@ class VllmEngine:
                     for j, token in enumerate(completion.token_ids):
                         logprobs = (_logprobs(completion.logprobs[j], token, request.logprobs)
                                     if request.logprobs is not None and completion.logprobs else None)
-                        delta = row.push(int(token), None)
+                        feats = (features.pop(0) if features else []) if request.return_features else None
+                        delta = row.push(int(token), feats)
                         done = row.finish_reason is not None
                         if ticket.job.first_token is None:
                             ticket.job.first_token = time.perf_counter()
-                        ticket.emit(TokenEvent(index, int(token), delta, done, row.finish_reason, None,
+                        ticket.emit(TokenEvent(index, int(token), delta, done, row.finish_reason, feats,
                                                text=row.text if done else None, logprobs=logprobs,
                                                prompt_logprobs=prompt_logprobs if first else None))
                         first = False
@@ -311,6 +319,17 @@ class VllmEngine:
             raise GenerationFailed("the vLLM engine ended this request before it finished")
         finally:
             self.running_rows -= 1
+            if fetch_features:  # what steps after the last read kept (a stop string, an abort)
+                try:
+                    await self._take_features(request_id)
+                except Exception:
+                    log.exception("could not clear the features kept for %s", request_id)
+
+    async def _take_features(self, key: str) -> list[list[tuple[int, float]]]:
+        """The features the workers kept for `key` since the last take (every rank keeps the
+        same: the steering runs on each; rank 0's are read)."""
+        per_rank = await self.llm.collective_rpc("fsrl_take_features", args=(key,))
+        return [[(int(i), float(d)) for i, d in token] for token in per_rank[0]]
 
     def close(self) -> None:
         self._closed = True

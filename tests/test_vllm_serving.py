@@ -127,12 +127,23 @@ def test_openai_routes_give_the_same_answers(servers):
         assert (top_a is None and top_b is None) or list(top_a) == list(top_b)
 
 
-def test_return_features_is_refused_in_the_contract_shape(servers):
-    _, vllm = servers
-    response = vllm.post("/generate", json={"prompt": "hi", "return_features": 3})
-    assert response.status_code == 422
-    error = response.json()["error"]
-    assert error["type"] == "invalid_request_error" and error["message"].startswith("return_features:")
+def test_returned_features_are_the_default_engine_s(servers):
+    """`return_features`: the same features per token (indices, and deltas to fp32 rounding), read
+    in-graph on vLLM; a stream carries them too; an unsteered row's lists are empty."""
+    body = {"prompt": "abc def", "adapter": "tiny", "features": CLAMPS[:2], "return_features": 5,
+            "compare": True, "max_new_tokens": 10}
+    got = [c.post("/generate", json=body).json() for c in servers]
+    a, b = got[0]["steered"]["features"], got[1]["steered"]["features"]
+    assert len(a) == len(b) == 10 and any(a)
+    for token_a, token_b in zip(a, b):
+        assert [f["index"] for f in token_b] == [f["index"] for f in token_a]
+        assert all(abs(x["delta"] - y["delta"]) <= 1e-3 * max(1.0, abs(x["delta"])) for x, y in zip(token_a, token_b))
+    plain = servers[1].post("/generate", json={"prompt": "abc", "return_features": 3, "max_new_tokens": 4}).json()
+    assert plain["steered"]["features"] == [[], [], [], []]
+    with servers[1].stream("POST", "/generate", json={**body, "stream": True}) as response:
+        events, ended = read_sse(response)
+    streamed = [e["features"] for e in events if e.get("type") == "token" and e["output"] == "steered"]
+    assert ended and [[f["index"] for f in t] for t in streamed] == [[f["index"] for f in t] for t in b]
 
 
 def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):

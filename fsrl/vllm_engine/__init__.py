@@ -40,12 +40,13 @@ def register() -> None:
 
 
 def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None = None,
-                       bank_slots: int = 4, table_rows: int | None = None) -> dict:
+                       bank_slots: int = 4, table_rows: int | None = None, capture_top: int = 0) -> dict:
     """Keyword arguments for `vllm.LLM` (or engine args) that build the steered model:
     `adapters` maps adapter id -> folder, stacked in the bank at build time (at most
-    `bank_slots`); `table_rows`: requests steered at once (default: max_num_seqs)."""
+    `bank_slots`); `table_rows`: requests steered at once (default: max_num_seqs);
+    `capture_top`: the most features a request may ask back per token (0: none)."""
     spec = {"sae_dir": str(sae_dir), "layer": int(layer), "adapters": dict(adapters or {}),
-            "bank_slots": int(bank_slots)}
+            "bank_slots": int(bank_slots), "capture_top": int(capture_top)}
     if table_rows is not None:
         spec["table_rows"] = int(table_rows)
     return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: spec},
@@ -58,8 +59,12 @@ def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None
 
 def steering_extra_args(adapter: str | None = None, scale: float = 1.0,
                         overrides: list[tuple[int, str, float]] | None = None,
-                        steer_from: int = 0) -> dict:
-    """`SamplingParams.extra_args` for one request's steering (plain JSON values)."""
-    return {EXTRA_ARGS_KEY: {"adapter": adapter, "scale": float(scale),
-                             "overrides": [[int(i), str(op), float(v)] for i, op, v in (overrides or [])],
-                             "steer_from": int(steer_from)}}
+                        steer_from: int = 0, return_features: int = 0, key: str | None = None) -> dict:
+    """`SamplingParams.extra_args` for one request's steering (plain JSON values); with
+    `return_features` > 0 its top steered features per token are kept under `key`."""
+    spec = {"adapter": adapter, "scale": float(scale),
+            "overrides": [[int(i), str(op), float(v)] for i, op, v in (overrides or [])],
+            "steer_from": int(steer_from)}
+    if return_features:
+        spec.update(return_features=int(return_features), key=str(key))
+    return {EXTRA_ARGS_KEY: spec}

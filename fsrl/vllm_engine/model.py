@@ -9,6 +9,9 @@ once keeps reading the current values:
                   override index / op / value, steer_from, active) plus `table_slot` (its bank
                   slot); the last row is never written: an unsteered token points at it
     token_row     (max tokens,) the table row of each token of the step
+    capture_*     (max tokens, k) with `capture_top` k > 0: each token's top steered features
+                  (index, delta), written by the graph; `step.collect_features` keeps those of
+                  the positions that predict a token, for requests that ask
 
 The forward gathers per-token views of the table and calls `fsrl.steering.steer` with one
 "row" per token (B = tokens, T = 1), each token's position from vLLM's own `positions`.
@@ -87,8 +90,13 @@ class SteeringSite(nn.Module):
     """The SAE, the adapter bank, the request table and the per-token row index of one layer."""
 
     def __init__(self, sae: Sae, bank_slots: int, table_rows: int, max_tokens: int,
-                 device=None, dtype=torch.float32):
+                 device=None, dtype=torch.float32, capture_top: int = 0):
         super().__init__()
+        self.capture_top = capture_top
+        k = max(capture_top, 1)
+        self.register_buffer("capture_index", torch.zeros((max_tokens, k), dtype=torch.long, device=device))
+        self.register_buffer("capture_delta", torch.zeros((max_tokens, k), dtype=dtype, device=device))
+        self.features: dict[str, list[list[tuple[int, float]]]] = {}  # request key -> per token
         self.sae = sae
         self.bank = AdapterBank(bank_slots, sae.d_in, sae.d_sae, device=device, dtype=dtype)
         self.adapters: dict[str, SteeringAdapter] = {}  # id -> host copy (RowSteering names it)
@@ -139,8 +147,13 @@ class SteeringSite(nn.Module):
             override_index=self.table_override_index[row], override_op=self.table_override_op[row],
             override_value=self.table_override_value[row], steer_from=self.table_steer_from[row],
             row_active=self.table_row_active[row], any_active=True, any_clamp=True,
-            any_override=True, needs_f=True, capture_top=0, row_adapters=_BankPush(self.bank, slot))
-        return steer(x[:, None, :], self.sae, batch, positions[:, None]).x[:, 0, :]
+            any_override=True, needs_f=True, capture_top=self.capture_top,
+            row_adapters=_BankPush(self.bank, slot))
+        out = steer(x[:, None, :], self.sae, batch, positions[:, None])
+        if self.capture_top:  # one "row" per token: its own top features
+            self.capture_index[:n].copy_(out.top_index)
+            self.capture_delta[:n].copy_(out.top_delta)
+        return out.x[:, 0, :]
 
 
 class SteeredDecoderLayer(LlamaDecoderLayer):
@@ -174,7 +187,7 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
         max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
         site = SteeringSite(sae, bank_slots=int(spec.get("bank_slots", 4)),
                             table_rows=int(spec.get("table_rows") or sched.max_num_seqs),
-                            max_tokens=max_tokens)
+                            max_tokens=max_tokens, capture_top=int(spec.get("capture_top", 0)))
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
             if int(prefix.rsplit(".", 1)[-1]) == layer:

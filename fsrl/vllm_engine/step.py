@@ -60,6 +60,29 @@ def prepare_step(site, runner) -> None:
     COUNTERS["steps"] += 1
 
 
+def collect_features(site, runner) -> None:
+    """After the forward: for each request that asks (`extra_args["fsrl"]["return_features"]`
+    and `"key"`) and samples a token this step (a prefill chunk that ends inside the prompt
+    does not), keep the top steered features at its last position, the one that predicts the
+    token (`site.features[key]`, taken by the server through `fsrl_take_features`)."""
+    batch = runner.input_batch
+    n_reqs = batch.num_reqs
+    starts = runner.query_start_loc.np[:n_reqs + 1]
+    wanted = []
+    for i, req_id in enumerate(batch.req_ids[:n_reqs]):
+        spec = (runner.requests[req_id].sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY) or {}
+        k = int(spec.get("return_features", 0))
+        scheduled = int(starts[i + 1] - starts[i])
+        if k and batch.num_computed_tokens_cpu[i] + scheduled >= batch.num_prompt_tokens[i]:
+            wanted.append((spec["key"], int(starts[i + 1]) - 1, k))
+    if not wanted:
+        return
+    at = torch.tensor([position for _, position, _ in wanted])
+    indices, deltas = site.capture_index[at].tolist(), site.capture_delta[at].tolist()
+    for (key, _, k), index, delta in zip(wanted, indices, deltas):
+        site.features.setdefault(key, []).append([(i, d) for i, d in zip(index[:k], delta[:k]) if d != 0.0])
+
+
 def install_runner_hook() -> None:
     """Wrap `GPUModelRunner._model_forward` once (idempotent) to call `prepare_step` first."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -73,7 +96,10 @@ def install_runner_hook() -> None:
         site = getattr(model, "fsrl_site", None) if model is not None else None
         if site is not None:
             prepare_step(site, self)
-        return original(self, *args, **kwargs)
+        out = original(self, *args, **kwargs)
+        if site is not None and site.capture_top:
+            collect_features(site, self)
+        return out
 
     _model_forward._fsrl_wrapped = True
     GPUModelRunner._model_forward = _model_forward

@@ -31,6 +31,10 @@ class SteeringWorkerExtension:
         """Free the adapter's bank slot (no running request may name it)."""
         self._fsrl_site().unload_adapter(adapter_id)
 
+    def fsrl_take_features(self, key: str) -> list[list[tuple[int, float]]]:
+        """The top steered features of each token the request sampled since the last take."""
+        return self._fsrl_site().features.pop(key, [])
+
     def fsrl_counters(self) -> dict[str, int]:
         """How often `prepare_step` wrote the buffers, and how often the steering site's Python
         ran outside a compiled graph (0 when the compiled graph ran every step)."""
