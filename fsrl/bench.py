@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="JSON output path (default: bench-results/bench.json, or "
                              "bench-results/bench-serving.json with --serving)")
+    engine = parser.add_argument_group("--engine vllm: steering inside vLLM (needs `make vllm`)")
+    engine.add_argument("--engine", choices=["fsrl", "vllm"], default="fsrl",
+                        help="vllm: stock vLLM against the steered vLLM model, side by side, on "
+                             "the default model with --adapter (default adapters/concise)")
+    engine.add_argument("--bank-slots", type=int, default=4,
+                        help="adapters stacked in the steered model's bank (every slot runs on every token)")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
     serving.add_argument("--serving", action="store_true",
                          help="benchmark `fsrl serve` end to end instead of the generation loop")
@@ -167,6 +173,22 @@ def _format_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from fsrl.errors import FsrlError
+
+        if args.serving:
+            raise FsrlError("--serving --engine vllm: fsrl serve does not run on vLLM yet (docs/vllm.md)")
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise FsrlError("--engine vllm needs vLLM installed in this environment (`make vllm`)")
+        from fsrl.vllm_engine import bench as vllm_bench
+
+        args.out = args.out or "bench-results/vllm-bench.json"
+        args.new_tokens = args.new_tokens or 64
+        args.adapter = args.adapter or "adapters/concise"
+        args.batches, args.eager = args.batch_sizes, False
+        return vllm_bench.run(args)
     if args.serving:
         from fsrl import bench_serving
 

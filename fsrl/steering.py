@@ -140,7 +140,9 @@ class SteeringRows:
     `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""
 
     def __init__(self, rows: int, sae: Sae, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, row_adapters=None):
+        """`row_adapters`: what holds each row's adapter (`set_row(row, adapter)`, `tensors()`,
+        and called as `SteeringBatch.row_adapters`); default: a `RowAdapters` copy per row."""
         self.d_sae = sae.d_sae
         width = MAX_FEATURE_OVERRIDES
         self.batch = SteeringBatch(
@@ -154,7 +156,8 @@ class SteeringRows:
             row_active=torch.zeros(rows, dtype=torch.bool, device=device),
             any_active=True, any_clamp=True, any_override=True, needs_f=True,
             capture_top=min(MAX_RETURN_FEATURES, self.d_sae),
-            row_adapters=RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype))
+            row_adapters=row_adapters if row_adapters is not None
+            else RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype))
 
     def tensors(self) -> list[torch.Tensor]:
         b = self.batch

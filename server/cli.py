@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "within the model's length)")
 
 
+# h11, whatever else is installed: with httptools (which vLLM brings) uvicorn would pick it, and
+# it answers a request with an unknown method with its own bare 400 before the app sees it,
+# instead of the contract's JSON 405.
+HTTP_PARSER = "h11"
+
+
 class _NoStartupTraceback(logging.Filter):
     """uvicorn logs a failed lifespan as its traceback; `run` reports the reason in one line
     instead (with -v the traceback stays)."""
@@ -124,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     # log_config=None: uvicorn's loggers go through the CLI's logging setup.
     app = create_app(settings)
-    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port, http=HTTP_PARSER,
                                    log_config=None, timeout_graceful_shutdown=10))
     try:
         server.run()

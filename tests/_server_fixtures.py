@@ -22,6 +22,7 @@ import pytest
 
 from fsrl.server_process import free_port
 from fsrl.testing import TinySetup, serving, tiny_server_args, write_tiny_setup
+from server.cli import HTTP_PARSER
 
 CAP = 400  # the tiny server's --max-new-tokens-cap
 ERROR_KEYS = {"message", "type", "code"}
@@ -42,7 +43,8 @@ class ServedClient(httpx.Client):
 
         port = free_port()
         super().__init__(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                          http=HTTP_PARSER))
         self._thread = threading.Thread(target=self._server.run, name="test-uvicorn", daemon=True)
         self._start_timeout_s = start_timeout_s
 

@@ -1,0 +1,64 @@
+"""Steering inside vLLM: the steering maths of `fsrl.steering`, run inside
+vLLM's compiled model, per token, from fixed-shape buffers written before each step.
+
+How it fits into vLLM (0.32, V1 model runner):
+
+- `register` is a `vllm.general_plugins` entry point (pyproject.toml). vLLM calls it in every
+  process it starts (the front end, the engine core, each worker: `load_general_plugins` in
+  `vllm/v1/worker/worker_base.py: WorkerWrapperBase.init_worker`). It only names a new
+  architecture, `FsrlSteeredLlamaForCausalLM`, lazily (nothing is imported until a model of
+  that architecture is built), so having fsrl installed beside vLLM changes nothing else.
+- A request for steering picks that architecture with `hf_overrides={"architectures": [...],
+  "fsrl_steering": {...}}` (`steered_llm_kwargs`): the SAE folder, its layer, the adapters to
+  stack in the bank, the table sizes.
+- `fsrl.vllm_engine.model` builds the model: vLLM's own Llama, whose decoder layer at the SAE's
+  layer is followed by a `SteeringSite` (SAE, adapter bank, per-request table, per-token row
+  index, all registered buffers, sized once). Its forward is traced and compiled with the rest
+  of the model; it calls `fsrl.steering.steer` on every token.
+- Before each forward, `fsrl.vllm_engine.step` reads the runner's input batch (request ids in
+  batch order, `query_start_loc`) and each request's `SamplingParams.extra_args["fsrl"]`, and
+  writes the buffers in place.
+"""
+
+from __future__ import annotations
+
+ARCHITECTURE = "FsrlSteeredLlamaForCausalLM"
+EXTRA_ARGS_KEY = "fsrl"
+CONFIG_KEY = "fsrl_steering"
+# Per process: steps whose buffers were written, and runs of the steering site's Python outside
+# a compiled graph (a compiled graph never runs that branch: a check that the graph, not
+# eager Python, did the steering).
+COUNTERS = {"steps": 0, "eager_site_forwards": 0}
+
+
+def register() -> None:
+    """The `vllm.general_plugins` entry point: idempotent, cheap, imports no model code."""
+    from vllm import ModelRegistry
+
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(ARCHITECTURE, "fsrl.vllm_engine.model:SteeredLlamaForCausalLM")
+
+
+def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None = None,
+                       bank_slots: int = 4, table_rows: int | None = None) -> dict:
+    """Keyword arguments for `vllm.LLM` (or engine args) that build the steered model:
+    `adapters` maps adapter id -> folder, stacked in the bank at build time (at most
+    `bank_slots`); `table_rows`: requests steered at once (default: max_num_seqs)."""
+    spec = {"sae_dir": str(sae_dir), "layer": int(layer), "adapters": dict(adapters or {}),
+            "bank_slots": int(bank_slots)}
+    if table_rows is not None:
+        spec["table_rows"] = int(table_rows)
+    return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: spec},
+            # Prefix caching would let a steered request reuse another's (differently steered)
+            # KV blocks; a real engine salts each request (cache_salt) with its steering instead.
+            "enable_prefix_caching": False,
+            "worker_extension_cls": "fsrl.vllm_engine.worker.SteeringWorkerExtension"}
+
+
+def steering_extra_args(adapter: str | None = None, scale: float = 1.0,
+                        overrides: list[tuple[int, str, float]] | None = None,
+                        steer_from: int = 0) -> dict:
+    """`SamplingParams.extra_args` for one request's steering (plain JSON values)."""
+    return {EXTRA_ARGS_KEY: {"adapter": adapter, "scale": float(scale),
+                             "overrides": [[int(i), str(op), float(v)] for i, op, v in (overrides or [])],
+                             "steer_from": int(steer_from)}}

@@ -1,0 +1,184 @@
+"""The steered model vLLM builds: vLLM's Llama with a `SteeringSite` after the SAE's layer.
+
+Everything the compiled graph reads is a registered buffer of fixed shape, allocated when the
+model is built and written in place between steps (never reassigned), so the graph compiled
+once keeps reading the current values:
+
+    bank          the adapters' weights stacked in slots (`AdapterBank`: K x d_in x d_sae, ...)
+    table         one row per steered request (`fsrl.steering.SteeringRows`: scale, clamp,
+                  override index / op / value, steer_from, active) plus `table_slot` (its bank
+                  slot); the last row is never written: an unsteered token points at it
+    token_row     (max tokens,) the table row of each token of the step
+
+The forward gathers per-token views of the table and calls `fsrl.steering.steer` with one
+"row" per token (B = tokens, T = 1), each token's position from vLLM's own `positions`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+from fsrl.adapter import RowAdapters, SteeringAdapter, load_adapter
+from fsrl.errors import FsrlError
+from fsrl.sae import Sae, load_sae
+from fsrl.steering import SteeringBatch, SteeringRows, steer
+from fsrl.vllm_engine import CONFIG_KEY, COUNTERS
+from fsrl.vllm_engine.step import install_runner_hook
+
+log = logging.getLogger(__name__)
+
+
+class AdapterBank(RowAdapters, nn.Module):
+    """K adapter slots, stacked: `RowAdapters`' tensors and maths with one row per slot (not
+    per batch row), as buffers. `set_row(slot, adapter)` loads a slot in place."""
+
+    def __init__(self, slots: int, d_in: int, d_sae: int, device=None, dtype=torch.float32):
+        nn.Module.__init__(self)
+        RowAdapters.__init__(self, slots, d_in, d_sae, device=device or "cpu", dtype=dtype)
+        for name in ("W", "b", "b_in", "tau", "soft_threshold"):
+            self.register_buffer(name, self.__dict__.pop(name))
+
+    __call__ = RowAdapters.__call__  # x (K, T, d_in) -> v (K, T, d_sae), slot k through adapter k
+
+
+class SlotTable(nn.Module):
+    """What `SteeringRows` holds as its rows' adapters: each request row's bank slot (-1: none).
+    `set_row` is called by `SteeringRows.set_row` with the row's adapter."""
+
+    def __init__(self, rows: int, slot_of: dict[int, int], device=None):
+        super().__init__()
+        self.register_buffer("slot", torch.full((rows,), -1, dtype=torch.long, device=device))
+        self.slot_of = slot_of  # id(adapter object) -> bank slot
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.slot,)
+
+    def set_row(self, row: int, adapter: SteeringAdapter | None) -> None:
+        if adapter is None:
+            self.slot[row] = -1
+        elif id(adapter) not in self.slot_of:
+            raise FsrlError(f"adapter {adapter.id!r} is not in the bank")
+        else:
+            self.slot[row] = self.slot_of[id(adapter)]
+
+
+class _BankPush:
+    """`SteeringBatch.row_adapters` for a batch of tokens: v of each token from its bank slot
+    (every slot reads every token, then each token keeps its own slot's v: K x the cost of one
+    adapter, static shapes). xs (N, 1, d_in) -> v (N, 1, d_sae)."""
+
+    def __init__(self, bank: AdapterBank, slot: torch.Tensor):
+        self.bank, self.slot = bank, slot
+
+    def __call__(self, xs: torch.Tensor) -> torch.Tensor:
+        K = self.bank.W.shape[0]
+        v_all = self.bank(xs[:, 0, :][None].expand(K, -1, -1))                       # (K, N, d_sae)
+        pick = self.slot.clamp(min=0)[None, :, None].expand(1, -1, v_all.shape[-1])
+        v = v_all.gather(0, pick)[0]                                                  # (N, d_sae)
+        return torch.where((self.slot >= 0)[:, None], v, 0.0)[:, None, :]
+
+
+class SteeringSite(nn.Module):
+    """The SAE, the adapter bank, the request table and the per-token row index of one layer."""
+
+    def __init__(self, sae: Sae, bank_slots: int, table_rows: int, max_tokens: int,
+                 device=None, dtype=torch.float32):
+        super().__init__()
+        self.sae = sae
+        self.bank = AdapterBank(bank_slots, sae.d_in, sae.d_sae, device=device, dtype=dtype)
+        self.adapters: dict[str, SteeringAdapter] = {}  # id -> host copy (RowSteering names it)
+        self.slot_of: dict[int, int] = {}
+        self.empty_row = table_rows                      # never written: unsteered tokens
+        self.slots = SlotTable(table_rows + 1, self.slot_of, device=device)  # SteeringRows.set_row writes the slot
+        self.table = SteeringRows(table_rows + 1, sae, device=device or "cpu", dtype=dtype,
+                                  row_adapters=self.slots)
+        b = self.table.batch
+        for name in ("scale", "clamp", "override_index", "override_op", "override_value",
+                     "steer_from", "row_active"):
+            self.register_buffer(f"table_{name}", getattr(b, name))
+        self.register_buffer("token_row", torch.full((max_tokens,), self.empty_row, dtype=torch.long,
+                                                     device=device))
+        self.request_rows: dict[str, int] = {}           # request id -> table row (host side)
+
+    def load_adapter(self, adapter_id: str, adapter: SteeringAdapter) -> int:
+        """Put `adapter` in a free bank slot (in place); returns the slot."""
+        if adapter_id in self.adapters:
+            raise FsrlError(f"adapter {adapter_id!r} is already in the bank")
+        used = set(self.slot_of.values())
+        free = [k for k in range(self.bank.W.shape[0]) if k not in used]
+        if not free:
+            raise FsrlError("the adapter bank is full")
+        self.bank.set_row(free[0], adapter)
+        self.adapters[adapter_id] = adapter
+        self.slot_of[id(adapter)] = free[0]
+        return free[0]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (N, d_in) the residual stream after the layer, one row per token of the step;
+        positions: (N,) each token's position in its own request."""
+        if not torch.compiler.is_compiling():
+            COUNTERS["eager_site_forwards"] += 1
+        n = x.shape[0]
+        row = self.token_row[:n]
+        slot = self.slots.slot[row]
+        batch = SteeringBatch(
+            adapters=(), adapter_slot=slot, scale=self.table_scale[row], clamp=self.table_clamp[row],
+            override_index=self.table_override_index[row], override_op=self.table_override_op[row],
+            override_value=self.table_override_value[row], steer_from=self.table_steer_from[row],
+            row_active=self.table_row_active[row], any_active=True, any_clamp=True,
+            any_override=True, needs_f=True, capture_top=0, row_adapters=_BankPush(self.bank, slot))
+        return steer(x[:, None, :], self.sae, batch, positions[:, None]).x[:, 0, :]
+
+
+class SteeredDecoderLayer(LlamaDecoderLayer):
+    """vLLM's Llama layer, then steering on its output. vLLM's layer returns (hidden, residual),
+    whose sum is the residual stream (what the SAE reads, and what transformers' layer
+    returns); this one returns (steered stream, 0), so the next layer's fused add reads the
+    steered stream exactly (x' + 0 = x', and h + r is the same single add either way)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, site: SteeringSite):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.fsrl_site = site
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_states, residual = super().forward(positions, hidden_states, residual)
+        x = self.fsrl_site(hidden_states + residual, positions)
+        return x, torch.zeros_like(x)
+
+
+class SteeredLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM with a `SteeringSite` at the layer `hf_config.fsrl_steering`
+    names (see `fsrl.vllm_engine.steered_llm_kwargs`)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        spec = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)
+        if not spec:
+            raise FsrlError(f"{type(self).__name__} needs hf_overrides[{CONFIG_KEY!r}]")
+        sched = vllm_config.scheduler_config
+        layer = int(spec["layer"])
+        sae = load_sae(spec["sae_dir"])
+        max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
+        site = SteeringSite(sae, bank_slots=int(spec.get("bank_slots", 4)),
+                            table_rows=int(spec.get("table_rows") or sched.max_num_seqs),
+                            max_tokens=max_tokens)
+
+        def layer_type(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+            if int(prefix.rsplit(".", 1)[-1]) == layer:
+                return SteeredDecoderLayer(vllm_config=vllm_config, prefix=prefix, site=site)
+            return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix)
+
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        for adapter_id, folder in spec.get("adapters", {}).items():
+            site.load_adapter(adapter_id, load_adapter(folder, sae=sae, layer=layer))
+        self.fsrl_layer = layer
+        install_runner_hook()
+
+    @property
+    def fsrl_site(self) -> SteeringSite:
+        return self.model.layers[self.fsrl_layer].fsrl_site
