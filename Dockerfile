@@ -13,6 +13,11 @@ COPY pyproject.toml README.md ./
 COPY fsrl ./fsrl
 COPY server ./server
 RUN pip install "torch==2.13.0" && pip install .
+# WITH_VLLM=1 (compose's `vllm` profile): vLLM's CUDA build, which pins the same torch; the
+# audio and vision packages it pulls are not needed by text models.
+ARG WITH_VLLM=0
+RUN if [ "$WITH_VLLM" = "1" ]; then pip install "vllm==0.32.0" && \
+      pip uninstall -y torchvision torchaudio torchcodec; fi
 
 # Not root: the server reads adapters (mounted read-only) and writes only its model cache.
 RUN useradd --create-home --uid 10001 fsrl && mkdir -p /cache /adapters && chown fsrl /cache

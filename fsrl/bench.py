@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("--engine vllm: steering inside vLLM (needs `make vllm`)")
     engine.add_argument("--engine", choices=["fsrl", "vllm"], default="fsrl",
                         help="vllm: stock vLLM against the steered vLLM model, side by side, on "
-                             "the default model with --adapter (default adapters/concise)")
+                             "the default model with --adapter (default adapters/concise); with "
+                             "--serving: `fsrl serve --engine vllm` beside the default engine")
     engine.add_argument("--bank-slots", type=int, default=4,
                         help="adapters stacked in the steered model's bank (every slot runs on every token)")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
@@ -174,14 +175,13 @@ def _format_row(row: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
-        from fsrl.errors import FsrlError
-
-        if args.serving:
-            raise FsrlError("--serving --engine vllm: fsrl serve does not run on vLLM yet (docs/vllm.md)")
         import importlib.util
+
+        from fsrl.errors import FsrlError
 
         if importlib.util.find_spec("vllm") is None:
             raise FsrlError("--engine vllm needs vLLM installed in this environment (`make vllm`)")
+    if args.engine == "vllm" and not args.serving:
         from fsrl.vllm_engine import bench as vllm_bench
 
         args.out = args.out or "bench-results/vllm-bench.json"

@@ -11,6 +11,10 @@ a shared machine hits every figure alike):
 - steered/base: the mixed requests against the same requests with no steering, 1 and 8
   clients (tokens/s ratio).
 
+With `--engine vllm` it starts two servers, the default engine and `--engine vllm`, and
+measures them in turn in every round: each engine's table, and vLLM's tokens/s over the default
+engine's at each concurrency.
+
 Prints a table and writes JSON. The server is stopped by its PID.
 """
 
@@ -73,37 +77,44 @@ async def _send_all(client, bodies: list[dict], clients: int) -> dict:
     return {"wall_s": wall, "tokens": tokens, "latencies": latencies}
 
 
-async def _measure(url: str, args: argparse.Namespace, adapters: list[str], levels: list[int]) -> dict:
+async def _measure(urls: dict[str, str], args: argparse.Namespace, adapters: list[str],
+                   levels: list[int]) -> dict[str, dict[str, list[dict]]]:
+    """Each engine's samples, by figure. With two servers (one per engine) each round measures
+    one, then the other, so drift on the machine hits both alike."""
     import httpx
 
     n = max(*levels, 8)  # every level sends at least 8 requests
     mixed = mixed_requests(adapters, n, args.new_tokens)
     plain = mixed_requests(adapters, n, args.new_tokens, steered=False)
     one = mixed_requests(adapters, 1, args.new_tokens)[0]
-    samples: dict[str, list[dict]] = {}
-
-    def keep(name: str, result: dict) -> None:
-        samples.setdefault(name, []).append(result)
+    samples: dict[str, dict[str, list[dict]]] = {engine: {} for engine in urls}
 
     limits = httpx.Limits(max_connections=n + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) as client:
+    clients = {engine: httpx.AsyncClient(base_url=url, timeout=600.0, limits=limits) for engine, url in urls.items()}
+    try:
         # Warm-up, once at every concurrency: first calls at a batch shape (allocations, page
         # faults, kernel choice) cost more, and would land on whichever figure came first.
-        for c in levels:
-            await _send_all(client, mixed[:c], c)
-        await _send_all(client, [{**one, "compare": True}], 1)
+        for client in clients.values():
+            for c in levels:
+                await _send_all(client, mixed[:c], c)
+            await _send_all(client, [{**one, "compare": True}], 1)
         for rep in range(args.repeats):
             print(f"round {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
-            for c in levels:
-                bodies = mixed[:max(c, 8)] if c > 1 else mixed[:8]
-                keep(f"seq{len(bodies)}", await _send_all(client, bodies, 1))
-                keep(f"conc{c}", await _send_all(client, bodies, c))
-            for c in (1, 8):
-                keep(f"plain{c}", await _send_all(client, plain[:8], c))
-                keep(f"steered{c}", await _send_all(client, mixed[:8], c))
-            for _ in range(3):
-                keep("single", await _send_all(client, [one], 1))
-                keep("compare", await _send_all(client, [{**one, "compare": True}], 1))
+            for engine, client in clients.items():
+                keep = lambda name, result, e=engine: samples[e].setdefault(name, []).append(result)  # noqa: E731
+                for c in levels:
+                    bodies = mixed[:max(c, 8)] if c > 1 else mixed[:8]
+                    keep(f"seq{len(bodies)}", await _send_all(client, bodies, 1))
+                    keep(f"conc{c}", await _send_all(client, bodies, c))
+                for c in (1, 8):
+                    keep(f"plain{c}", await _send_all(client, plain[:8], c))
+                    keep(f"steered{c}", await _send_all(client, mixed[:8], c))
+                for _ in range(3):
+                    keep("single", await _send_all(client, [one], 1))
+                    keep("compare", await _send_all(client, [{**one, "compare": True}], 1))
+    finally:
+        for client in clients.values():
+            await client.aclose()
     return samples
 
 
@@ -146,47 +157,65 @@ def run(args: argparse.Namespace) -> int:
         raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
     from fsrl.server_process import ServerProcess
 
-    args_serve = ["--adapters-dir", str(adapters_dir), "--device", args.device,
-                  "--max-batch-rows", str(args.max_batch_rows)]
-    # Packed unless told not to, whatever FSRL_PACK_CPU_WEIGHTS says in this environment.
-    args_serve.append("--no-pack-cpu-weights" if args.pack_cpu_weights is False else "--pack-cpu-weights")
-    if args.compile_decode:  # the bench's prompts and new tokens fit well within 256 columns
-        args_serve += ["--compile-decode", "--static-cache-tokens", "256"]
-    else:
-        args_serve.append("--no-compile-decode")
+    # --engine vllm measures the vLLM engine beside the default one, two servers, one run.
+    engines = ["transformers", "vllm"] if args.engine == "vllm" else ["transformers"]
+    common = ["--adapters-dir", str(adapters_dir), "--max-batch-rows", str(args.max_batch_rows)]
     for flag, value in (("--model", args.model), ("--sae", args.sae)):
         if value:
-            args_serve += [flag, value]
-    log_path = Path(args.out).with_suffix(".server.log")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    proc = ServerProcess(args_serve, log_path=log_path)
-    try:
-        try:
-            proc.wait_ready(timeout_s=600, max_polls=6000)
-        except RuntimeError as exc:
-            raise FsrlError(f"the server did not start; see {log_path}") from exc
-        url = proc.url
-        health = httpx.get(f"{url}/health").json()
-        adapters = [a["id"] for a in httpx.get(f"{url}/adapters").json()["adapters"]]
-        if not adapters:
-            raise FsrlError(f"the server loaded no adapter from {adapters_dir}; see {log_path}")
-        samples = asyncio.run(_measure(url, args, adapters, levels))
-    finally:
-        proc.stop(timeout_s=30)
-    summary = _summarise(samples, levels)
-    columns = list(summary["concurrency"][0])
-    print(" | ".join(columns))
-    for row in summary["concurrency"]:
-        print(" | ".join(str(row[c]) for c in columns))
-    for key in ("compare/steered latency", "steered/base tok/s, 1 client", "steered/base tok/s, 8 clients"):
-        print(f"{key}: {summary[key]}")
+            common += [flag, value]
+    # Packed unless told not to, whatever FSRL_PACK_CPU_WEIGHTS says in this environment.
+    default = ["--device", args.device,
+               "--no-pack-cpu-weights" if args.pack_cpu_weights is False else "--pack-cpu-weights"]
+    if args.compile_decode:  # the bench's prompts and new tokens fit well within 256 columns
+        default += ["--compile-decode", "--static-cache-tokens", "256"]
+    else:
+        default.append("--no-compile-decode")
+    # vLLM's KV cache is sized to the server's limits: keep them to what the bench sends.
+    engine_args = {"transformers": default,
+                   "vllm": ["--engine", "vllm", "--max-prompt-tokens", "256", "--max-new-tokens-cap", "256"]}
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    procs: dict[str, ServerProcess] = {}
+    try:
+        for engine in engines:
+            log_path = out.with_suffix(".server.log" if len(engines) == 1 else f".{engine}.server.log")
+            procs[engine] = proc = ServerProcess([*common, *engine_args[engine]], log_path=log_path)
+            try:
+                proc.wait_ready(timeout_s=900, max_polls=9000)
+            except RuntimeError as exc:
+                raise FsrlError(f"the {engine} server did not start; see {log_path}") from exc
+        health = {engine: httpx.get(f"{proc.url}/health").json() for engine, proc in procs.items()}
+        adapters = [a["id"] for a in httpx.get(f"{procs['transformers'].url}/adapters").json()["adapters"]]
+        if not adapters:
+            raise FsrlError(f"the server loaded no adapter from {adapters_dir}")
+        samples = asyncio.run(_measure({e: p.url for e, p in procs.items()}, args, adapters, levels))
+    finally:
+        for proc in procs.values():
+            proc.stop(timeout_s=30)
+    summaries = {engine: _summarise(samples[engine], levels) for engine in engines}
+    for engine, summary in summaries.items():
+        print(f"engine: {engine}")
+        columns = list(summary["concurrency"][0])
+        print(" | ".join(columns))
+        for row in summary["concurrency"]:
+            print(" | ".join(str(row[c]) for c in columns))
+        for key in ("compare/steered latency", "steered/base tok/s, 1 client", "steered/base tok/s, 8 clients"):
+            print(f"{key}: {summary[key]}")
+    if len(engines) == 2:
+        side = {f"vllm/transformers tok/s, {row['clients']} clients": round(row["tok/s"] / ref["tok/s"], 3)
+                for row, ref in zip(summaries["vllm"]["concurrency"], summaries["transformers"]["concurrency"])}
+        summaries["vllm"]["against transformers"] = side
+        for key, value in side.items():
+            print(f"{key}: {value}")
+    summary = summaries[engines[-1]]
     out.write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name() if health["device"].startswith("cuda") else None},
-        "server": health, "adapters": adapters,
+                    "cuda": (torch.cuda.get_device_name()
+                             if health["transformers"]["device"].startswith("cuda") else None)},
+        "server": health["transformers"], "servers": health, "adapters": adapters,
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"},
-        "summary": summary, "samples": samples}, indent=1))
+        "summary": summary, "summaries": summaries, "samples": samples[engines[-1]],
+        "samples_by_engine": samples}, indent=1))
     print(f"wrote {out}")
     return 0

@@ -146,6 +146,13 @@ def mix_rows(text_rows: list[str], chat_rows: list[str], chat_share: float) -> l
     return out
 
 
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """A user turn as the model's chat template renders it, ready for the answer: token ids."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
 def chat_documents(path: str, tokenizer) -> Iterator[str]:
     """Each line's prompt and answer as the model's chat template renders them."""
     source = Path(path).expanduser()

@@ -115,19 +115,20 @@ class TinySetup:
     outside_dir: Path  # a valid adapter folder outside the adapters directory
 
 
-def write_tiny_setup(root: Path) -> TinySetup:
+def write_tiny_setup(root: Path, hidden: int = 64) -> TinySetup:
     """Tiny model + tokenizer, a labelled tiny SAE, and an adapters directory holding:
     `tiny` (good), `more/tiny-b` (good, other weights, nested so not loaded at start),
     `corrupt` (unreadable weights), `other-sae` (made for another SAE), `escape` (a symlink
     to a folder outside), `bad-meta` (a string where adapter.json needs a boolean), `link-out`
-    (a weights file that links outside), plus `no-meta` (no adapter.json, ignored)."""
+    (a weights file that links outside), plus `no-meta` (no adapter.json, ignored).
+    `hidden` 128 makes heads of 32, which vLLM's CPU attention takes (16 it does not)."""
     model_dir, sae_dir, adapters = root / "model", root / "sae", root / "adapters"
-    model, tokenizer = tiny_model(), tiny_tokenizer()
+    model, tokenizer = tiny_model(hidden=hidden), tiny_tokenizer()
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     fingerprint = model_fingerprint(model)
 
-    sae = tiny_sae(d_sae=D_SAE, layer=LAYER)
+    sae = tiny_sae(d_in=hidden, d_sae=D_SAE, layer=LAYER)
     sae.info.labels = {i: f"feature {i}" for i in range(0, D_SAE, 2)}  # odd ones unlabelled
     save_sae(sae, sae_dir)
 
@@ -141,7 +142,7 @@ def write_tiny_setup(root: Path) -> TinySetup:
     save_adapter(good, adapters / "corrupt")
     (adapters / "corrupt" / "adapter.safetensors").write_bytes(b"not a safetensors file")
 
-    other = tiny_adapter(tiny_sae(d_sae=D_SAE, layer=LAYER, seed=7), None, adapter_id="other",
+    other = tiny_adapter(tiny_sae(d_in=hidden, d_sae=D_SAE, layer=LAYER, seed=7), None, adapter_id="other",
                          layer=LAYER)
     other.config.base_model = dict(good.config.base_model)
     save_adapter(other, adapters / "other-sae")

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from fsrl.corpus import chat_ids
     from fsrl.generation import GenerationRequest, Generator
     from fsrl.models import load_base_model
     from fsrl.sae import default_sae_dir, load_sae
@@ -137,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     generator = Generator(base, sae, sae.info.layer)
     requests = []
     for number, (prompt, seed) in enumerate(pairs):
-        text = base.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                  add_generation_prompt=True, tokenize=False)
-        ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
-        requests.append(GenerationRequest(ids, RowSteering(), SamplingParams(
+        requests.append(GenerationRequest(chat_ids(base.tokenizer, prompt), RowSteering(), SamplingParams(
             max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=TOP_P,
             seed=seed * 100_000 + number)))
     args.out.parent.mkdir(parents=True, exist_ok=True)

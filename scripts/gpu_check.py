@@ -19,15 +19,18 @@ that hangs or fails still leaves the others' results:
   serving-setup  a random model (512 wide, 8 layers; the tests' character tokenizer), a 4,096-
                  feature SAE and two synthetic adapters, written to a temporary folder
   serving        fsrl bench --serving on them: `fsrl serve` under 1-16 concurrent clients
+  vllm           python -m fsrl.vllm_engine.check: steering inside vLLM's compiled model against
+                 fsrl's own engine, token for token (tiny model), when the machine has vLLM (its
+                 CUDA wheel, ~400 MB, cannot travel in a device call's 64 MiB); skipped otherwise
 
 Before each step its imports are tried; a step whose packages are missing (no wheelhouse, or
 no wheel for this Python in it) is skipped with the reason in the JSON, and does not fail the
 check. `--dry-run` runs the same steps on the CPU with tiny shapes (and --install all, so the
 install is real), and the test suite runs it, so the script cannot rot between GPU sessions.
 
-Output, seven files (the device tool brings back eight): OUT/gpu-check.json, OUT/summary.md,
-OUT/gpu-check.log (every step's output in turn), tests.xml, bench.json, bench-serving.json and
-its .server.log. The JSON and summary are rewritten after every step.
+Output, up to eight files: OUT/gpu-check.json, OUT/summary.md, OUT/gpu-check.log (every
+step's output in turn), tests.xml, bench.json, bench-serving.json and its .server.log, and
+vllm-check.json when the vllm step ran. The JSON and summary are rewritten after every step.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from _wheels import MANIFEST, WheelhouseError, installed_versions, list_wheels, plan_install  # noqa: E402
 
 OUTPUTS = ["gpu-check.json", "summary.md", "gpu-check.log", "tests.xml", "bench.json", "bench-serving.json",
-           "bench-serving.server.log"]
+           "bench-serving.server.log", "vllm-check.json"]
 # Modules each step imports beyond torch and transformers, tried before it runs.
 PROBES = {
     "tests": ["pytest", "pydantic", "httpx", "safetensors"],
     "bench": ["pydantic", "safetensors"],
     "serving-setup": ["pydantic", "safetensors", "httpx", "tokenizers"],
     "serving": ["fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client", "httpx"],
+    "vllm": ["vllm", "safetensors"],
 }
 PROBE = ("import importlib, json, sys\n"
          "found = {}\n"
@@ -74,7 +78,7 @@ PROBE = ("import importlib, json, sys\n"
          "print(json.dumps(found))\n")
 # (seconds on a GPU, seconds in a dry run): each step's own limit, within the budget.
 LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "serving-setup": (60, 60),
-          "serving": (150, 120)}
+          "serving": (150, 120), "vllm": (240, 240)}
 MIN_STEP_S = 20  # a step is not started with less of the budget left
 SERVING_SHAPES = {"gpu": {"hidden": 512, "n_layers": 8, "d_sae": 4096, "layer": 4},
                   "cpu": {"hidden": 64, "n_layers": 2, "d_sae": 256, "layer": 1}}
@@ -313,6 +317,10 @@ def summary(report: dict) -> str:
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in serving["concurrency"]]
         lines += [""] + [f"- {k}: {v}" for k, v in serving.items() if k != "concurrency"]
+    vllm = report.get("vllm")
+    if vllm and "got" in vllm:
+        lines += ["", f"vllm: {len(vllm['got'])} steering cases against fsrl's own engine, "
+                      f"{vllm['failures']} failures (vllm-check.json)"]
     return "\n".join(lines) + "\n"
 
 
@@ -333,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=None,
                         help="also the compiled static decode (default: on a GPU, not in a dry run)")
+    parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
+                        help="also the vLLM steering check, when vLLM is installed (default: on a GPU, "
+                             "not in a dry run)")
     parser.add_argument("--serving-compile", action="store_true",
                         help="serve with --compile-decode in the serving bench (compiles at start)")
     args = parser.parse_args(argv)
@@ -406,6 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                 if serving_json.exists():
                     done = json.loads(serving_json.read_text())
                     report["serving"].update({k: done.get(k) for k in ("server", "adapters", "summary")})
+        report["vllm"] = {}
+        if not (args.vllm if args.vllm is not None else not args.dry_run):
+            check.skip("vllm", "not asked for (--vllm)")
+        else:
+            vllm_json = out / "vllm-check.json"
+            check.step("vllm", [sys.executable, "-m", "fsrl.vllm_engine.check", "--root", str(scratch / "vllm"),
+                                "--json", str(vllm_json)], PROBES["vllm"])
+            if vllm_json.exists():
+                report["vllm"] = json.loads(vllm_json.read_text())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if check.site:

@@ -3,7 +3,6 @@ lifespan, and live in the state it yields (requests reach it through `deps.State
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +16,7 @@ from server.http_errors import ERROR_RESPONSES, BodySizeLimit, install_error_han
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, features, generate, health, openai, playground
 from server.settings import Settings
-from server.state import load_state
+from server.state import start_state
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict]:
         try:
-            state = await asyncio.to_thread(load_state, settings)
+            state = await start_state(settings)
         except FsrlError as exc:
             app.state.startup_error = str(exc)  # for `fsrl serve` to report in one line
             raise

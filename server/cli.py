@@ -6,6 +6,7 @@ Heavy imports stay inside `run`: the `fsrl` command reads this module's docstrin
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import logging
 from pathlib import Path
@@ -54,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-no-auth", action="store_true", default=None,
                         help="serve a non-loopback --host without FSRL_API_KEY (refused otherwise): "
                              "anyone who reaches the port can generate and swap adapters")
+    parser.add_argument("--engine", choices=["transformers", "vllm"],
+                        help="what runs the model: fsrl's own continuous batching over transformers, "
+                             "or vLLM with the steering compiled into its model (needs "
+                             "pip install 'fsrl[vllm]'; docs/vllm.md) (default: transformers)")
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        help="with --engine vllm: GPUs (ranks) the model is split over (default: 1)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="with --engine vllm: run without vLLM's compiled graph (starts faster, "
+                             "decodes slower)")
     parser.add_argument("--static-cache-tokens", type=int,
                         help="with --compile-decode, the cache length: prompt plus new tokens of "
                              "any request (default: --max-prompt-tokens + --max-new-tokens-cap, "
@@ -96,6 +106,18 @@ def _preflight(settings) -> None:
         raise FsrlError(f"model not found: {model}")
     if settings.static_cache_tokens is not None and not settings.compile_decode:
         raise FsrlError("--static-cache-tokens sizes the cache of --compile-decode; pass both")
+    if settings.engine == "vllm":
+        from fsrl.models import DEFAULT_MODEL_ALIASES
+
+        if settings.compile_decode:
+            raise FsrlError("--compile-decode is the transformers engine's; vLLM compiles its own graph")
+        if model and not (model in DEFAULT_MODEL_ALIASES or Path(model).expanduser().is_dir()):
+            raise FsrlError("--engine vllm serves a transformers model folder or the embedded default, "
+                            f"not {model!r}")
+        if importlib.util.find_spec("vllm") is None:
+            raise FsrlError("--engine vllm needs vLLM installed: pip install 'fsrl[vllm]' (docs/vllm.md)")
+    elif settings.tensor_parallel_size > 1 or settings.enforce_eager:
+        raise FsrlError("--tensor-parallel-size and --enforce-eager are for --engine vllm")
     if not (settings.sae_path / "cfg.json").is_file():
         raise FsrlError(f"no SAE at {settings.sae_path} (cfg.json missing); pass --sae DIR")
 
@@ -114,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
         pack_cpu_weights=args.pack_cpu_weights, compile_decode=args.compile_decode,
         static_cache_tokens=args.static_cache_tokens, max_adapters=args.max_adapters,
-        stream_send_timeout=args.stream_send_timeout, insecure_no_auth=args.insecure_no_auth)
+        stream_send_timeout=args.stream_send_timeout, insecure_no_auth=args.insecure_no_auth,
+        engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

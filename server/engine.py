@@ -101,6 +101,8 @@ class Engine:
     and only the jobs that fail alone are answered with an error. If the worker itself stops, every
     job waiting or running is answered and `alive` turns false (`/health` says 503)."""
 
+    returns_features = True  # each token's top steered features, when a request asks
+
     def __init__(self, generator: Generator, model_thread: ModelThread, max_pending: int = 64,
                  max_batch_rows: int = 16, observe_batch: Callable[[int], None] | None = None):
         self.generator = generator

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -41,6 +41,12 @@ def _shown(path: str | Path) -> str:
     """A client's path as messages show it: as given (never resolved), cut to 200 characters."""
     text = str(path)
     return text if len(text) <= 200 else text[:200] + "..."
+
+
+class AdapterCopies(Protocol):
+    async def add(self, adapter: FsrlAdapter, folder: str, weights_sha256_16: str | None) -> Any: ...
+
+    async def retire(self, adapter: FsrlAdapter) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class AdapterRegistry:
         # One lock per id while a load or unload of it runs; removed when no one holds it, so
         # the table never outgrows the ids being worked on.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # An engine that holds its own copy of each version (the vLLM engine's bank): told of
+        # a version before the registry serves it, and of a version the registry stopped serving.
+        self.bank: AdapterCopies | None = None
 
     def __len__(self) -> int:
         return len(self._adapters)
@@ -210,7 +219,12 @@ class AdapterRegistry:
                 raise ConflictError(f"the server holds its limit of {self.max_adapters} adapters; "
                                     "unload one first")
             entry = await asyncio.to_thread(self._load, adapter_id, folder, _shown(path))
+            if self.bank is not None:
+                await self.bank.add(entry.adapter, str(entry.path), entry.weights_sha256_16)
+            old = self._adapters.get(adapter_id)
             self._adapters = {**self._adapters, adapter_id: entry}
+            if self.bank is not None and old is not None:
+                await self.bank.retire(old.adapter)
             self._on_device.pop(adapter_id, None)
             self._pushes.pop(adapter_id, None)  # else it pins the replaced weights until asked
         log.info("adapter %s %s from %s", adapter_id, "replaced" if existed else "loaded", folder)
@@ -219,8 +233,10 @@ class AdapterRegistry:
     async def unload(self, adapter_id: str) -> None:
         self.entry(adapter_id)  # 404 for an unknown id before anything is kept for it
         async with self._locked(adapter_id):
-            self.entry(adapter_id)
+            old = self.entry(adapter_id)
             self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
+            if self.bank is not None:
+                await self.bank.retire(old.adapter)
             self._on_device.pop(adapter_id, None)
             self._pushes.pop(adapter_id, None)
         log.info("adapter %s unloaded", adapter_id)

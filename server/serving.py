@@ -112,6 +112,9 @@ def check(state: ServerState, params: GenerateParams) -> None:
     adapter's name, a text too long to fit in the prompt limit whatever its tokens, and the
     rows a request may hold. (The overrides are checked against the SAE as the rows are built.)"""
     state.engine.check_capacity()
+    if params.return_features and not state.engine.returns_features:
+        raise InvalidField("return_features", "this server's engine (vLLM) does not return features yet; "
+                                              "send 0, or use a server started with --engine transformers")
     if params.adapter is not None:
         state.registry.entry(params.adapter)  # 404 now; the copy onto the device comes later
     chars, field_name = _prompt_chars(params)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fsrl.errors import FsrlError
 from fsrl.sae import default_sae_dir
+
+
+VLLM_DEFAULT_MAX_ADAPTERS = 4
 
 
 class Settings(BaseSettings):
@@ -33,6 +36,9 @@ class Settings(BaseSettings):
     static_cache_tokens: int | None = Field(None, ge=8)  # its cache length; None: prompt + new-token caps
     max_adapters: int = Field(64, ge=1)      # adapters loaded at once; more loads get 409
     stream_send_timeout: float = Field(60.0, gt=0)  # seconds a streaming client may read nothing
+    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: needs fsrl[vllm]
+    tensor_parallel_size: int = Field(1, ge=1)  # vLLM engine: ranks the model is split over
+    enforce_eager: bool = False              # vLLM engine: no compiled graph (starts faster)
     api_key: SecretStr | None = None
     admin_key: SecretStr | None = None
     insecure_no_auth: bool = False           # serve a non-loopback address without an API key
@@ -41,6 +47,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value  # FSRL_API_KEY= (empty) must not lock every route
+
+    @model_validator(mode="after")
+    def _vllm_bank_default(self) -> "Settings":
+        # vLLM's adapter bank runs every slot on every token: hold few unless told otherwise.
+        if self.engine == "vllm" and "max_adapters" not in self.model_fields_set:
+            self.max_adapters = VLLM_DEFAULT_MAX_ADAPTERS
+        return self
 
     @property
     def sae_path(self) -> Path:

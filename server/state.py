@@ -1,15 +1,18 @@
 """What the server holds while it runs: the model, the SAE, the adapters and the engine.
 
-Built once in the app's lifespan (`load_state`), handed to requests through `deps.StateDep`.
+Built once in the app's lifespan (`start_state`: `load_state` for the default engine, the vLLM
+engine's own start otherwise), handed to requests through `deps.StateDep`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import torch
 
@@ -20,10 +23,11 @@ from fsrl.features import dashboards
 from fsrl.features.classes import read_classes
 from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
-from fsrl.models import BaseModel, load_base_model, resolve_device
+from fsrl.models import DEFAULT_MODEL_ALIASES, BaseModel, ensure_default_model, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
 from fsrl.static_decode import StaticDecoder, use_static_decode
 from server.engine import Engine
+from server.vllm_engine import SPARE_BANK_SLOTS, VllmEngine
 from server.metrics import EngineFigures, Metrics
 from server.model_thread import ModelThread
 from server.registry import AdapterRegistry
@@ -39,8 +43,12 @@ class ServerState:
     sae: Sae
     layer: int
     registry: AdapterRegistry
-    engine: Engine
+    engine: Engine | VllmEngine
     packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
+    # Prompt + generated tokens a request may have (None: unknown, not checked): what the
+    # model attends over, and with static decoding or vLLM what its cache holds.
+    max_positions: int | None = None
+    compiled_decode: bool = False
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     features: FeatureIndex | None = None  # labels and dashboards, for /features
@@ -67,16 +75,6 @@ class ServerState:
         """The longest text one token stands for: a prompt longer than the prompt-token limit
         times this cannot fit, and is refused without tokenising it."""
         return max((len(s) for s in self.token_strings), default=1) or 1
-
-    @property
-    def compiled_decode(self) -> bool:
-        return self.engine.generator.static_decoder is not None
-
-    @property
-    def max_positions(self) -> int | None:
-        """Prompt + generated tokens a request may have (None: unknown, not checked): what the
-        model attends over, and with static decoding what its cache holds."""
-        return _max_positions(self.base, self.engine.generator.static_decoder)
 
     def close(self) -> None:
         self.engine.close()
@@ -105,8 +103,63 @@ def load_state(settings: Settings) -> ServerState:
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
                         engine=engine, packed_cpu_weights=packed, metrics=metrics,
-                        features=load_feature_index(settings.sae_path, sae))
+                        features=load_feature_index(settings.sae_path, sae),
+                        max_positions=_max_positions(base, generator.static_decoder),
+                        compiled_decode=generator.static_decoder is not None)
     state.max_chars_per_token  # measured once, at start, not on a request
+    return state
+
+
+async def start_state(settings: Settings) -> ServerState:
+    """The state of either engine; the vLLM engine starts on the running event loop (its
+    output handler lives there)."""
+    if settings.engine != "vllm":
+        return await asyncio.to_thread(load_state, settings)
+    from server.vllm_engine import AdapterBank, VllmEngine, VllmOptions, kv_cache_bytes, start_async_llm
+
+    # A host copy of the model (on the CPU) tokenises, names the fingerprint adapters are
+    # checked against, and measures feature rankings; vLLM runs its own copy.
+    model_thread = ModelThread()
+    try:
+        generator, reference, _ = await asyncio.to_thread(
+            model_thread.call, _load_model, settings.model_copy(update={"pack_cpu_weights": False}),
+            torch.device("cpu"))
+    finally:
+        model_thread.close()
+    base, sae, layer = generator.base, generator.sae, generator.layer
+    registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint, device=torch.device("cpu"),
+                               dtype=base.dtype, reference=reference, max_adapters=settings.max_adapters)
+    await asyncio.to_thread(registry.load_directory)
+    max_positions = _max_positions(base, None)
+    max_len = settings.max_prompt_tokens + settings.max_new_tokens_cap
+    options = VllmOptions(model=str(_model_folder(settings.model)), sae_dir=str(settings.sae_path), layer=layer,
+                          dtype=str(base.dtype).removeprefix("torch."),
+                          max_model_len=min(max_len, max_positions or max_len),
+                          max_num_seqs=max(settings.max_batch_rows, 2),
+                          bank_slots=settings.max_adapters + SPARE_BANK_SLOTS,
+                          kv_cache_bytes=kv_cache_bytes(base.model.config, base.dtype.itemsize,
+                                                        max(settings.max_batch_rows, 2) * min(max_len, max_positions or max_len)),
+                          tensor_parallel_size=settings.tensor_parallel_size,
+                          enforce_eager=settings.enforce_eager)
+    log.info("starting vLLM (%s)", options)
+    llm = start_async_llm(options)
+    try:
+        bank = AdapterBank(llm, options.bank_slots)
+        for entry in registry.entries():
+            await bank.add(entry.adapter, str(entry.path), entry.weights_sha256_16)
+        registry.bank = bank
+        metrics = Metrics()
+        engine = VllmEngine(llm, base.tokenizer, generator.eos_ids, bank, max_pending=settings.max_queue)
+    except BaseException:
+        llm.shutdown()
+        raise
+    metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
+                                                   engine.failed_jobs, engine.alive))
+    state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry, engine=engine,
+                        packed_cpu_weights=False, metrics=metrics,
+                        features=load_feature_index(settings.sae_path, sae),
+                        max_positions=options.max_model_len)
+    state.max_chars_per_token
     return state
 
 
@@ -161,6 +214,13 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
             sae.pack_for_cpu()
             log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
     return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed
+
+
+def _model_folder(spec: str | None) -> Path:
+    """The transformers folder vLLM loads: the embedded default's, or the one given."""
+    if spec is None or spec in DEFAULT_MODEL_ALIASES:
+        return ensure_default_model(progress=False)
+    return Path(spec).expanduser()
 
 
 def _max_positions(base: BaseModel, decoder: StaticDecoder | None) -> int | None:

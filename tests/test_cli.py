@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from fsrl.errors import FsrlError
+
 
 def run_fsrl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fsrl.cli", *args], capture_output=True,
@@ -97,3 +99,37 @@ def test_loopback_addresses_need_no_key():
 
     assert all(map(is_loopback, ["127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"]))
     assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.5", "myhost.example"]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tensor-parallel-size", "2"], "fsrl: error: --tensor-parallel-size and --enforce-eager are for --engine vllm"),
+    (["--engine", "vllm", "--compile-decode"],
+     "fsrl: error: --compile-decode is the transformers engine's; vLLM compiles its own graph"),
+    (["--engine", "vllm", "--model", "model.gguf"],
+     "fsrl: error: --engine vllm serves a transformers model folder or the embedded default, not 'model.gguf'"),
+])
+def test_engine_flags_that_do_not_go_together_are_one_line(flags, message):
+    done = run_fsrl("serve", *flags)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [message]
+
+
+def test_without_vllm_installed_the_vllm_engine_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    from server.cli import _preflight
+    from server.settings import load_settings
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(FsrlError, match=r"--engine vllm needs vLLM installed: pip install 'fsrl\[vllm\]'"):
+        _preflight(load_settings(engine="vllm"))
+
+
+def test_the_vllm_engine_holds_few_adapters_unless_told_otherwise(monkeypatch):
+    from server.settings import load_settings
+
+    monkeypatch.delenv("FSRL_MAX_ADAPTERS", raising=False)
+    assert load_settings().max_adapters == 64
+    assert load_settings(engine="vllm").max_adapters == 4  # every bank slot runs on every token
+    assert load_settings(engine="vllm", max_adapters=9).max_adapters == 9

@@ -3,25 +3,39 @@
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def compose_service() -> dict:
-    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["fsrl"]
+SERVICES = ("fsrl", "fsrl-vllm")  # one GPU; the `vllm` profile: the model over several
 
 
-def test_compose_publishes_on_loopback_unless_told_otherwise():
-    (port,) = compose_service()["ports"]
+def compose_service(name: str = "fsrl") -> dict:
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][name]
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_publishes_on_loopback_unless_told_otherwise(name):
+    (port,) = compose_service(name)["ports"]
     assert port.startswith("${FSRL_BIND:-127.0.0.1}:")
 
 
-def test_compose_requires_an_api_key_and_mounts_adapters_read_only():
-    service = compose_service()
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_requires_an_api_key_and_mounts_adapters_read_only(name):
+    service = compose_service(name)
     assert re.fullmatch(r"\$\{FSRL_API_KEY:\?.+\}", service["environment"]["FSRL_API_KEY"])
     assert "./adapters:/adapters:ro" in service["volumes"]
     assert "/health" in " ".join(service["healthcheck"]["test"])
+
+
+def test_the_vllm_profile_serves_on_vllm_over_several_gpus_with_a_pinned_vllm():
+    service = compose_service("fsrl-vllm")
+    assert service["profiles"] == ["vllm"] and service["environment"]["FSRL_ENGINE"] == "vllm"
+    assert service["build"]["args"]["WITH_VLLM"] == "1"
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == "all"
+    assert '"vllm==0.32.0"' in (REPO / "Dockerfile").read_text()
 
 
 def test_the_image_runs_as_a_user_on_pinned_versions():

@@ -16,7 +16,7 @@ def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
     assert r.json() == {"status": "ok", "worker": "running", "model": setup.model_dir.name,
                         "sae": "random-topk-256",
                         "layer": 1, "device": "cpu", "packed_cpu_weights": True,
-                        "compiled_decode": False, "adapters": 1}
+                        "compiled_decode": False, "engine": "transformers", "adapters": 1}
 
 
 def test_a_cpu_server_packs_its_model_sae_and_adapters(setup):

@@ -20,6 +20,7 @@ import logging
 import zlib
 from pathlib import Path
 
+from fsrl.corpus import chat_ids
 from fsrl.demo.prompts import demo_prompts
 from fsrl.demo.rules import RULES
 
@@ -31,12 +32,6 @@ VARIANTS = {"plain": "", **{name: rule.hint for name, rule in RULES.items()}}
 
 def seed_for(prompt_id: str, variant: str) -> int:
     return zlib.crc32(f"{prompt_id}/{variant}".encode())
-
-
-def chat_ids(tokenizer, text: str) -> list[int]:
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                             add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
 
 def generate(out: Path, batch_size: int = 32, model: str | None = None, limit: int | None = None) -> Path:

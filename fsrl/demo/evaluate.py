@@ -26,7 +26,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from fsrl.demo.build_data import chat_ids, seed_for
+from fsrl.corpus import chat_ids
+from fsrl.demo.build_data import seed_for
 from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, demo_prompts, eval_prompts, eval_set_digest
 from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, list_items
 

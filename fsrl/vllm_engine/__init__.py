@@ -50,7 +50,8 @@ def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None
         spec["table_rows"] = int(table_rows)
     return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: spec},
             # Prefix caching would let a steered request reuse another's (differently steered)
-            # KV blocks; a real engine salts each request (cache_salt) with its steering instead.
+            # KV blocks, unless each steered prompt carries its steering as `cache_salt` (as
+            # `fsrl serve --engine vllm` does, and turns it on).
             "enable_prefix_caching": False,
             "worker_extension_cls": "fsrl.vllm_engine.worker.SteeringWorkerExtension"}
 

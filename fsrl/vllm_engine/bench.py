@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
+    from fsrl.corpus import chat_ids
     from fsrl.models import ensure_default_model
     from fsrl.sae import default_sae_dir, load_sae
     from fsrl.vllm_engine import steered_llm_kwargs, steering_extra_args
@@ -52,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model = str(ensure_default_model(progress=False))
     layer = load_sae(default_sae_dir()).info.layer
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                       add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     batches = [int(b) for b in args.batches.split(",")]
     common = dict(model=model, dtype="float32", enforce_eager=args.eager, max_model_len=512,
                   max_num_seqs=max(batches), seed=0, enable_prefix_caching=False)

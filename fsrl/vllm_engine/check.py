@@ -79,14 +79,13 @@ def default_setup(adapters_dir: Path) -> Setup:
     """The embedded default model, the shipped SAE and the shipped adapters."""
     from transformers import AutoTokenizer
 
+    from fsrl.corpus import chat_ids
     from fsrl.models import ensure_default_model
     from fsrl.sae import default_sae_dir, load_sae
 
     model = ensure_default_model(progress=False)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                       add_generation_prompt=True),
-                         add_special_tokens=False)["input_ids"] for text in DEFAULT_PROMPTS]
+    prompts = [chat_ids(tokenizer, text) for text in DEFAULT_PROMPTS]
     layer = load_sae(default_sae_dir()).info.layer
     # Its residual stream at the SAE's layer is ~150 in norm: a clamp of 8 moves no token.
     return Setup(str(model), str(default_sae_dir()), layer, ("concise", str(adapters_dir / "concise")),

@@ -118,6 +118,14 @@ class SteeringSite(nn.Module):
         self.slot_of[id(adapter)] = free[0]
         return free[0]
 
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Free `adapter_id`'s bank slot (zeroed in place). The caller makes sure no running
+        request names it any more."""
+        adapter = self.adapters.pop(adapter_id, None)
+        if adapter is None:
+            raise FsrlError(f"adapter {adapter_id!r} is not in the bank")
+        self.bank.set_row(self.slot_of.pop(id(adapter)), None)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (N, d_in) the residual stream after the layer, one row per token of the step;
         positions: (N,) each token's position in its own request."""

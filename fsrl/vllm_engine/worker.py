@@ -1,9 +1,13 @@
 """Methods vLLM adds to each of its workers (`worker_extension_cls`), called on every rank at
-once through `LLM.collective_rpc(name, args=...)`."""
+once through `LLM.collective_rpc(name, args=...)` (or `AsyncLLM.collective_rpc`)."""
 
 from __future__ import annotations
 
-from fsrl.adapter import load_adapter
+from pathlib import Path
+
+from fsrl.adapter import WEIGHTS_FILE, load_adapter
+from fsrl.errors import FsrlError
+from fsrl.files import sha256_of
 from fsrl.vllm_engine import COUNTERS
 
 
@@ -13,12 +17,19 @@ class SteeringWorkerExtension:
     def _fsrl_site(self):
         return self.model_runner.model.fsrl_site
 
-    def fsrl_load_adapter(self, adapter_id: str, folder: str) -> int:
+    def fsrl_load_adapter(self, adapter_id: str, folder: str, weights_sha256_16: str | None = None) -> int:
         """Load an adapter into a free bank slot, in place (the compiled graph keeps reading
-        the bank where it is); returns the slot."""
+        the bank where it is); returns the slot. With `weights_sha256_16`, the weights file
+        must still be the one the caller checked (every rank reads the same version)."""
         site = self._fsrl_site()
+        if weights_sha256_16 is not None and sha256_of(Path(folder) / WEIGHTS_FILE, 16) != weights_sha256_16:
+            raise FsrlError(f"the weights of adapter {adapter_id!r} changed on disk while it was loading")
         return site.load_adapter(adapter_id, load_adapter(folder, sae=site.sae,
                                                           layer=self.model_runner.model.fsrl_layer))
+
+    def fsrl_unload_adapter(self, adapter_id: str) -> None:
+        """Free the adapter's bank slot (no running request may name it)."""
+        self._fsrl_site().unload_adapter(adapter_id)
 
     def fsrl_counters(self) -> dict[str, int]:
         """How often `prepare_step` wrote the buffers, and how often the steering site's Python

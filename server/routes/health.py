@@ -18,7 +18,8 @@ async def health(state: StateDep) -> dict:
     return {"status": "ok", "worker": "running", "model": state.base.name, "sae": state.sae.info.name,
             "layer": state.layer, "device": str(state.base.device),
             "packed_cpu_weights": state.packed_cpu_weights,
-            "compiled_decode": state.compiled_decode, "adapters": len(state.registry)}
+            "compiled_decode": state.compiled_decode, "engine": state.settings.engine,
+            "adapters": len(state.registry)}
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

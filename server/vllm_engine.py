@@ -1,0 +1,322 @@
+"""The engine on vLLM (`fsrl serve --engine vllm`): the face of `server/engine.py`'s `Engine`
+(`check_capacity`, `submit`, `stream`, `generate`, `close`, `alive` and its counters) over
+vLLM's `AsyncLLM`, run in this process, its engine core and workers in their own.
+
+Every row of a job is one vLLM request. Its steering travels as `SamplingParams.extra_args`
+(`fsrl.vllm_engine.steering_extra_args`) and is applied inside vLLM's compiled model
+(`fsrl/vllm_engine/`); its tokens come back one step at a time and go through the same
+`fsrl.generation.DecodeRow` the default engine uses, so detokenising, stop strings, EOS and
+`max_new_tokens` behave the same on both engines. A row that ends on a stop string aborts its
+vLLM request.
+
+Adapters live in a bank of fixed slots inside the model. Each version the registry loads gets
+its own bank key (`id#n`), loaded on every worker before the registry serves it; a replaced or
+unloaded version keeps its slot until the last request that started with it ends, so a swap
+never changes a generation under way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fsrl.errors import ConflictError, FsrlError
+from fsrl.generation import (DecodeRow, EventsByRow, GenerationRequest, GenerationResult, LogProbs,
+                             TokenEvent)
+from fsrl.sampling import MIN_TEMPERATURE
+from server.engine import EngineJob, Ticket, job_results
+from server.errors import EngineStopped, GenerationFailed, Overloaded
+
+log = logging.getLogger(__name__)
+
+# Bank slots beyond the adapters the registry may hold: room for a replaced version to finish
+# its running requests while the new one serves.
+SPARE_BANK_SLOTS = 2
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    model: str                  # a transformers folder
+    sae_dir: str
+    layer: int
+    dtype: str                  # "float32", "bfloat16", ...
+    max_model_len: int
+    max_num_seqs: int
+    bank_slots: int
+    kv_cache_bytes: int         # what max_num_seqs requests of max_model_len tokens hold
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    seed: int = 0
+
+    def engine_args(self) -> dict[str, Any]:
+        from fsrl.vllm_engine import steered_llm_kwargs
+
+        return dict(model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager,
+                    max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
+                    max_num_batched_tokens=max(2048, self.max_model_len), seed=self.seed,
+                    tensor_parallel_size=self.tensor_parallel_size,
+                    distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
+                    disable_log_stats=True, kv_cache_memory_bytes=self.kv_cache_bytes,
+                    **{**steered_llm_kwargs(self.sae_dir, self.layer, bank_slots=self.bank_slots,
+                                            table_rows=self.max_num_seqs),
+                       # Safe here: every steered request's prompt carries its steering as cache salt.
+                       "enable_prefix_caching": True})
+
+
+def kv_cache_bytes(model_config: Any, dtype_bytes: int, tokens: int) -> int:
+    """Bytes of KV cache `tokens` tokens take in every layer (keys and values), at least 64 MiB.
+    Sized to what the server admits rather than to a share of the device: on vLLM's CPU build
+    that share is of the machine's memory, reserved whether used or not."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return max(per_token * tokens, 64 << 20)
+
+
+def start_async_llm(options: VllmOptions):
+    """vLLM's AsyncLLM with the steered model; call on the event loop that will use it."""
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**options.engine_args()))
+
+
+class AdapterBank:
+    """Which adapter version sits under which bank key, and how many running rows use it.
+    Keys are loaded on every worker before the registry serves the version; a retired key
+    (replaced or unloaded) is freed when its last row ends."""
+
+    def __init__(self, llm, slots: int):
+        self.llm, self.slots = llm, slots
+        # id(adapter object) -> (the object, kept alive so its id stays its own; its key), from
+        # the load until the slot is freed.
+        self._key_of: dict[int, tuple[Any, str]] = {}
+        self._users: dict[str, int] = {}        # key -> running rows
+        self._retired: set[str] = set()
+        self._count = itertools.count(1)
+
+    def key(self, adapter: Any) -> str:
+        """The bank key of this adapter object: the version a request resolved keeps serving
+        it until it ends, even when it was replaced meanwhile (as on the default engine)."""
+        found = self._key_of.get(id(adapter))
+        if found is None:  # replaced, and its last request ended, between resolving and queueing
+            raise Overloaded(f"adapter {adapter.id!r} was replaced or unloaded while this request "
+                             "was prepared; retry")
+        return found[1]
+
+    async def add(self, adapter: Any, folder: str, weights_sha256_16: str | None) -> str:
+        if len(self._users) >= self.slots:
+            raise ConflictError(f"all {self.slots} adapter slots of the vLLM engine are in use (replaced "
+                                "versions keep theirs until their requests end); retry shortly")
+        key = f"{adapter.id}#{next(self._count)}"
+        self._users[key] = 0  # holds the slot from now on
+        try:
+            await self.llm.collective_rpc("fsrl_load_adapter", args=(key, folder, weights_sha256_16))
+        except Exception as exc:
+            del self._users[key]
+            raise FsrlError(f"the vLLM workers could not load adapter {adapter.id!r}: {exc}") from exc
+        self._key_of[id(adapter)] = (adapter, key)
+        return key
+
+    async def retire(self, adapter: Any) -> None:
+        found = self._key_of.get(id(adapter))
+        if found is not None:
+            self._retired.add(found[1])
+            await self._free_if_unused(found[1])
+
+    def hold(self, key: str) -> None:
+        self._users[key] += 1
+
+    async def release(self, key: str) -> None:
+        self._users[key] -= 1
+        await self._free_if_unused(key)
+
+    async def _free_if_unused(self, key: str) -> None:
+        if key in self._retired and self._users.get(key) == 0:
+            self._retired.discard(key)
+            del self._users[key]
+            self._key_of = {i: held for i, held in self._key_of.items() if held[1] != key}
+            try:
+                await self.llm.collective_rpc("fsrl_unload_adapter", args=(key,))
+            except Exception:  # the slot stays taken; serving goes on
+                log.exception("could not free the vLLM bank slot of %s", key)
+
+
+def _logprobs(entry: dict | None, token: int, top: int) -> LogProbs | None:
+    """vLLM's {token: Logprob} of one position as fsrl's (log-probability, top k)."""
+    if entry is None:
+        return None
+    chosen = entry.get(token)
+    ranked = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= top),
+                    key=lambda item: item[1].rank)
+    return (chosen.logprob if chosen is not None else float("nan"),
+            [(int(t), float(lp.logprob)) for t, lp in ranked[:top]])
+
+
+class VllmEngine:
+    """See the module's docstring. Built by `server.state` on the event loop it serves."""
+
+    returns_features = False  # `return_features` needs a capture buffer in the graph: not yet
+
+    def __init__(self, llm, tokenizer, eos_ids: set[int], bank: AdapterBank, max_pending: int = 64,
+                 observe_batch: Callable[[int], None] | None = None):
+        self.llm, self.tokenizer, self.eos_ids, self.bank = llm, tokenizer, eos_ids, bank
+        self.max_pending = max_pending
+        self.observe_batch = observe_batch
+        self.pending = 0
+        self.running_rows = 0
+        self.step_failures = 0
+        self.failed_jobs = 0
+        self.stopped_because: str | None = None
+        self._closed = False
+        self._tasks: dict[Ticket, asyncio.Task] = {}
+        self._ids = itertools.count()
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self.llm.errored
+
+    def check_capacity(self) -> None:
+        if self._closed:
+            raise Overloaded("the server is shutting down")
+        if not self.alive:
+            raise EngineStopped("the generation engine has stopped; the server needs a restart")
+        if self.pending >= self.max_pending:
+            raise Overloaded(f"the queue is full ({self.pending} requests); retry shortly")
+
+    def submit(self, job: EngineJob) -> Ticket:
+        self.check_capacity()
+        # The bank keys are taken now, on the event loop: a swap after this line cannot change them.
+        keys = [self.bank.key(r.steering.adapter) if r.steering.adapter is not None else None
+                for r in job.requests]
+        for key in keys:
+            if key is not None:
+                self.bank.hold(key)
+        self.pending += 1
+        ticket = Ticket(job, asyncio.get_running_loop(), self._release)
+        self._tasks[ticket] = asyncio.get_running_loop().create_task(self._run(ticket, keys))
+        return ticket
+
+    def _release(self, ticket: Ticket) -> None:
+        if not ticket.released:
+            ticket.released = True
+            self.pending -= 1
+
+    async def generate(self, ticket: Ticket) -> list[GenerationResult]:
+        collected = EventsByRow(ticket.job.requests)
+        async with aclosing(self.stream(ticket)) as events:
+            async for event in events:
+                collected.add(event)
+        return job_results(ticket.job, collected)
+
+    async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
+        """As `Engine.stream`: closing early aborts the job's vLLM requests."""
+        from server.engine import _END, _Failed
+
+        try:
+            while (item := await ticket.events.get()) is not _END:
+                if isinstance(item, _Failed):
+                    raise item.error
+                yield item
+        finally:
+            task = self._tasks.get(ticket)
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _run(self, ticket: Ticket, keys: list[str | None]) -> None:
+        job = ticket.job
+        job.started = time.perf_counter()
+        rows = [asyncio.create_task(self._row(ticket, i, request, key))
+                for i, (request, key) in enumerate(zip(job.requests, keys))]
+        error: BaseException | None = None
+        try:
+            await asyncio.gather(*rows)
+        except asyncio.CancelledError:
+            for row in rows:
+                row.cancel()
+            await asyncio.gather(*rows, return_exceptions=True)
+        except Exception as exc:
+            for row in rows:
+                row.cancel()
+            await asyncio.gather(*rows, return_exceptions=True)
+            self.failed_jobs += 1
+            log.exception("a vLLM request failed; answering its job with an error")
+            error = exc if isinstance(exc, (GenerationFailed, EngineStopped)) else GenerationFailed(
+                "generation failed for this request; the server and other requests are not affected")
+        finally:
+            for key in keys:
+                if key is not None:
+                    await self.bank.release(key)
+            self._tasks.pop(ticket, None)
+            ticket.end(error)
+
+    async def _row(self, ticket: Ticket, index: int, request: GenerationRequest, key: str | None) -> None:
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        from fsrl.vllm_engine import steering_extra_args
+
+        row = DecodeRow(request, self.tokenizer, self.eos_ids, owner=ticket, local=index)
+        s, sampling = request.steering, request.sampling
+        greedy = sampling.temperature < MIN_TEMPERATURE
+        params = VllmSampling(
+            max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            seed=None if greedy else int(sampling.seed) % 2**63,
+            # EOS as DecodeRow sees it: its ids stop vLLM too, and nothing else does.
+            ignore_eos=True, stop_token_ids=sorted(row.eos_ids), detokenize=False,
+            logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args=None if s.is_noop else steering_extra_args(
+                key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from))
+        prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
+        if params.extra_args is not None:
+            # The prefix cache keys blocks by tokens and salt: a steered request reuses only
+            # blocks computed under the same steering (adapter version, scale, clamps, start).
+            prompt["cache_salt"] = json.dumps(params.extra_args, sort_keys=True)
+        request_id = f"fsrl-{next(self._ids)}"
+        self.running_rows += 1
+        try:
+            first = True
+            async with aclosing(self.llm.generate(prompt, params, request_id)) as outputs:
+                async for out in outputs:
+                    completion = out.outputs[0]
+                    prompt_logprobs = None
+                    if first and request.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                        prompt_logprobs = [_logprobs(entry, token, request.prompt_logprobs)
+                                           for entry, token in zip(out.prompt_logprobs[1:], request.prompt_ids[1:])]
+                    for j, token in enumerate(completion.token_ids):
+                        logprobs = (_logprobs(completion.logprobs[j], token, request.logprobs)
+                                    if request.logprobs is not None and completion.logprobs else None)
+                        delta = row.push(int(token), None)
+                        done = row.finish_reason is not None
+                        if ticket.job.first_token is None:
+                            ticket.job.first_token = time.perf_counter()
+                        ticket.emit(TokenEvent(index, int(token), delta, done, row.finish_reason, None,
+                                               text=row.text if done else None, logprobs=logprobs,
+                                               prompt_logprobs=prompt_logprobs if first else None))
+                        first = False
+                        if done:
+                            return  # leaving the loop aborts the vLLM request (a stop string)
+            raise GenerationFailed("the vLLM engine ended this request before it finished")
+        finally:
+            self.running_rows -= 1
+
+    def close(self) -> None:
+        self._closed = True
+        for task in list(self._tasks.values()):
+            task.cancel()
+        try:
+            self.llm.shutdown()
+        except Exception:
+            log.exception("vLLM did not shut down cleanly")

@@ -1,0 +1,203 @@
+"""`fsrl serve --engine vllm` against the default engine: the same contract requests, over real
+HTTP, to two real servers on the same tiny setup (fp32, greedy), give the same answers; adapters
+hot-swap into vLLM's bank without a request ever getting the wrong version."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="vLLM is not installed (`make vllm`; `make test` installs it)")]
+
+LIMITS = ("--max-new-tokens-cap", "48", "--max-prompt-tokens", "320", "--max-batch-rows", "8",
+          "--max-adapters", "3")
+CLAMPS = [{"index": 3, "op": "set", "value": 60.0}, {"index": 10, "op": "add", "value": 40.0},
+          {"index": 11, "op": "scale", "value": 3.0}, {"index": 12, "op": "ablate"}]
+REQUESTS = {
+    "unsteered": {"prompt": "hello there"},
+    "adapter": {"prompt": "hello there", "adapter": "tiny"},
+    "adapter at half scale": {"prompt": "hello there", "adapter": "tiny", "steering_scale": 0.5},
+    "clamps of every op, no adapter": {"prompt": "hello there", "features": CLAMPS},
+    "adapter with clamps and unsteer": {"prompt": "abc def", "adapter": "tiny",
+                                        "features": [*CLAMPS[:2], {"index": 5, "op": "unsteer"}]},
+    "from the first generated token": {"prompt": "abc def", "adapter": "tiny", "steer_positions": "generated"},
+    "compare": {"prompt": "abc", "adapter": "tiny", "compare": True},
+    "stop string": {"prompt": "hello there", "adapter": "tiny", "stop": ["cv"], "max_new_tokens": 30},
+    "chat messages": {"messages": [{"role": "user", "content": "hi"}], "adapter": "tiny"},
+    "ignore_eos, long": {"prompt": "x", "ignore_eos": True, "max_new_tokens": 40},
+}
+
+
+def _answer(body: dict) -> tuple:
+    steered, base = body["steered"], body["base"]
+    return (steered["text"], steered["finish_reason"], steered["completion_tokens"],
+            base and (base["text"], base["finish_reason"]))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> TinySetup:
+    return write_tiny_setup(tmp_path_factory.mktemp("tiny-vllm"), hidden=128)  # vLLM's CPU attention: heads of 32
+
+
+@pytest.fixture(scope="module")
+def servers(setup, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    with serving(tiny_server_args(setup, *LIMITS), logs / "transformers.log") as default, \
+            serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm"), logs / "vllm.log",
+                    timeout_s=600, max_polls=6000) as vllm:
+        with httpx.Client(base_url=default.url, timeout=120) as a, httpx.Client(base_url=vllm.url, timeout=120) as b:
+            yield a, b
+
+
+def test_health_names_the_engine(servers):
+    default, vllm = servers
+    assert default.get("/health").json()["engine"] == "transformers"
+    assert vllm.get("/health").json()["engine"] == "vllm"
+
+
+@pytest.mark.parametrize("name", list(REQUESTS))
+def test_the_same_request_gives_the_same_answer_on_both_engines(servers, name):
+    default, vllm = servers
+    body = {"max_new_tokens": 16, **REQUESTS[name]}
+    got = [client.post("/generate", json=body) for client in servers]
+    assert [r.status_code for r in got] == [200, 200], [r.text for r in got]
+    assert _answer(got[1].json()) == _answer(got[0].json())
+
+
+def test_steering_changes_the_vllm_answer(servers):
+    """Not a vacuous equality: the adapter and the clamps move the tokens on this setup."""
+    _, vllm = servers
+    texts = {name: vllm.post("/generate", json={"max_new_tokens": 16, **REQUESTS[name]}).json()["steered"]["text"]
+             for name in ("unsteered", "adapter", "clamps of every op, no adapter")}
+    assert len(set(texts.values())) == 3, texts
+
+
+def test_the_prefix_cache_never_serves_one_steering_s_kv_to_another(servers):
+    """A prompt of two full KV blocks (vLLM's CPU blocks hold 128 tokens), sent unsteered,
+    steered, steered otherwise, then unsteered again: with vLLM's prefix cache on, each must
+    still equal the default engine's answer (a steered request reusing unsteered blocks, or
+    the reverse, would not: without the cache salt this test fails)."""
+    prompt = "The quick brown fox jumps over the lazy dog; " * 6
+    bodies = [{"prompt": prompt}, {"prompt": prompt, "adapter": "tiny"},
+              {"prompt": prompt, "adapter": "tiny", "steering_scale": 0.5},
+              {"prompt": prompt, "features": CLAMPS}, {"prompt": prompt}]
+    answers = [[_answer(c.post("/generate", json={**b, "max_new_tokens": 8}).json()) for b in bodies]
+               for c in servers]
+    assert answers[1] == answers[0]
+    assert len({a[0] for a in answers[0][:4]}) == 4  # four steerings, four answers
+
+
+def test_a_stream_carries_the_same_text(servers):
+    _, vllm = servers
+    body = {"prompt": "abc", "adapter": "tiny", "compare": True, "max_new_tokens": 12}
+    whole = vllm.post("/generate", json=body).json()
+    with vllm.stream("POST", "/generate", json={**body, "stream": True}) as response:
+        events, ended = read_sse(response)
+    assert ended
+    streamed = {"steered": "", "base": ""}
+    for event in events:
+        if event.get("type") == "token":
+            streamed[event["output"]] += event["text"]
+    assert streamed == {"steered": whole["steered"]["text"], "base": whole["base"]["text"]}
+
+
+def test_openai_routes_give_the_same_answers(servers):
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hey"}], "max_tokens": 10, "temperature": 0}
+    completion = {"model": "tiny", "prompt": [1, 40, 41, 42, 43], "max_tokens": 6, "temperature": 0,
+                  "logprobs": 2, "echo": True}
+    got = [(c.post("/v1/chat/completions", json=chat).json(), c.post("/v1/completions", json=completion).json())
+           for c in servers]
+    (chat_a, comp_a), (chat_b, comp_b) = got
+    assert chat_b["choices"][0]["message"] == chat_a["choices"][0]["message"]
+    assert comp_b["choices"][0]["text"] == comp_a["choices"][0]["text"]
+    lp_a, lp_b = comp_a["choices"][0]["logprobs"], comp_b["choices"][0]["logprobs"]
+    assert lp_b["tokens"] == lp_a["tokens"]
+    for x, y in zip(lp_a["token_logprobs"], lp_b["token_logprobs"]):  # the prompt's first is None on both
+        assert (x is None and y is None) or abs(x - y) < 1e-3
+    for top_a, top_b in zip(lp_a["top_logprobs"], lp_b["top_logprobs"]):
+        assert (top_a is None and top_b is None) or list(top_a) == list(top_b)
+
+
+def test_return_features_is_refused_in_the_contract_shape(servers):
+    _, vllm = servers
+    response = vllm.post("/generate", json={"prompt": "hi", "return_features": 3})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"].startswith("return_features:")
+
+
+def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):
+    """Requests run back to back while `tiny` is replaced by other weights: every answer is the
+    old version's or the new one's, and every request sent after the replace returned gets
+    the new one's. Expected texts come from the default engine."""
+    default, vllm = servers
+    body = {"prompt": "hello there", "adapter": "tiny", "max_new_tokens": 16}
+    old = default.post("/generate", json=body).json()["steered"]["text"]
+    default.post("/adapters", json={"id": "tiny-v2", "path": "more/tiny-b"}).raise_for_status()
+    new = default.post("/generate", json={**body, "adapter": "tiny-v2"}).json()["steered"]["text"]
+    assert old != new
+    answers: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        deadline = time.monotonic() + 120
+        for _ in range(200):
+            if stop.is_set() or time.monotonic() > deadline:
+                return
+            sent = time.monotonic()
+            answers.append((sent, vllm.post("/generate", json=body).json()["steered"]["text"]))
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        replaced = vllm.post("/adapters", json={"id": "tiny", "path": "more/tiny-b", "replace": True})
+        swapped_at = time.monotonic()
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join(timeout=150)
+    assert replaced.status_code == 201, replaced.text
+    assert answers and {text for _, text in answers} <= {old, new}
+    assert all(text == new for sent, text in answers if sent > swapped_at)
+    assert any(text == old for _, text in answers) and any(text == new for _, text in answers)
+    # back to the first weights, for the other tests
+    vllm.post("/adapters", json={"id": "tiny", "path": "tiny", "replace": True}).raise_for_status()
+    assert vllm.post("/generate", json=body).json()["steered"]["text"] == old
+
+
+def test_replaced_and_unloaded_versions_give_their_bank_slots_back(servers):
+    """The bank holds --max-adapters + 2 versions; ten replaces and load/unload cycles in a row
+    only work if each retired version frees its slot."""
+    _, vllm = servers
+    body = {"prompt": "abc", "adapter": "swap", "max_new_tokens": 4}
+    for i in range(10):
+        path = "tiny" if i % 2 else "more/tiny-b"
+        assert vllm.post("/adapters", json={"id": "swap", "path": path, "replace": True}).status_code == 201
+        assert vllm.post("/generate", json=body).status_code == 200
+    assert vllm.delete("/adapters/swap").status_code == 200
+    missing = vllm.post("/generate", json=body)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_two_tensor_parallel_ranks_answer_like_the_default_engine(servers, setup, tmp_path):
+    """`--tensor-parallel-size 2` (the tiny model's 4 heads and 2 KV heads split in two; one CPU
+    core per rank): the steering runs on both ranks, the answers are the default engine's."""
+    default, _ = servers
+    names = ("unsteered", "adapter", "clamps of every op, no adapter", "compare")
+    with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2"),
+                 tmp_path / "tp2.log", timeout_s=600, max_polls=6000,
+                 env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as tp2, httpx.Client(base_url=tp2.url, timeout=120) as ranks:
+        for name in names:
+            body = {"max_new_tokens": 16, **REQUESTS[name]}
+            assert _answer(ranks.post("/generate", json=body).json()) == _answer(
+                default.post("/generate", json=body).json()), name
