@@ -339,14 +339,15 @@ def test_the_class_rule_reads_peaks_and_the_words_before_them():
 
 def test_the_class_rule_agrees_with_the_hand_labelled_sample():
     """data/features/class_sample.json: 100 live features of the default SAE, labelled by reading
-    their contexts before the rule's output was seen. Measured: 91 of 100 agree."""
+    their contexts alone, blind to the rule. Measured: 89 of 100 agree (the SAE before the
+    chat-trained one: 91 on its own sample); below that, the rule or the dashboards regressed."""
     from fsrl.features.classes import classify
     from fsrl.sae import default_sae_dir
 
     sample = json.loads((Path(__file__).resolve().parents[1] / "data/features/class_sample.json").read_text())
     entries = {f["index"]: f for f in dashboards.read(default_sae_dir())["features"]}
     pairs = [(label, classify(entries[int(i)])) for i, label in sample["labels"].items()]
-    assert len(pairs) == 100 and sum(a == b for a, b in pairs) >= 90
+    assert len(pairs) == 100 and sum(a == b for a, b in pairs) >= 89
 
 
 def test_the_labelers_client_talks_to_a_real_openai_compatible_server(tmp_path):
