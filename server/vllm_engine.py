@@ -33,7 +33,7 @@ from fsrl.generation import (DecodeRow, EventsByRow, GenerationRequest, Generati
                              TokenEvent)
 from fsrl.overrides import MAX_RETURN_FEATURES
 from fsrl.sampling import MIN_TEMPERATURE
-from server.engine import EngineJob, Ticket, job_results
+from server.engine import _END, EngineJob, Ticket, _Failed, job_results
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,6 @@ class VllmEngine:
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """As `Engine.stream`: closing early aborts the job's vLLM requests."""
-        from server.engine import _END, _Failed
-
         try:
             while (item := await ticket.events.get()) is not _END:
                 if isinstance(item, _Failed):
@@ -270,8 +268,7 @@ class VllmEngine:
         request_id = f"fsrl-{next(self._ids)}"
         # An unsteered row's features are empty lists; a steered row's come from the workers.
         fetch_features = bool(request.return_features) and not s.is_noop
-        steering = None if s.is_noop else steering_extra_args(
-            key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from)
+        steering = (key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from)
         greedy = sampling.temperature < MIN_TEMPERATURE
         params = VllmSampling(
             max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
@@ -282,13 +279,12 @@ class VllmEngine:
             logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=None if s.is_noop else steering_extra_args(
-                key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from,
-                return_features=request.return_features if fetch_features else 0, key=request_id))
+                *steering, return_features=request.return_features if fetch_features else 0, key=request_id))
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
-        if steering is not None:
+        if not s.is_noop:
             # The prefix cache keys blocks by tokens and salt: a steered request reuses only
             # blocks computed under the same steering (adapter version, scale, clamps, start).
-            prompt["cache_salt"] = json.dumps(steering, sort_keys=True)
+            prompt["cache_salt"] = json.dumps(steering_extra_args(*steering), sort_keys=True)
         features: list[list[tuple[int, float]]] = []  # taken from the workers, not yet sent
         self.running_rows += 1
         try:
