@@ -115,7 +115,8 @@ async def start_state(settings: Settings) -> ServerState:
     output handler lives there)."""
     if settings.engine != "vllm":
         return await asyncio.to_thread(load_state, settings)
-    from server.vllm_engine import AdapterBank, VllmEngine, VllmOptions, kv_cache_bytes, start_async_llm
+    from fsrl.vllm_engine import kv_cache_bytes
+    from server.vllm_engine import AdapterBank, VllmEngine, VllmOptions, start_async_llm
 
     # A host copy of the model (on the CPU) tokenises, names the fingerprint adapters are
     # checked against, and measures feature rankings; vLLM runs its own copy.

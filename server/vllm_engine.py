@@ -72,17 +72,6 @@ class VllmOptions:
                        "enable_prefix_caching": True})
 
 
-def kv_cache_bytes(model_config: Any, dtype_bytes: int, tokens: int) -> int:
-    """Bytes of KV cache `tokens` tokens take in every layer (keys and values), at least 64 MiB.
-    Sized to what the server admits rather than to a share of the device: on vLLM's CPU build
-    that share is of the machine's memory, reserved whether used or not."""
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
-    return max(per_token * tokens, 64 << 20)
-
-
 def start_async_llm(options: VllmOptions):
     """vLLM's AsyncLLM with the steered model; call on the event loop that will use it."""
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # this process runs threads

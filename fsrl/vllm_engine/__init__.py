@@ -22,6 +22,8 @@ How it fits into vLLM (0.32, V1 model runner):
 
 from __future__ import annotations
 
+from typing import Any
+
 ARCHITECTURE = "FsrlSteeredLlamaForCausalLM"
 EXTRA_ARGS_KEY = "fsrl"
 CONFIG_KEY = "fsrl_steering"
@@ -68,3 +70,14 @@ def steering_extra_args(adapter: str | None = None, scale: float = 1.0,
     if return_features:
         spec.update(return_features=int(return_features), key=str(key))
     return {EXTRA_ARGS_KEY: spec}
+
+
+def kv_cache_bytes(model_config: Any, dtype_bytes: int, tokens: int) -> int:
+    """Bytes of KV cache `tokens` tokens take in every layer (keys and values), at least 64 MiB.
+    Sized to what the server admits rather than to a share of the device: on vLLM's CPU build
+    that share is of the machine's memory, reserved whether used or not."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    per_token = 2 * model_config.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+    return max(per_token * tokens, 64 << 20)

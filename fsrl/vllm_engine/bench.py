@@ -42,21 +42,23 @@ PROMPTS = ("Tell me about the moon.", "Give me three tips for sleeping better.",
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from fsrl.corpus import chat_ids
     from fsrl.models import ensure_default_model
     from fsrl.sae import default_sae_dir, load_sae
-    from fsrl.vllm_engine import steered_llm_kwargs, steering_extra_args
+    from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     model = str(ensure_default_model(progress=False))
     layer = load_sae(default_sae_dir()).info.layer
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     batches = [int(b) for b in args.batches.split(",")]
+    # The KV cache these batches need, not vLLM's default share of the machine's memory.
+    kv = kv_cache_bytes(AutoConfig.from_pretrained(model), 4, 2 * max(batches) * 512)
     common = dict(model=model, dtype="float32", enforce_eager=args.eager, max_model_len=512,
-                  max_num_seqs=max(batches), seed=0, enable_prefix_caching=False)
+                  max_num_seqs=max(batches), seed=0, enable_prefix_caching=False, kv_cache_memory_bytes=kv)
     t0 = time.perf_counter()
     stock = LLM(**common)
     start_stock = time.perf_counter() - t0
