@@ -227,9 +227,45 @@ class RowAdapters:
         """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
         x_in = x.to(self.W.dtype) - self.b_in[:, None, :]
         z = torch.bmm(x_in, self.W) + self.b[:, None, :]
-        tau = self.tau[:, None, :]
-        return torch.where(self.soft_threshold[:, None, None],
-                           ACTIVATIONS["soft_threshold"].fn(z, tau), ACTIVATIONS["relu"].fn(z, tau))
+        return self._activate(z, self.tau[:, None, :], self.soft_threshold[:, None, None])
+
+    def by_slot(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The rows as a bank of adapters: x (N, d_in) -> v (N, d_sae), token n through the
+        adapter in row `slot[n]` (-1: v = 0). The product is `slot_matmul`'s: on a CPU each
+        slot in use runs on its own tokens only, so the cost follows tokens, not slots."""
+        k = slot.clamp(min=0)
+        z = slot_matmul(x.to(self.W.dtype) - self.b_in[k], self.W, slot) + self.b[k]
+        v = self._activate(z, self.tau[k], self.soft_threshold[k][:, None])
+        return torch.where((slot >= 0)[:, None], v, 0.0)
+
+    @staticmethod
+    def _activate(z: torch.Tensor, tau: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+        return torch.where(soft, ACTIVATIONS["soft_threshold"].fn(z, tau), ACTIVATIONS["relu"].fn(z, tau))
+
+
+@torch.library.custom_op("fsrl::slot_matmul", mutates_args=())
+def slot_matmul(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """out[n] = x[n] @ W[slot[n]], 0 where slot[n] < 0. x (N, d_in), W (K, d_in, d_out),
+    slot (N,) long.
+
+    An opaque op to a compiler (its shapes are fixed: (N, d_out)), so a compiled graph keeps
+    static shapes while the CPU kernel groups tokens by slot (reading the slots on the host)
+    and multiplies only the slots in use. On other devices every slot runs on every token and
+    each token keeps its own slot's product: no host read, so a CUDA graph can capture it."""
+    if x.device.type != "cpu":
+        every = torch.einsum("nd,kde->kne", x, W)                                    # (K, N, d_out)
+        own = every.gather(0, slot.clamp(min=0)[None, :, None].expand(1, -1, W.shape[-1]))[0]
+        return torch.where((slot >= 0)[:, None], own, 0.0)
+    out = x.new_zeros(x.shape[0], W.shape[-1])
+    for k in slot[slot >= 0].unique().tolist():
+        rows = (slot == k).nonzero().squeeze(-1)
+        out.index_copy_(0, rows, x.index_select(0, rows) @ W[k])
+    return out
+
+
+@slot_matmul.register_fake
+def _slot_matmul_shape(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], W.shape[-1])
 
 
 def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,

@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the default model with --adapter (default adapters/concise); with "
                              "--serving: `fsrl serve --engine vllm` beside the default engine")
     engine.add_argument("--bank-slots", type=int, default=4,
-                        help="adapters stacked in the steered model's bank (every slot runs on every token)")
+                        help="adapters stacked in the steered model's bank (on a CPU only the slots in use run)")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
     serving.add_argument("--serving", action="store_true",
                          help="benchmark `fsrl serve` end to end instead of the generation loop")

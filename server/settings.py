@@ -50,7 +50,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _vllm_bank_default(self) -> "Settings":
-        # vLLM's adapter bank runs every slot on every token: hold few unless told otherwise.
+        # Each slot of vLLM's adapter bank is a buffer of the compiled model (d_in x d_sae), and on
+        # CUDA every slot still runs on every token: hold few unless told otherwise.
         if self.engine == "vllm" and "max_adapters" not in self.model_fields_set:
             self.max_adapters = VLLM_DEFAULT_MAX_ADAPTERS
         return self

@@ -163,3 +163,26 @@ def test_row_adapters_steer_each_row_as_its_adapter_would_even_a_deep_copy():
         torch.testing.assert_close(v[0], signed(x[0]))
         torch.testing.assert_close(v[1], plain(x[1]))
     assert v[2].abs().max() == 0  # a row without an adapter pushes nothing
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_bank_runs_each_token_through_its_own_slot(compiled):
+    """`RowAdapters.by_slot` (the vLLM engine's adapter bank): token n gets the v of the adapter
+    in slot[n], 0 without a slot, compiled with static shapes as well as eager; a slot nobody
+    uses is never read into another token (its inf weights reach no output)."""
+    from fsrl.adapter import RowAdapters
+
+    sae = tiny_sae()
+    signed, plain = tiny_adapter(sae, activation="soft_threshold", seed=3), tiny_adapter(sae, seed=4)
+    bank = RowAdapters(3, sae.d_in, sae.d_sae)
+    bank.set_row(0, signed)
+    bank.set_row(2, plain)
+    bank.W[1].fill_(float("inf"))  # a slot in the bank that no token of this step uses
+    x = torch.randn(6, sae.d_in, generator=torch.Generator().manual_seed(0))
+    slot = torch.tensor([2, 0, -1, 0, 2, -1])
+    by_slot = torch.compile(bank.by_slot, fullgraph=True) if compiled else bank.by_slot
+    with torch.no_grad():
+        v = by_slot(x, slot)
+        for n, k in enumerate(slot.tolist()):
+            expected = torch.zeros(sae.d_sae) if k < 0 else (signed, None, plain)[k](x[n])
+            torch.testing.assert_close(v[n], expected)

@@ -131,5 +131,5 @@ def test_the_vllm_engine_holds_few_adapters_unless_told_otherwise(monkeypatch):
 
     monkeypatch.delenv("FSRL_MAX_ADAPTERS", raising=False)
     assert load_settings().max_adapters == 64
-    assert load_settings(engine="vllm").max_adapters == 4  # every bank slot runs on every token
+    assert load_settings(engine="vllm").max_adapters == 4  # every bank slot is a buffer of the model
     assert load_settings(engine="vllm", max_adapters=9).max_adapters == 9

@@ -10,8 +10,9 @@ mode alike. Modes:
   adapter+8           the adapter plus 8 feature overrides per row
   K=k adapters        rows spread over k distinct adapters (copies of one, in k bank slots;
                       at batch sizes of k rows or more)
-Every slot of the bank runs on every token (`fsrl.vllm_engine.model._BankPush`), so the cost of
-steering grows with --bank-slots, not with k. Ratios are against vanilla at the same batch.
+On a CPU each bank slot in use runs once, on its own tokens (`RowAdapters.by_slot`), so the
+cost of steering grows with the distinct adapters of a step (each one's weights are read once),
+not with --bank-slots. Ratios are against vanilla at the same batch.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Steering inside vLLM's compiled model, checked token for token against fsrl's own Generator
 (fp32, greedy): unsteered, each adapter, clamps of every op, mixed rows in one batch, each case
-alone, and rows joining a running batch.
+alone, rows joining a running batch, and every case joining one engine at a random step.
 
     python -m fsrl.vllm_engine.check [--default] [--eager] [--tp 2] [--stock] [--json OUT]
 
@@ -154,14 +154,18 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
                 drop_steering: bool = False) -> tuple[dict[str, list[int]], float, float, list]:
     """Every case in one `generate` call (one batch), then each case alone, then rows joining a
     running batch; start time, the batch's wall time and each rank's counters."""
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
-    from fsrl.vllm_engine import steered_llm_kwargs, steering_extra_args
+    from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     extra = steered_llm_kwargs(setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
+    # The cache 16 requests of max_model_len need, not vLLM's default share of the machine's memory.
+    kv = kv_cache_bytes(AutoConfig.from_pretrained(setup.model), 4, 16 * setup.max_model_len)
     t0 = time.perf_counter()
     llm = LLM(model=setup.model, dtype="float32", enforce_eager=eager, max_model_len=setup.max_model_len,
               max_num_seqs=16, max_num_batched_tokens=max(256, setup.max_model_len), seed=0,
+              kv_cache_memory_bytes=kv,
               tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None, **extra)
     start_s = time.perf_counter() - t0
     if steered:
@@ -212,13 +216,45 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
         got["first adapter [joined by 2 at step 3]"] = finished["join-0"]
         got["unsteered prompt 1 [joins at step 3]"] = finished["join-1"]
         got["second + set [joins at step 3]"] = finished["join-2"]
+        got.update(join_at_random(engine, names, n_prompts, prompt, params))
     counters = llm.collective_rpc("fsrl_counters") if steered else []
     return got, start_s, batch_s, counters
 
 
+def join_at_random(engine, names: list[str], n_prompts: int, prompt, params, seed: int = 0,
+                   last_step: int = 10) -> dict[str, list[int]]:
+    """Every case and every prompt unsteered, in a shuffled order, each added at a random step
+    in [0, last_step] of one running engine (several may join in the same step, some after
+    others have finished): rows joining at random must still give each case's own tokens."""
+    import random
+
+    rng = random.Random(seed)
+    entries = [(n, CASES[n][0], CASES[n]) for n in names] + \
+              [(f"unsteered prompt {p}", p, (p, None)) for p in range(n_prompts)]
+    rng.shuffle(entries)
+    joins = sorted((rng.randint(0, last_step), k) for k in range(len(entries)))
+    finished: dict[str, list[int]] = {}
+    step = 0
+    while joins or engine.has_unfinished_requests():
+        if joins and not engine.has_unfinished_requests():
+            step = max(step, joins[0][0])  # nothing running: `step()` would wait for ever
+        while joins and joins[0][0] <= step:
+            _, k = joins.pop(0)
+            name, p, case = entries[k]
+            engine.add_request(f"random-{k}", prompt(p), params(*case))
+        for out in engine.step():
+            if out.finished:
+                name = entries[int(out.request_id.split("-")[1])][0]
+                finished[f"{name} [joins at random, seed {seed}]"] = list(out.outputs[0].token_ids)
+        step += 1
+        if step > last_step + 1000:  # bounded: greedy rows of a few tokens end long before
+            raise RuntimeError(f"rows joining at random did not finish: {len(finished)} of {len(entries)}")
+    return finished
+
+
 def report(got: dict, ref: dict, counters: list, eager: bool) -> tuple[list[str], int]:
     """The table's lines and the number of failures."""
-    lines = [f"{'case':<42} {'tokens == fsrl':<15} {'!= unsteered':<13} first tokens (vLLM)"]
+    lines = [f"{'case':<54} {'tokens == fsrl':<15} {'!= unsteered':<13} first tokens (vLLM)"]
     failures = 0
     for name, tokens in got.items():
         base = name.split(" [")[0]
@@ -231,9 +267,9 @@ def report(got: dict, ref: dict, counters: list, eager: bool) -> tuple[list[str]
         mark = ("yes" if differs else "no") if p is not None else "-"
         if should_differ and not differs:
             mark += " (FAIL: silent)"
-        lines.append(f"{name:<42} {'yes' if equal else 'NO':<15} {mark:<13} {tokens[:8]}")
+        lines.append(f"{name:<54} {'yes' if equal else 'NO':<15} {mark:<13} {tokens[:8]}")
         if not equal:
-            lines += [f"{'':<42} fsrl: {ref[base][:24]}", f"{'':<42} vLLM: {tokens[:24]}"]
+            lines += [f"{'':<54} fsrl: {ref[base][:24]}", f"{'':<54} vLLM: {tokens[:24]}"]
     for rank, c in enumerate(counters):
         # Compiled: the site's Python never ran (the graph did the steering). Eager: every step.
         ok = c["steps"] > 0 and (c["eager_site_forwards"] >= c["steps"] if eager else c["eager_site_forwards"] == 0)

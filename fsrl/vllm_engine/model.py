@@ -38,15 +38,14 @@ log = logging.getLogger(__name__)
 
 class AdapterBank(RowAdapters, nn.Module):
     """K adapter slots, stacked: `RowAdapters`' tensors and maths with one row per slot (not
-    per batch row), as buffers. `set_row(slot, adapter)` loads a slot in place."""
+    per batch row), as buffers. `set_row(slot, adapter)` loads a slot in place; `by_slot`
+    runs each token through its slot's adapter."""
 
     def __init__(self, slots: int, d_in: int, d_sae: int, device=None, dtype=torch.float32):
         nn.Module.__init__(self)
         RowAdapters.__init__(self, slots, d_in, d_sae, device=device or "cpu", dtype=dtype)
         for name in ("W", "b", "b_in", "tau", "soft_threshold"):
             self.register_buffer(name, self.__dict__.pop(name))
-
-    __call__ = RowAdapters.__call__  # x (K, T, d_in) -> v (K, T, d_sae), slot k through adapter k
 
 
 class SlotTable(nn.Module):
@@ -72,18 +71,13 @@ class SlotTable(nn.Module):
 
 class _BankPush:
     """`SteeringBatch.row_adapters` for a batch of tokens: v of each token from its bank slot
-    (every slot reads every token, then each token keeps its own slot's v: K x the cost of one
-    adapter, static shapes). xs (N, 1, d_in) -> v (N, 1, d_sae)."""
+    (`RowAdapters.by_slot`: each slot in use on its own tokens). xs (N, 1, d_in) -> v (N, 1, d_sae)."""
 
     def __init__(self, bank: AdapterBank, slot: torch.Tensor):
         self.bank, self.slot = bank, slot
 
     def __call__(self, xs: torch.Tensor) -> torch.Tensor:
-        K = self.bank.W.shape[0]
-        v_all = self.bank(xs[:, 0, :][None].expand(K, -1, -1))                       # (K, N, d_sae)
-        pick = self.slot.clamp(min=0)[None, :, None].expand(1, -1, v_all.shape[-1])
-        v = v_all.gather(0, pick)[0]                                                  # (N, d_sae)
-        return torch.where((self.slot >= 0)[:, None], v, 0.0)[:, None, :]
+        return self.bank.by_slot(xs[:, 0, :], self.slot)[:, None, :]
 
 
 class SteeringSite(nn.Module):
