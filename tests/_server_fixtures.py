@@ -9,10 +9,17 @@ Each test file that imports the fixtures gets its own tiny setup (`write_tiny_se
 - `openai_client`: the official openai client of `client`'s server;
 - `server`: a real `fsrl serve` process with the same settings (a subprocess: tests that use it
   are marked slow).
+
+The contract's route files run on both engines: they take `engine_setup` and `engine_client`
+as `setup` and `client`, parametrized by `engine`: "default" (the in-thread server above) and
+"vllm" (`fsrl serve --engine vllm` as a subprocess on a tiny model vLLM's CPU attention takes;
+slow, skipped where vLLM is not installed). A test that reaches into the default engine's
+process (its state, other settings) takes `default_engine`, which skips it on vLLM.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from typing import Any
@@ -92,6 +99,45 @@ def server(setup, tmp_path_factory):
     with serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"),
                  tmp_path_factory.mktemp("log") / "server.log") as proc:
         yield proc
+
+
+ENGINES = ["default", pytest.param("vllm", marks=[
+    pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                         reason="vLLM is not installed (`make vllm`; `make test` installs it)")])]
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
+
+
+HIDDEN = {"default": 64, "vllm": 128}  # the tiny model's width: vLLM's CPU attention takes heads of 32, not 16
+
+
+@pytest.fixture(scope="module")
+def engine_setup(tmp_path_factory, engine) -> TinySetup:
+    """The tiny setup, `HIDDEN[engine]` wide."""
+    return write_tiny_setup(tmp_path_factory.mktemp(f"tiny-{engine}"), hidden=HIDDEN[engine])
+
+
+@pytest.fixture(scope="module")
+def engine_client(engine, setup, app_factory, tmp_path_factory):
+    """The tiny server on `engine`, with `client`'s settings."""
+    if engine == "default":
+        with app_factory(max_new_tokens_cap=CAP, pack_cpu_weights=True) as c:
+            yield c
+        return
+    with serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--engine", "vllm"),
+                 tmp_path_factory.mktemp("log") / "vllm-server.log", timeout_s=600, max_polls=6000) as proc:
+        with httpx.Client(base_url=proc.url, timeout=120) as c:
+            yield c
+
+
+@pytest.fixture
+def default_engine(engine) -> None:
+    """For tests that reach into the default engine's process: skipped on vLLM."""
+    if engine != "default":
+        pytest.skip("reaches into the default engine's process (its state or other settings)")
 
 
 @pytest.fixture(scope="module")

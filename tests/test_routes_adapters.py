@@ -11,15 +11,17 @@ import _server_fixtures as fixtures
 from _server_fixtures import assert_error, generate
 
 # Fixtures the server's test files share: pytest finds them by these names.
-setup, app_factory, client = fixtures.setup, fixtures.app_factory, fixtures.client
+# Both engines (`engine`); tests that need the default engine's process take `default_engine`.
+engine, default_engine = fixtures.engine, fixtures.default_engine
+setup, app_factory, client = fixtures.engine_setup, fixtures.app_factory, fixtures.engine_client
 
 
-def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(client):
+def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(client, engine):
     adapters = client.get("/adapters").json()["adapters"]
     assert [a["id"] for a in adapters] == ["tiny"]  # corrupt, other-sae, escape, no-meta skipped
     tiny = adapters[0]
     assert tiny["status"] == "loaded" and tiny["device"] == "cpu"
-    assert tiny["parameters"] == 64 * D_SAE + D_SAE
+    assert tiny["parameters"] == fixtures.HIDDEN[engine] * D_SAE + D_SAE
     assert tiny["metadata"]["format"] == "fsrl-adapter" and tiny["metadata"]["d_sae"] == D_SAE
 
 
@@ -76,7 +78,7 @@ def test_load_adapter_201_then_409_then_replace_then_delete(client):
     assert_error(client.post("/generate", json={"prompt": "hi", "adapter": "copy"}), 404, "copy")
 
 
-def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, client):
+def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, client, default_engine):
     import asyncio
 
     from server import serving
@@ -103,7 +105,7 @@ def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, cl
     assert old == served_by_old["steered"]["text"] != new
 
 
-def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_factory, client):
+def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_factory, client, default_engine):
     body = {"prompt": "hello there", "max_new_tokens": 8, "ignore_eos": True}
     with app_factory(max_adapters_on_device=1) as c:
         status = lambda: {a["id"]: a["status"] for a in c.get("/adapters").json()["adapters"]}  # noqa: E731

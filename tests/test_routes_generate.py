@@ -11,7 +11,9 @@ import _server_fixtures as fixtures
 from _server_fixtures import CAP, assert_error, generate
 
 # Fixtures the server's test files share: pytest finds them by these names.
-setup, app_factory, client = fixtures.setup, fixtures.app_factory, fixtures.client
+# Both engines (`engine`); tests that need the default engine's process take `default_engine`.
+engine, default_engine = fixtures.engine, fixtures.default_engine
+setup, app_factory, client = fixtures.engine_setup, fixtures.app_factory, fixtures.engine_client
 
 
 def test_generate_with_prompt_answers_the_contract_shape(client, setup):

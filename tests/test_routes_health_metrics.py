@@ -7,19 +7,22 @@ import _server_fixtures as fixtures
 from _server_fixtures import assert_error, generate
 
 # Fixtures the server's test files share: pytest finds them by these names.
-setup, app_factory, client = fixtures.setup, fixtures.app_factory, fixtures.client
+# Both engines (`engine`); tests that need the default engine's process take `default_engine`.
+engine, default_engine = fixtures.engine, fixtures.default_engine
+setup, app_factory, client = fixtures.engine_setup, fixtures.app_factory, fixtures.engine_client
 
 
-def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup):
+def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup, engine):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "worker": "running", "model": setup.model_dir.name,
                         "sae": "random-topk-256",
-                        "layer": 1, "device": "cpu", "packed_cpu_weights": True,
-                        "compiled_decode": False, "engine": "transformers", "adapters": 1}
+                        "layer": 1, "device": "cpu", "packed_cpu_weights": engine == "default",
+                        "compiled_decode": False, "engine": "transformers" if engine == "default" else "vllm",
+                        "adapters": 1}
 
 
-def test_a_cpu_server_packs_its_model_sae_and_adapters(setup):
+def test_a_cpu_server_packs_its_model_sae_and_adapters(setup, default_engine):
     from torch import nn
 
     from fsrl.cpu_inference import PackedLinear
