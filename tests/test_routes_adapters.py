@@ -1,4 +1,4 @@
-"""/adapters on the tiny server (uvicorn in a test thread): the adapters found at start,
+"""/adapters on the tiny server (uvicorn in a test thread, and again on `fsrl serve --engine vllm`): the adapters found at start,
 loading, replacing and unloading by id, the paths a load may name, feature rankings, and the device budget."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""POST /generate on the tiny server (uvicorn in a test thread): the contract's shape,
+"""POST /generate on the tiny server (uvicorn in a test thread, and again on `fsrl serve --engine vllm`): the contract's shape,
 steering, sampling and stop conditions, streaming, and the requests it refuses (in the error shape, naming the field)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """/health and /metrics of the tiny server (the app `fsrl serve` runs, with its lifespan,
-under uvicorn in a test thread), the state a CPU server starts with, and the answer to a route that does not exist."""
+under uvicorn in a test thread, and again on `fsrl serve --engine vllm`), the state a CPU server starts with, and the answer to a route that does not exist."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface (/v1) of the tiny server (uvicorn in a test thread): models,
+"""The OpenAI-compatible surface (/v1) of the tiny server (uvicorn in a test thread, and again on `fsrl serve --engine vllm`): models,
 chat and text completions with the steering extras, streams, log-probabilities (checked against the model's
 own), echo and n, the official openai client; and lm-evaluation-harness running a
 multiple-choice task through /v1/completions of a real `fsrl serve` (slow: a subprocess)."""
