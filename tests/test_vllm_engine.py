@@ -19,13 +19,14 @@ pytestmark = [pytest.mark.slow,
                                  reason="vLLM is not installed (`make vllm`; `make test` installs it)")]
 
 
-def _check(tmp_path: Path, *flags: str, env: dict | None = None) -> tuple[int, dict, str]:
+def _check(tmp_path: Path, *flags: str, env: dict | None = None) -> tuple[int, dict, str, str]:
+    """The check's exit code, its JSON, the tail of its output (for messages) and its whole table."""
     out = tmp_path / "check.json"
     done = subprocess.run([sys.executable, "-m", "fsrl.vllm_engine.check", "--root", str(tmp_path / "setup"),
                            "--json", str(out), *flags], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
     log = done.stdout[-4000:] + done.stderr[-4000:]
-    return done.returncode, (json.loads(out.read_text()) if out.exists() else {}), log
+    return done.returncode, (json.loads(out.read_text()) if out.exists() else {}), log, done.stdout
 
 
 def _assert_exact(result: dict, ranks: int) -> None:
@@ -40,7 +41,7 @@ def test_compiled_steering_equals_fsrl_on_every_case(tmp_path):
     """Unsteered, two adapters (one loaded after compilation), clamps of every op, mixed rows in
     one batch, each alone, rows joining mid-generation: the same tokens as fsrl's Generator,
     and every steered case differs from its prompt's unsteered tokens."""
-    code, result, log = _check(tmp_path)
+    code, result, log, _ = _check(tmp_path)
     assert code == 0, log
     assert result["failures"] == 0
     _assert_exact(result, ranks=1)
@@ -49,19 +50,19 @@ def test_compiled_steering_equals_fsrl_on_every_case(tmp_path):
 def test_the_check_fails_when_steering_silently_does_nothing(tmp_path):
     """The same check with every request sent unsteered must fail on each steered case: it can
     tell steering that does nothing from steering that works."""
-    code, result, log = _check(tmp_path, "--eager", "--drop-steering")
+    code, result, log, table = _check(tmp_path, "--eager", "--drop-steering")
     assert code == 1, log
-    silent = [line for line in log.splitlines() if "FAIL: silent" in line]
+    silent = [line for line in table.splitlines() if "FAIL: silent" in line]
     assert len(silent) >= 6, log
 
 
 def test_two_tensor_parallel_ranks_steer_like_one(tmp_path):
-    code, result, log = _check(tmp_path, "--tp", "2", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    code, result, log, _ = _check(tmp_path, "--tp", "2", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
     assert code == 0, log
     _assert_exact(result, ranks=2)
 
 
 def test_default_model_with_the_shipped_adapters_equals_fsrl(tmp_path):
-    code, result, log = _check(tmp_path, "--default", "--adapters-dir", str(REPO / "adapters"))
+    code, result, log, _ = _check(tmp_path, "--default", "--adapters-dir", str(REPO / "adapters"))
     assert code == 0, log
     _assert_exact(result, ranks=1)
