@@ -25,6 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -203,53 +204,50 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
                                                     use_tqdm=False)[0].outputs[0].token_ids)
         # rows joining a running batch: two requests added after 3 decode steps of a first
         engine = llm.llm_engine
-        engine.add_request("join-0", prompt(CASES["first adapter"][0]), params(*CASES["first adapter"]))
-        finished, steps = {}, 0
-        while engine.has_unfinished_requests():
-            if steps == 3:
-                engine.add_request("join-1", prompt(1), params(1, None))
-                engine.add_request("join-2", prompt(CASES["second + set"][0]), params(*CASES["second + set"]))
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = list(out.outputs[0].token_ids)
-            steps += 1
-        got["first adapter [joined by 2 at step 3]"] = finished["join-0"]
-        got["unsteered prompt 1 [joins at step 3]"] = finished["join-1"]
-        got["second + set [joins at step 3]"] = finished["join-2"]
+        first, second = CASES["first adapter"], CASES["second + set"]
+        got.update(run_joins(engine, [
+            (0, "first adapter [joined by 2 at step 3]", prompt(first[0]), params(*first)),
+            (3, "unsteered prompt 1 [joins at step 3]", prompt(1), params(1, None)),
+            (3, "second + set [joins at step 3]", prompt(second[0]), params(*second))]))
         got.update(join_at_random(engine, names, n_prompts, prompt, params))
     counters = llm.collective_rpc("fsrl_counters") if steered else []
     return got, start_s, batch_s, counters
 
 
+def run_joins(engine, joins: list[tuple[int, str, dict, Any]], max_steps: int = 1000) -> dict[str, list[int]]:
+    """Run one engine, adding each (step, name, prompt, params) at its step (several may join
+    in one step, some after others have finished); each name's tokens. Bounded in steps."""
+    pending = sorted(joins, key=lambda join: join[0])
+    finished: dict[str, list[int]] = {}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and not engine.has_unfinished_requests():
+            step = max(step, pending[0][0])  # nothing running: `step()` would wait for ever
+        while pending and pending[0][0] <= step:
+            _, name, request_prompt, request_params = pending.pop(0)
+            engine.add_request(name, request_prompt, request_params)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+        if step > max_steps:  # greedy rows of a few tokens end long before
+            raise RuntimeError(f"rows joining a running engine did not finish: {len(finished)} of {len(joins)}")
+    return finished
+
+
 def join_at_random(engine, names: list[str], n_prompts: int, prompt, params, seed: int = 0,
                    last_step: int = 10) -> dict[str, list[int]]:
     """Every case and every prompt unsteered, in a shuffled order, each added at a random step
-    in [0, last_step] of one running engine (several may join in the same step, some after
-    others have finished): rows joining at random must still give each case's own tokens."""
+    in [0, last_step] of one running engine: rows joining at random must still give each
+    case's own tokens."""
     import random
 
     rng = random.Random(seed)
     entries = [(n, CASES[n][0], CASES[n]) for n in names] + \
               [(f"unsteered prompt {p}", p, (p, None)) for p in range(n_prompts)]
     rng.shuffle(entries)
-    joins = sorted((rng.randint(0, last_step), k) for k in range(len(entries)))
-    finished: dict[str, list[int]] = {}
-    step = 0
-    while joins or engine.has_unfinished_requests():
-        if joins and not engine.has_unfinished_requests():
-            step = max(step, joins[0][0])  # nothing running: `step()` would wait for ever
-        while joins and joins[0][0] <= step:
-            _, k = joins.pop(0)
-            name, p, case = entries[k]
-            engine.add_request(f"random-{k}", prompt(p), params(*case))
-        for out in engine.step():
-            if out.finished:
-                name = entries[int(out.request_id.split("-")[1])][0]
-                finished[f"{name} [joins at random, seed {seed}]"] = list(out.outputs[0].token_ids)
-        step += 1
-        if step > last_step + 1000:  # bounded: greedy rows of a few tokens end long before
-            raise RuntimeError(f"rows joining at random did not finish: {len(finished)} of {len(entries)}")
-    return finished
+    return run_joins(engine, [(rng.randint(0, last_step), f"{name} [joins at random, seed {seed}]",
+                               prompt(p), params(*case)) for name, p, case in entries])
 
 
 def report(got: dict, ref: dict, counters: list, eager: bool) -> tuple[list[str], int]:
