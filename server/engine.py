@@ -91,6 +91,22 @@ class Ticket:
             self.emit(_Failed(error))
         self.emit(_END)
 
+    async def received(self) -> AsyncIterator[TokenEvent]:
+        """The job's token events as they arrive, until its end; a failed job raises its error."""
+        while (item := await self.events.get()) is not _END:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+
+async def collect_results(ticket: Ticket, events: AsyncIterator[TokenEvent]) -> list[GenerationResult]:
+    """Every row's result from an engine's `stream(ticket)` (closed early if this is cancelled)."""
+    collected = EventsByRow(ticket.job.requests)
+    async with aclosing(events) as stream:
+        async for event in stream:
+            collected.add(event)
+    return job_results(ticket.job, collected)
+
 
 class Engine:
     """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
@@ -152,21 +168,16 @@ class Engine:
 
     async def generate(self, ticket: Ticket) -> list[GenerationResult]:
         """All rows of the job, once every row has finished. Cancelling aborts the job."""
-        collected = EventsByRow(ticket.job.requests)
-        async with aclosing(self.stream(ticket)) as events:
-            async for event in events:
-                collected.add(event)
-        return job_results(ticket.job, collected)
+        return await collect_results(ticket, self.stream(ticket))
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early
         (a client that went away) takes the job out of the queue at once, or its rows out of
         the batch at the next step."""
         try:
-            while (item := await ticket.events.get()) is not _END:
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+            async with aclosing(ticket.received()) as received:
+                async for event in received:
+                    yield event
         finally:
             ticket.abort.set()
             with self._wake:

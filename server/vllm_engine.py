@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from fsrl.errors import ConflictError, FsrlError
-from fsrl.generation import (DecodeRow, EventsByRow, GenerationRequest, GenerationResult, LogProbs,
+from fsrl.generation import (DecodeRow, GenerationRequest, GenerationResult, LogProbs,
                              TokenEvent)
 from fsrl.overrides import MAX_RETURN_FEATURES
 from fsrl.sampling import MIN_TEMPERATURE
-from server.engine import _END, EngineJob, Ticket, _Failed, job_results
+from server.engine import EngineJob, Ticket, collect_results
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -201,19 +201,14 @@ class VllmEngine:
             self.pending -= 1
 
     async def generate(self, ticket: Ticket) -> list[GenerationResult]:
-        collected = EventsByRow(ticket.job.requests)
-        async with aclosing(self.stream(ticket)) as events:
-            async for event in events:
-                collected.add(event)
-        return job_results(ticket.job, collected)
+        return await collect_results(ticket, self.stream(ticket))
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """As `Engine.stream`: closing early aborts the job's vLLM requests."""
         try:
-            while (item := await ticket.events.get()) is not _END:
-                if isinstance(item, _Failed):
-                    raise item.error
-                yield item
+            async with aclosing(ticket.received()) as received:
+                async for event in received:
+                    yield event
         finally:
             task = self._tasks.get(ticket)
             if task is not None and not task.done():

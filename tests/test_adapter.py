@@ -186,3 +186,22 @@ def test_a_bank_runs_each_token_through_its_own_slot(compiled):
         for n, k in enumerate(slot.tolist()):
             expected = torch.zeros(sae.d_sae) if k < 0 else (signed, None, plain)[k](x[n])
             torch.testing.assert_close(v[n], expected)
+
+
+def test_a_bank_on_a_cpu_multiplies_each_slot_in_use_once_on_its_own_tokens():
+    """The CPU kernel of `slot_matmul` groups tokens by slot: one product per slot in use, over
+    that slot's tokens alone, and none for an unused slot (the profiler records each product's
+    shapes; running every slot on every token would show a K-slot product of all N tokens)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fsrl.adapter import slot_matmul
+
+    W = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(7, 8, generator=torch.Generator().manual_seed(1))
+    slot = torch.tensor([3, 0, -1, 3, 3, -1, 0])
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out = slot_matmul(x, W, slot)
+    products = sorted(tuple(e.input_shapes[0]) for e in prof.events() if e.name in ("aten::mm", "aten::bmm"))
+    assert products == [(2, 8), (3, 8)]  # slot 0's two tokens, slot 3's three; slots 1, 2 never run
+    for n, k in enumerate(slot.tolist()):
+        torch.testing.assert_close(out[n], torch.zeros(16) if k < 0 else x[n] @ W[k])

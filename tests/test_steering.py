@@ -201,3 +201,29 @@ def test_validation_rejects_bad_overrides():
                 [FeatureOverride(i, "add", 1.0) for i in range(257)]):
         with pytest.raises(FsrlError):
             SteeringBatch.build([RowSteering(None, 1.0, bad)], sae.d_sae)
+
+
+def test_a_fixed_size_table_steers_each_row_as_a_built_batch_does():
+    """`SteeringRows` (the fixed-shape table inside vLLM's compiled model): rows set in place,
+    one of them emptied and reused, steer each row as `SteeringBatch.build` of the same rows,
+    and an empty row leaves its residual untouched."""
+    from fsrl.steering import SteeringRows
+
+    sae = tiny_sae()
+    signed = tiny_adapter(sae, activation="soft_threshold", seed=3)
+    clamped = tiny_adapter(sae, clamp_nonnegative=True, seed=4)
+    x = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(5)) * 3
+    rows = [RowSteering(signed, 0.7, [FeatureOverride(3, "set", 8.0), FeatureOverride(9, "scale", -1.5)]),
+            RowSteering(clamped, 2.0, steer_from=3),
+            RowSteering(None, 1.0, [FeatureOverride(5, "ablate")])]
+    table = SteeringRows(4, sae)
+    table.set_row(2, RowSteering(signed))  # written, then emptied and written again
+    table.set_row(2, None)
+    for row, steering in enumerate(rows):
+        table.set_row(row, steering)
+    positions = torch.arange(6).expand(4, -1)
+    got = steer(x, sae, table.batch, positions).x
+    want = run_steer(x[:3], sae, rows)
+    torch.testing.assert_close(got[:3], want, **FP32)
+    assert torch.equal(got[3], x[3])
+    assert not torch.allclose(got[:3], x[:3])  # the rows did steer

@@ -22,6 +22,7 @@ How it fits into vLLM (0.32, V1 model runner):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 ARCHITECTURE = "FsrlSteeredLlamaForCausalLM"
@@ -73,9 +74,14 @@ def steering_extra_args(adapter: str | None = None, scale: float = 1.0,
 
 
 def kv_cache_bytes(model_config: Any, dtype_bytes: int, tokens: int) -> int:
-    """Bytes of KV cache `tokens` tokens take in every layer (keys and values), at least 64 MiB.
-    Sized to what the server admits rather than to a share of the device: on vLLM's CPU build
-    that share is of the machine's memory, reserved whether used or not."""
+    """Bytes of KV cache `tokens` tokens take in every layer (keys and values), at least 64 MiB;
+    `model_config` is a transformers config or a model folder. Sized to what the server admits
+    rather than to a share of the device: on vLLM's CPU build that share is of the machine's
+    memory, reserved whether used or not."""
+    if isinstance(model_config, (str, Path)):
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(model_config)
     heads = model_config.num_attention_heads
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
     kv_heads = getattr(model_config, "num_key_value_heads", None) or heads

@@ -10,6 +10,10 @@ mode alike. Modes:
   adapter+8           the adapter plus 8 feature overrides per row
   K=k adapters        rows spread over k distinct adapters (copies of one, in k bank slots;
                       at batch sizes of k rows or more)
+  fsrl ...            fsrl's own engine on the same prompts, in the same rounds: the default
+                      engine as `fsrl serve` runs it on a CPU (weights packed for oneDNN), and with
+                      --compile-decode also its compiled static-shape decode (plain weights,
+                      as many slots as the largest batch), each unsteered, adapter, adapter+8
 On a CPU each bank slot in use runs once, on its own tokens (`RowAdapters.by_slot`), so the
 cost of steering grows with the distinct adapters of a step (each one's weights are read once),
 not with --bank-slots. Ratios are against vanilla at the same batch.
@@ -32,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bank-slots", type=int, default=4)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compilation)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also fsrl's compiled static-shape decode, in the same rounds")
     parser.add_argument("--out", default="bench-results/vllm-bench.json")
 
 
@@ -43,7 +49,7 @@ PROMPTS = ("Tell me about the moon.", "Give me three tips for sleeping better.",
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from fsrl.corpus import chat_ids
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = [chat_ids(tokenizer, p) for p in PROMPTS]
     batches = [int(b) for b in args.batches.split(",")]
     # The KV cache these batches need, not vLLM's default share of the machine's memory.
-    kv = kv_cache_bytes(AutoConfig.from_pretrained(model), 4, 2 * max(batches) * 512)
+    kv = kv_cache_bytes(model, 4, 2 * max(batches) * 512)
     common = dict(model=model, dtype="float32", enforce_eager=args.eager, max_model_len=512,
                   max_num_seqs=max(batches), seed=0, enable_prefix_caching=False, kv_cache_memory_bytes=kv)
     t0 = time.perf_counter()
@@ -73,20 +79,26 @@ def run(args: argparse.Namespace) -> int:
     def params(extra: dict | None) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra)
 
-    modes = {"vanilla": (stock, lambda i: None), "steered, none": (steered, lambda i: None),
-             "adapter": (steered, lambda i: steering_extra_args("a0")),
-             "adapter+8": (steered, lambda i: steering_extra_args("a0", overrides=OVERRIDES))}
+    def vllm_mode(llm, extra):
+        def run_batch(batch: int) -> None:
+            reqs = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(batch)]
+            llm.generate(reqs, [params(extra(i)) for i in range(batch)], use_tqdm=False)
+        return run_batch
+
+    modes = {"vanilla": vllm_mode(stock, lambda i: None), "steered, none": vllm_mode(steered, lambda i: None),
+             "adapter": vllm_mode(steered, lambda i: steering_extra_args("a0")),
+             "adapter+8": vllm_mode(steered, lambda i: steering_extra_args("a0", overrides=OVERRIDES))}
     for k in sorted({min(4, args.bank_slots), args.bank_slots} - {1}):
-        modes[f"K={k} adapters"] = (steered, lambda i, k=k: steering_extra_args(f"a{i % k}"))
+        modes[f"K={k} adapters"] = vllm_mode(steered, lambda i, k=k: steering_extra_args(f"a{i % k}"))
+    modes.update(_fsrl_modes(model, args, prompts, max(batches)))
     times: dict[tuple[str, int], list[float]] = {}
     for batch in batches:
-        reqs = [{"prompt_token_ids": prompts[i % len(prompts)]} for i in range(batch)]
         for _ in range(args.repeats + 1):  # the first round warms up and is not kept
-            for name, (llm, extra) in modes.items():
+            for name, run_batch in modes.items():
                 if name.startswith("K=") and batch < int(name[2:].split()[0]):
                     continue  # k adapters need k rows
                 t = time.perf_counter()
-                llm.generate(reqs, [params(extra(i)) for i in range(batch)], use_tqdm=False)
+                run_batch(batch)
                 times.setdefault((name, batch), []).append(time.perf_counter() - t)
     rows = []
     for batch in batches:
@@ -98,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"mode": name, "batch": batch, "tok_s": round(tok_s, 1), "ratio": round(tok_s / vanilla, 3)})
     print(f"\nvLLM {'eager' if args.eager else 'compiled'}, default model, fp32, {args.new_tokens} new tokens, "
           f"bank of {args.bank_slots}; engine start: stock {start_stock:.0f} s, steered {start_steered:.0f} s")
-    print(f"{'mode':<18} {'batch':>5} {'tok/s':>8} {'/ vanilla':>9}")
+    print(f"{'mode':<32} {'batch':>5} {'tok/s':>8} {'/ vanilla':>9}")
     for r in rows:
-        print(f"{r['mode']:<18} {r['batch']:>5} {r['tok_s']:>8.1f} {r['ratio']:>9.3f}")
+        print(f"{r['mode']:<32} {r['batch']:>5} {r['tok_s']:>8.1f} {r['ratio']:>9.3f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"engine": "vllm", "compiled": not args.eager, "new_tokens": args.new_tokens,
@@ -109,6 +121,45 @@ def run(args: argparse.Namespace) -> int:
                                "machine": platform.platform(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
+
+
+def _fsrl_modes(model: str, args: argparse.Namespace, prompts: list[list[int]], max_batch: int) -> dict:
+    """fsrl's own engine on the same prompts, steering and token counts: packed as `fsrl serve`
+    runs it on a CPU and, with --compile-decode, the compiled static decode (plain weights)."""
+    from fsrl.adapter import load_adapter
+    from fsrl.cpu_inference import can_pack, pack_linear_layers
+    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.models import load_base_model
+    from fsrl.overrides import FeatureOverride
+    from fsrl.sae import default_sae_dir, load_sae
+    from fsrl.sampling import SamplingParams as FsrlSampling
+    from fsrl.steering import RowSteering
+
+    setups = [("fsrl packed", True)] + ([("fsrl static decode", False)] if args.compile_decode else [])
+    overrides = [FeatureOverride(i, op, v) for i, op, v in OVERRIDES]
+    sampling = FsrlSampling(max_new_tokens=args.new_tokens, ignore_eos=True)
+    modes = {}
+    for label, packed in setups:
+        base = load_base_model(model)
+        sae = load_sae(default_sae_dir())
+        layer = sae.info.layer
+        adapter = load_adapter(args.adapter, sae=sae, layer=layer)
+        if packed and can_pack(base.model):
+            pack_linear_layers(base.model)
+            sae.pack_for_cpu()
+            adapter.pack_for_cpu()
+        generator = Generator(base, sae, layer)
+        if not packed:
+            from fsrl.static_decode import use_static_decode
+
+            use_static_decode(generator, rows=max_batch, columns=max(map(len, prompts)) + args.new_tokens)
+        for mode, steering in (("none", RowSteering()), ("adapter", RowSteering(adapter)),
+                               ("adapter+8", RowSteering(adapter, 1.0, overrides))):
+            def run_batch(batch: int, generator=generator, steering=steering) -> None:
+                generator.generate([GenerationRequest(prompts[i % len(prompts)], steering, sampling)
+                                    for i in range(batch)])
+            modes[f"{label}, {mode}"] = run_batch
+    return modes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,14 +155,13 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
                 drop_steering: bool = False) -> tuple[dict[str, list[int]], float, float, list]:
     """Every case in one `generate` call (one batch), then each case alone, then rows joining a
     running batch; start time, the batch's wall time and each rank's counters."""
-    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
     from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     extra = steered_llm_kwargs(setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
     # The cache 16 requests of max_model_len need, not vLLM's default share of the machine's memory.
-    kv = kv_cache_bytes(AutoConfig.from_pretrained(setup.model), 4, 16 * setup.max_model_len)
+    kv = kv_cache_bytes(setup.model, 4, 16 * setup.max_model_len)
     t0 = time.perf_counter()
     llm = LLM(model=setup.model, dtype="float32", enforce_eager=eager, max_model_len=setup.max_model_len,
               max_num_seqs=16, max_num_batched_tokens=max(256, setup.max_model_len), seed=0,
