@@ -9,10 +9,6 @@ Runs are interleaved (base, adapter, adapter+8, base, ...) and the median of the
 kept, so drift on a shared machine hits every mode alike. Ratios are steered/base tok/s.
 On a CPU the default model is measured twice: as loaded, then with its linear weights, the
 SAE and the adapter packed for oneDNN (`fsrl.cpu_inference`, what `fsrl serve` does on a CPU).
-With --compile-decode each model is also measured with the plain weights in the compiled
-static-shape step (`fsrl.static_decode`, `fsrl serve --compile-decode`): as many slots as the
-largest batch at every batch size (as a server with that many slots runs), a cache of prompt +
-new tokens; compiling is not timed (the first round warms up).
 """
 
 from __future__ import annotations
@@ -71,10 +67,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     serving.add_argument("--clients", default="1,4,8,16", help="concurrency levels")
     serving.add_argument("--adapters-dir", default="adapters", help="adapters the requests mix")
     serving.add_argument("--max-batch-rows", type=int, default=16)
-    parser.add_argument("--compile-decode", action="store_true",
-                        help="also measure the compiled static-shape decode step (CUDA graphs on "
-                             "CUDA); compiling takes a minute or more per model. With --serving: "
-                             "serve with --compile-decode (a 256-token static cache)")
     parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction, default=None,
                         help="CPU: weights packed for oneDNN, as `fsrl serve` does by default. "
                              "Left out: the loop bench measures the default model both "
@@ -140,18 +132,13 @@ def measure(generator, adapter, overrides, batch: int, prompt_tokens: int, new_t
     return {m: statistics.median(v) for m, v in samples.items()}
 
 
-def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict],
-                 compiled: bool = False) -> None:
+def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict]) -> None:
     from fsrl.generation import Generator
 
     generator = Generator(base, sae, layer)
     overrides = _overrides(sae)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     try:
-        if compiled:
-            from fsrl.static_decode import use_static_decode
-
-            use_static_decode(generator, rows=max(batches), columns=args.prompt_tokens + args.new_tokens)
         for batch in batches:
             tps = measure(generator, adapter, overrides, batch, args.prompt_tokens, args.new_tokens,
                           args.repeats, sync)
@@ -217,19 +204,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
         packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
-        # (label suffix, packed, compiled); the compiled step reads the plain weights, so it runs
-        # after the plain rows and before any packing.
-        setups = [(", packed weights" if p else "", p, False)
-                  for p in (packing if can_pack(base.model) else [False])]
-        if args.compile_decode:
-            setups.insert(0 if setups[0][1] else 1, (", compiled static decode", False, True))
-        for suffix, packed, compiled in setups:
+        for packed in (packing if can_pack(base.model) else [False]):
             if packed:  # packing replaces the model's layers in place
                 pack_linear_layers(base.model)
                 sae.pack_for_cpu()  # and the steering's own products, as `fsrl serve` does
                 adapter.pack_for_cpu()
-            _bench_setup(f"{base.name} + SAE {sae.d_sae}{suffix}", base, sae, layer, adapter, args,
-                         sync, rows, compiled=compiled)
+            _bench_setup(f"{base.name} + SAE {sae.d_sae}{', packed weights' if packed else ''}", base, sae,
+                         layer, adapter, args, sync, rows)
         del base
 
     if args.random_shapes:
@@ -249,9 +230,6 @@ def run(args: argparse.Namespace) -> int:
                                         _calibration_activations(big, layer))
         label = f"random {args.random_shapes} + SAE {d_sae}"
         _bench_setup(label, big, big_sae, layer, big_adapter, args, sync, rows)
-        if args.compile_decode:
-            _bench_setup(f"{label}, compiled static decode", big, big_sae, layer,
-                         big_adapter, args, sync, rows, compiled=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

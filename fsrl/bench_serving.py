@@ -166,10 +166,6 @@ def run(args: argparse.Namespace) -> int:
     # Packed unless told not to, whatever FSRL_PACK_CPU_WEIGHTS says in this environment.
     default = ["--device", args.device,
                "--no-pack-cpu-weights" if args.pack_cpu_weights is False else "--pack-cpu-weights"]
-    if args.compile_decode:  # the bench's prompts and new tokens fit well within 256 columns
-        default += ["--compile-decode", "--static-cache-tokens", "256"]
-    else:
-        default.append("--no-compile-decode")
     # vLLM's KV cache is sized to the server's limits: keep them to what the bench sends.
     engine_args = {"transformers": default,
                    "vllm": ["--engine", "vllm", "--max-prompt-tokens", "256", "--max-new-tokens-cap", "256"]}

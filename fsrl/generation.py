@@ -202,8 +202,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 class DecodeBatch(Protocol):
     """Rows decoding together that rows join and leave between steps: what `Generator.stream`
-    and the server's engine drive, whichever kind it is (`RunningBatch` here, or
-    `fsrl.static_decode.StaticBatch`). Every event comes paired with its row's owner."""
+    and the server's engine drive (`RunningBatch`). Every event comes paired with its row's owner."""
 
     def __len__(self) -> int: ...
 
@@ -222,16 +221,9 @@ class DecodeBatch(Protocol):
     def resume(self, rows: Sequence[DecodeRow]) -> list[tuple[Any, TokenEvent]]: ...
 
 
-class BatchSource(Protocol):
-    """Something that hands out batches instead of `RunningBatch` (a static decoder's slots)."""
-
-    def batch(self) -> DecodeBatch: ...
-
-
 class Generator:
     """Generates on one model, steering at one SAE layer. `stream`/`generate` run a fixed set
-    of requests; `batch()` gives a `DecodeBatch` (a `RunningBatch`, or the batches of the
-    `BatchSource` set as `static_decoder`, as `fsrl.static_decode.use_static_decode` does)."""
+    of requests; `batch()` gives a `DecodeBatch` for rows to join and leave."""
 
     def __init__(self, base: BaseModel, sae: Sae, layer: int):
         self.base, self.sae, self.layer = base, sae, layer
@@ -243,7 +235,6 @@ class Generator:
         eos = getattr(cfg, "eos_token_id", None) or base.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         self.pad_id = base.tokenizer.pad_token_id or 0
-        self.static_decoder: BatchSource | None = None  # when set, batches come from it
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
                 cache: Any, batch: SteeringBatch, every_position: bool = False
@@ -261,9 +252,8 @@ class Generator:
         return (out.logits if every_position else out.logits[:, -1, :]), new_cache, capture
 
     def batch(self) -> DecodeBatch:
-        """A batch for rows to join and leave; over the static decoder's slots when there is one
-        (a newer batch takes them from an older one)."""
-        return self.static_decoder.batch() if self.static_decoder is not None else RunningBatch(self)
+        """A batch for rows to join and leave."""
+        return RunningBatch(self)
 
     def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
         """Generate all rows together; yields one event per row per step until all finish."""

@@ -134,7 +134,7 @@ class SteeringBatch:
 
 class SteeringRows:
     """A steering batch of fixed size whose rows are set in place, for a decode step with
-    static shapes (fsrl.static_decode). Every flag is on, the override table is
+    static shapes (the steered model inside vLLM, fsrl.vllm_engine). Every flag is on, the override table is
     MAX_FEATURE_OVERRIDES wide and the top MAX_RETURN_FEATURES are always captured, so `steer` runs the
     same code whatever the rows hold (one compiled graph), and each row gets what
     `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""

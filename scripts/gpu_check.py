@@ -12,10 +12,9 @@ that hangs or fails still leaves the others' results:
                  cannot use (--install all: every one); torch, transformers and the rest of the
                  machine's packages are never touched. TMP goes on PYTHONPATH after the checkout
   tests          pytest -m cuda: steering against the float64 reference in fp32 and bf16, batch
-                 independence, unsteered logits bit-identical, hot swap, the compiled static step
-                 (CUDA-graph replay) against eager decoding
-  bench          fsrl bench on a random-weight Llama-3.2-1B shape with a 16k SAE: eager and the
-                 compiled static decode, base against steered, side by side
+                 independence, unsteered logits bit-identical, hot swap
+  bench          fsrl bench on a random-weight Llama-3.2-1B shape with a 16k SAE: base against
+                 steered, side by side
   serving-setup  a random model (512 wide, 8 layers; the tests' character tokenizer), a 4,096-
                  feature SAE and two synthetic adapters, written to a temporary folder
   serving        fsrl bench --serving on them: `fsrl serve` under 1-16 concurrent clients
@@ -339,13 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                              "cut at it takes up to 15 s more to stop")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
-    parser.add_argument("--bench-compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="also the compiled static decode (default: on a GPU, not in a dry run)")
     parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=None,
                         help="also the vLLM steering check, when vLLM is installed (default: on a GPU, "
                              "not in a dry run)")
-    parser.add_argument("--serving-compile", action="store_true",
-                        help="serve with --compile-decode in the serving bench (compiles at start)")
     args = parser.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -376,14 +371,11 @@ def main(argv: list[str] | None = None) -> int:
             check.skip("bench", "--skip-bench")
         else:
             bench_json = out / "bench.json"
-            compile_decode = args.bench_compile if args.bench_compile is not None else not args.dry_run
             cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--device", device, "--no-default-model",
                    "--out", str(bench_json)]
             cmd += (["--random-shapes", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1"]
                     if args.dry_run else ["--random-shapes", "llama-1.2b", "--batch-sizes", "1,16",
                                           "--new-tokens", "64", "--repeats", "3"])
-            if compile_decode:
-                cmd.append("--compile-decode")
             check.step("bench", cmd, PROBES["bench"])
             if bench_json.exists():
                 report["bench"] = json.loads(bench_json.read_text())
@@ -411,8 +403,6 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += (["--clients", "1,4", "--repeats", "1", "--new-tokens", "8", "--max-batch-rows", "4"]
                         if args.dry_run else ["--clients", "1,4,8,16", "--repeats", "2", "--new-tokens", "32",
                                               "--max-batch-rows", "16"])
-                if args.serving_compile:
-                    cmd.append("--compile-decode")
                 check.step("serving", cmd, PROBES["serving"] + ["serve-entry-point"])
                 if serving_json.exists():
                     done = json.loads(serving_json.read_text())

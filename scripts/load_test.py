@@ -1,6 +1,6 @@
 """Load and soak test: many clients, mixed requests, adapters swapped and unloaded under load.
 
-    python scripts/load_test.py [--clients 16] [--seconds 120] [--swap-cycles 200] [--compile-decode] [--out FILE]
+    python scripts/load_test.py [--clients 16] [--seconds 120] [--swap-cycles 200] [--out FILE]
 
 Starts `fsrl serve` on a tiny random model (loopback, a free port) and runs, for `--seconds`:
 - `--clients` clients, each sending one request after another, drawn from a fixed mix:
@@ -200,14 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap-cycles", type=int, default=200)
     parser.add_argument("--max-requests-per-client", type=int, default=100_000,
                         help="a bound on each client's loop besides the clock")
-    parser.add_argument("--compile-decode", action="store_true",
-                        help="serve with the compiled static-shape decode step (a 128-token cache: "
-                             "these requests need under 70)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/load_test.json"))
     args = parser.parse_args(argv)
-    extra = ["--compile-decode", "--static-cache-tokens", "128"] if args.compile_decode else []
     with tempfile.TemporaryDirectory(prefix="fsrl-load-") as tmp:
-        _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4), *extra)
+        _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4))
         try:
             report = asyncio.run(run(args, server.url, server.proc.pid))
         finally:

@@ -43,10 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on a CPU, pack the model's, SAE's and adapters' weights once for "
                              "oneDNN, so a batch of several rows costs about one row (default: on; "
                              "--no-pack-cpu-weights serves the plain weights)")
-    parser.add_argument("--compile-decode", action=argparse.BooleanOptionalAction,
-                        help="decode with static shapes (fixed row slots over a fixed-length "
-                             "cache) in one torch.compile'd step, compiled for CUDA-graph "
-                             "replay on CUDA; compiles at start (default: off)")
+    # Removed (#13: one fast path): a clear line instead of argparse's "unrecognized arguments".
+    parser.add_argument("--compile-decode", "--no-compile-decode", "--static-cache-tokens",
+                        dest="removed_compile_decode", nargs="?", const=True, default=None,
+                        help=argparse.SUPPRESS)
     parser.add_argument("--max-adapters", type=int,
                         help="adapters loaded at once; a load beyond it gets 409 (default: 64)")
     parser.add_argument("--stream-send-timeout", type=float,
@@ -64,10 +64,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enforce-eager", action="store_true", default=None,
                         help="with --engine vllm: run without vLLM's compiled graph (starts faster, "
                              "decodes slower)")
-    parser.add_argument("--static-cache-tokens", type=int,
-                        help="with --compile-decode, the cache length: prompt plus new tokens of "
-                             "any request (default: --max-prompt-tokens + --max-new-tokens-cap, "
-                             "within the model's length)")
 
 
 # h11, whatever else is installed: with httptools (which vLLM brings) uvicorn would pick it, and
@@ -104,13 +100,9 @@ def _preflight(settings) -> None:
     model = settings.model
     if model and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise FsrlError(f"model not found: {model}")
-    if settings.static_cache_tokens is not None and not settings.compile_decode:
-        raise FsrlError("--static-cache-tokens sizes the cache of --compile-decode; pass both")
     if settings.engine == "vllm":
         from fsrl.models import DEFAULT_MODEL_ALIASES
 
-        if settings.compile_decode:
-            raise FsrlError("--compile-decode is the transformers engine's; vLLM compiles its own graph")
         if model and not (model in DEFAULT_MODEL_ALIASES or Path(model).expanduser().is_dir()):
             raise FsrlError("--engine vllm serves a transformers model folder or the embedded default, "
                             f"not {model!r}")
@@ -128,14 +120,16 @@ def run(args: argparse.Namespace) -> int:
     from server.app import create_app
     from server.settings import load_settings
 
+    if args.removed_compile_decode is not None:
+        raise FsrlError("--compile-decode and --static-cache-tokens were removed: the compiled fast "
+                        "path is --engine vllm (docs/vllm.md)")
     settings = load_settings(
         model=args.model, sae=args.sae, layer=args.layer, adapters_dir=args.adapters_dir,
         host=args.host, port=args.port, device=args.device,
         max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
         max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
         max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
-        pack_cpu_weights=args.pack_cpu_weights, compile_decode=args.compile_decode,
-        static_cache_tokens=args.static_cache_tokens, max_adapters=args.max_adapters,
+        pack_cpu_weights=args.pack_cpu_weights, max_adapters=args.max_adapters,
         stream_send_timeout=args.stream_send_timeout, insecure_no_auth=args.insecure_no_auth,
         engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
     _preflight(settings)

@@ -1,7 +1,7 @@
 """The engine: continuous batching, off the event loop.
 
-One worker thread (a `ModelThread`, server/model_thread.py) owns the model and a batch (`Generator.batch()`: a
-`RunningBatch`, or a `StaticBatch` with --compile-decode). Between decode steps
+One worker thread (a `ModelThread`, server/model_thread.py) owns the model and a batch
+(`Generator.batch()`, a `RunningBatch`). Between decode steps
 it takes waiting jobs from the queue (as many as fit under `max_batch_rows`), prefills them
 together, and from then on their rows decode in the same forward passes as every other
 running row, each with its own adapter, scale, overrides, sampling, seed and stop conditions.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +33,6 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(1 << 20, ge=1024)  # bigger bodies get 413
     max_prompt_tokens: int = Field(4096, ge=1)  # longer prompts get 422 (the model's length also caps)
     pack_cpu_weights: bool = True            # CPU float32: weights packed once for oneDNN
-    compile_decode: bool = False             # static-shape decode step, compiled (CUDA graphs on CUDA)
-    static_cache_tokens: int | None = Field(None, ge=8)  # its cache length; None: prompt + new-token caps
     max_adapters: int = Field(64, ge=1)      # adapters loaded at once; more loads get 409
     stream_send_timeout: float = Field(60.0, gt=0)  # seconds a streaming client may read nothing
     engine: Literal["transformers", "vllm"] = "transformers"  # vllm: needs fsrl[vllm]
@@ -61,8 +60,16 @@ class Settings(BaseSettings):
         return (self.sae or default_sae_dir()).expanduser()
 
 
+# Settings that are gone, refused when set rather than ignored.
+REMOVED_ENV = ("FSRL_COMPILE_DECODE", "FSRL_STATIC_CACHE_TOKENS")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment with explicit (non-None) overrides; one-line errors."""
+    removed = [name for name in REMOVED_ENV if os.environ.get(name, "").lower() not in ("", "0", "false")]
+    if removed:  # set on purpose: say so rather than serve without it
+        raise FsrlError(f"{' and '.join(removed)} {'were' if len(removed) > 1 else 'was'} removed with "
+                        "--compile-decode: the compiled fast path is --engine vllm (docs/vllm.md)")
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

@@ -25,7 +25,6 @@ from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
 from fsrl.models import DEFAULT_MODEL_ALIASES, BaseModel, ensure_default_model, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
-from fsrl.static_decode import StaticDecoder, use_static_decode
 from server.engine import Engine
 from server.vllm_engine import SPARE_BANK_SLOTS, VllmEngine
 from server.metrics import EngineFigures, Metrics
@@ -46,9 +45,9 @@ class ServerState:
     engine: Engine | VllmEngine
     packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
     # Prompt + generated tokens a request may have (None: unknown, not checked): what the
-    # model attends over, and with static decoding or vLLM what its cache holds.
+    # model attends over, and with vLLM what its cache holds.
     max_positions: int | None = None
-    compiled_decode: bool = False
+    compiled_decode: bool = False  # decode steps run a compiled graph (the vLLM engine, not eager)
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     features: FeatureIndex | None = None  # labels and dashboards, for /features
@@ -104,8 +103,7 @@ def load_state(settings: Settings) -> ServerState:
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
                         engine=engine, packed_cpu_weights=packed, metrics=metrics,
                         features=load_feature_index(settings.sae_path, sae),
-                        max_positions=_max_positions(base, generator.static_decoder),
-                        compiled_decode=generator.static_decoder is not None)
+                        max_positions=_max_positions(base))
     state.max_chars_per_token  # measured once, at start, not on a request
     return state
 
@@ -131,7 +129,7 @@ async def start_state(settings: Settings) -> ServerState:
     registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint, device=torch.device("cpu"),
                                dtype=base.dtype, reference=reference, max_adapters=settings.max_adapters)
     await asyncio.to_thread(registry.load_directory)
-    max_positions = _max_positions(base, None)
+    max_positions = _max_positions(base)
     max_len = settings.max_prompt_tokens + settings.max_new_tokens_cap
     options = VllmOptions(model=str(_model_folder(settings.model)), sae_dir=str(settings.sae_path), layer=layer,
                           dtype=str(base.dtype).removeprefix("torch."),
@@ -159,7 +157,7 @@ async def start_state(settings: Settings) -> ServerState:
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry, engine=engine,
                         packed_cpu_weights=False, metrics=metrics,
                         features=load_feature_index(settings.sae_path, sae),
-                        max_positions=options.max_model_len)
+                        max_positions=options.max_model_len, compiled_decode=not settings.enforce_eager)
     state.max_chars_per_token
     return state
 
@@ -201,19 +199,10 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
     generator = Generator(base, sae, layer)  # checks the layer exists
-    if settings.compile_decode:
-        # The compiled step reads the plain weights (inductor makes its own kernels).
-        columns = settings.static_cache_tokens or (settings.max_prompt_tokens + settings.max_new_tokens_cap)
-        columns = min(columns, _max_positions(base, None) or columns)
-        rows = max(settings.max_batch_rows, 2)  # a compare request's two rows always fit
-        log.info("compiling the decode step: %d rows x %d cache columns", rows, columns)
-        use_static_decode(generator, rows, columns)
-        packed = False
-    else:
-        packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
-        if packed:
-            sae.pack_for_cpu()
-            log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
+    packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
+    if packed:
+        sae.pack_for_cpu()
+        log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
     return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed
 
 
@@ -224,9 +213,6 @@ def _model_folder(spec: str | None) -> Path:
     return Path(spec).expanduser()
 
 
-def _max_positions(base: BaseModel, decoder: StaticDecoder | None) -> int | None:
+def _max_positions(base: BaseModel) -> int | None:
     value = getattr(base.model.config, "max_position_embeddings", None)
-    limits = [int(value)] if value else []
-    if decoder is not None:
-        limits.append(decoder.columns)
-    return min(limits, default=None)
+    return int(value) if value else None

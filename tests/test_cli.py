@@ -52,30 +52,24 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
 
 
-@pytest.mark.slow  # compiles the decode step
-def test_bench_measures_the_compiled_static_decode_beside_the_plain_one(tmp_path):
-    import json
-
-    from fsrl.testing import write_tiny_setup
-
-    setup = write_tiny_setup(tmp_path / "tiny")
-    out = tmp_path / "bench.json"
-    done = run_fsrl("bench", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                    "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "3",
-                    "--prompt-tokens", "4", "--repeats", "1", "--adapter-l0", "8",
-                    "--no-pack-cpu-weights", "--compile-decode", "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    rows = json.loads(out.read_text())["rows"]
-    assert [(r["setup"].endswith("compiled static decode"), r["batch"]) for r in rows] == [
-        (False, 1), (False, 2), (True, 1), (True, 2)]
-    assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
-
-
-def test_static_cache_tokens_without_compile_decode_is_one_line():
-    done = run_fsrl("serve", "--static-cache-tokens", "256")
+@pytest.mark.parametrize("flags", [["--compile-decode"], ["--static-cache-tokens", "256"]])
+def test_the_removed_compiled_decode_flags_are_one_line(flags):
+    done = run_fsrl("serve", *flags)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "fsrl: error: --static-cache-tokens sizes the cache of --compile-decode; pass both"]
+        "fsrl: error: --compile-decode and --static-cache-tokens were removed: the compiled fast "
+        "path is --engine vllm (docs/vllm.md)"]
+
+
+def test_the_removed_compiled_decode_setting_is_one_line():
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "fsrl.cli", "serve"], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "FSRL_COMPILE_DECODE": "true"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fsrl: error: FSRL_COMPILE_DECODE was removed with --compile-decode: the compiled fast path "
+        "is --engine vllm (docs/vllm.md)"]
 
 
 def test_serving_beyond_loopback_without_an_api_key_is_refused_in_one_line(tmp_path):
@@ -103,8 +97,6 @@ def test_loopback_addresses_need_no_key():
 
 @pytest.mark.parametrize("flags, message", [
     (["--tensor-parallel-size", "2"], "fsrl: error: --tensor-parallel-size and --enforce-eager are for --engine vllm"),
-    (["--engine", "vllm", "--compile-decode"],
-     "fsrl: error: --compile-decode is the transformers engine's; vLLM compiles its own graph"),
     (["--engine", "vllm", "--model", "model.gguf"],
      "fsrl: error: --engine vllm serves a transformers model folder or the embedded default, not 'model.gguf'"),
 ])

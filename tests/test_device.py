@@ -13,7 +13,6 @@ from test_steering import reference_steer, run_steer
 from fsrl.adapter import save_adapter
 from fsrl.generation import GenerationRequest, Generator
 from fsrl.sampling import SamplingParams
-from fsrl.static_decode import use_static_decode
 from fsrl.overrides import FeatureOverride
 from fsrl.steering import RowSteering, SteeringBatch, SteeringHook
 
@@ -134,32 +133,6 @@ def test_a_hot_swap_leaves_running_rows_on_their_weights(device, tmp_path):
     assert tokens == on_a  # the running row finished on the weights it started with
     assert registry.get("a").W.device.type == device
     assert gen.generate([greedy(prompt, RowSteering(registry.get("a")))])[0].token_ids == on_b
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES[1:])
-def test_the_compiled_static_step_generates_what_eager_generates(device):
-    """The step compiles in reduce-overhead mode: it replays as a CUDA graph. (On the CPU,
-    tests/test_static_decode.py checks the compiled step.)"""
-    torch._dynamo.reset()
-    gen, (a, b) = device_generator(device)
-    requests = [greedy([5, 6, 7, 8], RowSteering(a, 1.0)), greedy([9, 10], RowSteering(None)),
-                greedy([11, 12, 13], RowSteering(b, 2.0, [FeatureOverride(4, "set", 3.0)]), tokens=20)]
-    alone = [gen.generate([r])[0].token_ids for r in requests]
-    use_static_decode(gen, rows=4, columns=40, compile=True)
-    batch = gen.batch()
-    events = {i: [] for i in range(len(requests))}
-    for owner, event in batch.add(requests[:2], [0, 1]):
-        events[owner].append(event.token_id)
-    for step in range(40):
-        if step == 3:  # a row joins while the others decode
-            for owner, event in batch.add(requests[2:], [2]):
-                events[owner].append(event.token_id)
-        for owner, event in batch.step():
-            events[owner].append(event.token_id)
-        if not len(batch):
-            break
-    assert [events[i] for i in range(len(requests))] == alone
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,7 +18,7 @@ def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup, 
     assert r.json() == {"status": "ok", "worker": "running", "model": setup.model_dir.name,
                         "sae": "random-topk-256",
                         "layer": 1, "device": "cpu", "packed_cpu_weights": engine == "default",
-                        "compiled_decode": False, "engine": "transformers" if engine == "default" else "vllm",
+                        "compiled_decode": engine == "vllm", "engine": "transformers" if engine == "default" else "vllm",
                         "adapters": 1}
 
 

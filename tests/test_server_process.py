@@ -1,5 +1,5 @@
 """The tiny server as a real `fsrl serve` process, over real HTTP: what needs the process, its
-flags or real connections (packed and plain weights, the compiled decode, clients that hang up,
+flags or real connections (packed and plain weights, clients that hang up,
 concurrent clients sharing forward passes); and the real default model and shipped SAE.
 
 Every test here starts a subprocess server: the whole file is slow.
@@ -17,7 +17,7 @@ import pytest
 from fsrl.testing import ServerProcess, serving, tiny_server_args
 
 import _server_fixtures as fixtures
-from _server_fixtures import CAP, assert_error, generate
+from _server_fixtures import CAP, generate
 
 # Fixtures the server's test files share: pytest finds them by these names.
 setup, server = fixtures.setup, fixtures.server
@@ -43,31 +43,6 @@ def test_server_without_packed_weights_answers_as_the_packed_one(client, setup, 
             plain_answer, packed_answer = generate(plain, **body), generate(client, **body)
             for key in ("steered", "base", "usage"):
                 assert plain_answer[key] == packed_answer[key], key
-
-
-def test_a_compiled_decode_server_answers_as_the_eager_one(client, setup, tmp_path):
-    args = tiny_server_args(setup, "--compile-decode", "--static-cache-tokens", "64", "--max-batch-rows", "4")
-    bodies = [{"prompt": "hello there"}, {"prompt": "the cat", "adapter": "tiny", "compare": True},
-              {"prompt": "abc", "features": [{"index": 3, "op": "set", "value": 9.0}]},
-              {"prompt": "seeded", "adapter": "tiny", "temperature": 1.0, "seed": 5, "return_features": 2},
-              {"prompt": "a longer prompt than the others", "adapter": "tiny", "steering_scale": 2.0}]
-    bodies = [{**body, "max_new_tokens": 12, "ignore_eos": True} for body in bodies]
-    with serving(args, tmp_path / "server.log", timeout_s=300) as proc, \
-            httpx.Client(base_url=proc.url, timeout=120) as compiled:  # compiling takes a while
-        assert compiled.get("/health").json()["compiled_decode"] is True
-        with ThreadPoolExecutor(len(bodies)) as pool:  # rows join and leave the slots
-            answers = list(pool.map(lambda body: generate(compiled, **body), bodies))
-        for body, answer in zip(bodies, answers):
-            eager = generate(client, **body)
-            assert answer["base"] == eager["base"] and answer["usage"] == eager["usage"]
-            mine, theirs = dict(answer["steered"]), dict(eager["steered"])
-            # Compiled kernels round differently: feature deltas agree to float precision.
-            for a, b in zip(mine.pop("features", None) or [], theirs.pop("features", None) or []):
-                assert [f["index"] for f in a] == [f["index"] for f in b], body
-                assert [f["delta"] for f in a] == pytest.approx([f["delta"] for f in b], rel=1e-4)
-            assert mine == theirs, body
-        too_long = compiled.post("/generate", json={"prompt": "x" * 60, "max_new_tokens": 5})
-        assert_error(too_long, 422, "max_new_tokens", "64")
 
 
 # --- clients that hang up -------------------------------------------------------------------------

@@ -10,10 +10,8 @@ mode alike. Modes:
   adapter+8           the adapter plus 8 feature overrides per row
   K=k adapters        rows spread over k distinct adapters (copies of one, in k bank slots;
                       at batch sizes of k rows or more)
-  fsrl ...            fsrl's own engine on the same prompts, in the same rounds: the default
-                      engine as `fsrl serve` runs it on a CPU (weights packed for oneDNN), and with
-                      --compile-decode also its compiled static-shape decode (plain weights,
-                      as many slots as the largest batch), each unsteered, adapter, adapter+8
+  fsrl packed, ...    fsrl's own engine on the same prompts, in the same rounds, as `fsrl serve`
+                      runs it on a CPU (weights packed for oneDNN): unsteered, adapter, adapter+8
 On a CPU each bank slot in use runs once, on its own tokens (`RowAdapters.by_slot`), so the
 cost of steering grows with the distinct adapters of a step (each one's weights are read once),
 not with --bank-slots. Ratios are against vanilla at the same batch.
@@ -36,8 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bank-slots", type=int, default=4)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compilation)")
-    parser.add_argument("--compile-decode", action="store_true",
-                        help="also fsrl's compiled static-shape decode, in the same rounds")
     parser.add_argument("--out", default="bench-results/vllm-bench.json")
 
 
@@ -90,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
              "adapter+8": vllm_mode(steered, lambda i: steering_extra_args("a0", overrides=OVERRIDES))}
     for k in sorted({min(4, args.bank_slots), args.bank_slots} - {1}):
         modes[f"K={k} adapters"] = vllm_mode(steered, lambda i, k=k: steering_extra_args(f"a{i % k}"))
-    modes.update(_fsrl_modes(model, args, prompts, max(batches)))
+    modes.update(_fsrl_modes(model, args, prompts))
     times: dict[tuple[str, int], list[float]] = {}
     for batch in batches:
         for _ in range(args.repeats + 1):  # the first round warms up and is not kept
@@ -123,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fsrl_modes(model: str, args: argparse.Namespace, prompts: list[list[int]], max_batch: int) -> dict:
-    """fsrl's own engine on the same prompts, steering and token counts: packed as `fsrl serve`
-    runs it on a CPU and, with --compile-decode, the compiled static decode (plain weights)."""
+def _fsrl_modes(model: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """fsrl's own engine on the same prompts, steering and token counts, packed as `fsrl serve`
+    runs it on a CPU."""
     from fsrl.adapter import load_adapter
     from fsrl.cpu_inference import can_pack, pack_linear_layers
     from fsrl.generation import GenerationRequest, Generator
@@ -135,30 +131,24 @@ def _fsrl_modes(model: str, args: argparse.Namespace, prompts: list[list[int]], 
     from fsrl.sampling import SamplingParams as FsrlSampling
     from fsrl.steering import RowSteering
 
-    setups = [("fsrl packed", True)] + ([("fsrl static decode", False)] if args.compile_decode else [])
-    overrides = [FeatureOverride(i, op, v) for i, op, v in OVERRIDES]
+    base = load_base_model(model)
+    sae = load_sae(default_sae_dir())
+    layer = sae.info.layer
+    adapter = load_adapter(args.adapter, sae=sae, layer=layer)
+    if can_pack(base.model):
+        pack_linear_layers(base.model)
+        sae.pack_for_cpu()
+        adapter.pack_for_cpu()
+    generator = Generator(base, sae, layer)
     sampling = FsrlSampling(max_new_tokens=args.new_tokens, ignore_eos=True)
+    overrides = [FeatureOverride(i, op, v) for i, op, v in OVERRIDES]
     modes = {}
-    for label, packed in setups:
-        base = load_base_model(model)
-        sae = load_sae(default_sae_dir())
-        layer = sae.info.layer
-        adapter = load_adapter(args.adapter, sae=sae, layer=layer)
-        if packed and can_pack(base.model):
-            pack_linear_layers(base.model)
-            sae.pack_for_cpu()
-            adapter.pack_for_cpu()
-        generator = Generator(base, sae, layer)
-        if not packed:
-            from fsrl.static_decode import use_static_decode
-
-            use_static_decode(generator, rows=max_batch, columns=max(map(len, prompts)) + args.new_tokens)
-        for mode, steering in (("none", RowSteering()), ("adapter", RowSteering(adapter)),
-                               ("adapter+8", RowSteering(adapter, 1.0, overrides))):
-            def run_batch(batch: int, generator=generator, steering=steering) -> None:
-                generator.generate([GenerationRequest(prompts[i % len(prompts)], steering, sampling)
-                                    for i in range(batch)])
-            modes[f"{label}, {mode}"] = run_batch
+    for mode, steering in (("none", RowSteering()), ("adapter", RowSteering(adapter)),
+                           ("adapter+8", RowSteering(adapter, 1.0, overrides))):
+        def run_batch(batch: int, steering=steering) -> None:
+            generator.generate([GenerationRequest(prompts[i % len(prompts)], steering, sampling)
+                                for i in range(batch)])
+        modes[f"fsrl packed, {mode}"] = run_batch
     return modes
 
 
