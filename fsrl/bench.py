@@ -26,7 +26,8 @@ RANDOM_SHAPES = {
     "llama-1.2b": ({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
                    16384, 8),
-    "tiny": ({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    # Head size 32: the smallest vLLM's CPU attention takes (`--engine vllm --random-shapes tiny`).
+    "tiny": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}, 256, 1),
 }
 

@@ -21,6 +21,9 @@ that hangs or fails still leaves the others' results:
   vllm           python -m fsrl.vllm_engine.check: steering inside vLLM's compiled model against
                  fsrl's own engine, token for token (tiny model), when the machine has vLLM (its
                  CUDA wheel, ~400 MB, cannot travel in a device call's 64 MiB); skipped otherwise
+  vllm-bench     fsrl bench --engine vllm on the random Llama-3.2-1B shape (bf16, 16k SAE): stock
+                 vLLM, steered vLLM and fsrl's own engine at batch 1 and 16, into gpu-check.json
+                 (both vLLM steps want more than the default budget: pass --budget-s 900)
 
 Before each step its imports are tried; a step whose packages are missing (no wheelhouse, or
 no wheel for this Python in it) is skipped with the reason in the JSON, and does not fail the
@@ -60,6 +63,7 @@ PROBES = {
     "serving-setup": ["pydantic", "safetensors", "httpx", "tokenizers"],
     "serving": ["fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client", "httpx"],
     "vllm": ["vllm", "safetensors"],
+    "vllm-bench": ["vllm", "safetensors", "pydantic"],
 }
 PROBE = ("import importlib, json, sys\n"
          "found = {}\n"
@@ -77,7 +81,7 @@ PROBE = ("import importlib, json, sys\n"
          "print(json.dumps(found))\n")
 # (seconds on a GPU, seconds in a dry run): each step's own limit, within the budget.
 LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "serving-setup": (60, 60),
-          "serving": (150, 120), "vllm": (240, 240)}
+          "serving": (150, 120), "vllm": (240, 240), "vllm-bench": (300, 240)}
 MIN_STEP_S = 20  # a step is not started with less of the budget left
 SERVING_SHAPES = {"gpu": {"hidden": 512, "n_layers": 8, "d_sae": 4096, "layer": 4},
                   "cpu": {"hidden": 64, "n_layers": 2, "d_sae": 256, "layer": 1}}
@@ -320,6 +324,11 @@ def summary(report: dict) -> str:
     if vllm and "got" in vllm:
         lines += ["", f"vllm: {len(vllm['got'])} steering cases against fsrl's own engine, "
                       f"{vllm['failures']} failures (vllm-check.json)"]
+    vllm_bench = report.get("vllm_bench")
+    if vllm_bench and vllm_bench.get("rows"):
+        lines += ["", f"vllm-bench: {vllm_bench['setup']}, against stock vLLM in the same run",
+                  "", "| mode | batch | tok/s | / vanilla |", "|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['batch']} | {r['tok_s']} | {r['ratio']} |" for r in vllm_bench["rows"]]
     return "\n".join(lines) + "\n"
 
 
@@ -410,12 +419,24 @@ def main(argv: list[str] | None = None) -> int:
         report["vllm"] = {}
         if not (args.vllm if args.vllm is not None else not args.dry_run):
             check.skip("vllm", "not asked for (--vllm)")
+            check.skip("vllm-bench", "not asked for (--vllm)")
         else:
             vllm_json = out / "vllm-check.json"
             check.step("vllm", [sys.executable, "-m", "fsrl.vllm_engine.check", "--root", str(scratch / "vllm"),
                                 "--json", str(vllm_json)], PROBES["vllm"])
             if vllm_json.exists():
                 report["vllm"] = json.loads(vllm_json.read_text())
+            # #13's GPU target: steered / stock vLLM at batch 1 and 16 on a 1B shape with a 16k SAE,
+            # beside fsrl's own engine. Its JSON goes into gpu-check.json (8 files come back at most).
+            bench_json = scratch / "vllm-bench.json"
+            cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--engine", "vllm", "--device", device,
+                   "--out", str(bench_json)]
+            cmd += (["--random-shapes", "tiny", "--batch-sizes", "1,2", "--new-tokens", "4", "--repeats", "1"]
+                    if args.dry_run else ["--random-shapes", "llama-1.2b", "--batch-sizes", "1,16",
+                                          "--new-tokens", "64", "--repeats", "3"])
+            check.step("vllm-bench", cmd, PROBES["vllm-bench"])
+            report["vllm_bench"] = json.loads(bench_json.read_text()) if bench_json.exists() else {}
+            check.write()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if check.site:

@@ -140,7 +140,7 @@ def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving(tmp_path):
     assert report["dry_run"] and report["complete"]
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
         (name, "passed") for name in ("wheelhouse", "tests", "bench", "serving-setup", "serving")] + [
-        ("vllm", "skipped")]  # a dry run leaves vLLM out unless --vllm
+        ("vllm", "skipped"), ("vllm-bench", "skipped")]  # a dry run leaves vLLM out unless --vllm
     assert report["wheelhouse"]["installed"] == ["fsrl==0.1.0"] and not report["wheelhouse"]["plan"]["unavailable"]
     site = report["wheelhouse"]["site"]
     serving = next(s for s in report["steps"] if s["name"] == "serving")

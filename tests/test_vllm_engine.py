@@ -66,3 +66,23 @@ def test_default_model_with_the_shipped_adapters_equals_fsrl(tmp_path):
     code, result, log, _ = _check(tmp_path, "--default", "--adapters-dir", str(REPO / "adapters"))
     assert code == 0, log
     _assert_exact(result, ranks=1)
+
+
+def test_the_vllm_bench_measures_every_mode_on_a_random_shape(tmp_path):
+    """`make gpu-check`'s vLLM bench path on the CPU: a random Llama of the tiny shape written to a
+    temporary folder, stock and steered vLLM and fsrl's engine in the same rounds, every mode
+    measured (eager, for a fast start)."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "fsrl.vllm_engine.bench", "--random-shapes", "tiny",
+                           "--device", "cpu", "--eager", "--batches", "1,4", "--new-tokens", "4",
+                           "--repeats", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["setup"] == "random tiny + SAE 256, float32"
+    modes = {(r["mode"], r["batch"]) for r in report["rows"] if r["tok_s"] > 0}
+    for batch in (1, 4):
+        for mode in ("vanilla", "steered, none", "adapter", "adapter+8",
+                     "fsrl packed, none", "fsrl packed, adapter", "fsrl packed, adapter+8"):
+            assert (mode, batch) in modes
+    assert ("K=4 adapters", 4) in modes and ("K=4 adapters", 1) not in modes
