@@ -20,16 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
+from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, synthetic_adapter
+
 MODES = ("base", "adapter", "adapter+8")
-# Random-weight Llama shapes: LlamaConfig fields and the SAE's width and hook layer.
-RANDOM_SHAPES = {
-    "llama-1.2b": ({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
-                   16384, 8),
-    # Head size 32: the smallest vLLM's CPU attention takes (`--engine vllm --random-shapes tiny`).
-    "tiny": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}, 256, 1),
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,32 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU: weights packed for oneDNN, as `fsrl serve` does by default. "
                              "Left out: the loop bench measures the default model both "
                              "ways; --serving serves packed")
-
-
-def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):
-    """A random relu adapter whose bias is set so that about `l0` features fire per token."""
-    import torch
-
-    from fsrl.adapter import new_adapter
-
-    adapter = new_adapter("bench-synthetic", sae, base.name, base.fingerprint, layer,
-                          init_std=0.0, seed=seed).to(base.device, sae.W_dec.dtype)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        adapter.W.copy_((torch.randn(sae.d_in, sae.d_sae, generator=g) / sae.d_in ** 0.5).to(adapter.W))
-        z = (calibration - adapter.b_in) @ adapter.W                      # (N, d_sae)
-        # Per-feature bias: feature j fires on about l0/d_sae of the calibration tokens.
-        quantile = 1.0 - l0 / sae.d_sae
-        adapter.b.copy_(-torch.quantile(z.float(), quantile, dim=0).to(adapter.b) + 1e-3)
-    return adapter.requires_grad_(False)
-
-
-def _calibration_activations(base, layer: int, n_tokens: int = 256):
-    import torch
-
-    ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
-                        generator=torch.Generator().manual_seed(0))
-    return base.layer_output(layer, ids)[0, 1:]                          # drop position 0
 
 
 def _overrides(sae) -> list:
@@ -203,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter:
             adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
         else:
-            adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, _calibration_activations(base, layer))
+            adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, calibration_activations(base, layer))
         packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
         for packed in (packing if can_pack(base.model) else [False]):
             if packed:  # packing replaces the model's layers in place
@@ -228,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
                         fingerprint=model_fingerprint(model))
         big_sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
         big_adapter = synthetic_adapter(big_sae, big, layer, min(args.adapter_l0, d_sae // 4),
-                                        _calibration_activations(big, layer))
+                                        calibration_activations(big, layer))
         label = f"random {args.random_shapes} + SAE {d_sae}"
         _bench_setup(label, big, big_sae, layer, big_adapter, args, sync, rows)
 

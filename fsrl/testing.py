@@ -166,7 +166,7 @@ def write_bench_setup(root: Path, hidden: int = 64, n_layers: int = 2, d_sae: in
     """A random model of the given shape with the tiny tokenizer, a random top-k SAE and
     `adapters` synthetic adapters (about `l0` features firing a token, `fsrl bench`'s kind):
     what `fsrl bench --serving` serves on a machine with no model to download (gpu_check.py)."""
-    from fsrl.bench import _calibration_activations, synthetic_adapter
+    from fsrl.bench_setup import calibration_activations, synthetic_adapter
 
     model_dir, sae_dir, adapters_dir = root / "model", root / "sae", root / "adapters"
     model, tokenizer = tiny_model(n_layers=n_layers, hidden=hidden), tiny_tokenizer()
@@ -175,7 +175,7 @@ def write_bench_setup(root: Path, hidden: int = 64, n_layers: int = 2, d_sae: in
     base = BaseModel(model=model, tokenizer=tokenizer, name=model_dir.name, fingerprint=model_fingerprint(model))
     sae = tiny_sae(d_in=hidden, d_sae=d_sae, layer=layer)
     save_sae(sae, sae_dir)
-    calibration = _calibration_activations(base, layer)
+    calibration = calibration_activations(base, layer)
     for i in range(adapters):
         save_adapter(synthetic_adapter(sae, base, layer, l0, calibration, seed=i), adapters_dir / f"synthetic-{i}")
     return TinySetup(model_dir, sae_dir, adapters_dir, outside_dir=root / "outside")

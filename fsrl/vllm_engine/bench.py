@@ -99,7 +99,7 @@ def random_setup(args: argparse.Namespace, root: Path) -> BenchSetup:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fsrl.adapter import save_adapter
-    from fsrl.bench import RANDOM_SHAPES, _calibration_activations, synthetic_adapter
+    from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, synthetic_adapter
     from fsrl.models import BaseModel, model_fingerprint, resolve_device
     from fsrl.sae import random_sae, save_sae
 
@@ -117,7 +117,7 @@ def random_setup(args: argparse.Namespace, root: Path) -> BenchSetup:
     sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
     save_sae(sae, root / "sae")
     adapter = synthetic_adapter(sae, base, layer, min(args.adapter_l0, d_sae // 4),
-                                _calibration_activations(base, layer))
+                                calibration_activations(base, layer))
     save_adapter(adapter, root / "adapter")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(10, cfg.vocab_size - 10, (args.prompt_tokens,), generator=g).tolist()

@@ -1,0 +1,41 @@
+"""What the benchmarks build on: random-weight Llama shapes and a synthetic adapter (`fsrl bench`,
+`fsrl bench --engine vllm`, the serving bench's setup in fsrl.testing)."""
+
+from __future__ import annotations
+
+# Random-weight Llama shapes: LlamaConfig fields and the SAE's width and hook layer.
+RANDOM_SHAPES = {
+    "llama-1.2b": ({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+                   16384, 8),
+    # Head size 32: the smallest vLLM's CPU attention takes (`--engine vllm --random-shapes tiny`).
+    "tiny": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}, 256, 1),
+}
+
+
+def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0):
+    """A random relu adapter whose bias is set so that about `l0` features fire per token."""
+    import torch
+
+    from fsrl.adapter import new_adapter
+
+    adapter = new_adapter("bench-synthetic", sae, base.name, base.fingerprint, layer,
+                          init_std=0.0, seed=seed).to(base.device, sae.W_dec.dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        adapter.W.copy_((torch.randn(sae.d_in, sae.d_sae, generator=g) / sae.d_in ** 0.5).to(adapter.W))
+        z = (calibration - adapter.b_in) @ adapter.W                      # (N, d_sae)
+        # Per-feature bias: feature j fires on about l0/d_sae of the calibration tokens.
+        quantile = 1.0 - l0 / sae.d_sae
+        adapter.b.copy_(-torch.quantile(z.float(), quantile, dim=0).to(adapter.b) + 1e-3)
+    return adapter.requires_grad_(False)
+
+
+def calibration_activations(base, layer: int, n_tokens: int = 256):
+    """The residual at `layer` over random tokens: what `synthetic_adapter` sets its bias on."""
+    import torch
+
+    ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
+                        generator=torch.Generator().manual_seed(0))
+    return base.layer_output(layer, ids)[0, 1:]                          # drop position 0
