@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, synthetic_adapter
+from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, random_model, synthetic_adapter
 
 MODES = ("base", "adapter", "adapter+8")
 
@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
 
     from fsrl.adapter import load_adapter
     from fsrl.cpu_inference import can_pack, pack_linear_layers
-    from fsrl.models import BaseModel, load_base_model, model_fingerprint, resolve_device
-    from fsrl.sae import default_sae_dir, load_sae, random_sae
+    from fsrl.models import load_base_model, resolve_device
+    from fsrl.sae import default_sae_dir, load_sae
 
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -182,21 +182,8 @@ def run(args: argparse.Namespace) -> int:
         del base
 
     if args.random_shapes:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        shape, d_sae, layer = RANDOM_SHAPES[args.random_shapes]
-        cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
-        tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
-                                     "decode": staticmethod(lambda ids, **k: "")})()
-        big = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{args.random_shapes}",
-                        fingerprint=model_fingerprint(model))
-        big_sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
-        big_adapter = synthetic_adapter(big_sae, big, layer, min(args.adapter_l0, d_sae // 4),
-                                        calibration_activations(big, layer))
-        label = f"random {args.random_shapes} + SAE {d_sae}"
+        big, big_sae, big_adapter, layer = random_model(args.random_shapes, device, args.adapter_l0)
+        label = f"random {args.random_shapes} + SAE {big_sae.d_sae}"
         _bench_setup(label, big, big_sae, layer, big_adapter, args, sync, rows)
 
     out = Path(args.out)

@@ -39,3 +39,27 @@ def calibration_activations(base, layer: int, n_tokens: int = 256):
     ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
                         generator=torch.Generator().manual_seed(0))
     return base.layer_output(layer, ids)[0, 1:]                          # drop position 0
+
+
+def random_model(shape_name: str, device, adapter_l0: int) -> tuple:
+    """A random-weight Llama of RANDOM_SHAPES[shape_name] on `device` (bf16 on CUDA, fp32
+    elsewhere) with a tokenizer that decodes nothing, a random top-k SAE and a synthetic adapter
+    with about `adapter_l0` features firing: (BaseModel, Sae, adapter, layer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fsrl.models import BaseModel, model_fingerprint
+    from fsrl.sae import random_sae
+
+    shape, d_sae, layer = RANDOM_SHAPES[shape_name]
+    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
+    tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
+                                 "decode": staticmethod(lambda ids, **k: "")})()
+    base = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{shape_name}",
+                     fingerprint=model_fingerprint(model))
+    sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
+    adapter = synthetic_adapter(sae, base, layer, min(adapter_l0, d_sae // 4), calibration_activations(base, layer))
+    return base, sae, adapter, layer

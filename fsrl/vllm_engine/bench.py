@@ -96,35 +96,23 @@ def random_setup(args: argparse.Namespace, root: Path) -> BenchSetup:
     and a synthetic adapter with about `--adapter-l0` features firing, written under `root`;
     random prompts, no tokenizer (vLLM skips detokenising)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from fsrl.adapter import save_adapter
-    from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, synthetic_adapter
-    from fsrl.models import BaseModel, model_fingerprint, resolve_device
-    from fsrl.sae import random_sae, save_sae
+    from fsrl.bench_setup import random_model
+    from fsrl.models import resolve_device
+    from fsrl.sae import save_sae
 
-    shape, d_sae, layer = RANDOM_SHAPES[args.random_shapes]
-    device = resolve_device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
-    model.save_pretrained(root / "model")
-    tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
-                                 "decode": staticmethod(lambda ids, **k: "")})()
-    base = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{args.random_shapes}",
-                     fingerprint=model_fingerprint(model))
-    sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
+    base, sae, adapter, layer = random_model(args.random_shapes, resolve_device(args.device), args.adapter_l0)
+    dtype, vocab = base.dtype, base.model.config.vocab_size
+    base.model.save_pretrained(root / "model")
     save_sae(sae, root / "sae")
-    adapter = synthetic_adapter(sae, base, layer, min(args.adapter_l0, d_sae // 4),
-                                calibration_activations(base, layer))
     save_adapter(adapter, root / "adapter")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(10, cfg.vocab_size - 10, (args.prompt_tokens,), generator=g).tolist()
+    prompts = [torch.randint(10, vocab - 10, (args.prompt_tokens,), generator=g).tolist()
                for _ in PROMPTS]
     return BenchSetup(str(root / "model"), str(root / "sae"), layer, str(root / "adapter"),
                       "bfloat16" if dtype == torch.bfloat16 else "float32", prompts,
-                      f"random {args.random_shapes} + SAE {d_sae}, {str(dtype).removeprefix('torch.')}",
+                      f"random {args.random_shapes} + SAE {sae.d_sae}, {str(dtype).removeprefix('torch.')}",
                       lambda: (base, sae, adapter), vllm_kwargs={"skip_tokenizer_init": True})
 
 
