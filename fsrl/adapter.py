@@ -27,12 +27,13 @@ from torch import nn
 
 from fsrl.cpu_inference import PackedMatrix
 from fsrl.errors import CorruptFileError, ForbiddenError, FsrlError, MismatchError
+from fsrl.sites import SITE_KINDS
 
 if TYPE_CHECKING:
     from fsrl.sae import Sae
 
 ADAPTER_FORMAT = "fsrl-adapter"
-ADAPTER_FORMAT_VERSION = 1
+ADAPTER_FORMAT_VERSION = 2  # 2: `site` (version 1 files were all made at resid_post)
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 ALLOWED_SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
@@ -81,6 +82,7 @@ class AdapterConfig:
     base_model: dict[str, str]          # {"name", "fingerprint"}
     sae: dict[str, str]                 # {"name", "fingerprint"}
     training: dict[str, Any] = field(default_factory=dict)
+    site: str = "resid_post"            # the kind of `fsrl.sites.Site` at `layer`
     format: str = ADAPTER_FORMAT
     format_version: int = ADAPTER_FORMAT_VERSION
 
@@ -130,6 +132,7 @@ class AdapterFile(BaseModel):
     d_in: int = Field(ge=1, le=MAX_D_IN)
     d_sae: int = Field(ge=1, le=MAX_D_SAE)
     layer: int = Field(ge=0, le=10_000)
+    site: Literal[SITE_KINDS] = "resid_post"  # type: ignore[valid-type]
     base_model: _Named
     sae: _Named
     training: dict[str, Any] = {}
@@ -276,7 +279,7 @@ def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fi
         raise FsrlError(f"unknown adapter activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
     config = AdapterConfig(
         id=adapter_id, activation=activation, clamp_nonnegative=clamp_nonnegative,
-        d_in=sae.d_in, d_sae=sae.d_sae, layer=layer,
+        d_in=sae.d_in, d_sae=sae.d_sae, layer=layer, site=sae.site_at(layer).kind,
         base_model={"name": base_model_name, "fingerprint": base_model_fingerprint},
         sae={"name": sae.info.name, "fingerprint": sae.info.fingerprint})
     return FsrlAdapter(config, b_in=sae.b_dec, init_std=init_std, seed=seed)
@@ -378,6 +381,8 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
                               f"SAE d_in={sae.d_in} d_sae={sae.d_sae})")
     if layer is not None and config.layer != layer:
         mismatches.append(f"layer (adapter: {config.layer}, served: {layer})")
+    if sae is not None and config.site != sae.site_at(config.layer).kind:
+        mismatches.append(f"site (adapter: {config.site}, served: {sae.site_at(config.layer).kind})")
     if mismatches:
         raise MismatchError(f"adapter {config.id!r} was made for another setup: " + "; ".join(mismatches))
 

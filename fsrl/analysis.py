@@ -17,14 +17,15 @@ import torch
 from fsrl.adapter import FsrlAdapter
 from fsrl.models import BaseModel
 from fsrl.sae import Sae
+from fsrl.sites import Site
 
 
 @torch.no_grad()
-def hook_activations(base: BaseModel, layer: int, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """The residual stream at the output of decoder layer `layer` for every token of every
+def hook_activations(base: BaseModel, site: Site, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The residual stream at `site` for every token of every
     sequence but the first (its norm is hundreds of times the rest's; SAEs train without it):
     (tokens, d_model), on the model's device."""
-    captured = [base.layer_output(layer, torch.tensor([list(ids)]))[0, 1:]
+    captured = [base.activations(site, torch.tensor([list(ids)]))[0, 1:]
                 for ids in token_ids if len(ids) >= 2]
     if not captured:
         return torch.zeros(0, base.d_model, device=base.device, dtype=base.dtype)

@@ -163,7 +163,7 @@ def usage_counts(setup: Setup, adapter: FsrlAdapter, dataset: PreferenceDataset,
     push_sums = torch.zeros(3, d_sae, dtype=torch.float64)
     for start in range(0, len(dataset), batch_size):
         batch = dataset.batch(range(start, min(start + batch_size, len(dataset)))).to(setup.base.device)
-        x = setup.base.layer_output(setup.layer, batch.input_ids, batch.attention_mask)
+        x = setup.base.activations(setup.hook.site, batch.input_ids, batch.attention_mask)
         v = adapter(x.to(adapter.W.dtype)).double()                           # (2B, T, d_sae)
         f = setup.sae.encode(x)                                               # (2B, T, d_sae)
         B = batch.n_pairs

@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         if args.adapter:
             adapter = load_adapter(args.adapter, sae=sae, layer=layer, device=device, dtype=base.dtype)
         else:
-            adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, calibration_activations(base, layer))
+            adapter = synthetic_adapter(sae, base, layer, args.adapter_l0, calibration_activations(base, sae.site_at(layer)))
         packing = [False, True] if args.pack_cpu_weights is None else [args.pack_cpu_weights]
         for packed in (packing if can_pack(base.model) else [False]):
             if packed:  # packing replaces the model's layers in place

@@ -32,13 +32,13 @@ def synthetic_adapter(sae, base, layer: int, l0: int, calibration, seed: int = 0
     return adapter.requires_grad_(False)
 
 
-def calibration_activations(base, layer: int, n_tokens: int = 256):
-    """The residual at `layer` over random tokens: what `synthetic_adapter` sets its bias on."""
+def calibration_activations(base, site, n_tokens: int = 256):
+    """The residual at `site` over random tokens: what `synthetic_adapter` sets its bias on."""
     import torch
 
     ids = torch.randint(10, base.model.config.vocab_size - 10, (1, n_tokens),
                         generator=torch.Generator().manual_seed(0))
-    return base.layer_output(layer, ids)[0, 1:]                          # drop position 0
+    return base.activations(site, ids)[0, 1:]                          # drop position 0
 
 
 def random_model(shape_name: str, device, adapter_l0: int) -> tuple:
@@ -61,5 +61,5 @@ def random_model(shape_name: str, device, adapter_l0: int) -> tuple:
     base = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{shape_name}",
                      fingerprint=model_fingerprint(model))
     sae = random_sae(cfg.hidden_size, d_sae, "topk", k=64, layer=layer).to(device, dtype)
-    adapter = synthetic_adapter(sae, base, layer, min(adapter_l0, d_sae // 4), calibration_activations(base, layer))
+    adapter = synthetic_adapter(sae, base, layer, min(adapter_l0, d_sae // 4), calibration_activations(base, sae.site_at(layer)))
     return base, sae, adapter, layer

@@ -225,9 +225,11 @@ class Generator:
     """Generates on one model, steering at one SAE layer. `stream`/`generate` run a fixed set
     of requests; `batch()` gives a `DecodeBatch` for rows to join and leave."""
 
-    def __init__(self, base: BaseModel, sae: Sae, layer: int):
-        self.base, self.sae, self.layer = base, sae, layer
-        self.hook = SteeringHook(base.layers, layer, sae)
+    def __init__(self, base: BaseModel, sae: Sae, layer: int | None = None):
+        self.base, self.sae = base, sae
+        self.site = sae.site_at(layer)  # the SAE's own site; `layer` moves it (a --layer override)
+        self.layer = self.site.layer
+        self.hook = SteeringHook(base.layers, self.site, sae)
         params = inspect.signature(base.model.forward).parameters
         # transformers 5 renamed past_key_values to cache.
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"

@@ -24,6 +24,7 @@ from torch import nn
 
 from fsrl.errors import FsrlError
 from fsrl.files import sha256_of
+from fsrl.sites import Site, attach
 
 log = logging.getLogger(__name__)
 
@@ -119,17 +120,17 @@ class BaseModel:
         return next(self.model.parameters()).dtype
 
     @torch.no_grad()
-    def layer_output(self, layer: int, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The residual stream after decoder layer `layer` for (B, T) tokens: (B, T, d_model).
-        The forward pass stops there: nothing above the layer runs."""
+    def activations(self, site: Site, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream at `site` for (B, T) tokens: (B, T, d_model). The forward pass
+        stops there: nothing above the site runs."""
         captured: dict[str, torch.Tensor] = {}
 
-        def grab(module, args, output):
-            captured["x"] = output[0] if isinstance(output, tuple) else output
+        def grab(x: torch.Tensor) -> None:
+            captured["x"] = x
             raise _StopForward
 
-        handle = self.layers[layer].register_forward_hook(grab)
+        handle = attach(self.layers, site, grab)
         try:
             self.model(input_ids=input_ids.to(self.device),
                        attention_mask=None if attention_mask is None else attention_mask.to(self.device))
@@ -141,7 +142,7 @@ class BaseModel:
 
 
 class _StopForward(Exception):
-    """Raised by `BaseModel.layer_output`'s hook once it has what it needs."""
+    """Raised by `BaseModel.activations`'s hook once it has what it needs."""
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 
 from fsrl.cpu_inference import PackedMatrix
 from fsrl.errors import CorruptFileError, FsrlError
+from fsrl.sites import Site, parse_hook_name
 
 SAE_CFG_FILE = "cfg.json"
 SAE_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -63,13 +63,21 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor, "Sae"], torch.Tensor]] = {
 class SaeInfo:
     name: str
     architecture: str
-    hook_name: str | None
+    hook_name: str | None  # as the SAE's publisher spells it
     layer: int | None
     model_name: str | None
     fingerprint: str
     labels: dict[int, str] = field(default_factory=dict)
     path: str | None = None
     label_sources: dict[int, str] = field(default_factory=dict)  # index -> "rule", "llm:<model>", ...
+    site: Site | None = None  # read from hook_name; None only when the SAE names no hook
+
+    def __post_init__(self) -> None:
+        # A hook fsrl cannot steer exactly is refused here, that is, at load.
+        if self.site is None and self.hook_name:
+            self.site = parse_hook_name(self.hook_name)
+        if self.site is not None:
+            self.layer = self.site.layer
 
 
 class Sae(nn.Module):
@@ -134,6 +142,16 @@ class Sae(nn.Module):
     def label(self, index: int) -> str | None:
         return self.info.labels.get(index)
 
+    def site_at(self, layer: int | None = None) -> Site:
+        """Where this SAE is steered: the site its hook names, moved to `layer` when one is
+        given (a --layer override keeps the kind: resid_pre stays the input of a layer)."""
+        if self.info.site is not None:
+            return self.info.site if layer is None else self.info.site.at_layer(layer)
+        if layer is None:
+            raise FsrlError(f"SAE {self.info.name} names no hook; pass --layer (its residual "
+                            "stream after that layer is then assumed)")
+        return Site(layer, "resid_post")
+
 
 def read_labels(folder: str | Path) -> dict[int, tuple[str, str]]:
     """`feature_labels.json` beside an SAE: index -> (label, source). The file holds
@@ -169,11 +187,9 @@ def sae_fingerprint(W_enc: torch.Tensor, W_dec: torch.Tensor, architecture: str)
 
 
 def layer_from_hook_name(hook_name: str | None) -> int | None:
-    """'model.layers.12' or 'blocks.12.hook_resid_post' -> 12."""
-    if not hook_name:
-        return None
-    m = re.search(r"(?:layers|blocks|h)\.(\d+)", hook_name)
-    return int(m.group(1)) if m else None
+    """'model.layers.12' or 'blocks.12.hook_resid_pre' -> 12 (`fsrl.sites.parse_hook_name`:
+    a hook that is not a steerable site raises)."""
+    return parse_hook_name(hook_name).layer if hook_name else None
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu",

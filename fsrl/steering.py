@@ -36,6 +36,7 @@ from fsrl.errors import FsrlError
 from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride,
                             validate_overrides)
 from fsrl.sae import Sae
+from fsrl.sites import Site, attach
 
 OP_CODE = {name: code for code, name in enumerate(OPS)}
 NOOP = -1  # padding in the override table
@@ -325,31 +326,33 @@ class StepCapture:
 
 
 class SteeringHook:
-    """Attaches `steer` to the output of one decoder layer of a model.
+    """Attaches `steer` to the residual stream at the SAE's site (`fsrl.sites.attach`: the
+    input of a layer for resid_pre, its output for resid_post).
 
     Use `with hook.steering(batch, positions) as capture: model(...)`. Outside that block the
     hook is a no-op, so the plain model is the base model.
     """
 
-    def __init__(self, layers: nn.ModuleList, layer: int, sae: Sae):
-        if not 0 <= layer < len(layers):
-            raise FsrlError(f"layer {layer} out of range: the model has {len(layers)} layers")
-        self.layer, self.sae = layer, sae
+    def __init__(self, layers: nn.ModuleList, site: Site, sae: Sae):
+        self.site, self.sae = site, sae
         self._batch: SteeringBatch | None = None
         self._positions: torch.Tensor | None = None
         self._capture: StepCapture | None = None
         self._keep_v = False
-        self._handle = layers[layer].register_forward_hook(self._hook)
+        self._handle = attach(layers, site, self._steer)
 
-    def _hook(self, module: nn.Module, args: tuple, output):
+    @property
+    def layer(self) -> int:
+        return self.site.layer
+
+    def _steer(self, hidden: torch.Tensor) -> torch.Tensor | None:
         if self._batch is None or not self._batch.any_active:
             return None
-        hidden = output[0] if isinstance(output, tuple) else output
         result = steer(hidden, self.sae, self._batch, self._positions, keep_v=self._keep_v)
         if self._capture is not None:
             self._capture.top_index, self._capture.top_delta = result.top_index, result.top_delta
             self._capture.v = result.v
-        return (result.x, *output[1:]) if isinstance(output, tuple) else result.x
+        return result.x
 
     @contextlib.contextmanager
     def steering(self, batch: SteeringBatch | None, positions: torch.Tensor | None,

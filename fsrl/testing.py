@@ -66,6 +66,31 @@ def tiny_model(n_layers: int = 4, hidden: int = 64, vocab: int = 104, seed: int 
     return model
 
 
+# model_type -> the config of a tiny random model of that family (4 layers, hidden 64, the tiny
+# tokenizer's vocabulary): what the any-model tests steer. Adding a family is adding a row.
+TINY_FAMILIES: dict[str, dict] = {
+    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {"head_dim": 16}, "olmo2": {},
+    "phi3": {"pad_token_id": 0},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8},
+    "gpt2": {"n_embd": 64, "n_layer": 4, "n_head": 4, "n_positions": 512},
+    "gpt_neox": {"rotary_pct": 0.5},
+}
+
+
+def tiny_family_model(family: str, n_layers: int = 4, hidden: int = 64, vocab: int = 104, seed: int = 0):
+    """A tiny random causal LM of a transformers family (a key of TINY_FAMILIES)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+                  num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  initializer_range=0.3)
+    cfg = AutoConfig.for_model(family, **{**common, **TINY_FAMILIES[family]})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+
+
 def tiny_base(seed: int = 0, **kwargs) -> BaseModel:
     model = tiny_model(seed=seed, **kwargs)
     return BaseModel(model=model, tokenizer=tiny_tokenizer(), name="tiny-llama",
@@ -175,7 +200,7 @@ def write_bench_setup(root: Path, hidden: int = 64, n_layers: int = 2, d_sae: in
     base = BaseModel(model=model, tokenizer=tokenizer, name=model_dir.name, fingerprint=model_fingerprint(model))
     sae = tiny_sae(d_in=hidden, d_sae=d_sae, layer=layer)
     save_sae(sae, sae_dir)
-    calibration = calibration_activations(base, layer)
+    calibration = calibration_activations(base, sae.site_at(layer))
     for i in range(adapters):
         save_adapter(synthetic_adapter(sae, base, layer, l0, calibration, seed=i), adapters_dir / f"synthetic-{i}")
     return TinySetup(model_dir, sae_dir, adapters_dir, outside_dir=root / "outside")

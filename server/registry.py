@@ -31,6 +31,7 @@ from fsrl.audit_report import read_card
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
 from fsrl.files import sha256_of
 from fsrl.sae import Sae
+from fsrl.sites import Site
 from server.params import ADAPTER_ID
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class AdapterRegistry:
         if card is None:
             raise NotFoundError(f"adapter {adapter_id!r} has no analysis report "
                                 "(write one with `fsrl analyze ADAPTER_FOLDER --data PREFS`)")
-        return {"adapter": adapter_id, **card}
+        site = Site(entry.metadata["layer"], entry.metadata["site"])
+        return {"adapter": adapter_id, "site": site.hook_name, **card}
 
     def get(self, adapter_id: str) -> FsrlAdapter:
         """The adapter on the device, ready to steer with (moved in if it waited on the host)."""

@@ -25,6 +25,7 @@ from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
 from fsrl.models import DEFAULT_MODEL_ALIASES, BaseModel, ensure_default_model, load_base_model, resolve_device
 from fsrl.sae import Sae, load_sae
+from fsrl.sites import Site
 from server.engine import Engine
 from server.vllm_engine import SPARE_BANK_SLOTS, VllmEngine
 from server.metrics import EngineFigures, Metrics
@@ -54,6 +55,11 @@ class ServerState:
     # Tokenising and adapter copies run here, one at a time, off the event loop.
     prepare_thread: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsrl-prepare"))
+
+    @property
+    def site(self) -> Site:
+        """Where the SAE is steered (its own site, moved to --layer where that was given)."""
+        return self.sae.site_at(self.layer)
 
     @cached_property
     def token_strings(self) -> list[str]:
@@ -185,25 +191,22 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
     log.info("loading model %s on %s", settings.model or "(embedded default)", device)
     base = load_base_model(settings.model, device)
     sae = load_sae(settings.sae_path, device=device, dtype=base.dtype)
-    layer = settings.layer if settings.layer is not None else sae.info.layer
-    if layer is None:
-        raise FsrlError(f"SAE {sae.info.name} names no hook layer ({sae.info.hook_name!r}); "
-                        "pass --layer")
+    site = sae.site_at(settings.layer)  # the SAE's own site; --layer moves it to another layer
     if sae.d_in != base.d_model:
         raise MismatchError(f"SAE {sae.info.name} reads d_in={sae.d_in}, but model {base.name} "
                             f"has d_model={base.d_model}")
-    if settings.layer is not None and sae.info.layer not in (None, layer):
-        log.warning("SAE %s was trained at layer %s, serving it at layer %d",
-                    sae.info.name, sae.info.layer, layer)
+    if settings.layer is not None and sae.info.site != site:
+        log.warning("SAE %s reads %s; serving it at %s (--layer)", sae.info.name,
+                    sae.info.site or "no named hook", site)
     if sae.info.model_name and sae.info.model_name not in (base.name, settings.model):
         log.warning("SAE %s was made for %s, serving it on %s",
                     sae.info.name, sae.info.model_name, base.name)
-    generator = Generator(base, sae, layer)  # checks the layer exists
+    generator = Generator(base, sae, site.layer)  # checks the layer exists
     packed = settings.pack_cpu_weights and pack_linear_layers(base.model) > 0
     if packed:
         sae.pack_for_cpu()
         log.info("packed the model's linear layers and the SAE for oneDNN (CPU inference)")
-    return generator, hook_activations(base, layer, reference_token_ids(base.tokenizer)), packed
+    return generator, hook_activations(base, site, reference_token_ids(base.tokenizer)), packed
 
 
 def _model_folder(spec: str | None) -> Path:

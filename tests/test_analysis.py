@@ -2,6 +2,7 @@
 
 import torch
 
+from fsrl.sites import Site
 from fsrl.testing import tiny_base, tiny_sae
 from fsrl.adapter import new_adapter
 from fsrl.analysis import feature_push, hook_activations, reference_token_ids, top_features
@@ -44,7 +45,7 @@ def test_rankings_use_mean_abs_v_so_opposite_pushes_do_not_cancel():
 def test_hook_activations_are_the_layer_output_without_the_first_token():
     base = tiny_base()
     ids = reference_token_ids(base.tokenizer, limit=3)
-    got = hook_activations(base, 1, ids)
+    got = hook_activations(base, Site(1), ids)
     assert got.shape == (sum(len(i) - 1 for i in ids), base.d_model)
     out = base.model(input_ids=torch.tensor([ids[0]]), output_hidden_states=True)
     torch.testing.assert_close(got[:len(ids[0]) - 1], out.hidden_states[2][0, 1:])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
+from fsrl.sites import Site
 from fsrl.testing import tiny_adapter, tiny_base, tiny_pairs, tiny_sae
 from fsrl.adapter import WEIGHTS_FILE
 from fsrl.audit import BUCKETS, AuditSettings, audit, keep_top_fraction, zero_features
@@ -44,7 +45,7 @@ def token_by_token_counts(setup, adapter, dataset):
     for item in dataset.items:
         for part, response in (("chosen", item.chosen_ids), ("rejected", item.rejected_ids)):
             ids = torch.tensor([item.prompt_ids + response])
-            x = setup.base.layer_output(LAYER, ids)[0]
+            x = setup.base.activations(Site(LAYER), ids)[0]
             v, f = adapter(x), setup.sae.encode(x)
             for t in range(1, ids.shape[1]):  # position 0 is never counted
                 where = part if t >= len(item.prompt_ids) else "prompt"
@@ -126,7 +127,7 @@ def test_the_loss_with_l1_adds_lambda_times_the_mean_l1_of_v_over_every_real_tok
     total, tokens = 0.0, 0
     for item in dataset.items:
         for response in (item.chosen_ids, item.rejected_ids):
-            x = setup.base.layer_output(LAYER, torch.tensor([item.prompt_ids + response]))[0]
+            x = setup.base.activations(Site(LAYER), torch.tensor([item.prompt_ids + response]))[0]
             total += float(adapter(x).abs().sum())
             tokens += x.shape[0]
     ev = report.evaluation

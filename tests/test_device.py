@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from fsrl.sites import Site
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from test_steering import reference_steer, run_steer
 
@@ -72,7 +73,7 @@ def test_unsteered_rows_give_bit_identical_logits(device):
     sae, adapter = on(device, torch.float32, tiny_sae(layer=LAYER), tiny_adapter(tiny_sae()))
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(6)).to(device)
     plain = base.model(input_ids=ids).logits
-    hook = SteeringHook(base.layers, LAYER, sae)
+    hook = SteeringHook(base.layers, Site(LAYER), sae)
     try:
         batch = SteeringBatch.build([RowSteering(None), RowSteering(adapter), RowSteering(None)], sae.d_sae,
                                     device=device)
@@ -157,7 +158,7 @@ def test_logprobs_are_the_steered_models_log_softmax(device):
                                 logprobs=2, prompt_logprobs=2)
     result = gen.generate([request])[0]
     ids = prompt + result.token_ids
-    hook = SteeringHook(gen.base.layers, LAYER, gen.sae)  # the same steering, over the whole text
+    hook = SteeringHook(gen.base.layers, Site(LAYER), gen.sae)  # the same steering, over the whole text
     try:
         batch = SteeringBatch.build([RowSteering(a, 1.0)], gen.sae.d_sae, device=device)
         with torch.no_grad(), hook.steering(batch, torch.arange(len(ids), device=device)[None]):

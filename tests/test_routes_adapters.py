@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from fsrl.sites import Site
 from fsrl.testing import D_SAE, LAYER
 
 import _server_fixtures as fixtures
@@ -40,7 +41,7 @@ def test_adapter_features_are_measured_on_the_reference_prompts_with_sae_labels(
     features = r.json()["features"]
     # The same measurement made here, on the same files.
     base = load_base_model(str(setup.model_dir), "cpu")
-    reference = hook_activations(base, LAYER, reference_token_ids(base.tokenizer))
+    reference = hook_activations(base, Site(LAYER), reference_token_ids(base.tokenizer))
     push = feature_push(load_adapter(setup.adapters_dir / "tiny"), reference)
     assert r.json()["measured_on_tokens"] == reference.shape[0] > 100
     assert [f["index"] for f in features] == push.mean_abs_v.argsort(descending=True)[:5].tolist()

@@ -12,12 +12,12 @@ engine, default_engine = fixtures.engine, fixtures.default_engine
 setup, app_factory, client = fixtures.engine_setup, fixtures.app_factory, fixtures.engine_client
 
 
-def test_health_reports_model_sae_layer_device_and_adapter_count(client, setup, engine):
+def test_health_reports_model_sae_site_device_and_adapter_count(client, setup, engine):
     r = client.get("/health")
     assert r.status_code == 200
     assert r.json() == {"status": "ok", "worker": "running", "model": setup.model_dir.name,
-                        "sae": "random-topk-256",
-                        "layer": 1, "device": "cpu", "packed_cpu_weights": engine == "default",
+                        "sae": "random-topk-256", "layer": 1, "site": "blocks.1.hook_resid_post",
+                        "sae_hook_name": "model.layers.1", "device": "cpu", "packed_cpu_weights": engine == "default",
                         "compiled_decode": engine == "vllm", "engine": "transformers" if engine == "default" else "vllm",
                         "adapters": 1}
 

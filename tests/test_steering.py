@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from fsrl.sites import Site
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 from fsrl.overrides import FeatureOverride
 from fsrl.steering import RowSteering, SteeringBatch, SteeringHook, _decode_delta, steer
@@ -181,7 +182,7 @@ def test_hook_applies_reference_steering_inside_the_model(base):
         want = base.model(input_ids=ids).logits
     finally:
         handle.remove()
-    hook = SteeringHook(base.layers, LAYER, sae)
+    hook = SteeringHook(base.layers, Site(LAYER), sae)
     try:
         batch = SteeringBatch.build([RowSteering(adapter, 1.5, overrides)], sae.d_sae)
         with hook.steering(batch, torch.arange(8)[None]):

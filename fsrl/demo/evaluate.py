@@ -269,7 +269,7 @@ def max_activating(base, sae, layer: int, texts: list[str], indices: list[int], 
     with torch.no_grad():
         for text in texts:
             ids = base.tokenizer(text, add_special_tokens=False)["input_ids"][:160]
-            f = sae.encode(base.layer_output(layer, torch.tensor([ids]))[0])[:, idx]      # (T, n)
+            f = sae.encode(base.activations(sae.site_at(layer), torch.tensor([ids]))[0])[:, idx]      # (T, n)
             f[0] = 0.0
             for j, i in enumerate(indices):
                 t = int(f[:, j].argmax())

@@ -158,7 +158,7 @@ def _features_at(base: BaseModel, sae: Sae, layer: int, batch: list[list[int]], 
     for b, context in enumerate(batch):
         ids[b, :len(context)] = torch.tensor(context)
         mask[b, :len(context)] = True
-    x = base.layer_output(layer, ids, mask.long())
+    x = base.activations(sae.site_at(layer), ids, mask.long())
     return sae.encode(x), ids, mask, x
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fsrl.errors import FsrlError
 from fsrl.sae_training.exclusions import Exclusions
+from fsrl.sites import Site, attach
 
 
 def pack_contexts(tokenizer, rows: list[str], context_size: int, separator: int | None,
@@ -31,23 +32,18 @@ def pack_contexts(tokenizer, rows: list[str], context_size: int, separator: int 
     return torch.tensor(ids[: n * context_size]).view(n, context_size)
 
 
-def layer_activations(base, layer: int, tokens):
-    """Residual stream after decoder layer `layer` for (B, T) tokens -> (B, T, d_in) float32."""
-    return base.layer_output(layer, tokens).float()
+def layer_activations(base, site: Site, tokens):
+    """Residual stream at `site` for (B, T) tokens -> (B, T, d_in) float32."""
+    return base.activations(site, tokens).float()
 
 
-def _ce_loss(base, layer: int, tokens, keep, edit) -> tuple[float, int]:
+def _ce_loss(base, site: Site, tokens, keep, edit) -> tuple[float, int]:
     """Summed next-token CE over positions t with keep[t] and keep[t+1] (an ordinary target),
-    with `edit(x, keep)` applied to the hook layer's output."""
+    with `edit(x, keep)` applied to the residual stream at `site`."""
     import torch
     import torch.nn.functional as F
 
-    def hook(module, inputs, output):
-        x = output[0] if isinstance(output, tuple) else output
-        x = edit(x, keep.to(x.device))
-        return (x, *output[1:]) if isinstance(output, tuple) else x
-
-    handle = base.layers[layer].register_forward_hook(hook)
+    handle = attach(base.layers, site, lambda x: edit(x, keep.to(x.device)))
     try:
         with torch.no_grad():
             logits = base.model(tokens.to(base.device)).logits.float()  # (B, T, V)
@@ -68,6 +64,7 @@ def evaluate_sae(base, sae, layer: int, tokens, excl: Exclusions, ce_tokens: int
     import torch
     from tqdm.auto import tqdm
 
+    site = sae.site_at(layer)
     d_in = sae.d_in
     sq_err = torch.zeros((), dtype=torch.float64)
     sum_x = torch.zeros(d_in, dtype=torch.float64)
@@ -76,7 +73,7 @@ def evaluate_sae(base, sae, layer: int, tokens, excl: Exclusions, ce_tokens: int
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
     for i in tqdm(range(0, tokens.shape[0], batch_size), desc="Evaluating SAE", unit="batch"):
         batch = tokens[i: i + batch_size]
-        acts = layer_activations(base, layer, batch)  # (B, T, d_in)
+        acts = layer_activations(base, site, batch)  # (B, T, d_in)
         keep = excl.keep(batch, acts)
         n_seen += keep.numel()
         x = acts[keep.to(acts.device)].to(sae.W_enc.device)  # (N, d_in)
@@ -110,9 +107,9 @@ def evaluate_sae(base, sae, layer: int, tokens, excl: Exclusions, ce_tokens: int
     for i in tqdm(range(0, n_ce, ce_batch_size), desc="CE loss (clean/spliced/zero)",
                   unit="batch"):
         batch = tokens[i: min(i + ce_batch_size, n_ce)]
-        keep = excl.keep(batch, layer_activations(base, layer, batch))
+        keep = excl.keep(batch, layer_activations(base, site, batch))
         for name, edit in (("clean", clean), ("spliced", splice), ("zero_ablation", zero)):
-            loss, count = _ce_loss(base, layer, batch, keep, edit)
+            loss, count = _ce_loss(base, site, batch, keep, edit)
             ce[name][0] += loss
             ce[name][1] += count
     ce_clean, ce_spliced, ce_zero = (ce[k][0] / max(ce[k][1], 1)
@@ -141,7 +138,7 @@ def sae_lens_parity(path: Path, sae, base, layer: int, tokens, excl: Exclusions)
     from sae_lens import SAE
 
     theirs = SAE.load_from_disk(str(path), device=str(sae.W_enc.device), dtype="float32")
-    acts = layer_activations(base, layer, tokens)  # (B, T, d_in)
+    acts = layer_activations(base, sae.site_at(layer), tokens)  # (B, T, d_in)
     x = acts[excl.keep(tokens, acts).to(acts.device)].to(sae.W_enc.device)
     with torch.no_grad():
         f_ours, f_theirs = sae.encode(x), theirs.encode(x)

@@ -237,17 +237,14 @@ def load_setup(cfg: TrainConfig, dist: Dist) -> Setup:
 
 
 def bind_setup(base: BaseModel, sae: Sae, layer: int | None) -> Setup:
-    """Check that the SAE fits the model and attach the steering hook."""
-    if layer is None:
-        layer = sae.info.layer
-        if layer is None:
-            raise FsrlError(f"SAE {sae.info.name} names no hook layer ({sae.info.hook_name!r}); pass --layer")
-    elif sae.info.layer is not None and sae.info.layer != layer:
+    """Check that the SAE fits the model and attach the steering hook at the SAE's site."""
+    if layer is not None and sae.info.layer is not None and sae.info.layer != layer:
         raise FsrlError(f"SAE {sae.info.name} was trained at layer {sae.info.layer}, not {layer}")
+    site = sae.site_at(layer)
     if sae.d_in != base.d_model:
         raise FsrlError(f"SAE {sae.info.name} reads d_in={sae.d_in}, but model {base.name} "
                         f"has d_model={base.d_model}")
-    return Setup(base=base, sae=sae, layer=layer, hook=SteeringHook(base.layers, layer, sae))
+    return Setup(base=base, sae=sae, layer=site.layer, hook=SteeringHook(base.layers, site, sae))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:

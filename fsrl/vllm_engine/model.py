@@ -1,4 +1,4 @@
-"""The steered model vLLM builds: vLLM's Llama with a `SteeringSite` after the SAE's layer.
+"""The steered model vLLM builds: vLLM's Llama with a `SteeringSite` at the SAE's site (a layer's input or output).
 
 Everything the compiled graph reads is a registered buffer of fixed shape, allocated when the
 model is built and written in place between steps (never reassigned), so the graph compiled
@@ -151,17 +151,23 @@ class SteeringSite(nn.Module):
 
 
 class SteeredDecoderLayer(LlamaDecoderLayer):
-    """vLLM's Llama layer, then steering on its output. vLLM's layer returns (hidden, residual),
-    whose sum is the residual stream (what the SAE reads, and what transformers' layer
-    returns); this one returns (steered stream, 0), so the next layer's fused add reads the
-    steered stream exactly (x' + 0 = x', and h + r is the same single add either way)."""
+    """vLLM's Llama layer with steering on its input (resid_pre) or its output (resid_post).
+    vLLM's layers pass (hidden, residual) along, whose sum is the residual stream (what the SAE
+    reads, and what transformers' layers pass); residual is None before the first layer.
+    resid_pre: the steered stream goes in as (x', None), which the layer reads as the stream
+    itself. resid_post: this layer returns (steered stream, 0), so the next layer's fused add
+    reads the steered stream exactly (x' + 0 = x', and h + r is the same single add either way)."""
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str, site: SteeringSite):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, site: SteeringSite, kind: str):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.fsrl_site = site
+        self.fsrl_steers_input = kind == "resid_pre"
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
                 residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fsrl_steers_input:
+            stream = hidden_states if residual is None else hidden_states + residual
+            return super().forward(positions, self.fsrl_site(stream, positions), None)
         hidden_states, residual = super().forward(positions, hidden_states, residual)
         x = self.fsrl_site(hidden_states + residual, positions)
         return x, torch.zeros_like(x)
@@ -176,8 +182,9 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
         if not spec:
             raise FsrlError(f"{type(self).__name__} needs hf_overrides[{CONFIG_KEY!r}]")
         sched = vllm_config.scheduler_config
-        layer = int(spec["layer"])
         sae = load_sae(spec["sae_dir"])
+        site_at = sae.site_at(int(spec["layer"]))  # the SAE's own kind of site, at the layer asked
+        layer = site_at.layer
         max_tokens = max(sched.max_num_batched_tokens, sched.max_num_seqs)
         site = SteeringSite(sae, bank_slots=int(spec.get("bank_slots", 4)),
                             table_rows=int(spec.get("table_rows") or sched.max_num_seqs),
@@ -185,7 +192,8 @@ class SteeredLlamaForCausalLM(LlamaForCausalLM):
 
         def layer_type(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
             if int(prefix.rsplit(".", 1)[-1]) == layer:
-                return SteeredDecoderLayer(vllm_config=vllm_config, prefix=prefix, site=site)
+                return SteeredDecoderLayer(vllm_config=vllm_config, prefix=prefix, site=site,
+                                           kind=site_at.kind)
             return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix)
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)

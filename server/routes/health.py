@@ -16,7 +16,8 @@ async def health(state: StateDep) -> dict:
         raise EngineStopped("the generation engine has stopped; the server needs a restart "
                             "(its log says why)")
     return {"status": "ok", "worker": "running", "model": state.base.name, "sae": state.sae.info.name,
-            "layer": state.layer, "device": str(state.base.device),
+            "layer": state.layer, "site": state.site.hook_name, "sae_hook_name": state.sae.info.hook_name,
+            "device": str(state.base.device),
             "packed_cpu_weights": state.packed_cpu_weights,
             "compiled_decode": state.compiled_decode, "engine": state.settings.engine,
             "adapters": len(state.registry)}
