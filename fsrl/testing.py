@@ -86,7 +86,11 @@ def tiny_family_model(family: str, n_layers: int = 4, hidden: int = 64, vocab: i
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                   initializer_range=0.3)
-    cfg = AutoConfig.for_model(family, **{**common, **TINY_FAMILIES[family]})
+    extra = {key: hidden // 4 if key in ("head_dim", "query_pre_attn_scalar") else value  # 4 heads
+             for key, value in TINY_FAMILIES[family].items()}
+    if family == "gpt2":
+        extra["n_embd"] = hidden
+    cfg = AutoConfig.for_model(family, **{**common, **extra})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
 

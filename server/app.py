@@ -16,6 +16,7 @@ from server.http_errors import ERROR_RESPONSES, BodySizeLimit, install_error_han
 from server.metrics import RequestMetricsMiddleware
 from server.routes import adapters, features, generate, health, openai, playground
 from server.settings import Settings
+from server.canary import run_canary
 from server.state import start_state
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,15 @@ def create_app(settings: Settings) -> FastAPI:
         except FsrlError as exc:
             app.state.startup_error = str(exc)  # for `fsrl serve` to report in one line
             raise
-        log.info("serving %s with SAE %s at layer %d on %s; %d adapter(s) from %s",
-                 state.base.name, state.sae.info.name, state.layer, state.base.device,
+        try:
+            await run_canary(state)  # steering shown to happen before the server says healthy
+        except BaseException as exc:
+            state.close()
+            if isinstance(exc, FsrlError):
+                app.state.startup_error = str(exc)
+            raise
+        log.info("serving %s with SAE %s at %s on %s; %d adapter(s) from %s",
+                 state.base.name, state.sae.info.name, state.site, state.base.device,
                  len(state.registry), state.registry.root)
         try:
             yield {"fsrl": state}

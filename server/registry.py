@@ -131,6 +131,15 @@ class AdapterRegistry:
             log.info("adapter %s moved off the device (budget %d)", evicted, self.max_on_device)
         return on_device
 
+    def probe_copy(self, adapter_id: str) -> FsrlAdapter:
+        """The adapter on the device for one probe (the steering canary), not counted as used:
+        the device budget's order and its moves stay as they were."""
+        entry = self.entry(adapter_id)
+        if not self.max_on_device:
+            return entry.adapter
+        held = self._on_device.get(adapter_id)
+        return held[1] if held is not None and held[0] is entry else copy.deepcopy(entry.adapter).to(self.device)
+
     def describe(self, entry: LoadedAdapter) -> dict[str, Any]:
         """`loaded`: on the device; `offloaded`: in host memory until a request asks for it."""
         held = self._on_device.get(entry.id)

@@ -66,7 +66,7 @@ class VllmOptions:
                     tensor_parallel_size=self.tensor_parallel_size,
                     distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
                     disable_log_stats=True, kv_cache_memory_bytes=self.kv_cache_bytes,
-                    **{**steered_llm_kwargs(self.sae_dir, self.layer, bank_slots=self.bank_slots,
+                    **{**steered_llm_kwargs(self.model, self.sae_dir, self.layer, bank_slots=self.bank_slots,
                                             table_rows=self.max_num_seqs, capture_top=MAX_RETURN_FEATURES),
                        # Safe here: every steered request's prompt carries its steering as cache salt.
                        "enable_prefix_caching": True})

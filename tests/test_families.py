@@ -121,3 +121,22 @@ def test_unsteered_requests_are_the_plain_model_on_every_family(family_model, tm
     got = fsrl_prompt_logprobs(Generator(family_model, sae), PROMPT, [])
     want = reference_prompt_logprobs(family_model.model, sae, LAYER - 1, PROMPT, [])
     assert (got - want).abs().max() < TOL
+
+
+def test_a_gemma2_folder_loads_with_its_attention_logit_cap(tmp_path):
+    """transformers' SDPA attention leaves Gemma 2's attn_logit_softcapping out; fsrl loads such
+    a model on the eager path, which keeps it (as vLLM does)."""
+    from transformers import AutoModelForCausalLM
+
+    from fsrl.models import load_base_model
+
+    tiny_family_model("gemma2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    capped = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    uncapped = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        want, other = capped(ids).logits, uncapped(ids).logits
+        got = load_base_model(str(tmp_path), device="cpu").model(ids).logits
+    assert (want - other).abs().max() > 1e-3  # the cap matters on this model
+    assert torch.allclose(got, want, atol=1e-5)

@@ -19,6 +19,7 @@ def test_health_reports_model_sae_site_device_and_adapter_count(client, setup, e
                         "sae": "random-topk-256", "layer": 1, "site": "blocks.1.hook_resid_post",
                         "sae_hook_name": "model.layers.1", "device": "cpu", "packed_cpu_weights": engine == "default",
                         "compiled_decode": engine == "vllm", "engine": "transformers" if engine == "default" else "vllm",
+                        "model_runner": "transformers eager" if engine == "default" else "vLLM V1 model runner",
                         "adapters": 1}
 
 

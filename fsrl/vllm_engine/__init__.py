@@ -5,16 +5,18 @@ How it fits into vLLM (0.32, V1 model runner):
 
 - `register` is a `vllm.general_plugins` entry point (pyproject.toml). vLLM calls it in every
   process it starts (the front end, the engine core, each worker: `load_general_plugins` in
-  `vllm/v1/worker/worker_base.py: WorkerWrapperBase.init_worker`). It only names a new
-  architecture, `FsrlSteeredLlamaForCausalLM`, lazily (nothing is imported until a model of
-  that architecture is built), so having fsrl installed beside vLLM changes nothing else.
-- A request for steering picks that architecture with `hf_overrides={"architectures": [...],
-  "fsrl_steering": {...}}` (`steered_llm_kwargs`): the SAE folder, its layer, the adapters to
-  stack in the bank, the table sizes.
-- `fsrl.vllm_engine.model` builds the model: vLLM's own Llama, whose decoder layer at the SAE's
-  layer is followed by a `SteeringSite` (SAE, adapter bank, per-request table, per-token row
-  index, all registered buffers, sized once). Its forward is traced and compiled with the rest
-  of the model; it calls `fsrl.steering.steer` on every token.
+  `vllm/v1/worker/worker_base.py: WorkerWrapperBase.init_worker`). It only names new
+  architectures, `FsrlSteered<Arch>` for each of `STEERABLE_ARCHITECTURES`, lazily (nothing is
+  imported until a model of one is built), so having fsrl installed beside vLLM changes
+  nothing else.
+- A request for steering picks the steered form of the model's own architecture with
+  `hf_overrides={"architectures": [...], "fsrl_steering": {...}}` (`steered_llm_kwargs`): the
+  SAE folder, its layer, the adapters to stack in the bank, the table sizes.
+- `fsrl.vllm_engine.model` builds the model: vLLM's own class for that family, whose decoder
+  layer at the SAE's site steers its input (resid_pre) or its output (resid_post) through a
+  `SteeringSite` (SAE, adapter bank, per-request table, per-token row index, all registered
+  buffers, sized once). Its forward is traced and compiled with the rest of the model; it
+  calls `fsrl.steering.steer` on every token.
 - Before each forward, `fsrl.vllm_engine.step` reads the runner's input batch (request ids in
   batch order, `query_start_loc`) and each request's `SamplingParams.extra_args["fsrl"]`, and
   writes the buffers in place.
@@ -22,10 +24,21 @@ How it fits into vLLM (0.32, V1 model runner):
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
-ARCHITECTURE = "FsrlSteeredLlamaForCausalLM"
+# The vLLM architectures whose decoder layers fsrl steers, each checked against transformers by
+# tests/test_vllm_families.py: their layers pass the residual stream along as
+# `layer(positions, hidden_states, residual) -> (hidden_states, residual)`, whose sum is the
+# stream. Adding a family is adding its name here and to that test.
+STEERABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# fsrl's per-step hook (fsrl.vllm_engine.step) wraps the V1 model runner; vLLM's own switch
+# pins it (`pin_model_runner`), since Model Runner V2 would run batches past the hook unsteered.
+MODEL_RUNNER = "V1 model runner"
+PREFIX = "FsrlSteered"  # FsrlSteeredGemma2ForCausalLM: vLLM's Gemma2ForCausalLM, steered
 EXTRA_ARGS_KEY = "fsrl"
 CONFIG_KEY = "fsrl_steering"
 # Per process: steps whose buffers were written, and runs of the steering site's Python outside
@@ -38,21 +51,51 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: idempotent, cheap, imports no model code."""
     from vllm import ModelRegistry
 
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "fsrl.vllm_engine.model:SteeredLlamaForCausalLM")
+    known = ModelRegistry.get_supported_archs()
+    for arch in STEERABLE_ARCHITECTURES:
+        if PREFIX + arch not in known:
+            ModelRegistry.register_model(PREFIX + arch, f"fsrl.vllm_engine.model:{PREFIX}{arch}")
 
 
-def steered_llm_kwargs(sae_dir: str, layer: int, adapters: dict[str, str] | None = None,
+def model_architecture(model_dir: str | Path) -> str:
+    """The architecture a transformers folder names, once checked to be one fsrl steers on
+    vLLM (one line otherwise: vLLM's own failure is a worker traceback)."""
+    from fsrl.errors import FsrlError
+
+    try:
+        archs = json.loads((Path(model_dir) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as exc:
+        raise FsrlError(f"cannot read {model_dir}/config.json ({type(exc).__name__})") from None
+    steerable = [a for a in archs if a in STEERABLE_ARCHITECTURES]
+    if not steerable:
+        raise FsrlError(f"--engine vllm steers {', '.join(STEERABLE_ARCHITECTURES)}; "
+                        f"{model_dir} is {', '.join(archs) or 'of no named architecture'} "
+                        "(fsrl's default engine serves any transformers causal LM)")
+    return steerable[0]
+
+
+def pin_model_runner() -> None:
+    """Make the vLLM processes started from here on use the V1 model runner (the one fsrl's
+    per-step hook wraps); a user who asked for V2 gets one line."""
+    from fsrl.errors import FsrlError
+
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
+        raise FsrlError(f"fsrl steers vLLM's {MODEL_RUNNER} only: unset VLLM_USE_V2_MODEL_RUNNER")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def steered_llm_kwargs(model_dir: str | Path, sae_dir: str, layer: int, adapters: dict[str, str] | None = None,
                        bank_slots: int = 4, table_rows: int | None = None, capture_top: int = 0) -> dict:
-    """Keyword arguments for `vllm.LLM` (or engine args) that build the steered model:
-    `adapters` maps adapter id -> folder, stacked in the bank at build time (at most
-    `bank_slots`); `table_rows`: requests steered at once (default: max_num_seqs);
-    `capture_top`: the most features a request may ask back per token (0: none)."""
+    """Keyword arguments for `vllm.LLM` (or engine args) that build the steered model of the
+    transformers folder `model_dir`: `adapters` maps adapter id -> folder, stacked in the bank
+    at build time (at most `bank_slots`); `table_rows`: requests steered at once (default:
+    max_num_seqs); `capture_top`: the most features a request may ask back per token (0: none)."""
+    pin_model_runner()  # before vLLM starts its processes: they read it from the environment
     spec = {"sae_dir": str(sae_dir), "layer": int(layer), "adapters": dict(adapters or {}),
             "bank_slots": int(bank_slots), "capture_top": int(capture_top)}
     if table_rows is not None:
         spec["table_rows"] = int(table_rows)
-    return {"hf_overrides": {"architectures": [ARCHITECTURE], CONFIG_KEY: spec},
+    return {"hf_overrides": {"architectures": [PREFIX + model_architecture(model_dir)], CONFIG_KEY: spec},
             # Prefix caching would let a steered request reuse another's (differently steered)
             # KV blocks, unless each steered prompt carries its steering as `cache_salt` (as
             # `fsrl serve --engine vllm` does, and turns it on).

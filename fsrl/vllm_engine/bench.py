@@ -154,7 +154,7 @@ def _measure(args: argparse.Namespace, setup: BenchSetup, common: dict, engines:
     engines.append(stock)
     start_stock = time.perf_counter() - t0
     t0 = time.perf_counter()
-    steered = LLM(**{**common, **steered_llm_kwargs(setup.sae_dir, setup.layer, adapters={"a0": setup.adapter},
+    steered = LLM(**{**common, **steered_llm_kwargs(setup.model, setup.sae_dir, setup.layer, adapters={"a0": setup.adapter},
                                                     bank_slots=args.bank_slots)})
     engines.append(steered)
     start_steered = time.perf_counter() - t0

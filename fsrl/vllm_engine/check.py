@@ -159,7 +159,7 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
 
     from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
-    extra = steered_llm_kwargs(setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
+    extra = steered_llm_kwargs(setup.model, setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
     # The cache 16 requests of max_model_len need, not vLLM's default share of the machine's memory.
     kv = kv_cache_bytes(setup.model, 4, 16 * setup.max_model_len)
     t0 = time.perf_counter()

@@ -1,6 +1,7 @@
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
+from server.canary import model_runner
 from server.deps import StateDep
 from server.errors import EngineStopped
 from server.metrics import CONTENT_TYPE
@@ -20,6 +21,7 @@ async def health(state: StateDep) -> dict:
             "device": str(state.base.device),
             "packed_cpu_weights": state.packed_cpu_weights,
             "compiled_decode": state.compiled_decode, "engine": state.settings.engine,
+            "model_runner": model_runner(state),
             "adapters": len(state.registry)}
 
 
