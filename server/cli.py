@@ -101,11 +101,11 @@ def _preflight(settings) -> None:
     if model and model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
         raise FsrlError(f"model not found: {model}")
     if settings.engine == "vllm":
-        from fsrl.models import DEFAULT_MODEL_ALIASES
+        from fsrl.models import packaged_model
 
-        if model and not (model in DEFAULT_MODEL_ALIASES or Path(model).expanduser().is_dir()):
-            raise FsrlError("--engine vllm serves a transformers model folder or the embedded default, "
-                            f"not {model!r}")
+        if model and not (packaged_model(model) or Path(model).expanduser().is_dir()):
+            raise FsrlError("--engine vllm serves a transformers model folder or a packaged model "
+                            f"(fsrl fetch-default --list), not {model!r}")
         if importlib.util.find_spec("vllm") is None:
             raise FsrlError("--engine vllm needs vLLM installed: pip install 'fsrl[vllm]' (docs/vllm.md)")
     elif settings.tensor_parallel_size > 1 or settings.enforce_eager:

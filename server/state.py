@@ -23,7 +23,7 @@ from fsrl.features import dashboards
 from fsrl.features.classes import read_classes
 from fsrl.features.search import FeatureIndex
 from fsrl.generation import Generator
-from fsrl.models import DEFAULT_MODEL_ALIASES, BaseModel, ensure_default_model, load_base_model, resolve_device
+from fsrl.models import BaseModel, ensure_packaged_model, load_base_model, packaged_model, resolve_device
 from fsrl.sae import Sae, load_sae
 from fsrl.sites import Site
 from server.engine import Engine
@@ -210,10 +210,10 @@ def _load_model(settings: Settings, device: torch.device) -> tuple[Generator, to
 
 
 def _model_folder(spec: str | None) -> Path:
-    """The transformers folder vLLM loads: the embedded default's, or the one given."""
-    if spec is None or spec in DEFAULT_MODEL_ALIASES:
-        return ensure_default_model(progress=False)
-    return Path(spec).expanduser()
+    """The transformers folder vLLM loads: a packaged model's (the embedded default's by
+    default), or the one given."""
+    packaged = packaged_model(spec)
+    return ensure_packaged_model(packaged) if packaged is not None else Path(spec).expanduser()
 
 
 def _max_positions(base: BaseModel) -> int | None:
