@@ -98,7 +98,8 @@ def test_loopback_addresses_need_no_key():
 @pytest.mark.parametrize("flags, message", [
     (["--tensor-parallel-size", "2"], "fsrl: error: --tensor-parallel-size and --enforce-eager are for --engine vllm"),
     (["--engine", "vllm", "--model", "model.gguf"],
-     "fsrl: error: --engine vllm serves a transformers model folder or the embedded default, not 'model.gguf'"),
+     "fsrl: error: --engine vllm serves a transformers model folder or a packaged model "
+     "(fsrl fetch-default --list), not 'model.gguf'"),
 ])
 def test_engine_flags_that_do_not_go_together_are_one_line(flags, message):
     done = run_fsrl("serve", *flags)
