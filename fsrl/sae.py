@@ -8,7 +8,7 @@ maths is the inference maths of sae-lens for the architectures we support:
     f          = activation(hidden_pre)                                 # relu | topk | jumprelu
     x_hat      = f @ W_dec + b_dec                                      # (..., d_in)
 
-A Gemma Scope `params.npz` folder is turned into the same format by `convert_gemma_scope`.
+The other public formats are read into the same maths by `fsrl.sae_formats`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from fsrl.cpu_inference import PackedMatrix
@@ -71,6 +71,13 @@ class SaeInfo:
     path: str | None = None
     label_sources: dict[int, str] = field(default_factory=dict)  # index -> "rule", "llm:<model>", ...
     site: Site | None = None  # read from hook_name; None only when the SAE names no hook
+
+    @property
+    def folder(self) -> Path | None:
+        """Where labels and dashboards live: the SAE's folder (beside it, for a one-file SAE)."""
+        if self.path is None:
+            return None
+        return Path(self.path) if Path(self.path).is_dir() else Path(self.path).parent
 
     def __post_init__(self) -> None:
         # A hook fsrl cannot steer exactly is refused here, that is, at load.
@@ -194,58 +201,31 @@ def layer_from_hook_name(hook_name: str | None) -> int | None:
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = None) -> Sae:
-    """Load an SAE from a sae-lens folder (or a Gemma Scope `params.npz` folder)."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FsrlError(f"SAE folder not found: {path}")
-    if not (path / SAE_CFG_FILE).exists() and (path / "params.npz").exists():
-        raise FsrlError(f"{path} is a Gemma Scope folder: convert it first with "
-                        f"`fsrl sae convert-gemma-scope {path} OUT_DIR --layer L`")
-    for needed in (SAE_CFG_FILE, SAE_WEIGHTS_FILE):
-        if not (path / needed).exists():
-            raise FsrlError(f"{path} is not a sae-lens SAE folder: {needed} is missing")
-    try:
-        cfg = json.loads((path / SAE_CFG_FILE).read_text())
-        weights = load_file(path / SAE_WEIGHTS_FILE)
-    except (json.JSONDecodeError, OSError, Exception) as exc:  # safetensors raises its own types
-        raise CorruptFileError(f"cannot read SAE in {path}: {exc}") from exc
-    arch = cfg.get("architecture", "standard")
-    if cfg.get("normalize_activations", "none") not in ("none", None):
-        raise FsrlError(f"SAE {path}: normalize_activations={cfg['normalize_activations']!r} "
-                        "is not supported; fold the normalisation into the weights first")
-    try:
-        W_enc, b_enc, W_dec, b_dec = (weights[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-    except KeyError as exc:
-        raise CorruptFileError(f"SAE {path}: tensor {exc} missing from {SAE_WEIGHTS_FILE}") from exc
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    expected = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    for key, shape in expected.items():
-        if tuple(weights[key].shape) != shape:
-            raise CorruptFileError(f"SAE {path}: {key} has shape {tuple(weights[key].shape)}, "
-                                   f"cfg.json says {shape}")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        # Fold the decoder norms into the encoder: exact for reconstruction and top-k choice.
-        norms = W_dec.norm(dim=-1)
-        W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-    meta = cfg.get("metadata") or {}
-    hook_name = meta.get("hook_name") or cfg.get("hook_name")
-    found = read_labels(path)
-    labels = {i: label for i, (label, _) in found.items()}
-    label_sources = {i: source for i, (_, source) in found.items()}
+    """Load an SAE in any format `fsrl.sae_formats` reads (a sae-lens folder, Gemma Scope 1 and
+    2, sparsify, Llama Scope, Goodfire), or by sae-lens's registry name `RELEASE/SAE_ID`
+    (fetched into the hub cache). Its hook must name a site fsrl steers (`fsrl.sites`)."""
+    from fsrl.sae_formats import read_weights, resolve_release
+
+    spec = str(path)
+    path = Path(spec).expanduser()
+    scaling = None
+    if not path.exists():
+        if spec.startswith(("/", ".", "~")) or "/" not in spec:
+            raise FsrlError(f"SAE folder not found: {path}")
+        path, scaling = resolve_release(spec)
+    w = read_weights(path)
+    W_enc, W_dec, b_dec = w.W_enc, w.W_dec, w.b_dec
+    if scaling:  # the registry's norm_scaling_factor, folded as sae-lens's from_pretrained does
+        W_enc, W_dec, b_dec = W_enc * scaling, W_dec / scaling, b_dec / scaling
+    folder = path if path.is_dir() else path.parent
+    found = read_labels(folder)
     info = SaeInfo(
-        name=meta.get("sae_name") or cfg.get("name") or path.resolve().name,
-        architecture=arch, hook_name=hook_name, layer=layer_from_hook_name(hook_name),
-        model_name=meta.get("model_name") or cfg.get("model_name"),
-        fingerprint=sae_fingerprint(W_enc, W_dec, arch), labels=labels, label_sources=label_sources,
-        path=str(path))
-    threshold = weights.get("threshold")
-    if arch == "jumprelu" and threshold is None:  # without it the SAE would act as a plain ReLU
-        raise CorruptFileError(f"SAE {path}: a jumprelu SAE needs a threshold tensor in {SAE_WEIGHTS_FILE}")
-    sae = Sae(W_enc, b_enc, W_dec, b_dec, arch, info, k=cfg.get("k"),
-              threshold=threshold.float() if threshold is not None else None,
-              apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)))
-    if arch == "topk" and not sae.k:
-        raise CorruptFileError(f"SAE {path}: a topk SAE needs k in cfg.json")
+        name=w.name or path.resolve().name, architecture=w.architecture, hook_name=w.hook_name,
+        layer=None, model_name=w.model_name, fingerprint=sae_fingerprint(W_enc, W_dec, w.architecture),
+        labels={i: label for i, (label, _) in found.items()},
+        label_sources={i: source for i, (_, source) in found.items()}, path=str(path))
+    sae = Sae(W_enc, w.b_enc, W_dec, b_dec, w.architecture, info, k=w.k, threshold=w.threshold,
+              apply_b_dec_to_input=w.apply_b_dec_to_input)
     return sae.to(device=device, dtype=dtype or torch.float32)
 
 

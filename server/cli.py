@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Defaults are None so FSRL_* environment variables apply when a flag is left out.
     parser.add_argument("--model", help="transformers folder, .gguf file or hub name "
                         "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--sae", help="SAE folder in sae-lens format (default: the shipped SAE)")
+    parser.add_argument("--sae", help="SAE: a folder in any format docs/models.md lists, or a sae-lens "
+                        "registry name RELEASE/SAE_ID (default: the shipped SAE)")
     parser.add_argument("--layer", type=int, help="hook layer (default: the SAE's hook layer)")
     parser.add_argument("--adapters-dir", help="folder of adapter folders (default: ./adapters)")
     parser.add_argument("--host", help="bind address (default: 127.0.0.1)")
@@ -110,8 +111,13 @@ def _preflight(settings) -> None:
             raise FsrlError("--engine vllm needs vLLM installed: pip install 'fsrl[vllm]' (docs/vllm.md)")
     elif settings.tensor_parallel_size > 1 or settings.enforce_eager:
         raise FsrlError("--tensor-parallel-size and --enforce-eager are for --engine vllm")
-    if not (settings.sae_path / "cfg.json").is_file():
-        raise FsrlError(f"no SAE at {settings.sae_path} (cfg.json missing); pass --sae DIR")
+    sae = str(settings.sae_path)
+    if Path(sae).exists() or sae.startswith(("/", ".", "~")) or "/" not in sae:
+        from fsrl.sae_formats import detect_format
+
+        if not Path(sae).exists():
+            raise FsrlError(f"no SAE at {sae}; pass --sae DIR (or a sae-lens registry name RELEASE/SAE_ID)")
+        detect_format(Path(sae))  # one line now, not after the model has loaded
 
 
 def run(args: argparse.Namespace) -> int:

@@ -108,7 +108,7 @@ def load_state(settings: Settings) -> ServerState:
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
                         engine=engine, packed_cpu_weights=packed, metrics=metrics,
-                        features=load_feature_index(settings.sae_path, sae),
+                        features=load_feature_index(sae.info.folder, sae),
                         max_positions=_max_positions(base))
     state.max_chars_per_token  # measured once, at start, not on a request
     return state
@@ -137,7 +137,7 @@ async def start_state(settings: Settings) -> ServerState:
     await asyncio.to_thread(registry.load_directory)
     max_positions = _max_positions(base)
     max_len = settings.max_prompt_tokens + settings.max_new_tokens_cap
-    options = VllmOptions(model=str(_model_folder(settings.model)), sae_dir=str(settings.sae_path), layer=layer,
+    options = VllmOptions(model=str(_model_folder(settings.model)), sae_dir=str(sae.info.path), layer=layer,
                           dtype=str(base.dtype).removeprefix("torch."),
                           max_model_len=min(max_len, max_positions or max_len),
                           max_num_seqs=max(settings.max_batch_rows, 2),
@@ -162,7 +162,7 @@ async def start_state(settings: Settings) -> ServerState:
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry, engine=engine,
                         packed_cpu_weights=False, metrics=metrics,
-                        features=load_feature_index(settings.sae_path, sae),
+                        features=load_feature_index(sae.info.folder, sae),
                         max_positions=options.max_model_len, compiled_decode=not settings.enforce_eager)
     state.max_chars_per_token
     return state

@@ -50,12 +50,6 @@ def test_hook_names_give_the_layer():
     assert layer_from_hook_name(None) is None
 
 
-def test_gemma_scope_folder_without_conversion_is_a_clear_error(tmp_path):
-    np.savez(tmp_path / "params.npz", W_enc=np.zeros((2, 2)))
-    with pytest.raises(FsrlError, match="convert it first"):
-        load_sae(tmp_path)
-
-
 def test_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FsrlError, match="not found"):
         load_sae(tmp_path / "nope")
