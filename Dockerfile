@@ -3,9 +3,12 @@
 # The base image and torch are pinned: a rebuild gets the same stack.
 FROM python:3.11.11-slim-bookworm
 
+# Offline unless told otherwise (compose: HF_HUB_OFFLINE=0 for hub names); the hub cache lives
+# in the /cache volume beside the converted models.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     FSRL_CACHE_DIR=/cache \
+    HF_HOME=/cache/huggingface \
     HF_HUB_OFFLINE=1
 
 WORKDIR /app
@@ -20,7 +23,7 @@ RUN if [ "$WITH_VLLM" = "1" ]; then pip install "vllm==0.32.0" && \
       pip uninstall -y torchvision torchaudio torchcodec; fi
 
 # Not root: the server reads adapters (mounted read-only) and writes only its model cache.
-RUN useradd --create-home --uid 10001 fsrl && mkdir -p /cache /adapters && chown fsrl /cache
+RUN useradd --create-home --uid 10001 fsrl && mkdir -p /cache /adapters /models && chown fsrl /cache
 USER fsrl
 
 # The embedded default model is fetched from PyPI and converted when the cache volume is

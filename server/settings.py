@@ -17,7 +17,8 @@ VLLM_DEFAULT_MAX_ADAPTERS = 4
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FSRL_", extra="ignore")
+    # An empty FSRL_* variable means "not set" (compose passes ${FSRL_MODEL:-} through as "").
+    model_config = SettingsConfigDict(env_prefix="FSRL_", extra="ignore", env_ignore_empty=True)
 
     model: str | None = None                 # None: the embedded default model
     sae: Path | None = None                  # None: the shipped default SAE

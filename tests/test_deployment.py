@@ -45,3 +45,21 @@ def test_the_image_runs_as_a_user_on_pinned_versions():
     assert any('"torch==' in line for line in lines if line.startswith("RUN "))
     users = [line for line in lines if line.startswith("USER ")]
     assert users and users[-1] not in ("USER root", "USER 0")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_compose_serves_a_model_and_sae_the_user_names_offline_unless_told(name):
+    env = compose_service(name)["environment"]
+    assert env["FSRL_MODEL"] == "${FSRL_MODEL:-}" and env["FSRL_SAE"] == "${FSRL_SAE:-}"
+    assert env["HF_HUB_OFFLINE"] == "${HF_HUB_OFFLINE:-1}" and env["HF_TOKEN"] == "${HF_TOKEN:-}"
+    assert "${FSRL_MODELS_DIR:-./models}:/models:ro" in compose_service(name)["volumes"]
+    assert "HF_HOME=/cache/huggingface" in (REPO / "Dockerfile").read_text()  # the hub cache in the volume
+
+
+def test_an_empty_variable_means_the_default(monkeypatch):
+    from server.settings import Settings
+
+    monkeypatch.setenv("FSRL_MODEL", "")
+    monkeypatch.setenv("FSRL_SAE", "")
+    settings = Settings()
+    assert settings.model is None and settings.sae is None
