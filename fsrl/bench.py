@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random-shapes", nargs="?", const="llama-1.2b", default=None,
                         choices=sorted(RANDOM_SHAPES),
-                        help="also a random-weight Llama shape: llama-1.2b (Llama-3.2-1B's, SAE 16k; "
-                             "meant for a GPU, the default) or tiny (a dry run)")
+                        help="also a random-weight shape: llama-1.2b (Llama-3.2-1B's, SAE 16k; "
+                             "meant for a GPU, the default), gemma2-2b (Gemma-2-2B's, SAE 16k at "
+                             "layer 12) or tiny (a dry run)")
     parser.add_argument("--no-default-model", action="store_true",
                         help="skip the default model (a GPU machine without it measures "
                              "--random-shapes alone)")

@@ -1,15 +1,20 @@
-"""What the benchmarks build on: random-weight Llama shapes and a synthetic adapter (`fsrl bench`,
+"""What the benchmarks build on: random-weight model shapes and a synthetic adapter (`fsrl bench`,
 `fsrl bench --engine vllm`, the serving bench's setup in fsrl.testing)."""
 
 from __future__ import annotations
 
-# Random-weight Llama shapes: LlamaConfig fields and the SAE's width and hook layer.
+# Random-weight model shapes: the config's fields (model_type picks the family) and the SAE's
+# width and hook layer.
 RANDOM_SHAPES = {
-    "llama-1.2b": ({"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+    "llama-1.2b": ({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
                    16384, 8),
     # Head size 32: the smallest vLLM's CPU attention takes (`--engine vllm --random-shapes tiny`).
-    "tiny": ({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+    # The paper's model, Gemma-2-2B, with a 16k SAE at layer 12 (Gemma Scope's middle layer).
+    "gemma2-2b": ({"model_type": "gemma2", "hidden_size": 2304, "intermediate_size": 9216,
+                   "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+                   "head_dim": 256, "query_pre_attn_scalar": 256, "vocab_size": 256000}, 16384, 12),
+    "tiny": ({"model_type": "llama", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}, 256, 1),
 }
 
@@ -42,20 +47,22 @@ def calibration_activations(base, site, n_tokens: int = 256):
 
 
 def random_model(shape_name: str, device, adapter_l0: int) -> tuple:
-    """A random-weight Llama of RANDOM_SHAPES[shape_name] on `device` (bf16 on CUDA, fp32
+    """A random-weight model of RANDOM_SHAPES[shape_name] on `device` (bf16 on CUDA, fp32
     elsewhere) with a tokenizer that decodes nothing, a random top-k SAE and a synthetic adapter
     with about `adapter_l0` features firing: (BaseModel, Sae, adapter, layer)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from fsrl.models import BaseModel, model_fingerprint
     from fsrl.sae import random_sae
 
     shape, d_sae, layer = RANDOM_SHAPES[shape_name]
-    cfg = LlamaConfig(**shape, max_position_embeddings=4096, tie_word_embeddings=True)
+    fields = dict(shape)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields, max_position_embeddings=4096,
+                               tie_word_embeddings=True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval().requires_grad_(False)
+        model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval().requires_grad_(False)
     tokenizer = type("Tok", (), {"eos_token_id": None, "pad_token_id": 0,
                                  "decode": staticmethod(lambda ids, **k: "")})()
     base = BaseModel(model=model, tokenizer=tokenizer, name=f"random-{shape_name}",

@@ -24,6 +24,8 @@ that hangs or fails still leaves the others' results:
   vllm-bench     fsrl bench --engine vllm on the random Llama-3.2-1B shape (bf16, 16k SAE): stock
                  vLLM, steered vLLM and fsrl's own engine at batch 1 and 16, into gpu-check.json
                  (both vLLM steps want more than the default budget: pass --budget-s 900)
+  vllm-bench-gemma2  the same on the random Gemma-2-2B shape (the paper's model; bf16, 16k SAE at
+                 layer 12); not in the dry run (--budget-s 1200 for all three vLLM steps)
 
 Before each step its imports are tried; a step whose packages are missing (no wheelhouse, or
 no wheel for this Python in it) is skipped with the reason in the JSON, and does not fail the
@@ -81,7 +83,8 @@ PROBE = ("import importlib, json, sys\n"
          "print(json.dumps(found))\n")
 # (seconds on a GPU, seconds in a dry run): each step's own limit, within the budget.
 LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "serving-setup": (60, 60),
-          "serving": (150, 120), "vllm": (240, 240), "vllm-bench": (300, 240)}
+          "serving": (150, 120), "vllm": (240, 240), "vllm-bench": (300, 240),
+          "vllm-bench-gemma2": (300, 0)}
 MIN_STEP_S = 20  # a step is not started with less of the budget left
 SERVING_SHAPES = {"gpu": {"hidden": 512, "n_layers": 8, "d_sae": 4096, "layer": 4},
                   "cpu": {"hidden": 64, "n_layers": 2, "d_sae": 256, "layer": 1}}
@@ -437,6 +440,17 @@ def main(argv: list[str] | None = None) -> int:
             check.step("vllm-bench", cmd, PROBES["vllm-bench"])
             report["vllm_bench"] = json.loads(bench_json.read_text()) if bench_json.exists() else {}
             check.write()
+            # The paper's model shape (Gemma-2-2B, bf16, 16k SAE at layer 12) beside the Llama one.
+            if args.dry_run:
+                check.skip("vllm-bench-gemma2", "the dry run measures the tiny shape only")
+            else:
+                gemma_json = scratch / "vllm-bench-gemma2.json"
+                check.step("vllm-bench-gemma2", [
+                    sys.executable, "-m", "fsrl.cli", "bench", "--engine", "vllm", "--device", device,
+                    "--out", str(gemma_json), "--random-shapes", "gemma2-2b", "--batch-sizes", "1,16",
+                    "--new-tokens", "64", "--repeats", "3"], PROBES["vllm-bench"])
+                report["vllm_bench_gemma2"] = json.loads(gemma_json.read_text()) if gemma_json.exists() else {}
+                check.write()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if check.site:

@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bank-slots", type=int, default=4)
     parser.add_argument("--eager", action="store_true", help="enforce_eager (no compilation)")
-    parser.add_argument("--random-shapes", default=None, choices=["llama-1.2b", "tiny"],
+    parser.add_argument("--random-shapes", default=None, choices=["llama-1.2b", "gemma2-2b", "tiny"],
                         help="a random-weight Llama instead of the default model (fsrl bench's shapes)")
     parser.add_argument("--device", default="auto", help="fsrl's side and the random weights: auto | cpu | cuda")
     parser.add_argument("--adapter-l0", type=int, default=128, help="--random-shapes: the synthetic adapter's L0")
