@@ -166,7 +166,7 @@ def legacy_sae_lens(folder: Path, **cfg) -> dict:
     (folder / "cfg.json").write_text(json.dumps({
         "d_in": D, "d_sae": M, "hook_point": "blocks.4.hook_resid_pre", "hook_point_layer": 4,
         "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 3}, "apply_b_dec_to_input": True,
-        "normalize_activations": False, "model_name": "gpt2", **cfg}))
+        "normalize_activations": False, "model_name": "gpt2", "dtype": "float32", "device": "cpu", **cfg}))
     return t
 
 
@@ -178,6 +178,19 @@ def test_the_sae_lens_format_before_6_reads_its_top_level_keys(tmp_path):
     f = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
     assert_same(sae, f, f @ t["W_dec"].double() + t["b_dec"].double())
     assert str(sae.site_at()) == "blocks.4.hook_resid_pre" and sae.info.model_name == "gpt2"
+
+
+@pytest.mark.slow  # importing sae_lens takes seconds
+def test_the_format_before_6_reads_as_sae_lens_itself_reads_it(tmp_path):
+    from sae_lens import SAE
+
+    legacy_sae_lens(tmp_path / "s")
+    theirs, ours = SAE.load_from_disk(str(tmp_path / "s"), device="cpu"), load_sae(tmp_path / "s")
+    x = X.float()
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-6)
+        assert torch.allclose(theirs.decode(theirs.encode(x)), ours.decode(ours.encode(x)), atol=1e-6)
+    assert theirs.cfg.metadata.hook_name == ours.info.hook_name == "blocks.4.hook_resid_pre"
 
 
 @pytest.mark.parametrize("norm", ["constant_norm_rescale", "layer_norm"])
