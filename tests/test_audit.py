@@ -171,8 +171,8 @@ def test_analyze_writes_the_report_and_the_server_serves_its_card(tmp_path):
             httpx.Client(base_url=proc.url, timeout=60) as c:
         card = c.get("/adapters/tiny/card")
         assert card.status_code == 200, card.text
-        assert card.json() == {"adapter": "tiny", "summary": doc["summary"], "report": "analysis/report.json",
-                               "weights_match": True}
+        assert card.json() == {"adapter": "tiny", "site": "blocks.1.hook_resid_post", "summary": doc["summary"],
+                               "report": "analysis/report.json", "weights_match": True}
         # Other weights in the folder: the served adapter is still the analysed one until a replace.
         shutil.copyfile(setup.adapters_dir / "more" / "tiny-b" / WEIGHTS_FILE,
                         setup.adapters_dir / "tiny" / WEIGHTS_FILE)
