@@ -141,6 +141,11 @@ def read_sae_lens(folder: Path) -> SaeWeights:
                       model_name=meta.get("model_name") or cfg.get("model_name"))
 
 
+# Gemma Scope repo suffix -> the hook its SAEs read (as sae-lens names them); only -res is steerable.
+GEMMA_SCOPE_HOOKS = {"res": "blocks.{layer}.hook_resid_post", "mlp": "blocks.{layer}.hook_mlp_out",
+                     "att": "blocks.{layer}.attn.hook_z"}
+
+
 def read_gemma_scope(folder: Path) -> SaeWeights:
     """Gemma Scope (Gemma 2): `params.npz` (W_enc, W_dec, b_enc, b_dec, threshold; JumpReLU, no
     b_dec subtraction). The file does not name its hook: the `layer_L` of Gemma Scope's own
@@ -157,11 +162,18 @@ def read_gemma_scope(folder: Path) -> SaeWeights:
         raise CorruptFileError(f"{npz}: array {exc} missing") from None
     except (OSError, ValueError) as exc:
         raise CorruptFileError(f"cannot read {npz}: {type(exc).__name__}") from None
-    layer = _layer_in(list(folder.resolve().parts), r"layer_(\d+)")
+    parts = list(folder.resolve().parts)
+    layer = _layer_in(parts, r"layer_(\d+)")
     if layer is None:
         raise FsrlError(f"{npz} does not name its layer: keep Gemma Scope's layer_L/width_.../ folders, "
                         "or convert it with `fsrl sae convert-gemma-scope DIR OUT --layer L`")
-    return SaeWeights(W_enc, b_enc, W_dec, b_dec, "jumprelu", f"blocks.{layer}.hook_resid_post",
+    # The same layout serves three repos, google/gemma-scope-<model>-{res,mlp,att}; their name (kept
+    # by the hub cache's models--google--gemma-scope-2b-pt-mlp/) says where the SAE reads. A folder
+    # that names none is taken as -res, the residual stream.
+    kinds = [m.group(1).lower() for part in parts
+             if (m := re.search(r"gemma-scope-\w+-(?:pt|it)-(res|mlp|att)(?![a-z])", part, re.IGNORECASE))]
+    hook = GEMMA_SCOPE_HOOKS[kinds[-1] if kinds else "res"].format(layer=layer)
+    return SaeWeights(W_enc, b_enc, W_dec, b_dec, "jumprelu", hook,
                       apply_b_dec_to_input=False, threshold=threshold, name=f"gemma-scope-{folder.name}")
 
 
@@ -178,6 +190,9 @@ def read_gemma_scope_2(folder: Path) -> SaeWeights:
     if cfg.get("architecture", "jump_relu") not in ("jump_relu", "jumprelu"):
         raise FsrlError(f"{folder}/config.json: architecture {cfg.get('architecture')!r} is not supported")
     W_enc, W_dec, b_enc, b_dec, threshold = _need(tensors, ("w_enc", "w_dec", "b_enc", "b_dec", "threshold"), where)
+    if W_dec.ndim == 2 and W_enc.ndim == 2 and W_dec.shape[1] != W_enc.shape[0]:
+        raise FsrlError(f"{folder}: a transcoder (reads d_in {W_enc.shape[0]}, writes d_out {W_dec.shape[1]}) "
+                        "is not one residual site fsrl can steer")
     return SaeWeights(W_enc, b_enc, W_dec, b_dec, "jumprelu", hook_in, apply_b_dec_to_input=False,
                       threshold=threshold, name=f"gemma-scope-2-{folder.name}", model_name=cfg.get("model_name"))
 
@@ -194,23 +209,37 @@ def read_sparsify(folder: Path) -> SaeWeights:
                         "site fsrl can steer")
     if cfg.get("activation", "topk") != "topk":
         raise FsrlError(f"{folder}/cfg.json: activation {cfg.get('activation')!r} is not supported (topk)")
+    if not isinstance(cfg.get("k"), int) or cfg["k"] < 1:
+        raise CorruptFileError(f"{folder}/cfg.json: k {cfg.get('k')!r} is not a positive integer")
     enc_w, enc_b, W_dec, b_dec = _need(tensors, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"), where)
     return SaeWeights(enc_w.T.contiguous(), enc_b, W_dec, b_dec, "topk", folder.name,
-                      apply_b_dec_to_input=True, k=int(cfg["k"]), name=f"sparsify-{folder.name}")
+                      apply_b_dec_to_input=True, k=cfg["k"], name=f"sparsify-{folder.name}")
 
 
 def read_llama_scope(folder: Path) -> SaeWeights:
-    """Llama Scope: `hyperparams.json` + `checkpoints/final.safetensors` (encoder.weight
-    (d_sae, d), encoder.bias, decoder.weight (d, d_sae), decoder.bias), JumpReLU with a scalar
-    threshold, inputs scaled by c_in = sqrt(d_model) / norm_in before encoding and outputs
-    divided by c_out = sqrt(d_model) / norm_out after decoding ("dataset-wise" norms):
+    """Llama Scope (OpenMOSS lm-saes): `hyperparams.json` + `checkpoints/final.safetensors`
+    (encoder.weight W_e (d_sae, d), encoder.bias b_e, decoder.weight W_d (d, d_sae), decoder.bias
+    b_d), read as the publisher's own loader reads it (lm-saes `SparseAutoEncoder.from_config` at
+    the release): with c_in, c_out = sqrt(d_model) / dataset_average_activation_norm.{in, out},
 
-        pre = (c_in x) W_e^T + b_e;  f = pre * (pre > theta);  x_hat = (f W_d^T + b_d) / c_out
+      1. "dataset-wise" norms into the weights, so the SAE takes raw activations:
+         b_e / c_in, W_d c_in / c_out, b_d / c_out;
+      2. sparsity_include_decoder_norm (lm-saes's default): unit decoder columns, their norms
+         n_i = ||W_d[:, i]|| c_in / c_out moved into the encoder's row i and bias;
+      3. act_fn jumprelu: f = pre where pre > jump_relu_threshold, on that model's
+         pre-activations.
 
-    Folded: W_enc = c_in W_e^T keeps pre (and so theta) as they are; W_dec = W_d^T / c_out and
-    b_dec = b_d / c_out give x_hat. sae-lens's loader multiplies theta by c_in as well; the
-    publisher's description above does not, and fsrl follows it (no real Llama Scope file can be
-    reached here to settle it numerically)."""
+    Folded into fsrl's maths, exactly (s_i = n_i, or 1 without step 2):
+
+        W_enc = W_e^T s      b_enc = b_e s / c_in      threshold = jump_relu_threshold (as is)
+        W_dec = (W_d c_in / c_out / s)^T                 b_dec = b_d / c_out
+
+    In the training space (pre_t = (c_in x) W_e^T + b_e) a feature fires when
+    pre_t ||W_d[:, i]|| / c_out > theta, and x_hat = (f_t W_d^T + b_d) / c_out. So the threshold
+    is not theta on pre_t: that gate lets far too many features through (sae-lens's "abnormally
+    large L0", its PR #483). sae-lens since uses theta * c_in on pre_t, which is this gate only
+    where the decoder columns have unit norm; the published ones do not (mean ~1.54 reported for
+    L15R-8x), and fsrl follows the publisher's loader."""
     hp = _json(folder / "hyperparams.json")
     where = folder / "checkpoints" / "final.safetensors"
     tensors = _tensors(where)
@@ -218,31 +247,38 @@ def read_llama_scope(folder: Path) -> SaeWeights:
     if hook_in != hook_out:
         raise FsrlError(f"{folder}: a transcoder (reads {hook_in}, writes {hook_out}) is not one "
                         "residual site fsrl can steer")
-    if hp.get("act_fn", "jumprelu") != "jumprelu":
-        raise FsrlError(f"{folder}/hyperparams.json: act_fn {hp.get('act_fn')!r} is not supported")
+    if hp.get("act_fn", "jumprelu") != "jumprelu" or "jump_relu_threshold" not in hp:
+        raise FsrlError(f"{folder}/hyperparams.json: act_fn {hp.get('act_fn')!r} is not supported "
+                        "(fsrl reads Llama Scope's jumprelu with its jump_relu_threshold)")
     enc_w, enc_b, dec_w, dec_b = _need(tensors, ("encoder.weight", "encoder.bias", "decoder.weight",
                                                  "decoder.bias"), where)
     d_model = int(hp.get("d_model", enc_w.shape[1]))
     c_in = c_out = 1.0
-    if hp.get("norm_activation", "dataset-wise") == "dataset-wise":
+    norm = hp.get("norm_activation", "dataset-wise")
+    if norm == "dataset-wise":
         norms = hp.get("dataset_average_activation_norm") or {}
         if "in" not in norms:
             raise FsrlError(f"{folder}/hyperparams.json: dataset-wise norm without dataset_average_activation_norm")
         c_in = d_model ** 0.5 / float(norms["in"])
         c_out = d_model ** 0.5 / float(norms.get("out", norms["in"]))
-    elif hp.get("norm_activation") not in (None, "none"):
-        raise FsrlError(f"{folder}/hyperparams.json: norm_activation {hp.get('norm_activation')!r} is "
-                        "per token, not a constant fsrl can fold into the weights")
+    elif norm not in ("inference", "none", None):  # inference: the norms are in the weights already
+        raise FsrlError(f"{folder}/hyperparams.json: norm_activation {norm!r} scales each token by its own "
+                        "norm, not a constant fsrl can fold into the weights")
+    scale = dec_w.norm(dim=0) * c_in / c_out if hp.get("sparsity_include_decoder_norm", True) \
+        else torch.ones(enc_w.shape[0])                                                   # (d_sae,)
     threshold = torch.full((enc_w.shape[0],), float(hp["jump_relu_threshold"]))
-    return SaeWeights(enc_w.T * c_in, enc_b, dec_w.T / c_out, dec_b / c_out, "jumprelu", hook_in,
-                      apply_b_dec_to_input=False, threshold=threshold, name=f"llama-scope-{folder.name}",
-                      model_name=hp.get("model_name"))
+    return SaeWeights(enc_w.T * scale, enc_b * scale / c_in, (dec_w * (c_in / c_out) / scale).T.contiguous(),
+                      dec_b / c_out, "jumprelu", hook_in,
+                      apply_b_dec_to_input=bool(hp.get("apply_decoder_bias_to_pre_encoder", False)),
+                      threshold=threshold, name=f"llama-scope-{folder.name}", model_name=hp.get("model_name"))
 
 
 def read_goodfire(path: Path) -> SaeWeights:
     """Goodfire: a `torch.save`d state dict (read with weights_only): encoder_linear (d_sae, d)
     and decoder_linear (d, d_sae) with biases; f = relu(x W_e^T + b_e), x_hat = f W_d^T + b_d.
-    The file does not name its hook: its published name does (`...-SAE-l19.pth`: resid_post of 19)."""
+    The file does not name its hook. A sidecar `<name>.json` beside it may ({"hook_name": ...,
+    "model_name": ...}); otherwise its published name does (`...-SAE-l19.pth`, also `layer19`,
+    `layer_19`: the residual stream after that layer)."""
     files = [path] if path.is_file() else sorted(path.glob("*.pt*"))
     if len(files) != 1:
         raise FsrlError(f"{path}: expected exactly one Goodfire .pth file, found {len(files)}")
@@ -254,11 +290,19 @@ def read_goodfire(path: Path) -> SaeWeights:
         raise CorruptFileError(f"{files[0]}: tensor {exc} missing") from None
     except Exception as exc:  # torch.load's unpickler refuses anything but tensors
         raise CorruptFileError(f"cannot read {files[0]}: {type(exc).__name__}") from None
-    layer = _layer_in([files[0].stem], r".*-l(\d+)")
-    if layer is None:
-        raise FsrlError(f"{files[0]} does not name its layer (Goodfire's files end in -l<layer>)")
-    return SaeWeights(enc_w.T.contiguous(), enc_b, dec_w.T.contiguous(), dec_b, "standard",
-                      f"blocks.{layer}.hook_resid_post", apply_b_dec_to_input=False, name=files[0].stem)
+    sidecar = files[0].with_suffix(".json")
+    side = _json(sidecar) if sidecar.exists() else {}
+    hook = side.get("hook_name")
+    if hook is None:
+        layer = _layer_in([files[0].stem], r".*(?:^|[^a-z0-9])(?:l|layer)[_-]?(\d+)(?:[^0-9].*)?")
+        if layer is None:
+            raise FsrlError(f"{files[0]} does not name its layer: Goodfire's files end in -l<layer>; "
+                            f"or write {sidecar.name} beside it with a hook_name")
+        hook = f"blocks.{layer}.hook_resid_post"
+    model = side.get("model_name") or (f"meta-llama/{files[0].stem.split('-SAE-')[0]}"
+                                        if files[0].stem.startswith("Llama-") and "-SAE-" in files[0].stem else None)
+    return SaeWeights(enc_w.T.contiguous(), enc_b, dec_w.T.contiguous(), dec_b, "standard", hook,
+                      apply_b_dec_to_input=False, name=files[0].stem, model_name=model)
 
 
 # Format name -> (reader, the file that tells it). Adding a format is adding a row and its test.
@@ -303,7 +347,8 @@ def registry_entries() -> dict:
     if spec is None or not spec.submodule_search_locations:
         raise FsrlError("SAE names like RELEASE/SAE_ID need sae-lens installed (its registry)")
     path = Path(next(iter(spec.submodule_search_locations))) / "pretrained_saes.yaml"
-    return yaml.safe_load(path.read_text())
+    # libyaml's loader, where PyYAML has it, reads the 40k-line file in 0.6 s instead of 2 s
+    return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def resolve_release(name: str) -> tuple[Path, float | None]:
