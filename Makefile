@@ -37,7 +37,7 @@ browser:
 	@test -x /usr/bin/chromium || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium)
 
 test: setup vllm browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # Every test but those marked slow (pyproject.toml: a subprocess server, torch.compile, sae-lens
 # training, the browser, torchrun, the real default model); no browser needed.

@@ -1,5 +1,5 @@
-"""What the server's test files share: fixtures and helpers, imported by name (the project
-keeps no conftest.py, and the tiny builders live in `fsrl.testing`).
+"""What the server's test files share: fixtures and helpers, imported by name (tests/conftest.py
+holds only what is one per session, and the tiny builders live in `fsrl.testing`).
 
 Each test file that imports the fixtures gets its own tiny setup (`write_tiny_setup`) and:
 - `client`: an HTTP client of the app `fsrl serve` runs, served by uvicorn on a loopback port
@@ -15,6 +15,12 @@ as `setup` and `client`, parametrized by `engine`: "default" (the in-thread serv
 "vllm" (`fsrl serve --engine vllm` as a subprocess on a tiny model vLLM's CPU attention takes;
 slow, skipped where vLLM is not installed). A test that reaches into the default engine's
 process (its state, other settings) takes `default_engine`, which skips it on vLLM.
+
+The vLLM server is one process for the whole session (`vllm_server`, a SharedVllmServer on
+`vllm_setup`; both fixtures live in tests/conftest.py): the route files' `vllm` cases (they carry
+the `shared_vllm` mark) and tests/test_vllm_serving.py talk to it. After each test that does,
+tests/conftest.py puts the server's adapters back as found at its start (and errors the test
+that left them changed), and after the last one it stops the process by its PID.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fsrl.server_process import free_port
+from fsrl.server_process import ServerProcess, free_port
 from fsrl.testing import TinySetup, serving, tiny_server_args, write_tiny_setup
 from server.cli import HTTP_PARSER
 
@@ -93,17 +99,31 @@ def client(app_factory):
         yield c
 
 
+def _serve_tiny(setup, tmp_path_factory):
+    return serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"),
+                   tmp_path_factory.mktemp("log") / "server.log")
+
+
 @pytest.fixture(scope="module")
 def server(setup, tmp_path_factory):
     """The tiny server as a real `fsrl serve` process on loopback (slow: a subprocess)."""
-    with serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--pack-cpu-weights"),
-                 tmp_path_factory.mktemp("log") / "server.log") as proc:
+    with _serve_tiny(setup, tmp_path_factory) as proc:
         yield proc
 
 
-ENGINES = ["default", pytest.param("vllm", marks=[
-    pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                         reason="vLLM is not installed (`make vllm`; `make test` installs it)")])]
+@pytest.fixture(scope="module")
+def default_engine_server(engine, setup, tmp_path_factory):
+    """`server`, in a file parametrized by `engine`: skipped on vLLM before a process starts."""
+    if engine != "default":
+        pytest.skip("a default-engine process (`server`)")
+    with _serve_tiny(setup, tmp_path_factory) as proc:
+        yield proc
+
+
+VLLM_MISSING = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                  reason="vLLM is not installed (`make vllm`; `make test` installs it)")
+SHARED_VLLM = "shared_vllm"  # the mark of a test that talks to the session's vLLM server (tests/conftest.py)
+ENGINES = ["default", pytest.param("vllm", marks=[pytest.mark.slow, VLLM_MISSING, getattr(pytest.mark, SHARED_VLLM)])]
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -112,25 +132,89 @@ def engine(request) -> str:
 
 
 HIDDEN = {"default": 64, "vllm": 128}  # the tiny model's width: vLLM's CPU attention takes heads of 32, not 16
+VLLM_SERVER_ARGS = ("--max-new-tokens-cap", str(CAP), "--engine", "vllm")  # `client`'s cap
+
+
+class SharedVllmServer:
+    """`fsrl serve --engine vllm` (VLLM_SERVER_ARGS) on `setup`: started once, stopped by its PID.
+    `found` is its adapters as /adapters listed them right after the start."""
+
+    def __init__(self, setup: TinySetup, log_dir):
+        self.setup, self.log_dir = setup, log_dir
+        self.proc: ServerProcess | None = None
+        self.found: list[dict] = []
+
+    @property
+    def url(self) -> str:
+        if self.proc is None:
+            raise RuntimeError("the shared vLLM server is stopped: a test that talks to it needs the "
+                               f"`{SHARED_VLLM}` mark (tests/conftest.py stops it after the last marked test)")
+        return self.proc.url
+
+    def start(self) -> "SharedVllmServer":
+        for attempt in (1, 2):
+            proc = ServerProcess(tiny_server_args(self.setup, *VLLM_SERVER_ARGS),
+                                 log_path=self.log_dir / f"vllm-server-{attempt}.log")
+            try:
+                proc.wait_ready(timeout_s=600, max_polls=6000)
+                break
+            except RuntimeError as exc:
+                proc.stop()
+                # free_port() frees the port before the server binds it; vLLM's own sockets, made
+                # meanwhile, can take it. One more start on another port, then give up.
+                if attempt == 2 or "address already in use" not in str(exc):
+                    raise
+        self.proc = proc
+        self.found = self.adapters()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def adapters(self) -> list[dict]:
+        r = httpx.get(f"{self.url}/adapters", timeout=60)
+        r.raise_for_status()
+        return r.json()["adapters"]
+
+    def put_back(self) -> list[str]:
+        """Its adapters back as `found`: loaded since unloaded, changed or unloaded ones reloaded
+        from their folders (an adapter found at start has its folder's name). Returns what was
+        changed, empty when nothing was."""
+        found = {a["id"]: a for a in self.found}
+        now = {a["id"]: a for a in self.adapters()}
+        changed = []
+        with httpx.Client(base_url=self.url, timeout=120) as c:
+            for adapter_id in sorted(now.keys() - found.keys()):
+                c.delete(f"/adapters/{adapter_id}").raise_for_status()
+                changed.append(f"{adapter_id!r} left loaded")
+            for adapter_id, described in found.items():
+                if now.get(adapter_id) != described:
+                    c.post("/adapters", json={"id": adapter_id, "path": adapter_id, "replace": True}).raise_for_status()
+                    changed.append(f"{adapter_id!r} {'changed' if adapter_id in now else 'unloaded'}")
+        if changed and {a["id"]: a for a in self.adapters()} != found:
+            raise RuntimeError(f"the shared vLLM server's adapters could not be put back: {self.adapters()}")
+        return changed
 
 
 @pytest.fixture(scope="module")
-def engine_setup(tmp_path_factory, engine) -> TinySetup:
-    """The tiny setup, `HIDDEN[engine]` wide."""
+def engine_setup(tmp_path_factory, engine, request) -> TinySetup:
+    """The tiny setup, `HIDDEN[engine]` wide (on vLLM: the shared server's)."""
+    if engine == "vllm":
+        return request.getfixturevalue("vllm_setup")
     return write_tiny_setup(tmp_path_factory.mktemp(f"tiny-{engine}"), hidden=HIDDEN[engine])
 
 
 @pytest.fixture(scope="module")
-def engine_client(engine, setup, app_factory, tmp_path_factory):
-    """The tiny server on `engine`, with `client`'s settings."""
+def engine_client(engine, app_factory, request):
+    """The tiny server on `engine`, with `client`'s settings (on vLLM: the shared server)."""
     if engine == "default":
         with app_factory(max_new_tokens_cap=CAP, pack_cpu_weights=True) as c:
             yield c
         return
-    with serving(tiny_server_args(setup, "--max-new-tokens-cap", str(CAP), "--engine", "vllm"),
-                 tmp_path_factory.mktemp("log") / "vllm-server.log", timeout_s=600, max_polls=6000) as proc:
-        with httpx.Client(base_url=proc.url, timeout=120) as c:
-            yield c
+    with httpx.Client(base_url=request.getfixturevalue("vllm_server").url, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture

@@ -1,4 +1,6 @@
-"""Hostile clients, over real HTTP against a real `fsrl serve` on a tiny random model.
+"""Hostile clients, over real HTTP against the server on a tiny random model: the app `fsrl serve`
+runs, under uvicorn in a thread of this process (tests/_server_fixtures.py), and a real `fsrl
+serve` process where a test measures the server's own memory.
 
 Each bad request is sent while an ordinary request is decoding: the bad one gets its answer
 in the contract's error shape, and the ordinary one still answers 200 with the same text it
@@ -20,7 +22,9 @@ import httpx
 import pytest
 
 from fsrl.sae import SAE_LABELS_FILE
-from fsrl.testing import ServerProcess, TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+
+from _server_fixtures import ServedClient
 
 ERROR_KEYS = {"message", "type", "code"}
 # Sampled with a seed, steered, long enough to still be decoding when the bad request lands.
@@ -28,12 +32,26 @@ ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens"
             "ignore_eos": True, "temperature": 0.8, "seed": 5}
 JSON = {"content-type": "application/json"}
 
-pytestmark = pytest.mark.slow  # every test here talks to a `fsrl serve` subprocess
+pytestmark = pytest.mark.slow  # hundreds of tokens decoded a case, a subprocess server, the real default model
+REPO = Path(__file__).resolve().parents[1]
 
 
 def serve(setup: TinySetup, log_dir: Path, *extra: str):
-    """The tiny server with this file's token cap, as a context manager."""
+    """The tiny server with this file's token cap as a `fsrl serve` process, as a context manager."""
     return serving(tiny_server_args(setup, "--max-new-tokens-cap", "400", *extra), log_dir / "server.log")
+
+
+def served(setup: TinySetup | None, **settings) -> ServedClient:
+    """The tiny server with this file's token cap (`settings` over it) in a thread of this
+    process, as a context manager; with no setup, the default model with the shipped adapters."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    if setup is None:
+        return ServedClient(create_app(Settings(adapters_dir=REPO / "adapters", device="cpu", **settings)),
+                            start_timeout_s=180)
+    return ServedClient(create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
+                                            device="cpu", max_new_tokens_cap=400, **settings)))
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +60,8 @@ def setup(tmp_path_factory) -> TinySetup:
 
 
 @pytest.fixture(scope="module")
-def server(setup, tmp_path_factory):
-    with serve(setup, tmp_path_factory.mktemp("log")) as proc:
-        yield proc
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=60.0) as c:
+def client(setup):
+    with served(setup) as c:
         yield c
 
 
@@ -60,12 +72,13 @@ def alone(client) -> str:
     return r.json()["steered"]["text"]
 
 
-def while_decoding(server: ServerProcess, send_bad) -> tuple[httpx.Response, str, bool]:
-    """Start the ordinary request as a stream; once its first token is out, send the bad one.
-    Returns the bad response, the ordinary request's final text, and whether the bad answer
-    came while the ordinary one was still decoding."""
-    with httpx.Client(base_url=server.url, timeout=60.0) as mine, \
-            httpx.Client(base_url=server.url, timeout=60.0) as theirs:
+def while_decoding(client: httpx.Client, send_bad) -> tuple[httpx.Response, str, bool]:
+    """Start the ordinary request as a stream; once its first token is out, send the bad one
+    (each on a connection of its own to `client`'s server). Returns the bad response, the
+    ordinary request's final text, and whether the bad answer came while the ordinary one was
+    still decoding."""
+    with httpx.Client(base_url=client.base_url, timeout=60.0) as mine, \
+            httpx.Client(base_url=client.base_url, timeout=60.0) as theirs:
         with mine.stream("POST", "/generate", json={**ORDINARY, "stream": True}) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
@@ -145,9 +158,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_bad_request_fails_alone_while_another_decodes(server, alone, case):
+def test_a_bad_request_fails_alone_while_another_decodes(client, alone, case):
     send, status, words = CASES[case]
-    bad, text, overlapped = while_decoding(server, send)
+    bad, text, overlapped = while_decoding(client, send)
     assert bad.status_code == status, bad.text
     error = bad.json()["error"]
     assert ERROR_KEYS <= error.keys() and words in error["message"], error
@@ -156,9 +169,9 @@ def test_a_bad_request_fails_alone_while_another_decodes(server, alone, case):
     assert text == alone
 
 
-def test_a_tiny_temperature_decodes_greedily_and_fails_nothing(server, client, alone):
+def test_a_tiny_temperature_decodes_greedily_and_fails_nothing(client, alone):
     greedy = client.post("/generate", json={"prompt": "hi", "max_new_tokens": 6}).json()["steered"]["text"]
-    bad, text, _ = while_decoding(server, post("/generate", {"prompt": "hi", "max_new_tokens": 6, "temperature": 1e-38}))
+    bad, text, _ = while_decoding(client, post("/generate", {"prompt": "hi", "max_new_tokens": 6, "temperature": 1e-38}))
     assert bad.status_code == 200 and bad.json()["steered"]["text"] == greedy
     assert text == alone
 
@@ -170,23 +183,27 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_ten_thousand_deletes_of_unknown_ids_keep_memory_and_metrics_flat(server, client, alone):
-    def delete_all(ids) -> None:
-        for i in ids:
-            r = client.delete(f"/adapters/unknown-{i}")
-            assert r.status_code == 404
-    delete_all(range(1000))  # warm up: connection, allocator, metrics labels (/metrics's own too)
-    client.get("/metrics")
-    before, lines_before = _rss_kb(server.proc.pid), len(client.get("/metrics").text.splitlines())
-    deadline = time.monotonic() + 120
-    for chunk in range(1000, 10_000, 1000):
-        delete_all(range(chunk, chunk + 1000))
-        assert time.monotonic() < deadline
-    grown = _rss_kb(server.proc.pid) - before
-    # Measured: 12 kB here; 1.5 MB when every unknown id left a lock behind.
-    assert grown < 512, f"server memory grew {grown} kB over 9,000 unknown DELETEs"
-    assert len(client.get("/metrics").text.splitlines()) == lines_before
-    assert client.post("/generate", json=ORDINARY).json()["steered"]["text"] == alone
+def test_ten_thousand_deletes_of_unknown_ids_keep_memory_and_metrics_flat(setup, tmp_path):
+    """A `fsrl serve` process of its own: its memory (RSS) is the server's alone."""
+    with serve(setup, tmp_path) as server, httpx.Client(base_url=server.url, timeout=60.0) as client:
+        alone = client.post("/generate", json=ORDINARY).json()["steered"]["text"]
+
+        def delete_all(ids) -> None:
+            for i in ids:
+                r = client.delete(f"/adapters/unknown-{i}")
+                assert r.status_code == 404
+        delete_all(range(1000))  # warm up: connection, allocator, metrics labels (/metrics's own too)
+        client.get("/metrics")
+        before, lines_before = _rss_kb(server.proc.pid), len(client.get("/metrics").text.splitlines())
+        deadline = time.monotonic() + 120
+        for chunk in range(1000, 10_000, 1000):
+            delete_all(range(chunk, chunk + 1000))
+            assert time.monotonic() < deadline
+        grown = _rss_kb(server.proc.pid) - before
+        # Measured: 12 kB here; 1.5 MB when every unknown id left a lock behind.
+        assert grown < 512, f"server memory grew {grown} kB over 9,000 unknown DELETEs"
+        assert len(client.get("/metrics").text.splitlines()) == lines_before
+        assert client.post("/generate", json=ORDINARY).json()["steered"]["text"] == alone
 
 
 def test_junk_methods_do_not_grow_the_metrics(client):
@@ -220,9 +237,8 @@ def test_streams_that_never_read_hold_no_slot_and_are_cut_off(setup, tmp_path):
     shutil.copytree(setup.sae_dir, sae_dir)
     (sae_dir / SAE_LABELS_FILE).write_text(json.dumps({str(i): f"feature {i} " + "x" * 200 for i in range(256)}))
     sockets: list[socket.socket] = []
-    with serve(dataclasses.replace(setup, sae_dir=sae_dir), tmp_path, "--max-queue", "8",
-               "--stream-send-timeout", "3") as proc:
-        host, port = "127.0.0.1", proc.port
+    with served(dataclasses.replace(setup, sae_dir=sae_dir), max_queue=8, stream_send_timeout=3) as c:
+        host, port = "127.0.0.1", c.base_url.port
         body = json.dumps({"prompt": "never read", "max_new_tokens": 400, "ignore_eos": True,
                            "stream": True, "adapter": "tiny", "return_features": 64}).encode()
         request = (f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -234,13 +250,12 @@ def test_streams_that_never_read_hold_no_slot_and_are_cut_off(setup, tmp_path):
             s.connect((host, port))
             s.sendall(request)
             sockets.append(s)
-        with httpx.Client(base_url=proc.url, timeout=60.0) as c:
-            deadline = time.monotonic() + 60
-            while _metric(c, "fsrl_queue_depth") > 0:  # they finish generating; nobody reads
-                assert time.monotonic() < deadline, "the never-read streams kept their slots"
-                time.sleep(0.2)
-            r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4})
-            assert r.status_code == 200, r.text
+        deadline = time.monotonic() + 60
+        while _metric(c, "fsrl_queue_depth") > 0:  # they finish generating; nobody reads
+            assert time.monotonic() < deadline, "the never-read streams kept their slots"
+            time.sleep(0.2)
+        r = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4})
+        assert r.status_code == 200, r.text
         time.sleep(4)  # past the send timeout
         for s in sockets:
             data = _read_all(s)
@@ -250,9 +265,9 @@ def test_streams_that_never_read_hold_no_slot_and_are_cut_off(setup, tmp_path):
 
 
 def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(setup, tmp_path):
-    with serve(setup, tmp_path, "--max-queue", "3", "--max-batch-rows", "2") as proc:
+    with served(setup, max_queue=3, max_batch_rows=2) as server:
         def one(i: int) -> tuple[int, str | None, list[dict], bool]:
-            with httpx.Client(base_url=proc.url, timeout=60.0) as c, c.stream(
+            with httpx.Client(base_url=server.base_url, timeout=60.0) as c, c.stream(
                     "POST", "/generate", json={"prompt": f"burst {i}", "max_new_tokens": 30,
                                                "ignore_eos": True, "stream": True}) as r:
                 if r.status_code != 200:
@@ -273,23 +288,20 @@ def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(set
 
 
 @pytest.mark.slow
-def test_the_first_reported_cases_on_the_default_model(tmp_path):
+def test_the_first_reported_cases_on_the_default_model():
     """The cases first measured against the default model (both requests got 500 then)."""
-    proc = ServerProcess(["--adapters-dir", str(Path(__file__).resolve().parents[1] / "adapters"),
-                          "--device", "cpu"], log_path=tmp_path / "server.log")
     ordinary = {"messages": [{"role": "user", "content": "Tell me about volcanoes."}],
                 "adapter": "concise", "max_new_tokens": 48, "ignore_eos": True}
-    try:
-        proc.wait_ready(timeout_s=180, max_polls=1800)
-        with httpx.Client(base_url=proc.url, timeout=120.0) as c:
+    with served(None) as server:
+        with httpx.Client(base_url=server.base_url, timeout=120.0) as c:
             alone = c.post("/generate", json=ordinary).json()["steered"]["text"]
             greedy = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4}).json()["steered"]["text"]
         cases = [({"prompt": "hi", "max_new_tokens": 4, "temperature": 1e-38}, 200),
                  ({"prompt": "hi", "features": [{"index": 0, "op": "set", "value": 1e39}]}, 422),
                  ({"prompt": "hi \ud800"}, 422)]
         for body, status in cases:
-            with httpx.Client(base_url=proc.url, timeout=120.0) as mine, \
-                    httpx.Client(base_url=proc.url, timeout=120.0) as theirs, \
+            with httpx.Client(base_url=server.base_url, timeout=120.0) as mine, \
+                    httpx.Client(base_url=server.base_url, timeout=120.0) as theirs, \
                     mine.stream("POST", "/generate", json={**ordinary, "stream": True}) as r:
                 lines = r.iter_lines()
                 next(line for line in lines if line.startswith("data: "))
@@ -300,5 +312,3 @@ def test_the_first_reported_cases_on_the_default_model(tmp_path):
             if status == 200:
                 assert bad.json()["steered"]["text"] == greedy
             assert events[-1]["response"]["steered"]["text"] == alone
-    finally:
-        proc.stop()

@@ -20,7 +20,7 @@ from _server_fixtures import assert_error
 # Both engines (`engine`); tests that need the default engine's process take `default_engine`.
 engine, default_engine = fixtures.engine, fixtures.default_engine
 setup, app_factory, client = fixtures.engine_setup, fixtures.app_factory, fixtures.engine_client
-openai_client, server = fixtures.openai_client, fixtures.server
+openai_client, server = fixtures.openai_client, fixtures.default_engine_server  # lm-eval's real `fsrl serve`
 
 
 @pytest.fixture(scope="module")

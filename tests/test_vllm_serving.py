@@ -1,22 +1,27 @@
 """`fsrl serve --engine vllm` against the default engine: the same contract requests, over real
-HTTP, to two real servers on the same tiny setup (fp32, greedy), give the same answers; adapters
-hot-swap into vLLM's bank without a request ever getting the wrong version."""
+HTTP, to two servers on the same tiny setup and settings (fp32, greedy) give the same answers;
+adapters hot-swap into vLLM's bank without a request ever getting the wrong version.
+
+The vLLM server is the session's shared one (tests/conftest.py: the route files' `vllm` cases
+talk to it too, and its adapters are put back as found after each test); the default engine is
+the app `fsrl serve` runs, under uvicorn in a thread of this process (tests/_server_fixtures.py).
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import time
 
 import httpx
 import pytest
 
-from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args, write_tiny_setup
+from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                                 reason="vLLM is not installed (`make vllm`; `make test` installs it)")]
+from _server_fixtures import CAP, VLLM_MISSING, ServedClient
 
+pytestmark = [pytest.mark.slow, VLLM_MISSING]
+
+# The tensor-parallel server's own limits (the shared server has the route files' settings).
 LIMITS = ("--max-new-tokens-cap", "48", "--max-prompt-tokens", "320", "--max-batch-rows", "8",
           "--max-adapters", "3")
 CLAMPS = [{"index": 3, "op": "set", "value": 60.0}, {"index": 10, "op": "add", "value": 40.0},
@@ -43,18 +48,27 @@ def _answer(body: dict) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> TinySetup:
-    return write_tiny_setup(tmp_path_factory.mktemp("tiny-vllm"), hidden=128)  # vLLM's CPU attention: heads of 32
+def setup(vllm_setup) -> TinySetup:
+    return vllm_setup  # 128 wide: vLLM's CPU attention takes heads of 32
 
 
 @pytest.fixture(scope="module")
-def servers(setup, tmp_path_factory):
-    logs = tmp_path_factory.mktemp("logs")
-    with serving(tiny_server_args(setup, *LIMITS), logs / "transformers.log") as default, \
-            serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm"), logs / "vllm.log",
-                    timeout_s=600, max_polls=6000) as vllm:
-        with httpx.Client(base_url=default.url, timeout=120) as a, httpx.Client(base_url=vllm.url, timeout=120) as b:
-            yield a, b
+def default(setup):
+    """The default engine with the shared vLLM server's settings."""
+    from server.app import create_app
+    from server.settings import Settings
+
+    with ServedClient(create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
+                                          adapters_dir=setup.adapters_dir, device="cpu",
+                                          max_new_tokens_cap=CAP))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def servers(default, vllm_server):
+    """(default engine, vLLM engine): HTTP clients of two servers with the same settings."""
+    with httpx.Client(base_url=vllm_server.url, timeout=120) as vllm:
+        yield default, vllm
 
 
 def test_health_names_the_engine(servers):
@@ -186,8 +200,8 @@ def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):
 
 
 def test_replaced_and_unloaded_versions_give_their_bank_slots_back(servers):
-    """The bank holds --max-adapters + 2 versions; ten replaces and load/unload cycles in a row
-    only work if each retired version frees its slot."""
+    """The bank holds --max-adapters + 2 versions (4 + 2 on the shared server); ten replaces and
+    load/unload cycles in a row only work if each retired version frees its slot."""
     _, vllm = servers
     body = {"prompt": "abc", "adapter": "swap", "max_new_tokens": 4}
     for i in range(10):
@@ -199,10 +213,9 @@ def test_replaced_and_unloaded_versions_give_their_bank_slots_back(servers):
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
 
-def test_two_tensor_parallel_ranks_answer_like_the_default_engine(servers, setup, tmp_path):
+def test_two_tensor_parallel_ranks_answer_like_the_default_engine(default, setup, tmp_path):
     """`--tensor-parallel-size 2` (the tiny model's 4 heads and 2 KV heads split in two; one CPU
     core per rank): the steering runs on both ranks, the answers are the default engine's."""
-    default, _ = servers
     names = ("unsteered", "adapter", "clamps of every op, no adapter", "compare")
     with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2"),
                  tmp_path / "tp2.log", timeout_s=600, max_polls=6000,

@@ -1,0 +1,70 @@
+"""What is one per test session: the `fsrl serve --engine vllm` process that the route files
+(their `vllm` cases) and tests/test_vllm_serving.py share (a SharedVllmServer of
+tests/_server_fixtures.py, imported only when a test asks for it).
+
+A test talks to it when it takes the `vllm_server` fixture, or carries the `shared_vllm` mark
+(where a fixture takes the server only on some parameters: the route files' `engine`). After
+each such test its adapters are put back as they were at its start, and a test that left them
+changed errors; after the last such test of the session the process is stopped by its PID, so it
+does not sit idle beside the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+SHARED_VLLM = "shared_vllm"  # the mark (_server_fixtures.SHARED_VLLM); registered in pyproject.toml
+_running: list = []  # the SharedVllmServer while it runs
+_last_user: list[pytest.Item] = []
+
+
+def _talks_to_shared_vllm(item: pytest.Item) -> bool:
+    return bool(item.get_closest_marker(SHARED_VLLM)) or "vllm_server" in getattr(item, "fixturenames", ())
+
+
+@pytest.fixture(scope="session")
+def vllm_setup(tmp_path_factory):
+    """The tiny setup `HIDDEN["vllm"]` wide (heads of 32, which vLLM's CPU attention takes)."""
+    from _server_fixtures import HIDDEN
+    from fsrl.testing import write_tiny_setup
+
+    return write_tiny_setup(tmp_path_factory.mktemp("tiny-vllm"), hidden=HIDDEN["vllm"])
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_setup, tmp_path_factory):
+    """The session's one `fsrl serve --engine vllm` on `vllm_setup`, with `client`'s token cap
+    (slow: a subprocess)."""
+    from _server_fixtures import SharedVllmServer
+
+    server = SharedVllmServer(vllm_setup, tmp_path_factory.mktemp("vllm-log"))
+    _running.append(server)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        _running.remove(server)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [item for item in session.items if _talks_to_shared_vllm(item)]
+    _last_user[:] = users[-1:]
+
+
+@pytest.fixture(autouse=True)
+def _shared_vllm_server_left_as_found(request):
+    yield
+    if not _talks_to_shared_vllm(request.node):
+        return
+    for server in _running:
+        if server.proc is not None:
+            changed = server.put_back()
+            if changed:
+                pytest.fail(f"left the shared vLLM server changed ({', '.join(changed)}; put back)")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _last_user and item is _last_user[0]:
+        for server in _running:
+            server.stop()
