@@ -54,6 +54,12 @@ class TokenEvent:
     logprobs: LogProbs | None = None  # of this token, under the (steered) model, before sampling
     prompt_logprobs: list[LogProbs] | None = None  # first event only: prompt tokens 1..n-1
     error: str | None = None  # this row failed (finish_reason "error"); the others go on
+    fired_feature: int | None = None  # finish_reason "feature": the abort condition's feature
+
+    @property
+    def has_token(self) -> bool:
+        """An error, or a stop on a feature, ends a row without a new token."""
+        return self.token_id >= 0
 
 
 class RowError(Exception):
@@ -70,6 +76,7 @@ class GenerationResult:
     logprobs: list[LogProbs] | None = None         # per generated token, when asked for
     prompt_logprobs: list[LogProbs] | None = None  # prompt tokens 1..n-1, when asked for
     error: str | None = None                       # finish_reason "error": why
+    fired_feature: int | None = None               # finish_reason "feature": which feature
 
     @property
     def completion_tokens(self) -> int:
@@ -127,6 +134,16 @@ class DecodeRow:
         """Finish this row with an error; its event carries no token."""
         self.finish_reason = "error"
         return TokenEvent(self.local, -1, "", True, "error", text=self.text, error=message)
+
+    def stop_on_feature(self, feature: int) -> TokenEvent:
+        """Finish this row because an `abort_when` condition passed on its last token's
+        position; the event carries no token, and the text held back is shown."""
+        self.finish_reason = "feature"
+        self.text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        self._cut_at_stop(0)
+        delta = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return TokenEvent(self.local, -1, delta, True, "feature", text=self.text, fired_feature=feature)
 
     def push(self, token: int, features: list[tuple[int, float]] | None) -> str:
         """Record a token; returns the text that may be shown now.
@@ -347,8 +364,13 @@ def sample_rows(rows: Sequence[DecodeRow], logits: torch.Tensor, capture: StepCa
     broken = (torch.isnan(logits) | torch.isposinf(logits)).any(-1).tolist()
     top_i = capture.top_index.tolist() if capture.top_index is not None else None
     top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
+    fired = capture.fired.tolist() if capture.fired is not None else [-1] * len(rows)
     events, tokens = [], []
     for b, row in enumerate(rows):
+        if fired[b] >= 0:  # an abort condition passed at a generated position: no next token
+            events.append((row.owner, row.stop_on_feature(fired[b])))
+            tokens.append(0)
+            continue
         try:
             if broken[b]:
                 raise RowError("the model's output for this request is not finite "
@@ -526,12 +548,13 @@ class EventsByRow:
         results = []
         for request, events in zip(self.requests, self.rows):
             last = events[-1]
-            tokens = [e for e in events if e.error is None]  # an error event carries no token
+            tokens = [e for e in events if e.has_token]
             results.append(GenerationResult(
                 token_ids=[e.token_id for e in tokens], text=last.text or "",
                 finish_reason=last.finish_reason or "length",
                 features=[e.features or [] for e in tokens] if request.return_features else None,
                 first_token_s=first_token_s,
                 logprobs=[e.logprobs for e in tokens] if request.logprobs is not None else None,
-                prompt_logprobs=events[0].prompt_logprobs, error=last.error))
+                prompt_logprobs=events[0].prompt_logprobs, error=last.error,
+                fired_feature=last.fired_feature))
         return results

@@ -12,6 +12,11 @@ At the hook layer, for every row b of a batch and every token position t:
         ablate  d_i = -f_i                  unsteer d_i = 0
     x'     = x + d @ W_dec           (the SAE's error term is kept: decode is linear)
 
+Conditions read f before steering, at the same position and site: an override with
+`when = (j, above|below, t)` changes d_i only where f_j > t (or f_j < t), and a row's
+`abort_when` conditions report, at each generated position (position >= the prompt's length),
+the first one that passes (`SteerOutput.fired`); the generation loop stops the row there.
+
 Rows and positions with nothing to do are returned bit-for-bit unchanged.
 
 Working in delta form is what makes steering cheap: f is needed only where a clamp or a
@@ -33,14 +38,16 @@ from torch import nn
 
 from fsrl.adapter import RowAdapters, SteeringAdapter
 from fsrl.errors import FsrlError
-from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES, OPS, FeatureOverride,
-                            validate_overrides)
+from fsrl.overrides import (COMPARISONS, MAX_CONDITIONS, MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES,
+                            OPS, Condition, FeatureOverride, validate_conditions, validate_overrides)
 from fsrl.sae import Sae
 from fsrl.sites import Site, attach
 
 OP_CODE = {name: code for code, name in enumerate(OPS)}
 NOOP = -1  # padding in the override table
 OPS_READING_F = {"set", "scale", "ablate"}
+NO_CONDITION = 0  # a condition's comparison code; COMPARISONS[c - 1] for c >= 1
+COMPARISON_CODE = {name: code for code, name in enumerate(COMPARISONS, start=1)}
 
 
 @dataclass(frozen=True)
@@ -52,17 +59,20 @@ class RowSteering:
     scale: float = 1.0
     overrides: Sequence[FeatureOverride] = ()
     steer_from: int = 0  # first steered position in the row's own sequence (prompt length: "generated")
+    abort_when: Sequence[Condition] = ()  # the row stops at the first generated position one passes
+    generated_from: int = 0  # the row's prompt length: positions from here on are generated
     _checked_for: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def is_noop(self) -> bool:
-        return (self.adapter is None or self.scale == 0.0) and not self.overrides
+        return (self.adapter is None or self.scale == 0.0) and not self.overrides and not self.abort_when
 
     def check(self, d_sae: int) -> "RowSteering":
         """Raise unless this row can steer an SAE `d_sae` features wide (the contract's override
         rules, the adapter's width); the answer is kept, so a row is checked once."""
         if d_sae not in self._checked_for:
             validate_overrides(self.overrides, d_sae)
+            validate_conditions(self.overrides, self.abort_when, d_sae)
             if self.adapter is not None and self.adapter.config.d_sae != d_sae:
                 raise FsrlError(f"adapter {self.adapter.id!r} has d_sae {self.adapter.config.d_sae}, "
                                 f"SAE has {d_sae}")
@@ -90,6 +100,16 @@ class SteeringBatch:
     capture_top: int = 0                # >0: report the top-|d| features at the last position
     row_adapters: RowAdapters | None = None  # instead of `adapters`: each row's own weights
     slot_rows: tuple[torch.Tensor | None, ...] = ()  # per slot, its rows (long); None: every row
+    # Conditions, as tensors like the overrides (comparison NO_CONDITION pads; index d_sae sinks).
+    when_index: torch.Tensor | None = None       # (B, M) long: each override's condition feature
+    when_comparison: torch.Tensor | None = None  # (B, M) long
+    when_threshold: torch.Tensor | None = None   # (B, M)
+    abort_index: torch.Tensor | None = None      # (B, A) long
+    abort_comparison: torch.Tensor | None = None  # (B, A) long
+    abort_threshold: torch.Tensor | None = None  # (B, A)
+    generated_from: torch.Tensor | None = None   # (B,) long: each row's prompt length
+    any_when: bool = False
+    any_abort: bool = False
 
     @classmethod
     def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
@@ -119,6 +139,9 @@ class SteeringBatch:
                           torch.tensor([b for b, s in enumerate(slots) if s == k], dtype=torch.long, device=device)
                           for k in range(len(adapters)))
         needs_f = any_clamp or any(o.op in OPS_READING_F for r in rows for o in r.overrides)
+        when = _condition_table([[o.when for o in r.overrides] for r in rows], width, d_sae, dtype, device)
+        abort = _condition_table([list(r.abort_when) for r in rows], max([len(r.abort_when) for r in rows] + [1]),
+                                 d_sae, dtype, device)
         return cls(
             adapters=tuple(adapters),
             adapter_slot=torch.tensor(slots, dtype=torch.long, device=device),
@@ -130,7 +153,33 @@ class SteeringBatch:
             row_active=torch.tensor(active, dtype=torch.bool, device=device),
             any_active=any(active), any_clamp=any_clamp,
             any_override=any(r.overrides for r in rows), needs_f=needs_f, capture_top=capture_top,
-            slot_rows=slot_rows)
+            slot_rows=slot_rows, when_index=when[0], when_comparison=when[1], when_threshold=when[2],
+            abort_index=abort[0], abort_comparison=abort[1], abort_threshold=abort[2],
+            generated_from=torch.tensor([r.generated_from for r in rows], dtype=torch.long, device=device),
+            any_when=any(o.when is not None for r in rows for o in r.overrides),
+            any_abort=any(r.abort_when for r in rows))
+
+
+def _condition_table(rows: Sequence[Sequence[Condition | None]], width: int, d_sae: int,
+                     dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, comparison, threshold), each (B, width), of rows of conditions (None: none)."""
+    index = torch.full((len(rows), width), d_sae, dtype=torch.long)
+    comparison = torch.full((len(rows), width), NO_CONDITION, dtype=torch.long)
+    threshold = torch.zeros((len(rows), width), dtype=dtype)
+    for b, conditions in enumerate(rows):
+        _write_conditions(index[b], comparison[b], threshold[b], conditions, d_sae)
+    return index.to(device), comparison.to(device), threshold.to(device)
+
+
+def _write_conditions(index: torch.Tensor, comparison: torch.Tensor, threshold: torch.Tensor,
+                      conditions: Sequence[Condition | None], d_sae: int) -> None:
+    """One row of a condition table, in place; the rest of the row is padding."""
+    index.fill_(d_sae)
+    comparison.fill_(NO_CONDITION)
+    threshold.zero_()
+    for m, c in enumerate(conditions):
+        if c is not None:
+            index[m], comparison[m], threshold[m] = c.index, COMPARISON_CODE[c.comparison], float(c.threshold)
 
 
 class SteeringRows:
@@ -158,12 +207,22 @@ class SteeringRows:
             any_active=True, any_clamp=True, any_override=True, needs_f=True,
             capture_top=min(MAX_RETURN_FEATURES, self.d_sae),
             row_adapters=row_adapters if row_adapters is not None
-            else RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype))
+            else RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype),
+            when_index=torch.full((rows, width), self.d_sae, dtype=torch.long, device=device),
+            when_comparison=torch.full((rows, width), NO_CONDITION, dtype=torch.long, device=device),
+            when_threshold=torch.zeros(rows, width, dtype=dtype, device=device),
+            abort_index=torch.full((rows, MAX_CONDITIONS), self.d_sae, dtype=torch.long, device=device),
+            abort_comparison=torch.full((rows, MAX_CONDITIONS), NO_CONDITION, dtype=torch.long, device=device),
+            abort_threshold=torch.zeros(rows, MAX_CONDITIONS, dtype=dtype, device=device),
+            generated_from=torch.zeros(rows, dtype=torch.long, device=device),
+            any_when=True, any_abort=True)
+
+    TABLE = ("scale", "clamp", "override_index", "override_op", "override_value", "steer_from",
+             "row_active", "when_index", "when_comparison", "when_threshold", "abort_index",
+             "abort_comparison", "abort_threshold", "generated_from")  # the per-row tensors
 
     def tensors(self) -> list[torch.Tensor]:
-        b = self.batch
-        return [b.scale, b.clamp, b.override_index, b.override_op, b.override_value, b.steer_from,
-                b.row_active, *b.row_adapters.tensors()]
+        return [*(getattr(self.batch, name) for name in self.TABLE), *self.batch.row_adapters.tensors()]
 
     def set_row(self, row: int, steering: RowSteering | None) -> None:
         """Row `row` steers as `steering` asks (None: empty, untouched)."""
@@ -179,9 +238,15 @@ class SteeringRows:
         b.override_index[row] = self.d_sae
         b.override_op[row] = NOOP
         b.override_value[row] = 0.0
-        for m, o in enumerate(steering.overrides if steering is not None else ()):
+        overrides = steering.overrides if steering is not None else ()
+        for m, o in enumerate(overrides):
             b.override_index[row, m], b.override_op[row, m] = o.index, OP_CODE[o.op]
             b.override_value[row, m] = float(o.value)
+        _write_conditions(b.when_index[row], b.when_comparison[row], b.when_threshold[row],
+                          [o.when for o in overrides], self.d_sae)
+        _write_conditions(b.abort_index[row], b.abort_comparison[row], b.abort_threshold[row],
+                          steering.abort_when if steering is not None else (), self.d_sae)
+        b.generated_from[row] = steering.generated_from if steering is not None else 0
 
 
 @dataclass
@@ -192,6 +257,8 @@ class SteerOutput:
     top_delta: torch.Tensor | None = None       # (B, K)
     v: torch.Tensor | None = None               # (B, T, d_sae) each row's adapter output v (before
                                                 # scale, clamp, overrides); 0 where unsteered
+    fired: torch.Tensor | None = None           # (B, T) long: the feature of the first abort
+                                                # condition that passes at a generated position, -1: none
 
 
 def _features_at(sae: Sae, x: torch.Tensor, index: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
@@ -254,6 +321,10 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
         new = torch.where(op == OP_CODE["scale"], (f_sel + d_sel) * value - f_sel, new)
         new = torch.where(op == OP_CODE["ablate"], -f_sel, new)
         new = torch.where(op == OP_CODE["unsteer"], torch.zeros_like(new), new)
+        if batch.any_when:  # an override with a condition changes d only where it passes
+            applies = _passes(_features_at(sae, xs, batch.when_index, full_f), batch.when_comparison,
+                              batch.when_threshold) | (batch.when_comparison == NO_CONDITION)[:, None, :]
+            new = torch.where(applies, new, d_sel)
         d = d_ext.scatter(-1, idx, new)[..., :d_sae]
 
     d = torch.where(steered[..., None], d, 0.0)
@@ -261,11 +332,32 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
 
     out = SteerOutput(x=x_out, delta=d if keep_delta else None,
                       v=torch.where(steered[..., None], v_rows, 0.0) if keep_v else None)
+    if batch.any_abort:
+        fires = _passes(_features_at(sae, xs, batch.abort_index, full_f), batch.abort_comparison,
+                        batch.abort_threshold)                                        # (B, T, A)
+        fires = fires & (positions >= batch.generated_from[:, None])[..., None]
+        first = fires.long().argmax(-1, keepdim=True)                                 # first that passes
+        index = batch.abort_index[:, None, :].expand(B, T, -1).gather(-1, first)[..., 0]
+        out.fired = torch.where(fires.any(-1), index, -1)
     if batch.capture_top > 0:
         last = d[:, -1, :]                                                            # (B, d_sae)
         top = last.abs().topk(min(batch.capture_top, d_sae), dim=-1)
         out.top_index, out.top_delta = top.indices, last.gather(-1, top.indices)
     return out
+
+
+def _passes(f: torch.Tensor, comparison: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Where each condition passes: f (B, T, M) against (B, M) comparisons and thresholds
+    (NO_CONDITION never passes)."""
+    c, t = comparison[:, None, :], threshold[:, None, :].to(f.dtype)
+    return ((c == COMPARISON_CODE["above"]) & (f > t)) | ((c == COMPARISON_CODE["below"]) & (f < t))
+
+
+def first_fired(fired: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,): each row's fired feature at its first position that fired, -1: none."""
+    has = fired >= 0
+    at = has.long().argmax(-1, keepdim=True)
+    return torch.where(has.any(-1), fired.gather(-1, at)[:, 0], -1)
 
 
 def _adapter_pushes(xs: torch.Tensor, batch: SteeringBatch, d_sae: int, keep_v: bool
@@ -323,6 +415,7 @@ class StepCapture:
     top_index: torch.Tensor | None = None
     top_delta: torch.Tensor | None = None
     v: torch.Tensor | None = None  # (B, T, d_sae) the adapters' v, when steering(keep_v=True)
+    fired: torch.Tensor | None = None  # (B,) the abort condition's feature that fired, -1: none
 
 
 class SteeringHook:
@@ -352,6 +445,7 @@ class SteeringHook:
         if self._capture is not None:
             self._capture.top_index, self._capture.top_delta = result.top_index, result.top_delta
             self._capture.v = result.v
+            self._capture.fired = first_fired(result.fired) if result.fired is not None else None
         return result.x
 
     @contextlib.contextmanager

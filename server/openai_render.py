@@ -56,7 +56,15 @@ def _choice(index: int, result: GenerationResult, chat: bool, text: TokenText,
                 tokens = prompt[1] + tokens
                 scores = [None, *(result.prompt_logprobs or []), *scores]
             logprobs = _completion_logprobs(tokens, scores, text)
-    return {"index": index, **body, "finish_reason": result.finish_reason, "logprobs": logprobs}
+    return {"index": index, **body, **finish(result.finish_reason, result.fired_feature), "logprobs": logprobs}
+
+
+def finish(reason: str | None, fired_feature: int | None) -> dict[str, Any]:
+    """OpenAI's finish_reason ("stop", "length"); a row an `abort_when` condition stopped
+    finishes with "stop" and says which feature fired in `fired_feature`."""
+    if reason == "feature":
+        return {"finish_reason": "stop", "fired_feature": fired_feature}
+    return {"finish_reason": reason}
 
 
 def render_completion(outcome: GenerationOutcome, model: str, chat: bool, text: TokenText) -> dict[str, Any]:
@@ -71,7 +79,8 @@ def render_completion(outcome: GenerationOutcome, model: str, chat: bool, text: 
 
 def render_chunk(prepared: PreparedGeneration, model: str, chat: bool, index: int, text: str | None,
                  finish_reason: str | None = None, role: bool = False,
-                 event: TokenEvent | None = None, token_text: TokenText | None = None) -> dict[str, Any]:
+                 event: TokenEvent | None = None, token_text: TokenText | None = None,
+                 fired_feature: int | None = None) -> dict[str, Any]:
     logprobs = None
     if event is not None and event.logprobs is not None and token_text is not None:
         logprobs = (_chat_logprobs([(event.token_id, event.logprobs)], token_text) if chat
@@ -83,7 +92,7 @@ def render_chunk(prepared: PreparedGeneration, model: str, chat: bool, index: in
         choice: dict[str, Any] = {"index": index, "delta": delta}
     else:
         choice = {"index": index, "text": text or ""}
-    choice.update(finish_reason=finish_reason, logprobs=logprobs)
+    choice.update(**finish(finish_reason, fired_feature), logprobs=logprobs)
     return {"id": prepared.id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 

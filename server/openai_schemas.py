@@ -13,29 +13,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from server.errors import InvalidField
 from server.params import GenerateParams
-from server.schemas import (MAX_MESSAGES, Features, Scale, Seed, Stop, Temperature, Text, TopK, TopP,
-                            check_template_extras, check_unique_indices)
+from server.schemas import (MAX_MESSAGES, Scale, Seed, SteeringFields, Stop, Temperature, Text, TopK, TopP,
+                            check_template_extras)
 
 MAX_N = 8            # choices per request (rows of one batch)
 MAX_PROMPTS = 16     # prompts in one /v1/completions request
 MAX_LOGPROBS = 20    # top log-probabilities per token, as OpenAI allows
 
 
-class Steering(BaseModel):
+class Steering(SteeringFields):
     model_config = ConfigDict(extra="forbid")
 
     scale: Scale = 1.0
-    features: Features = []
-    steer_positions: Literal["all", "generated"] = "all"
-
-    @field_validator("features")
-    @classmethod
-    def _one_op_per_index(cls, features):
-        return check_unique_indices(features)
 
 
 class ContentPart(BaseModel):
@@ -112,8 +105,7 @@ class _Common(BaseModel):
         self.unsupported()
         s = self.steering or Steering()
         return GenerateParams(
-            **prompt, adapter=adapter, steering_scale=s.scale,
-            features=tuple(f.to_internal() for f in s.features), steer_positions=s.steer_positions,
+            **prompt, adapter=adapter, steering_scale=s.scale, **s.steering_params(),
             max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
             n=self.n, logprobs=logprobs, echo=echo)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from fsrl.overrides import FeatureOverride
+from fsrl.overrides import Condition, FeatureOverride
 
 ADAPTER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # an adapter's id, and its folder's name
 ROWS = ("steered", "base")  # /generate: row 0 of a job is the steered output, row 1 (compare) the base
@@ -25,6 +25,7 @@ class GenerateParams:
     adapter: str | None = None
     steering_scale: float = 1.0
     features: tuple[FeatureOverride, ...] = ()
+    abort_when: tuple[Condition, ...] = ()  # a row stops at the first generated position one passes
     steer_positions: str = "all"          # "all" | "generated"
     max_new_tokens: int | None = 64       # None: as many as fit, up to the server's cap
     temperature: float = 0.0

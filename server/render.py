@@ -21,6 +21,8 @@ def render_features(features: list[tuple[int, float]], label: Label) -> list[dic
 def render_output(result: GenerationResult, label: Label, with_features: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"text": result.text, "finish_reason": result.finish_reason,
                            "completion_tokens": result.completion_tokens}
+    if result.fired_feature is not None:
+        out["fired_feature"] = result.fired_feature
     if with_features:
         out["features"] = [render_features(step, label) for step in result.features or []]
     return out
@@ -40,8 +42,10 @@ def render_generation(outcome: GenerationOutcome, model: str, label: Label) -> d
 def render_token_event(prepared: PreparedGeneration, event: TokenEvent, label: Label) -> dict[str, Any]:
     """One streamed token; `output` tells the steered row from the base row."""
     out: dict[str, Any] = {"type": "token", "id": prepared.id, "output": ROWS[event.row],
-                           "token_id": event.token_id, "text": event.text_delta,
-                           "finish_reason": event.finish_reason}
+                           "token_id": event.token_id if event.has_token else None,
+                           "text": event.text_delta, "finish_reason": event.finish_reason}
+    if event.fired_feature is not None:
+        out["fired_feature"] = event.fired_feature
     if event.row == 0 and prepared.return_features:
         out["features"] = render_features(event.features or [], label)
     return out

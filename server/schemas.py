@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
                       model_validator)
 
-from fsrl.overrides import (MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES, MAX_STEERING_SCALE,
-                            OPS, OPS_NEEDING_VALUE, FeatureOverride)
+from fsrl.overrides import (MAX_CONDITIONS, MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES,
+                            MAX_STEERING_SCALE, OPS, OPS_NEEDING_VALUE, Condition, FeatureOverride)
 from fsrl.sampling import MIN_TEMPERATURE
 from server.params import ADAPTER_ID, GenerateParams
 
@@ -54,12 +54,37 @@ TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
+Threshold = Annotated[float, Field(ge=-MAX_FEATURE_VALUE, le=MAX_FEATURE_VALUE, allow_inf_nan=False)]
+
+
+class ConditionIn(BaseModel):
+    """Feature `index`'s activation before steering, at the SAE's site, above or below a threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0, le=MAX_INDEX)
+    above: Threshold | None = None
+    below: Threshold | None = None
+
+    @model_validator(mode="after")
+    def _one_comparison(self) -> "ConditionIn":
+        if (self.above is None) == (self.below is None):
+            raise ValueError("give exactly one of above and below")
+        return self
+
+    def to_internal(self) -> Condition:
+        if self.above is not None:
+            return Condition(self.index, "above", float(self.above))
+        return Condition(self.index, "below", float(self.below))
+
+
 class FeatureIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     index: int = Field(ge=0, le=MAX_INDEX)  # the upper bound, d_sae, is the served SAE's
     op: Literal[OPS]
     value: float | None = Field(None, ge=-MAX_FEATURE_VALUE, le=MAX_FEATURE_VALUE, allow_inf_nan=False)
+    when: ConditionIn | None = None
 
     @model_validator(mode="after")
     def _value_when_needed(self) -> "FeatureIn":
@@ -68,10 +93,46 @@ class FeatureIn(BaseModel):
         return self
 
     def to_internal(self) -> FeatureOverride:
-        return FeatureOverride(self.index, self.op, float(self.value or 0.0))
+        return FeatureOverride(self.index, self.op, float(self.value or 0.0),
+                               self.when.to_internal() if self.when is not None else None)
 
 
 Features = Annotated[list[FeatureIn], Field(max_length=MAX_FEATURE_OVERRIDES)]
+AbortWhen = Annotated[list[ConditionIn], Field(max_length=MAX_CONDITIONS)]
+
+
+def check_condition_count(features: list[FeatureIn], abort_when: list[ConditionIn] = ()) -> None:
+    """At most MAX_CONDITIONS conditions a request: `features[].when` and `abort_when` together."""
+    count = sum(f.when is not None for f in features) + len(abort_when)
+    if count > MAX_CONDITIONS:
+        raise ValueError(f"at most {MAX_CONDITIONS} conditions a request (features[].when and "
+                         f"abort_when together), got {count}")
+
+
+class SteeringFields(BaseModel):
+    """The steering a /generate body and the /v1 routes' `steering` extra both take."""
+
+    features: Features = []
+    abort_when: AbortWhen = []
+    steer_positions: Literal["all", "generated"] = "all"
+
+    @field_validator("features")
+    @classmethod
+    def _features_rules(cls, features: list[FeatureIn]) -> list[FeatureIn]:
+        check_condition_count(features)
+        return check_unique_indices(features)
+
+    @field_validator("abort_when")
+    @classmethod
+    def _at_most_conditions(cls, abort_when: list[ConditionIn], info) -> list[ConditionIn]:
+        check_condition_count(info.data.get("features") or [], abort_when)
+        return abort_when
+
+    def steering_params(self) -> dict[str, Any]:
+        """These fields as `GenerateParams` takes them."""
+        return dict(features=tuple(f.to_internal() for f in self.features),
+                    abort_when=tuple(c.to_internal() for c in self.abort_when),
+                    steer_positions=self.steer_positions)
 Scale = Annotated[float, Field(ge=-MAX_STEERING_SCALE, le=MAX_STEERING_SCALE, allow_inf_nan=False)]
 
 
@@ -103,15 +164,13 @@ class Message(BaseModel):
     _extras = model_validator(mode="after")(check_template_extras)
 
 
-class GenerateBody(BaseModel):
+class GenerateBody(SteeringFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Text | None = Field(None, min_length=1)
     messages: list[Message] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
     adapter: str | None = Field(None, max_length=128)
     steering_scale: Scale = 1.0
-    features: Features = []
-    steer_positions: Literal["all", "generated"] = "all"
     max_new_tokens: int = Field(64, ge=1, le=MAX_INDEX)  # the real bound is the server's cap
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -122,11 +181,6 @@ class GenerateBody(BaseModel):
     compare: bool = False
     return_features: int = Field(0, ge=0, le=MAX_RETURN_FEATURES)
     stream: bool = False
-
-    @field_validator("features")
-    @classmethod
-    def _one_op_per_index(cls, features: list[FeatureIn]) -> list[FeatureIn]:
-        return check_unique_indices(features)
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> "GenerateBody":
@@ -139,8 +193,7 @@ class GenerateBody(BaseModel):
             prompt=self.prompt,
             messages=tuple(m.model_dump() for m in self.messages) if self.messages else None,
             adapter=self.adapter, steering_scale=self.steering_scale,
-            features=tuple(f.to_internal() for f in self.features),
-            steer_positions=self.steer_positions, max_new_tokens=self.max_new_tokens,
+            **self.steering_params(), max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             stop=tuple(self.stop), ignore_eos=self.ignore_eos, compare=self.compare,
             return_features=self.return_features)

@@ -146,7 +146,10 @@ def _checked(state: ServerState, steering: RowSteering) -> RowSteering:
     try:
         return steering.check(state.sae.d_sae)
     except FsrlError as exc:
-        raise InvalidField("features", str(exc).removeprefix("features: ")) from exc
+        field_name, _, message = str(exc).partition(": ")
+        if field_name not in ("features", "abort_when"):
+            field_name, message = "features", str(exc)
+        raise InvalidField(field_name, message) from exc
 
 
 def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> PreparedGeneration:
@@ -176,7 +179,8 @@ def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> Prepar
     for prompt_ids in prompts:
         steering = _checked(state, RowSteering(
             adapter=adapter, scale=params.steering_scale, overrides=params.features,
-            steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0))
+            steer_from=len(prompt_ids) if params.steer_positions == "generated" else 0,
+            abort_when=params.abort_when, generated_from=len(prompt_ids)))
         for j in range(params.n):
             sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,
                                       top_p=params.top_p, top_k=params.top_k, seed=(seed + j) % 2**63,
@@ -185,7 +189,9 @@ def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> Prepar
                 prompt_ids, steering, sampling, params.return_features, logprobs=params.logprobs,
                 prompt_logprobs=params.logprobs if params.echo and params.logprobs is not None else None))
         if params.compare:
-            requests.append(GenerationRequest(prompt_ids, RowSteering(), requests[-1].sampling, 0))
+            # Unsteered; `abort_when` is a stopping rule like `stop`, so it stops the base row too.
+            base = RowSteering(abort_when=params.abort_when, generated_from=len(prompt_ids))
+            requests.append(GenerationRequest(prompt_ids, base, requests[-1].sampling, 0))
     echo_texts = ([p if isinstance(p, str) else state.base.tokenizer.decode(list(p)) for p in params.prompts]
                   if params.echo else [])
     state.metrics.count_adapter_request(params.adapter)

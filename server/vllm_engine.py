@@ -252,7 +252,8 @@ class VllmEngine:
         request_id = f"fsrl-{next(self._ids)}"
         # An unsteered row's features are empty lists; a steered row's come from the workers.
         fetch_features = bool(request.return_features) and not s.is_noop
-        steering = (key, s.scale, [(o.index, o.op, o.value) for o in s.overrides], s.steer_from)
+        steering = dict(adapter=key, scale=s.scale, overrides=s.overrides, steer_from=s.steer_from,
+                        abort_when=s.abort_when, generated_from=s.generated_from)
         greedy = sampling.temperature < MIN_TEMPERATURE
         params = VllmSampling(
             max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
@@ -263,12 +264,12 @@ class VllmEngine:
             logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=None if s.is_noop else steering_extra_args(
-                *steering, return_features=request.return_features if fetch_features else 0, key=request_id))
+                **steering, return_features=request.return_features if fetch_features else 0, key=request_id))
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
         if not s.is_noop:
             # The prefix cache keys blocks by tokens and salt: a steered request reuses only
             # blocks computed under the same steering (adapter version, scale, clamps, start).
-            prompt["cache_salt"] = json.dumps(steering_extra_args(*steering), sort_keys=True)
+            prompt["cache_salt"] = json.dumps(steering_extra_args(**steering), sort_keys=True)
         features: list[list[tuple[int, float]]] = []  # taken from the workers, not yet sent
         self.running_rows += 1
         try:
@@ -278,11 +279,17 @@ class VllmEngine:
                     completion = out.outputs[0]
                     if fetch_features and completion.token_ids:
                         features += await self._take_features(request_id)
+                    # Read before this output's tokens: the forward that sampled them has run, so
+                    # a condition that passed on an earlier token is known, and its row keeps
+                    # exactly the tokens the default engine's would.
+                    fired = await self._take_fired(request_id) if s.abort_when else None
                     prompt_logprobs = None
                     if first and request.prompt_logprobs is not None and out.prompt_logprobs is not None:
                         prompt_logprobs = [_logprobs(entry, token, request.prompt_logprobs)
                                            for entry, token in zip(out.prompt_logprobs[1:], request.prompt_ids[1:])]
                     for j, token in enumerate(completion.token_ids):
+                        if fired is not None and len(row.token_ids) >= fired[1]:
+                            break
                         logprobs = (_logprobs(completion.logprobs[j], token, request.logprobs)
                                     if request.logprobs is not None and completion.logprobs else None)
                         feats = (features.pop(0) if features else []) if request.return_features else None
@@ -296,20 +303,30 @@ class VllmEngine:
                         first = False
                         if done:
                             return  # leaving the loop aborts the vLLM request (a stop string)
+                    if fired is not None:
+                        ticket.emit(row.stop_on_feature(fired[0]))
+                        return  # leaving the loop aborts the vLLM request
             raise GenerationFailed("the vLLM engine ended this request before it finished")
         finally:
             self.running_rows -= 1
-            if fetch_features:  # what steps after the last read kept (a stop string, an abort)
-                try:
+            try:  # what steps after the last read kept (a stop string, an abort)
+                if fetch_features:
                     await self._take_features(request_id)
-                except Exception:
-                    log.exception("could not clear the features kept for %s", request_id)
+                if s.abort_when:
+                    await self._take_fired(request_id)
+            except Exception:
+                log.exception("could not clear what the workers kept for %s", request_id)
 
     async def _take_features(self, key: str) -> list[list[tuple[int, float]]]:
         """The features the workers kept for `key` since the last take (every rank keeps the
         same: the steering runs on each; rank 0's are read)."""
         per_rank = await self.llm.collective_rpc("fsrl_take_features", args=(key,))
         return [[(int(i), float(d)) for i, d in token] for token in per_rank[0]]
+
+    async def _take_fired(self, key: str) -> tuple[int, int] | None:
+        """(feature, generated tokens to keep) once an `abort_when` condition of `key` passed."""
+        fired = (await self.llm.collective_rpc("fsrl_take_fired", args=(key,)))[0]
+        return (int(fired[0]), int(fired[1])) if fired is not None else None
 
     def close(self) -> None:
         self._closed = True

@@ -28,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -245,3 +246,44 @@ def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
     for word in words:
         assert word in error["message"], error["message"]
     return error
+
+
+@dataclass(frozen=True)
+class WatchPoints:
+    """Conditions chosen on `setup`'s own activations for one prompt's greedy, unsteered
+    continuation (what the server generates for it): `when` passes at some positions of the
+    prompt and not at others; `abort` first passes at generated token `abort_at` (1-based)."""
+
+    when: dict
+    abort: dict
+    abort_at: int
+
+
+def watch_points(setup: TinySetup, prompt: str, max_new_tokens: int, abort_at: int = 3) -> WatchPoints:
+    import torch
+
+    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.models import load_base_model
+    from fsrl.sae import load_sae
+    from fsrl.sampling import SamplingParams
+
+    base, sae = load_base_model(str(setup.model_dir), device="cpu"), load_sae(setup.sae_dir)
+    generator = Generator(base, sae)
+    prompt_ids = base.tokenizer(prompt)["input_ids"]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    tokens = generator.generate([GenerationRequest(prompt_ids, sampling=sampling)])[0].token_ids
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids + tokens])
+        f = sae.encode(base.activations(generator.site, ids, torch.ones_like(ids))[0].to(sae.W_dec.dtype))
+    n = len(prompt_ids)
+    on_prompt = f[:n]
+    j = int(on_prompt.gt(0).sum(0).argmax())  # the feature active at most prompt positions
+    values = on_prompt[:, j].unique()
+    when = {"index": j, "above": float(values[len(values) // 2 - 1] + values[len(values) // 2]) / 2}
+    # A feature quiet on the first abort_at - 1 generated positions and active on the next.
+    quiet, fires = f[n:n + abort_at - 1], f[n + abort_at - 1]
+    margin = fires - quiet.max(0).values.clamp(min=0)
+    k = int(margin.argmax())
+    assert margin[k] > 0, "no feature first fires at that generated token"
+    abort = {"index": k, "above": float(fires[k] - margin[k] / 2)}
+    return WatchPoints(when, abort, abort_at)

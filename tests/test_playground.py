@@ -269,6 +269,40 @@ def test_ab_run_with_a_searched_clamp_streams_both_rows_and_reproduces_as_curl_a
 
 @pytest.mark.slow
 @needs_browser
+def test_a_conditional_clamp_and_a_stop_condition_reach_the_server_and_the_stop_is_shown(page, server):
+    """"Only where" on a clamp and "Stop when" go into the request (the curl snippet replays
+    them to the same answers); a condition that passes everywhere stops both rows at their first
+    generated token, and the status says which feature stopped them."""
+    from playwright.sync_api import expect
+
+    page.get_by_label("Feature index").fill("5")
+    page.get_by_role("button", name="Add clamp", exact=True).click()
+    page.get_by_label("Condition for feature 5").select_option("above")
+    page.get_by_label("Condition feature for feature 5").fill("3")
+    page.get_by_label("Condition threshold for feature 5").fill("0.5")
+    page.get_by_label("Stop when feature").fill("0")
+    page.get_by_label("Comparison").select_option("below")
+    page.get_by_label("Threshold", exact=True).fill("10000")
+    page.get_by_role("button", name="Add stop condition").click()
+    expect(page.get_by_role("list", name="Stop conditions").locator("li")).to_have_count(1)
+    page.get_by_label("Max new tokens", exact=True).fill("12")
+    page.get_by_label("Ignore end-of-sequence").check()
+    status = run_and_wait(page, "Run", "#run-status")
+    assert "steered 1 tokens (stopped: feature 0 fired), base 1 tokens (stopped: feature 0 fired)" in status, status
+    expect(page.locator("#steered .tok.stopped")).to_have_count(1)
+    page.get_by_role("button", name="Copy as curl").click()
+    snippet = page.get_by_label("Snippet").input_value()
+    body = json.loads(snippet.split("-d '", 1)[1].rsplit("'", 1)[0])
+    assert body["features"][0]["when"] == {"index": 3, "above": 0.5}
+    assert body["abort_when"] == [{"index": 0, "below": 10000}]
+    done = subprocess.run(["bash", "-c", snippet], capture_output=True, timeout=120)
+    answer = json.loads(done.stdout)
+    assert answer["steered"]["finish_reason"] == "feature" and answer["steered"]["fired_feature"] == 0
+    assert answer["steered"]["text"] == text_of(page, "#steered .tokens")
+
+
+@pytest.mark.slow
+@needs_browser
 def test_a_sweep_runs_every_scale_on_one_seed(page, server):
     from playwright.sync_api import expect
 

@@ -136,11 +136,23 @@ def test_stream_sends_token_events_then_the_response_then_done(client):
     ({"prompt": "hi", "steer_positions": "prompt"}, "steer_positions"),
     ({"prompt": "hi", "stop": [""]}, "stop"),
     ({"prompt": "hi", "temprature": 1.0}, "temprature"),
+    ({"prompt": "hi", "features": [{"index": 1, "op": "ablate", "when": {"index": 2, "above": 1, "below": 3}}]},
+     "features[0].when"),
+    ({"prompt": "hi", "features": [{"index": 1, "op": "ablate", "when": {"index": 2}}]}, "features[0].when"),
+    ({"prompt": "hi", "features": [{"index": 1, "op": "ablate", "when": {"index": D_SAE, "above": 0}}]}, "features"),
+    ({"prompt": "hi", "abort_when": [{"index": D_SAE, "above": 0}]}, "abort_when"),
+    ({"prompt": "hi", "abort_when": [{"index": 3, "below": 1e5}]}, "abort_when[0].below"),
+    ({"prompt": "hi", "abort_when": [{"index": i, "above": 0} for i in range(17)]}, "abort_when"),
+    ({"prompt": "hi", "features": [{"index": i, "op": "ablate", "when": {"index": 0, "above": 0}} for i in range(17)]},
+     "features"),
+    ({"prompt": "hi", "features": [{"index": i, "op": "ablate", "when": {"index": 0, "above": 0}} for i in range(10)],
+      "abort_when": [{"index": i, "above": 0} for i in range(7)]}, "abort_when"),
 ], ids=["prompt-and-messages", "neither", "bad-op", "index-too-big", "index-negative",
         "duplicate-index", "257-features", "set-without-value", "scale-over-100",
         "max-new-tokens-0", "max-new-tokens-over-cap", "negative-temperature", "top-p-0",
         "negative-top-k", "return-features-65", "bad-steer-positions", "empty-stop",
-        "unknown-field"])
+        "unknown-field", "when-above-and-below", "when-without-threshold", "when-index-too-big",
+        "abort-index-too-big", "abort-threshold-too-big", "17-aborts", "17-whens", "10-whens-and-7-aborts"])
 def test_invalid_generate_request_is_422_naming_the_field(client, body, field):
     assert_error(client.post("/generate", json=body), 422, field)
 

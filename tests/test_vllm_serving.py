@@ -17,7 +17,7 @@ import pytest
 
 from fsrl.testing import TinySetup, read_sse, serving, tiny_server_args
 
-from _server_fixtures import CAP, VLLM_MISSING, ServedClient
+from _server_fixtures import CAP, VLLM_MISSING, ServedClient, watch_points
 
 pytestmark = [pytest.mark.slow, VLLM_MISSING]
 
@@ -157,6 +157,58 @@ def test_returned_features_are_the_default_engine_s(servers):
         events, ended = read_sse(response)
     streamed = [e["features"] for e in events if e.get("type") == "token" and e["output"] == "steered"]
     assert ended and [[f["index"] for f in t] for t in streamed] == [[f["index"] for f in t] for t in b]
+
+
+@pytest.fixture(scope="module")
+def watched(setup):
+    return watch_points(setup, "hello there", 16)
+
+
+def test_conditional_clamps_give_the_same_answer_on_both_engines_and_are_not_ignored(servers, watched):
+    """A clamp with `when` on a feature active at about half the prompt's positions: the same
+    tokens on both engines, and on vLLM (in its compiled graph) neither the unconditional
+    clamp's answer nor the unsteered one (a condition dropped or always false would give one)."""
+    clamp = {"index": 12, "op": "set", "value": 60.0}
+    bodies = {"when": {"prompt": "hello there", "features": [{**clamp, "when": watched.when}]},
+              "always": {"prompt": "hello there", "features": [clamp]},
+              "never": {"prompt": "hello there", "features": [{**clamp, "when": {**watched.when, "above": 1e4}}]},
+              "unsteered": {"prompt": "hello there"}}
+    answers = [{name: _answer(c.post("/generate", json={**body, "max_new_tokens": 16}).json())
+                for name, body in bodies.items()} for c in servers]
+    assert answers[1] == answers[0]
+    texts = {name: answer[0] for name, answer in answers[1].items()}
+    assert texts["never"] == texts["unsteered"]
+    assert len({texts["when"], texts["always"], texts["unsteered"]}) == 3, texts
+
+
+def test_abort_when_stops_both_engines_at_the_same_token(servers, watched):
+    """The condition first passes on the third generated token: both engines stop there, with
+    finish_reason "feature" and the feature named; a stream ends with a token-less event; the
+    OpenAI route finishes with "stop" and names the feature; the compare row stops too."""
+    body = {"prompt": "hello there", "abort_when": [watched.abort], "max_new_tokens": 16, "ignore_eos": True,
+            "compare": True}
+    free = servers[0].post("/generate", json={"prompt": "hello there", "max_new_tokens": 16,
+                                               "ignore_eos": True}).json()["steered"]
+    for client in servers:
+        got = client.post("/generate", json=body).json()
+        for row in ("steered", "base"):
+            out = got[row]
+            assert (out["finish_reason"], out.get("fired_feature"), out["completion_tokens"]) ==                 ("feature", watched.abort["index"], watched.abort_at), (row, out)
+            assert free["text"].startswith(out["text"]) and len(out["text"]) < len(free["text"])
+        with client.stream("POST", "/generate", json={**body, "compare": False, "stream": True}) as response:
+            events, ended = read_sse(response)
+        tokens = [e for e in events if e.get("type") == "token"]
+        assert ended and len(tokens) == watched.abort_at + 1
+        assert tokens[-1]["token_id"] is None and tokens[-1]["finish_reason"] == "feature"
+        assert tokens[-1]["fired_feature"] == watched.abort["index"]
+        assert "".join(t["text"] for t in tokens) == got["steered"]["text"]
+        completion = client.post("/v1/completions", json={
+            "model": client.get("/v1/models").json()["data"][0]["id"],
+            "prompt": "hello there", "max_tokens": 16, "temperature": 0, "ignore_eos": True,
+            "steering": {"abort_when": [watched.abort]}}).json()
+        choice = completion["choices"][0]
+        assert (choice["finish_reason"], choice["fired_feature"], choice["text"]) == \
+            ("stop", watched.abort["index"], got["steered"]["text"])
 
 
 def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +104,26 @@ def steered_llm_kwargs(model_dir: str | Path, sae_dir: str, layer: int, adapters
             "worker_extension_cls": "fsrl.vllm_engine.worker.SteeringWorkerExtension"}
 
 
-def steering_extra_args(adapter: str | None = None, scale: float = 1.0,
-                        overrides: list[tuple[int, str, float]] | None = None,
-                        steer_from: int = 0, return_features: int = 0, key: str | None = None) -> dict:
-    """`SamplingParams.extra_args` for one request's steering (plain JSON values); with
-    `return_features` > 0 its top steered features per token are kept under `key`."""
+def steering_extra_args(adapter: str | None = None, scale: float = 1.0, overrides: Sequence[Any] = (),
+                        steer_from: int = 0, abort_when: Sequence[Any] = (), generated_from: int = 0,
+                        return_features: int = 0, key: str | None = None) -> dict:
+    """`SamplingParams.extra_args` for one request's steering (plain JSON values): `overrides`
+    and `abort_when` are `fsrl.overrides` FeatureOverride and Condition objects. With
+    `return_features` > 0 its top steered features per token are kept under `key`; with
+    `abort_when`, the feature that stopped it too (`fsrl_take_fired`)."""
+    def condition(c: Any) -> list:
+        return [int(c.index), str(c.comparison), float(c.threshold)]
+
     spec = {"adapter": adapter, "scale": float(scale),
-            "overrides": [[int(i), str(op), float(v)] for i, op, v in (overrides or [])],
+            "overrides": [[int(o.index), str(o.op), float(o.value), *([condition(o.when)] if o.when else [])]
+                          for o in overrides],
             "steer_from": int(steer_from)}
+    if abort_when:
+        spec.update(abort_when=[condition(c) for c in abort_when], generated_from=int(generated_from))
     if return_features:
-        spec.update(return_features=int(return_features), key=str(key))
+        spec.update(return_features=int(return_features))
+    if return_features or abort_when:
+        spec.update(key=str(key))
     return {EXTRA_ARGS_KEY: spec}
 
 

@@ -157,6 +157,7 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
     running batch; start time, the batch's wall time and each rank's counters."""
     from vllm import LLM, SamplingParams
 
+    from fsrl.overrides import FeatureOverride
     from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     extra = steered_llm_kwargs(setup.model, setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
@@ -176,8 +177,8 @@ def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
         args = None
         if spec is not None and steered and not drop_steering:
             steer_from = len(setup.prompts[p]) if spec.get("steer_from") == "prompt" else 0
-            args = steering_extra_args(_adapter_id(setup, spec), spec.get("scale", 1.0), _overrides(setup, spec),
-                                       steer_from)
+            args = steering_extra_args(_adapter_id(setup, spec), spec.get("scale", 1.0),
+                                       [FeatureOverride(*o) for o in _overrides(setup, spec)], steer_from)
         return SamplingParams(temperature=0.0, max_tokens=setup.new_tokens, ignore_eos=True, extra_args=args,
                               logprobs=logprobs)
 

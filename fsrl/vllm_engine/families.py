@@ -21,6 +21,7 @@ from pathlib import Path
 def run_case(case: dict, compiled: bool) -> dict:
     from vllm import LLM, SamplingParams
 
+    from fsrl.overrides import FeatureOverride
     from fsrl.sae import load_sae
     from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
@@ -34,7 +35,7 @@ def run_case(case: dict, compiled: bool) -> dict:
     try:
         params = SamplingParams(temperature=0.0, max_tokens=case["max_tokens"], prompt_logprobs=0,
                                 ignore_eos=True,
-                                extra_args=steering_extra_args(overrides=[tuple(o) for o in case["overrides"]]))
+                                extra_args=steering_extra_args(overrides=[FeatureOverride(*o) for o in case["overrides"]]))
         out = llm.generate([{"prompt_token_ids": case["prompt"]}], params, use_tqdm=False)[0]
         prompt = case["prompt"]
         logprobs = [out.prompt_logprobs[t][prompt[t]].logprob for t in range(1, len(prompt))]

@@ -13,6 +13,9 @@ once keeps reading the current values:
     capture_*     (max tokens, k) with `capture_top` k > 0: each token's top steered features
                   (index, delta), written by the graph; `step.collect_features` keeps those of
                   the positions that predict a token, for requests that ask
+    capture_fired (max tokens,) the feature of the abort condition that passed at each token
+                  (-1: none), written by the graph; `step.collect_fired` keeps the first of a
+                  request that has `abort_when`
 
 The forward gathers per-token views of the table and calls `fsrl.steering.steer` with one
 "row" per token (B = tokens, T = 1), each token's position from vLLM's own `positions`.
@@ -92,6 +95,8 @@ class SteeringSite(nn.Module):
         self.register_buffer("capture_index", torch.zeros((max_tokens, k), dtype=torch.long, device=device))
         self.register_buffer("capture_delta", torch.zeros((max_tokens, k), dtype=dtype, device=device))
         self.features: dict[str, list[list[tuple[int, float]]]] = {}  # request key -> per token
+        self.register_buffer("capture_fired", torch.full((max_tokens,), -1, dtype=torch.long, device=device))
+        self.fired: dict[str, tuple[int, int]] = {}  # request key -> (feature, generated tokens kept)
         self.sae = sae
         self.bank = AdapterBank(bank_slots, sae.d_in, sae.d_sae, device=device, dtype=dtype)
         self.adapters: dict[str, SteeringAdapter] = {}  # id -> host copy (RowSteering names it)
@@ -100,10 +105,8 @@ class SteeringSite(nn.Module):
         self.slots = SlotTable(table_rows + 1, self.slot_of, device=device)  # SteeringRows.set_row writes the slot
         self.table = SteeringRows(table_rows + 1, sae, device=device or "cpu", dtype=dtype,
                                   row_adapters=self.slots)
-        b = self.table.batch
-        for name in ("scale", "clamp", "override_index", "override_op", "override_value",
-                     "steer_from", "row_active"):
-            self.register_buffer(f"table_{name}", getattr(b, name))
+        for name in SteeringRows.TABLE:
+            self.register_buffer(f"table_{name}", getattr(self.table.batch, name))
         self.register_buffer("token_row", torch.full((max_tokens,), self.empty_row, dtype=torch.long,
                                                      device=device))
         self.request_rows: dict[str, int] = {}           # request id -> table row (host side)
@@ -138,16 +141,15 @@ class SteeringSite(nn.Module):
         row = self.token_row[:n]
         slot = self.slots.slot[row]
         batch = SteeringBatch(
-            adapters=(), adapter_slot=slot, scale=self.table_scale[row], clamp=self.table_clamp[row],
-            override_index=self.table_override_index[row], override_op=self.table_override_op[row],
-            override_value=self.table_override_value[row], steer_from=self.table_steer_from[row],
-            row_active=self.table_row_active[row], any_active=True, any_clamp=True,
-            any_override=True, needs_f=True, capture_top=self.capture_top,
-            row_adapters=_BankPush(self.bank, slot))
+            adapters=(), adapter_slot=slot, any_active=True, any_clamp=True, any_override=True,
+            needs_f=True, capture_top=self.capture_top, row_adapters=_BankPush(self.bank, slot),
+            any_when=True, any_abort=True,
+            **{name: getattr(self, f"table_{name}")[row] for name in SteeringRows.TABLE})
         out = steer(x[:, None, :], self.sae, batch, positions[:, None])
         if self.capture_top:  # one "row" per token: its own top features
             self.capture_index[:n].copy_(out.top_index)
             self.capture_delta[:n].copy_(out.top_delta)
+        self.capture_fired[:n].copy_(out.fired[:, 0])
         return out.x[:, 0, :]
 
 

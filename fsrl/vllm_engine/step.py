@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fsrl.overrides import FeatureOverride
+from fsrl.overrides import Condition, FeatureOverride
 from fsrl.steering import RowSteering
 from fsrl.vllm_engine import COUNTERS, EXTRA_ARGS_KEY
 
@@ -31,9 +31,16 @@ def row_steering(spec: dict | None, adapters: dict[str, Any]) -> RowSteering | N
     adapter = spec.get("adapter")
     return RowSteering(adapter=adapters[adapter] if adapter is not None else None,
                        scale=float(spec.get("scale", 1.0)),
-                       overrides=tuple(FeatureOverride(int(i), str(op), float(v))
-                                       for i, op, v in spec.get("overrides", ())),
-                       steer_from=int(spec.get("steer_from", 0)))
+                       overrides=tuple(FeatureOverride(int(i), str(op), float(v), *map(_condition, when))
+                                       for i, op, v, *when in spec.get("overrides", ())),
+                       steer_from=int(spec.get("steer_from", 0)),
+                       abort_when=tuple(map(_condition, spec.get("abort_when", ()))),
+                       generated_from=int(spec.get("generated_from", 0)))
+
+
+def _condition(c: list) -> Condition:
+    index, comparison, threshold = c
+    return Condition(int(index), str(comparison), float(threshold))
 
 
 def prepare_step(site, runner) -> None:
@@ -83,6 +90,28 @@ def collect_features(site, runner) -> None:
         site.features.setdefault(key, []).append([(i, d) for i, d in zip(index[:k], delta[:k]) if d != 0.0])
 
 
+def collect_fired(site, runner) -> None:
+    """After the forward: for each request with `abort_when` whose condition passed at one of
+    this step's (generated) positions, keep the first such feature and how many generated
+    tokens the request keeps (those up to and including that position) under its key
+    (`site.fired[key]`, taken by the server through `fsrl_take_fired`)."""
+    batch = runner.input_batch
+    n_reqs = batch.num_reqs
+    starts = runner.query_start_loc.np[:n_reqs + 1]
+    fired = None
+    for i, req_id in enumerate(batch.req_ids[:n_reqs]):
+        spec = (runner.requests[req_id].sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY) or {}
+        if not spec.get("abort_when") or spec["key"] in site.fired:
+            continue
+        if fired is None:
+            fired = site.capture_fired[:int(starts[n_reqs])].tolist()
+        for j, feature in enumerate(fired[starts[i]:starts[i + 1]]):
+            if feature >= 0:
+                position = int(batch.num_computed_tokens_cpu[i]) + j
+                site.fired[spec["key"]] = (feature, position - int(spec["generated_from"]) + 1)
+                break
+
+
 def install_runner_hook() -> None:
     """Wrap `GPUModelRunner._model_forward` once (idempotent) to call `prepare_step` first."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -99,6 +128,8 @@ def install_runner_hook() -> None:
         out = original(self, *args, **kwargs)
         if site is not None and site.capture_top:
             collect_features(site, self)
+        if site is not None:
+            collect_fired(site, self)
         return out
 
     _model_forward._fsrl_wrapped = True

@@ -35,6 +35,10 @@ class SteeringWorkerExtension:
         """The top steered features of each token the request sampled since the last take."""
         return self._fsrl_site().features.pop(key, [])
 
+    def fsrl_take_fired(self, key: str) -> tuple[int, int] | None:
+        """(feature, generated tokens kept) once an `abort_when` condition of the request passed."""
+        return self._fsrl_site().fired.pop(key, None)
+
     def fsrl_counters(self) -> dict[str, int]:
         """How often `prepare_step` wrote the buffers, and how often the steering site's Python
         ran outside a compiled graph (0 when the compiled graph ran every step)."""

@@ -10,7 +10,8 @@ const SWEEP_SCALES = [0, 0.25, 0.5, 1];
 const state = {
   baseModel: null,      // the base model's name, for the OpenAI snippet's `model`
   adapters: new Map(),  // id -> /adapters entry
-  clamps: [],           // {index, op, value}
+  clamps: [],           // {index, op, value, when: null | {index, comparison, threshold}}
+  aborts: [],           // {index, comparison, threshold}: abort_when
   cards: new Map(),     // index -> Promise of /features/{index}
   steered: [],          // the last A/B run's steered token events
   base: [],
@@ -205,9 +206,13 @@ function buildBody() {
     body.steering_scale = Number($("scale").value);
   }
   if (state.clamps.length) {
-    body.features = state.clamps.map((c) => (c.op === "ablate" || c.op === "unsteer")
-      ? {index: c.index, op: c.op} : {index: c.index, op: c.op, value: c.value});
+    body.features = state.clamps.map((c) => {
+      const f = (c.op === "ablate" || c.op === "unsteer") ? {index: c.index, op: c.op} : {index: c.index, op: c.op, value: c.value};
+      if (c.when) f.when = condition(c.when);
+      return f;
+    });
   }
+  if (state.aborts.length) body.abort_when = state.aborts.map(condition);
   body.steer_positions = $("steer-positions").value;
   body.max_new_tokens = num("max-tokens", 48);
   body.temperature = num("temperature", 0);
@@ -447,6 +452,51 @@ function addClamp(index, op = "set", value = 10) {
   if (row) row.focus();
 }
 
+// {index, comparison, threshold} as the API's condition: {"index": j, "above": t}.
+function condition(c) {
+  return {index: c.index, [c.comparison]: c.threshold};
+}
+
+function whenControls(c) {
+  const kind = el("select", {ariaLabel: `Condition for feature ${c.index}`},
+                  el("option", {value: "", text: "everywhere"}), el("option", {value: "above", text: "feature above"}),
+                  el("option", {value: "below", text: "feature below"}));
+  const index = el("input", {type: "number", min: "0", step: "1", ariaLabel: `Condition feature for feature ${c.index}`});
+  const threshold = el("input", {type: "number", step: "any", ariaLabel: `Condition threshold for feature ${c.index}`});
+  const sync = () => {
+    index.disabled = threshold.disabled = !kind.value;
+    c.when = kind.value ? {index: Number(index.value || 0), comparison: kind.value, threshold: Number(threshold.value || 0)} : null;
+  };
+  if (c.when) { kind.value = c.when.comparison; index.value = c.when.index; threshold.value = c.when.threshold; }
+  for (const input of [kind, index, threshold]) input.addEventListener("input", sync);
+  kind.addEventListener("change", sync);
+  sync();
+  return el("td", {}, kind, " ", index, " ", threshold);
+}
+
+function addAbort(event) {
+  event.preventDefault();
+  const index = Number($("abort-index").value), threshold = Number($("abort-threshold").value);
+  if (!Number.isInteger(index) || index < 0 || $("abort-index").value === "" || !Number.isFinite(threshold)) {
+    showError(new Error("a stop condition needs a feature index (a whole number from 0) and a threshold"), "Adding a stop condition");
+    return;
+  }
+  state.aborts.push({index, comparison: $("abort-comparison").value, threshold});
+  renderAborts();
+}
+
+function renderAborts() {
+  $("aborts").replaceChildren(...state.aborts.map((a) => el("li", {},
+    `Stop when feature ${a.index} is ${a.comparison} ${a.threshold} `,
+    el("button", {type: "button", text: "Remove", ariaLabel: `Remove the stop condition on feature ${a.index}`,
+                  onclick: () => { state.aborts = state.aborts.filter((x) => x !== a); renderAborts(); }}))));
+}
+
+// "stop", "length", or which feature stopped the row.
+function finished(out) {
+  return out.finish_reason === "feature" ? `stopped: feature ${out.fired_feature} fired` : out.finish_reason;
+}
+
 function renderClamps() {
   const tbody = $("clamps").tBodies[0];
   tbody.replaceChildren(...state.clamps.map((c) => {
@@ -464,7 +514,7 @@ function renderClamps() {
     value.addEventListener("input", () => { c.value = value.value === "" ? null : Number(value.value); });
     return el("tr", {dataIndex: String(c.index)},
       el("td", {}, dashboardButton(c.index), " ", label),
-      el("td", {}, op), el("td", {}, value),
+      el("td", {}, op), el("td", {}, value), whenControls(c),
       el("td", {}, el("button", {type: "button", text: "Remove", ariaLabel: `Remove feature ${c.index}`,
                                 onclick: () => { state.clamps = state.clamps.filter((x) => x !== c); renderClamps(); }})));
   }));
@@ -523,6 +573,10 @@ function partingNote() {
 function tokenSpan(event, i, hoverable) {
   const span = el("span", {class: "tok", text: event.text, dataI: String(i)});
   if (event.text === "") span.classList.add("held"); // text held back until the next token decides it
+  if (event.token_id === null) { // a stop condition ended the row: no token, only held-back text
+    span.classList.add("stopped");
+    span.title = `stopped: feature ${event.fired_feature} fired`;
+  }
   if (hoverable) span.addEventListener("mouseenter", () => selectToken(i));
   return span;
 }
@@ -569,7 +623,7 @@ async function runAB() {
     }, signal);
     const s = response.steered, b = response.base;
     $("run-status").textContent = `Done. Seed ${response.seed}; steered ${s.completion_tokens} tokens ` +
-      `(${s.finish_reason}), base ${b.completion_tokens} tokens (${b.finish_reason}); ` +
+      `(${finished(s)}), base ${b.completion_tokens} tokens (${finished(b)}); ` +
       `${Math.round(response.timing.total_ms)} ms. ${partingNote()}`;
   } catch (err) {
     $("run-status").textContent = err.name === "AbortError" ? "Stopped." : "Failed.";
@@ -619,7 +673,7 @@ async function runSweep() {
       const response = await streamGenerate(
         {...body, ...(body.adapter ? {steering_scale: c.scale} : {})},
         (ev) => c.tokens.append(tokenSpan(ev, c.tokens.children.length, false)), signal);
-      c.note.textContent = `${response.steered.completion_tokens} tokens (${response.steered.finish_reason})`;
+      c.note.textContent = `${response.steered.completion_tokens} tokens (${finished(response.steered)})`;
     } catch (err) {
       c.note.textContent = err.name === "AbortError" ? "Stopped." : `Failed: ${err.message}`;
       throw err;
@@ -675,10 +729,11 @@ function pythonSnippet() {
   if (body.seed !== undefined) args.push(["seed", py(body.seed)]);
   if (body.stop) args.push(["stop", py(body.stop)]);
   const extra = {};
-  if (body.adapter || body.features) {
+  if (body.adapter || body.features || body.abort_when) {
     extra.steering = {scale: body.adapter ? body.steering_scale : 1.0, features: body.features || [],
                       steer_positions: body.steer_positions};
   }
+  if (body.abort_when) extra.steering = {...(extra.steering || {}), abort_when: body.abort_when};
   if (body.top_k) extra.top_k = body.top_k;
   if (body.ignore_eos) extra.ignore_eos = true;
   if (Object.keys(extra).length) args.push(["extra_body", py(extra)]);
@@ -735,6 +790,7 @@ function init() {
   $("scale").addEventListener("input", () => { $("scale-value").textContent = $("scale").value; });
   $("adapter").addEventListener("change", showAdapterCard);
   $("search-form").addEventListener("submit", searchFeatures);
+  $("abort-form").addEventListener("submit", addAbort);
   $("index-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if ($("feature-index").value !== "") addClamp($("feature-index").value);

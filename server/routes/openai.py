@@ -80,4 +80,5 @@ async def _choice_chunks(state: ServerState, prepared: serving.PreparedGeneratio
                 yield render_chunk(prepared, model, chat, item.row, item.text_delta, event=item,
                                    token_text=state.token_text)
             if item.finished:
-                yield render_chunk(prepared, model, chat, item.row, None if chat else "", item.finish_reason)
+                yield render_chunk(prepared, model, chat, item.row, None if chat else "", item.finish_reason,
+                                   fired_feature=item.fired_feature)
