@@ -4,6 +4,9 @@
     z  = x~ @ W + b                        W: (d_in, d_sae), b: (d_sae,)
     relu:            v = relu(z)                                     steering only adds
     soft_threshold:  v = sign(z) * relu(|z| - tau)                   tau: (d_sae,), learnable
+    constant:        v = b                                           no learned map: W = 0, the
+                     same push at every position (built from a contrast or a list of pushes,
+                     `constant_adapter`); its file holds b alone
 
 `clamp_nonnegative` (fused features clamped at zero, g = relu(f + s v)) is a flag the steering
 module reads; the adapter itself only produces v. Files: `adapter.safetensors` holds the
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,23 +53,38 @@ def _soft_threshold(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return torch.sign(z) * torch.relu(z.abs() - tau)
 
 
+def _identity(z: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    return z
+
+
 @dataclass(frozen=True)
 class Activation:
-    """An adapter activation: v = fn(z, tau), and whether tau is one of its learned weights."""
+    """An adapter activation: v = fn(z, tau); whether tau is one of its learned weights;
+    whether its map is learned (W) or the push is b alone."""
 
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     learns_threshold: bool
+    learns_map: bool = True
+
+    @property
+    def signed(self) -> bool:
+        """v may be negative: a bank row computes it as soft_threshold (with tau 0 for a
+        constant push, where sign(b) * relu(|b|) = b exactly)."""
+        return self.learns_threshold or not self.learns_map
 
 
 # activation name -> what it is; the name is resolved here once (an adapter keeps its Activation).
 ACTIVATIONS: dict[str, Activation] = {
     "relu": Activation(_relu, learns_threshold=False),
     "soft_threshold": Activation(_soft_threshold, learns_threshold=True),
+    "constant": Activation(_identity, learns_threshold=False, learns_map=False),
 }
 
 
 def learned_weights(activation: Activation) -> tuple[str, ...]:
     """The adapter weights training learns (and files store, with b_in beside them)."""
+    if not activation.learns_map:
+        return ("b",)
     return ("W", "b", "tau") if activation.learns_threshold else ("W", "b")
 
 
@@ -166,7 +185,7 @@ class FsrlAdapter(SteeringAdapter):
         # would leave W without a gradient.
         self.W = nn.Parameter(torch.randn(config.d_in, config.d_sae, generator=g) * init_std)
         self.b = nn.Parameter(torch.zeros(config.d_sae))
-        self.tau = nn.Parameter(torch.full((config.d_sae,), 1e-6),
+        self.tau = nn.Parameter(torch.full((config.d_sae,), 1e-6 if self.activation.learns_threshold else 0.0),
                                 requires_grad=self.activation.learns_threshold)
         self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
                              else torch.zeros(config.d_in))
@@ -181,6 +200,8 @@ class FsrlAdapter(SteeringAdapter):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.activation.learns_map:  # a constant push: b at every position
+            return self.b.expand(*x.shape[:-1], self.b.shape[0])
         x_in = x.to(self.W.dtype) - self.b_in
         if self.packed is not None and self.packed.applies_to(x_in):
             z = self.packed(x_in)
@@ -224,7 +245,7 @@ class RowAdapters:
             self.b[row].copy_(adapter.b)
             self.b_in[row].copy_(adapter.b_in)
             self.tau[row].copy_(adapter.tau)
-            self.soft_threshold[row] = adapter.activation == ACTIVATIONS["soft_threshold"]  # equal after a deepcopy too
+            self.soft_threshold[row] = adapter.activation.signed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
@@ -283,6 +304,24 @@ def new_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fi
         base_model={"name": base_model_name, "fingerprint": base_model_fingerprint},
         sae={"name": sae.info.name, "fingerprint": sae.info.fingerprint})
     return FsrlAdapter(config, b_in=sae.b_dec, init_std=init_std, seed=seed)
+
+
+def constant_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_model_fingerprint: str,
+                     layer: int, pushes: dict[int, float], built_from: dict[str, Any]) -> FsrlAdapter:
+    """An adapter with no learned map: v = b, b_j = pushes[j] (0 elsewhere), at every position.
+    `built_from` (what it was made from: a contrast, a list) goes into `adapter.json`."""
+    for j, value in pushes.items():
+        if not 0 <= j < sae.d_sae:
+            raise FsrlError(f"feature {j} is out of range [0, {sae.d_sae})")
+        if not math.isfinite(value):
+            raise FsrlError(f"the push on feature {j} is not finite")
+    adapter = new_adapter(adapter_id, sae, base_model_name, base_model_fingerprint, layer,
+                          activation="constant", init_std=0.0)
+    adapter.config.training = {"built_from": built_from}
+    with torch.no_grad():
+        for j, value in pushes.items():
+            adapter.b[j] = float(value)
+    return adapter.requires_grad_(False).eval()
 
 
 def save_adapter(adapter: FsrlAdapter, out_dir: str | Path) -> Path:
@@ -390,13 +429,14 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
     weights_path = _inside(folder / WEIGHTS_FILE, root, weights_where)
     if not weights_path.is_file():
         raise CorruptFileError(f"{where}: {WEIGHTS_FILE} is missing")
-    expected = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "b_in": (config.d_in,)}
-    if ACTIVATIONS[config.activation].learns_threshold:
-        expected["tau"] = (config.d_sae,)
+    shapes = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "tau": (config.d_sae,)}
+    expected = {name: shapes[name] for name in learned_weights(ACTIVATIONS[config.activation])}
+    expected["b_in"] = (config.d_in,)
     tensors = _read_weights(weights_path, expected, weights_where)
     adapter = FsrlAdapter(config, init_std=0.0)
     with torch.no_grad():
-        adapter.W.copy_(tensors["W"])
+        if "W" in tensors:
+            adapter.W.copy_(tensors["W"])
         adapter.b.copy_(tensors["b"])
         adapter.b_in.copy_(tensors["b_in"])
         if "tau" in tensors:

@@ -29,6 +29,10 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "feature labels from an OpenAI-compatible endpoint or Neuronpedia explanations"),
     (("features", "classify"), "fsrl.commands.features:classify",
      "the paper's feature classes from an OpenAI-compatible endpoint, over the rule's"),
+    (("features", "contrast"), "fsrl.commands.contrast:contrast",
+     "the features that tell two sets of texts apart; optionally a constant adapter pushing them"),
+    (("adapter", "constant"), "fsrl.commands.contrast:constant",
+     "a constant adapter (no training) from a list of feature pushes"),
     (("analyze",), "fsrl.commands.analyze",
      "the paper's audit of one adapter on preference pairs: report.json and report.html"),
 ]

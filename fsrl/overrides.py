@@ -21,6 +21,8 @@ MAX_RETURN_FEATURES = 64  # top steered features a request may ask for per token
 MAX_FEATURE_VALUE = 1e4
 MAX_STEERING_SCALE = 100.0
 MAX_CONDITIONS = 16  # `when`s and `abort_when`s of one request together
+# A contrast (fsrl.contrast, POST /features/contrast): texts a set, characters a text, features back.
+MIN_CONTRAST_TEXTS, MAX_CONTRAST_TEXTS, MAX_CONTRAST_TEXT_CHARS, MAX_CONTRAST_TOP = 2, 64, 8192, 256
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from server.errors import EngineStopped, GenerationFailed, Overloaded
 from server.model_thread import ModelThread
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -108,6 +110,11 @@ async def collect_results(ticket: Ticket, events: AsyncIterator[TokenEvent]) -> 
     return job_results(ticket.job, collected)
 
 
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if not future.done():  # the caller may have given up (cancelled)
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
 class Engine:
     """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
     engine closes the thread.
@@ -129,6 +136,7 @@ class Engine:
         self.failed_jobs = 0    # jobs answered with an error by the engine
         self.stopped_because: str | None = None  # why the worker died, if it did
         self._waiting: deque[Ticket] = deque()
+        self._chores: deque[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._active: list[Ticket] = []  # jobs with rows in the batch (worker thread only)
         self._wake = threading.Condition()
         self._closed = False
@@ -189,6 +197,27 @@ class Engine:
                     ticket.end()
                 self._wake.notify()
 
+    async def call_model(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (a forward of the host model: feature activations, say) on the model
+        thread between two decode steps, where no steering hook is set."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._wake:
+            self.check_capacity()
+            self._chores.append((fn, loop, future))
+            self._wake.notify()
+        return await future
+
+    @staticmethod
+    def _run_chores(chores: list) -> None:
+        """Queued `call_model` functions, on the worker thread, between steps."""
+        for fn, loop, future in chores:
+            try:
+                result, error = fn(), None
+            except Exception as exc:  # the caller's failure, not the engine's
+                result, error = None, exc
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -231,21 +260,32 @@ class Engine:
             for ticket in [*self._active, *waiting]:
                 ticket.end(EngineStopped("the generation engine has stopped; the server needs a restart"))
             self._active = []
+            self._refuse_chores(EngineStopped("the generation engine has stopped; the server needs a restart"))
             return
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
         for ticket in [*self._active, *waiting]:
             ticket.end(Overloaded("the server is shutting down"))
+        self._refuse_chores(Overloaded("the server is shutting down"))
+
+    def _refuse_chores(self, error: BaseException) -> None:
+        with self._wake:
+            chores, self._chores = list(self._chores), deque()
+        for _, loop, future in chores:
+            loop.call_soon_threadsafe(_settle, future, None, error)
 
     def _loop(self) -> None:
         running = self.generator.batch()
         while True:
             with self._wake:
-                while not self._closed and not running and not self._waiting:
+                while not self._closed and not running and not self._waiting and not self._chores:
                     self._wake.wait()
                 if self._closed:
                     return
+                chores = list(self._chores)
+                self._chores.clear()
                 joining = self._take_waiting(running)
+            self._run_chores(chores)
             try:
                 for ticket in [t for t in self._active if t.abort.is_set()]:
                     running.drop(ticket)

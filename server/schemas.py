@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator,
                       model_validator)
 
-from fsrl.overrides import (MAX_CONDITIONS, MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES,
+from fsrl.overrides import (MAX_CONDITIONS, MAX_CONTRAST_TEXT_CHARS, MAX_CONTRAST_TEXTS, MAX_CONTRAST_TOP,
+                            MIN_CONTRAST_TEXTS, MAX_FEATURE_OVERRIDES, MAX_FEATURE_VALUE, MAX_RETURN_FEATURES,
                             MAX_STEERING_SCALE, OPS, OPS_NEEDING_VALUE, Condition, FeatureOverride)
 from fsrl.sampling import MIN_TEMPERATURE
 from server.params import ADAPTER_ID, GenerateParams
@@ -199,9 +200,70 @@ class GenerateBody(SteeringFields):
             return_features=self.return_features)
 
 
+MAX_CONTRAST_MESSAGES = 32
+MAX_CONSTANT_FEATURES = 4096
+
+
+ContrastText = Annotated[Text, Field(min_length=1, max_length=MAX_CONTRAST_TEXT_CHARS)] | Annotated[
+    list[Message], Field(min_length=1, max_length=MAX_CONTRAST_MESSAGES)]
+ContrastTexts = Annotated[list[ContrastText], Field(min_length=MIN_CONTRAST_TEXTS, max_length=MAX_CONTRAST_TEXTS)]
+
+
+class ContrastBody(BaseModel):
+    """Two small sets of texts (a string, or a conversation as a list of messages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: ContrastTexts
+    b: ContrastTexts
+    top: int = Field(20, ge=1, le=MAX_CONTRAST_TOP)
+
+
+class ConstantPushIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: int = Field(ge=0, le=MAX_INDEX)
+    value: float = Field(ge=-MAX_FEATURE_VALUE, le=MAX_FEATURE_VALUE, allow_inf_nan=False)
+
+
+class ConstantIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: Annotated[list[ConstantPushIn], Field(min_length=1, max_length=MAX_CONSTANT_FEATURES)]
+
+    @field_validator("features")
+    @classmethod
+    def _one_push_per_index(cls, features: list[ConstantPushIn]) -> list[ConstantPushIn]:
+        if len({f.index for f in features}) < len(features):
+            raise ValueError("one push per index")
+        return features
+
+
+class ContrastAdapterIn(BaseModel):
+    """A constant push from a contrast: v_j = scale * (mean_a_j - mean_b_j) on the top features."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    a: ContrastTexts
+    b: ContrastTexts
+    top: int = Field(16, ge=1, le=MAX_CONTRAST_TOP)
+    scale: Scale = 1.0
+
+
 class AdapterLoadBody(BaseModel):
+    """Load a folder (`path`), or build a constant adapter (`constant`, `contrast`) into the
+    adapters directory and load it: exactly one of the three."""
+
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=ADAPTER_ID.pattern)
-    path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$")  # no path holds a NUL
+    path: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[^\x00]+$")  # no path holds a NUL
+    constant: ConstantIn | None = None
+    contrast: ContrastAdapterIn | None = None
     replace: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "AdapterLoadBody":
+        if sum(x is not None for x in (self.path, self.constant, self.contrast)) != 1:
+            raise ValueError("give exactly one of path, constant and contrast")
+        return self

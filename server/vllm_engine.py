@@ -24,9 +24,10 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from fsrl.errors import ConflictError, FsrlError
 from fsrl.generation import (DecodeRow, GenerationRequest, GenerationResult, LogProbs,
@@ -37,6 +38,7 @@ from server.engine import EngineJob, Ticket, collect_results
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Bank slots beyond the adapters the registry may hold: room for a replaced version to finish
 # its running requests while the new one serves.
@@ -168,6 +170,7 @@ class VllmEngine:
         self.stopped_because: str | None = None
         self._closed = False
         self._tasks: dict[Ticket, asyncio.Task] = {}
+        self._host_model = ThreadPoolExecutor(1, thread_name_prefix="fsrl-host-model")
         self._ids = itertools.count()
 
     @property
@@ -323,6 +326,12 @@ class VllmEngine:
         per_rank = await self.llm.collective_rpc("fsrl_take_features", args=(key,))
         return [[(int(i), float(d)) for i, d in token] for token in per_rank[0]]
 
+    async def call_model(self, fn: Callable[[], T]) -> T:
+        """Run `fn` (a forward of the host model, which vLLM does not use) off the event loop,
+        one at a time (hooks on the host model are per forward, not per thread)."""
+        self.check_capacity()
+        return await asyncio.get_running_loop().run_in_executor(self._host_model, fn)
+
     async def _take_fired(self, key: str) -> tuple[int, int] | None:
         """(feature, generated tokens to keep) once an `abort_when` condition of `key` passed."""
         fired = (await self.llm.collective_rpc("fsrl_take_fired", args=(key,)))[0]
@@ -330,6 +339,7 @@ class VllmEngine:
 
     def close(self) -> None:
         self._closed = True
+        self._host_model.shutdown(wait=False, cancel_futures=True)
         for task in list(self._tasks.values()):
             task.cancel()
         try:

@@ -9,6 +9,7 @@ the app `fsrl serve` runs, under uvicorn in a thread of this process (tests/_ser
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 
@@ -209,6 +210,25 @@ def test_abort_when_stops_both_engines_at_the_same_token(servers, watched):
         choice = completion["choices"][0]
         assert (choice["finish_reason"], choice["fired_feature"], choice["text"]) == \
             ("stop", watched.abort["index"], got["steered"]["text"])
+
+
+def test_a_constant_adapter_built_over_http_gives_the_same_answer_on_both_engines(servers, setup):
+    """Built by POST /adapters (written once into the shared adapters directory, replaced by the
+    second server's build), hot-loaded into vLLM's bank: the same tokens as the default engine,
+    not the unsteered ones."""
+    build = {"id": "const", "constant": {"features": [{"index": 4, "value": 30.0}, {"index": 9, "value": -20.0}]}}
+    body = {"prompt": "hello there", "adapter": "const", "max_new_tokens": 16, "compare": True}
+    try:
+        answers = []
+        for i, client in enumerate(servers):
+            r = client.post("/adapters", json={**build, "replace": i > 0})
+            assert r.status_code == 201, r.text
+            answers.append(_answer(client.post("/generate", json=body).json()))
+    finally:
+        for client in servers:
+            client.delete("/adapters/const")
+        shutil.rmtree(setup.adapters_dir / "const", ignore_errors=True)
+    assert answers[1] == answers[0] and answers[0][0] != answers[0][3][0]
 
 
 def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):

@@ -3,6 +3,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from server.contrasts import build_constant_adapter
 from server.deps import StateDep
 from server.schemas import AdapterLoadBody
 
@@ -21,7 +22,12 @@ async def get_adapter(adapter_id: str, state: StateDep) -> dict:
 
 @router.post("", status_code=201)
 async def load_adapter(body: AdapterLoadBody, state: StateDep) -> dict:
-    entry = await state.registry.load(body.id, body.path, replace=body.replace)
+    """Load an adapter folder (`path`), or build a constant adapter from a list of pushes
+    (`constant`) or a contrast of two sets of texts (`contrast`) and load it."""
+    if body.path is None:
+        entry = await build_constant_adapter(state, body)
+    else:
+        entry = await state.registry.load(body.id, body.path, replace=body.replace)
     return state.registry.describe(entry)
 
 

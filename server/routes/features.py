@@ -4,7 +4,9 @@ from fastapi import APIRouter, Path, Query
 
 from fsrl.errors import NotFoundError
 from fsrl.features.classes import CLASSES
+from server.contrasts import render_contrast, run_contrast
 from server.deps import StateDep
+from server.schemas import ContrastBody
 
 router = APIRouter(prefix="/features", tags=["features"])
 
@@ -16,6 +18,15 @@ async def search_features(state: StateDep, q: Annotated[str, Query(min_length=1,
     """Features whose label, peak tokens or promoted tokens hold `q` (case-insensitive), best
     first; `class` keeps one class (alignment, style, other)."""
     return {"query": q, "features": state.features.search(q, limit, feature_class)}
+
+
+@router.post("/contrast")
+async def contrast_features(body: ContrastBody, state: StateDep) -> dict:
+    """The features that tell two sets of texts apart, ranked by |mean_a - mean_b| over
+    texts, with Cohen's d, Welch's p-value, labels and classes."""
+    found = await run_contrast(state, body.a, body.b, body.top)
+    return {"a_texts": len(body.a), "b_texts": len(body.b), "site": str(state.site),
+            "features": render_contrast(state, found)}
 
 
 @router.get("/{index}")
