@@ -9,6 +9,7 @@ its own first token, so padding changes nothing.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +39,9 @@ class GenerationRequest:
     return_features: int = 0  # top steered features to report per generated token
     logprobs: int | None = None  # per generated token: its log-probability and the top k's
     prompt_logprobs: int | None = None  # the same for prompt tokens 1.., on the first event
+    telemetry: bool = False  # per generated token: what the steering did (`TokenEvent.telemetry`)
+    compare_with: int | None = None  # with telemetry: the row (of the same owner) whose next-token
+                                     # distribution the KL divergence is taken from (a compare's base)
 
 
 @dataclass
@@ -55,6 +59,7 @@ class TokenEvent:
     prompt_logprobs: list[LogProbs] | None = None  # first event only: prompt tokens 1..n-1
     error: str | None = None  # this row failed (finish_reason "error"); the others go on
     fired_feature: int | None = None  # finish_reason "feature": the abort condition's feature
+    telemetry: dict[str, Any] | None = None  # with GenerationRequest.telemetry: see `step_telemetry`
 
     @property
     def has_token(self) -> bool:
@@ -77,6 +82,7 @@ class GenerationResult:
     prompt_logprobs: list[LogProbs] | None = None  # prompt tokens 1..n-1, when asked for
     error: str | None = None                       # finish_reason "error": why
     fired_feature: int | None = None               # finish_reason "feature": which feature
+    telemetry: list[dict[str, Any] | None] | None = None  # per generated token, when asked for
 
     @property
     def completion_tokens(self) -> int:
@@ -304,7 +310,8 @@ def steering_for(generator: Generator, requests: Sequence[GenerationRequest]) ->
     g = generator
     return SteeringBatch.build([r.steering for r in requests], g.sae.d_sae, device=g.base.device,
                                dtype=g.sae.W_dec.dtype,
-                               capture_top=max((r.return_features for r in requests), default=0))
+                               capture_top=max((r.return_features for r in requests), default=0),
+                               telemetry=any(r.telemetry for r in requests))
 
 
 def prefill(generator: Generator, rows: Sequence[DecodeRow]
@@ -365,6 +372,7 @@ def sample_rows(rows: Sequence[DecodeRow], logits: torch.Tensor, capture: StepCa
     top_i = capture.top_index.tolist() if capture.top_index is not None else None
     top_d = capture.top_delta.tolist() if capture.top_delta is not None else None
     fired = capture.fired.tolist() if capture.fired is not None else [-1] * len(rows)
+    telemetry = step_telemetry(rows, logits, capture)
     events, tokens = [], []
     for b, row in enumerate(rows):
         if fired[b] >= 0:  # an abort condition passed at a generated position: no next token
@@ -391,9 +399,42 @@ def sample_rows(rows: Sequence[DecodeRow], logits: torch.Tensor, capture: StepCa
         done = row.finish_reason is not None
         events.append((row.owner, TokenEvent(row.local, token, delta, done, row.finish_reason,
                                              feats, text=row.text if done else None,
-                                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)))
+                                             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                             telemetry=telemetry[b])))
         tokens.append(token)
     return events, tokens
+
+
+def step_telemetry(rows: Sequence[DecodeRow], logits: torch.Tensor, capture: StepCapture
+                   ) -> list[dict[str, Any] | None]:
+    """For each row that asks: the steering's L2 norm in the residual stream at the position
+    that predicts this token (`norm`), the features it pushed there (`pushed`), the overrides
+    whose `when` condition passed there (`conditions`, their feature indices), and `kl`: the
+    KL divergence of this row's next-token distribution from its `compare_with` row's, at the
+    same step (None when that row is not in this step)."""
+    out: list[dict[str, Any] | None] = [None] * len(rows)
+    if not any(row.request.telemetry for row in rows):
+        return out
+    t = capture.telemetry
+    norm = t.norm.tolist() if t is not None else [0.0] * len(rows)
+    pushed = t.pushed.tolist() if t is not None else [0] * len(rows)
+    passed = t.when_passed.tolist() if t is not None else [[] for _ in rows]
+    where = {(id(row.owner), row.local): b for b, row in enumerate(rows)}
+    logp = None
+    for b, row in enumerate(rows):
+        request = row.request
+        if not request.telemetry:
+            continue
+        kl = None
+        partner = where.get((id(row.owner), request.compare_with)) if request.compare_with is not None else None
+        if partner is not None:
+            logp = logits.float().log_softmax(-1) if logp is None else logp
+            p = logp[b].exp()
+            kl = float(torch.where(p > 0, p * (logp[b] - logp[partner]), 0.0).sum().clamp(min=0.0))
+            kl = kl if math.isfinite(kl) else None  # a token the base rules out: JSON has no Infinity
+        out[b] = {"norm": float(norm[b]), "pushed": int(pushed[b]), "kl": kl,
+                  "conditions": [o.index for o, hit in zip(request.steering.overrides, passed[b]) if hit]}
+    return out
 
 
 def _plain_layers(cache: Any) -> list | None:
@@ -556,5 +597,6 @@ class EventsByRow:
                 first_token_s=first_token_s,
                 logprobs=[e.logprobs for e in tokens] if request.logprobs is not None else None,
                 prompt_logprobs=events[0].prompt_logprobs, error=last.error,
-                fired_feature=last.fired_feature))
+                fired_feature=last.fired_feature,
+                telemetry=[e.telemetry for e in tokens] if request.telemetry else None))
         return results

@@ -110,10 +110,11 @@ class SteeringBatch:
     generated_from: torch.Tensor | None = None   # (B,) long: each row's prompt length
     any_when: bool = False
     any_abort: bool = False
+    telemetry: bool = False  # report, at the last position, what the steering did (`SteerOutput.telemetry`)
 
     @classmethod
     def build(cls, rows: Sequence[RowSteering], d_sae: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32, capture_top: int = 0) -> "SteeringBatch":
+              dtype: torch.dtype = torch.float32, capture_top: int = 0, telemetry: bool = False) -> "SteeringBatch":
         adapters: list[SteeringAdapter] = []
         slots, clamps = [], []
         for row in rows:
@@ -157,7 +158,7 @@ class SteeringBatch:
             abort_index=abort[0], abort_comparison=abort[1], abort_threshold=abort[2],
             generated_from=torch.tensor([r.generated_from for r in rows], dtype=torch.long, device=device),
             any_when=any(o.when is not None for r in rows for o in r.overrides),
-            any_abort=any(r.abort_when for r in rows))
+            any_abort=any(r.abort_when for r in rows), telemetry=telemetry)
 
 
 def _condition_table(rows: Sequence[Sequence[Condition | None]], width: int, d_sae: int,
@@ -215,7 +216,7 @@ class SteeringRows:
             abort_comparison=torch.full((rows, MAX_CONDITIONS), NO_CONDITION, dtype=torch.long, device=device),
             abort_threshold=torch.zeros(rows, MAX_CONDITIONS, dtype=dtype, device=device),
             generated_from=torch.zeros(rows, dtype=torch.long, device=device),
-            any_when=True, any_abort=True)
+            any_when=True, any_abort=True, telemetry=True)
 
     TABLE = ("scale", "clamp", "override_index", "override_op", "override_value", "steer_from",
              "row_active", "when_index", "when_comparison", "when_threshold", "abort_index",
@@ -259,6 +260,16 @@ class SteerOutput:
                                                 # scale, clamp, overrides); 0 where unsteered
     fired: torch.Tensor | None = None           # (B, T) long: the feature of the first abort
                                                 # condition that passes at a generated position, -1: none
+    telemetry: "Telemetry | None" = None        # with batch.telemetry: the last position's
+
+
+@dataclass
+class Telemetry:
+    """What the steering did at each row's last position (the one that predicts the next token)."""
+
+    norm: torch.Tensor         # (B,) L2 norm of x' - x, the steering vector in the residual stream
+    pushed: torch.Tensor       # (B,) long: features with d != 0
+    when_passed: torch.Tensor  # (B, M) bool: overrides whose `when` condition passed there
 
 
 def _features_at(sae: Sae, x: torch.Tensor, index: torch.Tensor, full: torch.Tensor | None) -> torch.Tensor:
@@ -322,9 +333,9 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
         new = torch.where(op == OP_CODE["ablate"], -f_sel, new)
         new = torch.where(op == OP_CODE["unsteer"], torch.zeros_like(new), new)
         if batch.any_when:  # an override with a condition changes d only where it passes
-            applies = _passes(_features_at(sae, xs, batch.when_index, full_f), batch.when_comparison,
-                              batch.when_threshold) | (batch.when_comparison == NO_CONDITION)[:, None, :]
-            new = torch.where(applies, new, d_sel)
+            passed = _passes(_features_at(sae, xs, batch.when_index, full_f), batch.when_comparison,
+                             batch.when_threshold)                                    # (B, T, M)
+            new = torch.where(passed | (batch.when_comparison == NO_CONDITION)[:, None, :], new, d_sel)
         d = d_ext.scatter(-1, idx, new)[..., :d_sae]
 
     d = torch.where(steered[..., None], d, 0.0)
@@ -332,6 +343,12 @@ def steer(x: torch.Tensor, sae: Sae, batch: SteeringBatch, positions: torch.Tens
 
     out = SteerOutput(x=x_out, delta=d if keep_delta else None,
                       v=torch.where(steered[..., None], v_rows, 0.0) if keep_v else None)
+    if batch.telemetry:
+        last = (x_out[:, -1, :].to(xs.dtype) - xs[:, -1, :])
+        passed_last = (passed[:, -1, :] if batch.any_override and batch.any_when
+                       else torch.zeros_like(batch.override_op, dtype=torch.bool))
+        out.telemetry = Telemetry(norm=last.norm(dim=-1), pushed=(d[:, -1, :] != 0).sum(-1),
+                                  when_passed=passed_last & steered[:, -1:])
     if batch.any_abort:
         fires = _passes(_features_at(sae, xs, batch.abort_index, full_f), batch.abort_comparison,
                         batch.abort_threshold)                                        # (B, T, A)
@@ -416,6 +433,7 @@ class StepCapture:
     top_delta: torch.Tensor | None = None
     v: torch.Tensor | None = None  # (B, T, d_sae) the adapters' v, when steering(keep_v=True)
     fired: torch.Tensor | None = None  # (B,) the abort condition's feature that fired, -1: none
+    telemetry: Telemetry | None = None  # with batch.telemetry, when some row steered
 
 
 class SteeringHook:
@@ -446,6 +464,7 @@ class SteeringHook:
             self._capture.top_index, self._capture.top_delta = result.top_index, result.top_delta
             self._capture.v = result.v
             self._capture.fired = first_fired(result.fired) if result.fired is not None else None
+            self._capture.telemetry = result.telemetry
         return result.x
 
     @contextlib.contextmanager

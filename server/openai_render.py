@@ -93,6 +93,8 @@ def render_chunk(prepared: PreparedGeneration, model: str, chat: bool, index: in
     else:
         choice = {"index": index, "text": text or ""}
     choice.update(**finish(finish_reason, fired_feature), logprobs=logprobs)
+    if event is not None and event.telemetry is not None:  # fsrl's extra: OpenAI clients ignore it
+        choice["telemetry"] = event.telemetry
     return {"id": prepared.id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 

@@ -26,6 +26,7 @@ class GenerateParams:
     steering_scale: float = 1.0
     features: tuple[FeatureOverride, ...] = ()
     abort_when: tuple[Condition, ...] = ()  # a row stops at the first generated position one passes
+    telemetry: bool = False               # each steered token carries what the steering did there
     steer_positions: str = "all"          # "all" | "generated"
     max_new_tokens: int | None = 64       # None: as many as fit, up to the server's cap
     temperature: float = 0.0

@@ -23,6 +23,8 @@ def render_output(result: GenerationResult, label: Label, with_features: bool) -
                            "completion_tokens": result.completion_tokens}
     if result.fired_feature is not None:
         out["fired_feature"] = result.fired_feature
+    if result.telemetry is not None:
+        out["telemetry"] = result.telemetry
     if with_features:
         out["features"] = [render_features(step, label) for step in result.features or []]
     return out
@@ -46,6 +48,8 @@ def render_token_event(prepared: PreparedGeneration, event: TokenEvent, label: L
                            "text": event.text_delta, "finish_reason": event.finish_reason}
     if event.fired_feature is not None:
         out["fired_feature"] = event.fired_feature
+    if event.telemetry is not None:
+        out["telemetry"] = event.telemetry
     if event.row == 0 and prepared.return_features:
         out["features"] = render_features(event.features or [], label)
     return out

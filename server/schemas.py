@@ -116,6 +116,7 @@ class SteeringFields(BaseModel):
     features: Features = []
     abort_when: AbortWhen = []
     steer_positions: Literal["all", "generated"] = "all"
+    telemetry: bool = False  # streamed tokens carry what the steering did there
 
     @field_validator("features")
     @classmethod
@@ -133,7 +134,7 @@ class SteeringFields(BaseModel):
         """These fields as `GenerateParams` takes them."""
         return dict(features=tuple(f.to_internal() for f in self.features),
                     abort_when=tuple(c.to_internal() for c in self.abort_when),
-                    steer_positions=self.steer_positions)
+                    steer_positions=self.steer_positions, telemetry=self.telemetry)
 Scale = Annotated[float, Field(ge=-MAX_STEERING_SCALE, le=MAX_STEERING_SCALE, allow_inf_nan=False)]
 
 

@@ -187,8 +187,11 @@ def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> Prepar
                                       stop=params.stop, ignore_eos=params.ignore_eos)
             requests.append(GenerationRequest(
                 prompt_ids, steering, sampling, params.return_features, logprobs=params.logprobs,
-                prompt_logprobs=params.logprobs if params.echo and params.logprobs is not None else None))
+                prompt_logprobs=params.logprobs if params.echo and params.logprobs is not None else None,
+                telemetry=params.telemetry))
         if params.compare:
+            for steered in requests[-params.n:]:  # the KL of each steered row is taken from the base row's
+                steered.compare_with = len(requests)
             # Unsteered; `abort_when` is a stopping rule like `stop`, so it stops the base row too.
             base = RowSteering(abort_when=params.abort_when, generated_from=len(prompt_ids))
             requests.append(GenerationRequest(prompt_ids, base, requests[-1].sampling, 0))

@@ -40,6 +40,8 @@ from server.errors import EngineStopped, GenerationFailed, Overloaded
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# A row that steers nothing: its telemetry (the KL from a compare's base is the default engine's alone).
+UNSTEERED_TELEMETRY = {"norm": 0.0, "pushed": 0, "kl": None, "conditions": []}
 # Bank slots beyond the adapters the registry may hold: room for a replaced version to finish
 # its running requests while the new one serves.
 SPARE_BANK_SLOTS = 2
@@ -253,8 +255,9 @@ class VllmEngine:
         row = DecodeRow(request, self.tokenizer, self.eos_ids, owner=ticket, local=index)
         s, sampling = request.steering, request.sampling
         request_id = f"fsrl-{next(self._ids)}"
-        # An unsteered row's features are empty lists; a steered row's come from the workers.
-        fetch_features = bool(request.return_features) and not s.is_noop
+        # An unsteered row's features are empty lists and its telemetry zeros; a steered row's
+        # come from the workers.
+        fetch_features = (bool(request.return_features) or request.telemetry) and not s.is_noop
         steering = dict(adapter=key, scale=s.scale, overrides=s.overrides, steer_from=s.steer_from,
                         abort_when=s.abort_when, generated_from=s.generated_from)
         greedy = sampling.temperature < MIN_TEMPERATURE
@@ -267,13 +270,14 @@ class VllmEngine:
             logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs,
             output_kind=RequestOutputKind.DELTA,
             extra_args=None if s.is_noop else steering_extra_args(
-                **steering, return_features=request.return_features if fetch_features else 0, key=request_id))
+                **steering, return_features=request.return_features if fetch_features else 0,
+                telemetry=request.telemetry, key=request_id))
         prompt: dict[str, Any] = {"prompt_token_ids": list(request.prompt_ids)}
         if not s.is_noop:
             # The prefix cache keys blocks by tokens and salt: a steered request reuses only
             # blocks computed under the same steering (adapter version, scale, clamps, start).
             prompt["cache_salt"] = json.dumps(steering_extra_args(**steering), sort_keys=True)
-        features: list[list[tuple[int, float]]] = []  # taken from the workers, not yet sent
+        captures: list[dict] = []  # taken from the workers, not yet sent
         self.running_rows += 1
         try:
             first = True
@@ -281,7 +285,7 @@ class VllmEngine:
                 async for out in outputs:
                     completion = out.outputs[0]
                     if fetch_features and completion.token_ids:
-                        features += await self._take_features(request_id)
+                        captures += await self._take_features(request_id)
                     # Read before this output's tokens: the forward that sampled them has run, so
                     # a condition that passed on an earlier token is known, and its row keeps
                     # exactly the tokens the default engine's would.
@@ -295,14 +299,17 @@ class VllmEngine:
                             break
                         logprobs = (_logprobs(completion.logprobs[j], token, request.logprobs)
                                     if request.logprobs is not None and completion.logprobs else None)
-                        feats = (features.pop(0) if features else []) if request.return_features else None
+                        captured = captures.pop(0) if captures else {}
+                        feats = (captured.get("features") or []) if request.return_features else None
+                        telemetry = (captured.get("telemetry") or dict(UNSTEERED_TELEMETRY)) if request.telemetry else None
                         delta = row.push(int(token), feats)
                         done = row.finish_reason is not None
                         if ticket.job.first_token is None:
                             ticket.job.first_token = time.perf_counter()
                         ticket.emit(TokenEvent(index, int(token), delta, done, row.finish_reason, feats,
                                                text=row.text if done else None, logprobs=logprobs,
-                                               prompt_logprobs=prompt_logprobs if first else None))
+                                               prompt_logprobs=prompt_logprobs if first else None,
+                                               telemetry=telemetry))
                         first = False
                         if done:
                             return  # leaving the loop aborts the vLLM request (a stop string)
@@ -320,11 +327,12 @@ class VllmEngine:
             except Exception:
                 log.exception("could not clear what the workers kept for %s", request_id)
 
-    async def _take_features(self, key: str) -> list[list[tuple[int, float]]]:
-        """The features the workers kept for `key` since the last take (every rank keeps the
+    async def _take_features(self, key: str) -> list[dict]:
+        """What the workers kept for `key` since the last take, per token (every rank keeps the
         same: the steering runs on each; rank 0's are read)."""
         per_rank = await self.llm.collective_rpc("fsrl_take_features", args=(key,))
-        return [[(int(i), float(d)) for i, d in token] for token in per_rank[0]]
+        return [{"features": [(int(i), float(d)) for i, d in token["features"]] if token["features"] is not None else None,
+                 "telemetry": token["telemetry"]} for token in per_rank[0]]
 
     async def call_model(self, fn: Callable[[], T]) -> T:
         """Run `fn` (a forward of the host model, which vLLM does not use) off the event loop,

@@ -233,6 +233,12 @@ def test_ab_run_with_a_searched_clamp_streams_both_rows_and_reproduces_as_curl_a
     expect(page.locator("#base .tok")).to_have_count(24)
     steered, base = text_of(page, "#steered .tokens"), text_of(page, "#base .tokens")
     assert steered != base and "They part at token" in status
+    # The steering's telemetry, plotted under the A/B view: a norm and a KL line over 24 tokens.
+    plot = page.get_by_role("img", name="Steering telemetry per token")
+    expect(plot).to_be_visible()
+    expect(plot.locator("polyline")).to_have_count(2)
+    assert len(plot.locator("polyline.norm").get_attribute("points").split()) == 24
+    expect(page.locator("#telemetry-summary")).to_contain_text(re.compile(r"^24 tokens: norm up to [0-9.]+"))
     expect(page.locator("#steered .tok.part")).to_have_count(1)
     expect(page.locator("#base .tok.part")).to_have_count(1)
 

@@ -16,10 +16,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_load_script_passes_with_16_clients_under_200_swap_cycles(tmp_path):
-    # 20 s: the 200 cycles, spread over the run, need about 6 s here under the 16 clients (184
+    # 12 s: the 200 cycles, spread over the run, need about 6 s here under the 16 clients (184
     # of them finished in a 5 s run); a pass needs every cycle done before the clock runs out.
     out = tmp_path / "load.json"
-    run = subprocess.run([sys.executable, "scripts/load_test.py", "--clients", "16", "--seconds", "20",
+    run = subprocess.run([sys.executable, "scripts/load_test.py", "--clients", "16", "--seconds", "12",
                           "--swap-cycles", "200", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -32,7 +32,7 @@ def test_load_script_passes_with_16_clients_under_200_swap_cycles(tmp_path):
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
     """Every operation of the server's schema through every phase. One pass of them all takes
     about 4 s here; with --max-time schemathesis repeats fuzzing and the stateful phase until
-    the time is spent (and leaves coverage a third of it), so 20 s is every phase whole, then
+    the time is spent (and leaves coverage a third of it), so 12 s is every phase whole, then
     more fuzzing."""
     from xml.etree import ElementTree
 
@@ -40,7 +40,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path):
     from server.settings import Settings
 
     run = subprocess.run([sys.executable, "scripts/fuzz_api.py", "--max-examples", "5",
-                          "--max-time", "20", "--report", str(tmp_path / "junit.xml")],
+                          "--max-time", "12", "--report", str(tmp_path / "junit.xml")],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "failures=\"0\"" in (tmp_path / "junit.xml").read_text()

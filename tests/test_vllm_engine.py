@@ -29,12 +29,13 @@ def _check(tmp_path: Path, *flags: str, env: dict | None = None) -> tuple[int, d
     return done.returncode, (json.loads(out.read_text()) if out.exists() else {}), log, done.stdout
 
 
-def _assert_exact(result: dict, ranks: int) -> None:
+def _assert_exact(result: dict, ranks: int, compiled: bool = True) -> None:
     for name, tokens in result["got"].items():
         assert tokens == result["ref"][name.split(" [")[0]], name
     assert len(result["counters"]) == ranks
-    for counters in result["counters"]:  # the compiled graph, not eager Python, steered every step
-        assert counters["steps"] > 0 and counters["eager_site_forwards"] == 0
+    for counters in result["counters"]:  # compiled: the graph, not eager Python, steered every step
+        assert counters["steps"] > 0
+        assert counters["eager_site_forwards"] == 0 if compiled else counters["eager_site_forwards"] >= counters["steps"]
 
 
 def test_compiled_steering_equals_fsrl_on_every_case(tmp_path):
@@ -63,9 +64,11 @@ def test_two_tensor_parallel_ranks_steer_like_one(tmp_path):
 
 
 def test_default_model_with_the_shipped_adapters_equals_fsrl(tmp_path):
-    code, result, log, _ = _check(tmp_path, "--default", "--adapters-dir", str(REPO / "adapters"))
+    # Eager: the real model's maths is the point here (67 of 110 s were its compile); the compiled
+    # graph is checked on the tiny model above and by every route test on the shared vLLM server.
+    code, result, log, _ = _check(tmp_path, "--default", "--eager", "--adapters-dir", str(REPO / "adapters"))
     assert code == 0, log
-    _assert_exact(result, ranks=1)
+    _assert_exact(result, ranks=1, compiled=False)
 
 
 def test_the_vllm_bench_measures_every_mode_on_a_random_shape(tmp_path):

@@ -212,6 +212,21 @@ def test_abort_when_stops_both_engines_at_the_same_token(servers, watched):
             ("stop", watched.abort["index"], got["steered"]["text"])
 
 
+def test_telemetry_is_the_default_engine_s_on_vllm_but_for_the_kl(servers, watched):
+    """Read in vLLM's graph: the same norms (to float rounding), features pushed and conditions
+    passed at every token as on the default engine; vLLM reports no KL."""
+    body = {"prompt": "hello there", "adapter": "tiny", "telemetry": True, "compare": True,
+            "features": [{"index": 12, "op": "set", "value": 60.0, "when": watched.when}],
+            "max_new_tokens": 8, "ignore_eos": True}
+    default, vllm = [c.post("/generate", json=body).json()["steered"]["telemetry"] for c in servers]
+    assert len(default) == len(vllm) == 8
+    for a, b in zip(default, vllm):
+        assert abs(a["norm"] - b["norm"]) <= 1e-3 * max(1.0, a["norm"]), (a, b)
+        assert (a["pushed"], a["conditions"]) == (b["pushed"], b["conditions"])
+        assert a["kl"] is not None and b["kl"] is None
+    assert any(t["conditions"] for t in default) and len({t["norm"] for t in default}) > 1
+
+
 def test_a_constant_adapter_built_over_http_gives_the_same_answer_on_both_engines(servers, setup):
     """Built by POST /adapters (written once into the shared adapters directory, replaced by the
     second server's build), hot-loaded into vLLM's bank: the same tokens as the default engine,
@@ -289,7 +304,8 @@ def test_two_tensor_parallel_ranks_answer_like_the_default_engine(default, setup
     """`--tensor-parallel-size 2` (the tiny model's 4 heads and 2 KV heads split in two; one CPU
     core per rank): the steering runs on both ranks, the answers are the default engine's."""
     names = ("unsteered", "adapter", "clamps of every op, no adapter", "compare")
-    with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2"),
+    # Eager: tests/test_vllm_engine.py checks the compiled graph on two ranks token for token.
+    with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2", "--enforce-eager"),
                  tmp_path / "tp2.log", timeout_s=600, max_polls=6000,
                  env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as tp2, httpx.Client(base_url=tp2.url, timeout=120) as ranks:
         for name in names:

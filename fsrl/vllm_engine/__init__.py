@@ -106,11 +106,12 @@ def steered_llm_kwargs(model_dir: str | Path, sae_dir: str, layer: int, adapters
 
 def steering_extra_args(adapter: str | None = None, scale: float = 1.0, overrides: Sequence[Any] = (),
                         steer_from: int = 0, abort_when: Sequence[Any] = (), generated_from: int = 0,
-                        return_features: int = 0, key: str | None = None) -> dict:
+                        return_features: int = 0, telemetry: bool = False, key: str | None = None) -> dict:
     """`SamplingParams.extra_args` for one request's steering (plain JSON values): `overrides`
     and `abort_when` are `fsrl.overrides` FeatureOverride and Condition objects. With
-    `return_features` > 0 its top steered features per token are kept under `key`; with
-    `abort_when`, the feature that stopped it too (`fsrl_take_fired`)."""
+    `return_features` > 0 its top steered features per token are kept under `key`, with
+    `telemetry` what the steering did at each token; with `abort_when`, the feature that stopped
+    it too (`fsrl_take_fired`)."""
     def condition(c: Any) -> list:
         return [int(c.index), str(c.comparison), float(c.threshold)]
 
@@ -122,7 +123,9 @@ def steering_extra_args(adapter: str | None = None, scale: float = 1.0, override
         spec.update(abort_when=[condition(c) for c in abort_when], generated_from=int(generated_from))
     if return_features:
         spec.update(return_features=int(return_features))
-    if return_features or abort_when:
+    if telemetry:
+        spec.update(telemetry=True)
+    if return_features or telemetry or abort_when:
         spec.update(key=str(key))
     return {EXTRA_ARGS_KEY: spec}
 

@@ -13,6 +13,8 @@ once keeps reading the current values:
     capture_*     (max tokens, k) with `capture_top` k > 0: each token's top steered features
                   (index, delta), written by the graph; `step.collect_features` keeps those of
                   the positions that predict a token, for requests that ask
+    capture_norm, capture_pushed, capture_when  (max tokens, ...) each token's telemetry (the
+                  steering's norm, features pushed, `when`s passed), written by the graph
     capture_fired (max tokens,) the feature of the abort condition that passed at each token
                   (-1: none), written by the graph; `step.collect_fired` keeps the first of a
                   request that has `abort_when`
@@ -32,6 +34,7 @@ from vllm.config import VllmConfig
 
 from fsrl.adapter import RowAdapters, SteeringAdapter, load_adapter
 from fsrl.errors import FsrlError
+from fsrl.overrides import MAX_FEATURE_OVERRIDES
 from fsrl.sae import Sae, load_sae
 from fsrl.steering import SteeringBatch, SteeringRows, steer
 from fsrl.vllm_engine import CONFIG_KEY, COUNTERS, PREFIX, STEERABLE_ARCHITECTURES
@@ -96,6 +99,11 @@ class SteeringSite(nn.Module):
         self.register_buffer("capture_delta", torch.zeros((max_tokens, k), dtype=dtype, device=device))
         self.features: dict[str, list[list[tuple[int, float]]]] = {}  # request key -> per token
         self.register_buffer("capture_fired", torch.full((max_tokens,), -1, dtype=torch.long, device=device))
+        # Telemetry of each token's position: steering norm, features pushed, `when`s that passed.
+        self.register_buffer("capture_norm", torch.zeros((max_tokens,), dtype=dtype, device=device))
+        self.register_buffer("capture_pushed", torch.zeros((max_tokens,), dtype=torch.long, device=device))
+        self.register_buffer("capture_when", torch.zeros((max_tokens, MAX_FEATURE_OVERRIDES), dtype=torch.bool,
+                                                         device=device))
         self.fired: dict[str, tuple[int, int]] = {}  # request key -> (feature, generated tokens kept)
         self.sae = sae
         self.bank = AdapterBank(bank_slots, sae.d_in, sae.d_sae, device=device, dtype=dtype)
@@ -143,13 +151,16 @@ class SteeringSite(nn.Module):
         batch = SteeringBatch(
             adapters=(), adapter_slot=slot, any_active=True, any_clamp=True, any_override=True,
             needs_f=True, capture_top=self.capture_top, row_adapters=_BankPush(self.bank, slot),
-            any_when=True, any_abort=True,
+            any_when=True, any_abort=True, telemetry=True,
             **{name: getattr(self, f"table_{name}")[row] for name in SteeringRows.TABLE})
         out = steer(x[:, None, :], self.sae, batch, positions[:, None])
         if self.capture_top:  # one "row" per token: its own top features
             self.capture_index[:n].copy_(out.top_index)
             self.capture_delta[:n].copy_(out.top_delta)
         self.capture_fired[:n].copy_(out.fired[:, 0])
+        self.capture_norm[:n].copy_(out.telemetry.norm)
+        self.capture_pushed[:n].copy_(out.telemetry.pushed)
+        self.capture_when[:n].copy_(out.telemetry.when_passed)
         return out.x[:, 0, :]
 
 

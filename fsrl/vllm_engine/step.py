@@ -67,27 +67,34 @@ def prepare_step(site, runner) -> None:
     COUNTERS["steps"] += 1
 
 
-def collect_features(site, runner) -> None:
+def collect_token_captures(site, runner) -> None:
     """After the forward: for each request that asks (`extra_args["fsrl"]["return_features"]`
-    and `"key"`) and samples a token this step (a prefill chunk that ends inside the prompt
-    does not), keep the top steered features at its last position, the one that predicts the
-    token (`site.features[key]`, taken by the server through `fsrl_take_features`)."""
+    or `"telemetry"`, with `"key"`) and samples a token this step (a prefill chunk that ends
+    inside the prompt does not), keep what the graph captured at its last position, the one
+    that predicts the token: `{"features": [(index, delta), ...] | None, "telemetry": {...} |
+    None}` appended to `site.features[key]`, taken by the server through `fsrl_take_features`."""
     batch = runner.input_batch
     n_reqs = batch.num_reqs
     starts = runner.query_start_loc.np[:n_reqs + 1]
     wanted = []
     for i, req_id in enumerate(batch.req_ids[:n_reqs]):
         spec = (runner.requests[req_id].sampling_params.extra_args or {}).get(EXTRA_ARGS_KEY) or {}
-        k = int(spec.get("return_features", 0))
+        k = int(spec.get("return_features", 0)) if site.capture_top else 0
         scheduled = int(starts[i + 1] - starts[i])
-        if k and batch.num_computed_tokens_cpu[i] + scheduled >= batch.num_prompt_tokens[i]:
-            wanted.append((spec["key"], int(starts[i + 1]) - 1, k))
+        if (k or spec.get("telemetry")) and batch.num_computed_tokens_cpu[i] + scheduled >= batch.num_prompt_tokens[i]:
+            wanted.append((spec, int(starts[i + 1]) - 1, k))
     if not wanted:
         return
     at = torch.tensor([position for _, position, _ in wanted])
     indices, deltas = site.capture_index[at].tolist(), site.capture_delta[at].tolist()
-    for (key, _, k), index, delta in zip(wanted, indices, deltas):
-        site.features.setdefault(key, []).append([(i, d) for i, d in zip(index[:k], delta[:k]) if d != 0.0])
+    norms, pushed, passed = site.capture_norm[at].tolist(), site.capture_pushed[at].tolist(), site.capture_when[at].tolist()
+    for n, ((spec, _, k), index, delta) in enumerate(zip(wanted, indices, deltas)):
+        features = [(i, d) for i, d in zip(index[:k], delta[:k]) if d != 0.0] if k else None
+        telemetry = None
+        if spec.get("telemetry"):
+            telemetry = {"norm": norms[n], "pushed": pushed[n], "kl": None,
+                         "conditions": [o[0] for o, hit in zip(spec.get("overrides", ()), passed[n]) if hit]}
+        site.features.setdefault(spec["key"], []).append({"features": features, "telemetry": telemetry})
 
 
 def collect_fired(site, runner) -> None:
@@ -113,7 +120,8 @@ def collect_fired(site, runner) -> None:
 
 
 def install_runner_hook() -> None:
-    """Wrap `GPUModelRunner._model_forward` once (idempotent) to call `prepare_step` first."""
+    """Wrap `GPUModelRunner._model_forward` once (idempotent) to call `prepare_step` first and
+    collect the captures after."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     original = GPUModelRunner._model_forward
@@ -126,9 +134,8 @@ def install_runner_hook() -> None:
         if site is not None:
             prepare_step(site, self)
         out = original(self, *args, **kwargs)
-        if site is not None and site.capture_top:
-            collect_features(site, self)
         if site is not None:
+            collect_token_captures(site, self)
             collect_fired(site, self)
         return out
 

@@ -31,8 +31,9 @@ class SteeringWorkerExtension:
         """Free the adapter's bank slot (no running request may name it)."""
         self._fsrl_site().unload_adapter(adapter_id)
 
-    def fsrl_take_features(self, key: str) -> list[list[tuple[int, float]]]:
-        """The top steered features of each token the request sampled since the last take."""
+    def fsrl_take_features(self, key: str) -> list[dict]:
+        """What the graph captured for each token the request sampled since the last take:
+        `{"features": [(index, delta), ...] | None, "telemetry": {...} | None}`."""
         return self._fsrl_site().features.pop(key, [])
 
     def fsrl_take_fired(self, key: str) -> tuple[int, int] | None:

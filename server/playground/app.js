@@ -581,6 +581,34 @@ function tokenSpan(event, i, hoverable) {
   return span;
 }
 
+// Two lines under the A/B view, one point per steered token: the steering's L2 norm in the
+// residual stream (solid) and KL(steered || base) of the next-token distributions (dashed),
+// each scaled to its own maximum; pushed features and conditions that passed go in the summary.
+function renderTelemetry() {
+  const points = state.steered.filter((ev) => ev.telemetry).map((ev) => ev.telemetry);
+  const svg = $("telemetry-plot");
+  svg.hidden = points.length === 0;
+  if (!points.length) return;
+  const ns = "http://www.w3.org/2000/svg";
+  const line = (values, cls) => {
+    const finite = values.filter((v) => typeof v === "number");
+    const top = Math.max(...finite, 1e-12);
+    const step = points.length > 1 ? 600 / (points.length - 1) : 0;
+    const node = document.createElementNS(ns, "polyline");
+    node.setAttribute("class", cls);
+    node.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${(115 - 110 * (typeof v === "number" ? v : 0) / top).toFixed(1)}`).join(" "));
+    return node;
+  };
+  svg.replaceChildren(line(points.map((t) => t.norm), "norm"), line(points.map((t) => t.kl), "kl"));
+  const maxNorm = Math.max(...points.map((t) => t.norm));
+  const kls = points.map((t) => t.kl).filter((v) => typeof v === "number");
+  const fired = points.filter((t) => t.conditions.length).length;
+  $("telemetry-summary").textContent = `${points.length} tokens: norm up to ${fmt(maxNorm, 2)} (solid), ` +
+    `KL up to ${kls.length ? fmt(Math.max(...kls), 3) : "–"} (dashed), ` +
+    `${fmt(points.reduce((a, t) => a + t.pushed, 0) / points.length, 1)} features pushed a token, ` +
+    `conditions passed at ${fired} of them.`;
+}
+
 function selectToken(i) {
   const box = tokensBox("steered");
   const old = box.querySelector(".tok.selected");
@@ -601,7 +629,7 @@ function selectToken(i) {
 
 async function runAB() {
   const signal = startRun();
-  const body = {...buildBody(), compare: true, return_features: num("return-features", 0)};
+  const body = {...buildBody(), compare: true, return_features: num("return-features", 0), telemetry: true};
   state.steered = [];
   state.base = [];
   state.partAt = null;
@@ -612,6 +640,7 @@ async function runAB() {
     $(row).setAttribute("aria-busy", "true");
   }
   document.querySelector("#token-features table").hidden = true;
+  $("telemetry-plot").hidden = true;
   $("token-hint").textContent = "Hover a steered token to see the features steering pushed hardest where it was chosen.";
   $("run-status").textContent = "Running…";
   try {
@@ -620,6 +649,7 @@ async function runAB() {
       tokensBox(ev.output).append(tokenSpan(ev, rows.length, ev.output === "steered"));
       rows.push(ev);
       markParting();
+      if (ev.output === "steered" && ev.telemetry) renderTelemetry();
     }, signal);
     const s = response.steered, b = response.base;
     $("run-status").textContent = `Done. Seed ${response.seed}; steered ${s.completion_tokens} tokens ` +

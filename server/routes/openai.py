@@ -76,7 +76,7 @@ async def _choice_chunks(state: ServerState, prepared: serving.PreparedGeneratio
             if isinstance(item, serving.GenerationOutcome):
                 yield item
                 continue
-            if item.text_delta or item.logprobs is not None:
+            if item.text_delta or item.logprobs is not None or item.telemetry is not None:
                 yield render_chunk(prepared, model, chat, item.row, item.text_delta, event=item,
                                    token_text=state.token_text)
             if item.finished:

@@ -1,0 +1,191 @@
+"""`fsrl eval`: does a demo adapter beat simply asking the model?
+
+    fsrl eval --adapter adapters/concise --rule concise --train data/demo/concise/train.jsonl
+              [--out DIR] [--judge-url URL --judge-model M] [--limit N]
+
+On the frozen evaluation prompts (`fsrl.demo.prompts.eval_prompts`, digest checked) and the
+rules and decoding of `python -m fsrl.demo.evaluate` (greedy, 256 new tokens, a seed per
+prompt), six arms answer every prompt:
+
+    base         the plain prompt, no steering (what every other arm is judged against)
+    prompt       the base model, with the instruction the preference data was built with
+                 appended to the prompt (`RULES[rule].hint`: " Answer in one or two sentences.")
+    adapter      the adapter at scale 1, at 0.5 and at 2
+    contrast     a constant adapter (no training) pushing the 16 features that most tell the
+                 training pairs' chosen answers from their rejected ones apart (fsrl.contrast)
+
+Each arm's answers are judged against the base answers by the rule's evaluation judge
+(`EVAL_RULES`): wins, ties, losses, the win rate with its 95 % Wilson interval, and coherence
+(repeated 4-grams, repeated list items, perplexity under the base model given the plain
+prompt, words, finished share). With `--judge-url`/`--judge-model`, an LLM on any
+OpenAI-compatible endpoint also judges each arm against base (order alternated by prompt).
+Writes `against_prompt.json` and the table in markdown (`against_prompt.md`) into --out
+(default: the adapter folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fsrl.errors import FsrlError
+
+log = logging.getLogger(__name__)
+
+CONTRAST_TOP = 16
+ADAPTER_SCALES = (1.0, 0.5, 2.0)
+JUDGE_PROMPT = ("Which answer to the user's request better meets this criterion: {criterion}? Answer with the "
+                "single letter A or B.\n\nRequest: {prompt}\n\nAnswer A:\n{a}\n\nAnswer B:\n{b}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", type=Path, required=True, help="a demo adapter folder")
+    parser.add_argument("--rule", required=True, help="the adapter's rule: concise or bullets")
+    parser.add_argument("--train", type=Path, required=True,
+                        help="its training pairs (JSON Lines): the contrast arm reads their chosen and rejected answers")
+    parser.add_argument("--out", type=Path, help="where against_prompt.json/.md go (default: the adapter folder)")
+    parser.add_argument("--limit", type=int, help="the first N evaluation prompts only (a quick look, not a figure)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--judge-url", help="an OpenAI-compatible API also judges each arm against base")
+    parser.add_argument("--judge-model", help="the model to ask, with --judge-url (key: $FSRL_JUDGE_KEY or $OPENAI_API_KEY)")
+
+
+def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
+              timeout_s: float = 60.0) -> Callable[[str, str, str, bool], int | None]:
+    """A judge on an OpenAI-compatible endpoint: judge(prompt, steered, base, steered_first) ->
+    1 (steered better), -1 (base better), None (no verdict). The openai client retries with
+    backoff; a request that still fails is logged with its cause and gives no verdict."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        raise FsrlError("--judge-url needs the openai package: pip install openai") from None
+    client = OpenAI(base_url=url, api_key=api_key or "none", timeout=timeout_s, max_retries=3)
+
+    def judge(prompt: str, steered: str, base: str, steered_first: bool) -> int | None:
+        a, b = (steered, base) if steered_first else (base, steered)
+        try:
+            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=4, messages=[
+                {"role": "user", "content": JUDGE_PROMPT.format(criterion=criterion, prompt=prompt, a=a, b=b)}])
+        except Exception as exc:
+            log.warning("the judge gave no verdict (%s: %s)", type(exc).__name__, exc)
+            return None
+        letter = (reply.choices[0].message.content or "").strip().upper()[:1]
+        if letter not in ("A", "B"):
+            return None
+        return 1 if (letter == "A") == steered_first else -1
+    return judge
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = ["| arm | wins | ties | losses | win rate [95 % CI] | words | repeated 4-grams | perplexity (median) | finished |"
+             + (" LLM judge win rate |" if report.get("judge") else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if report.get("judge") else "")]
+    for name, arm in report["arms"].items():
+        c = arm["coherence"]
+        if name == "base":
+            cells = ["–", "–", "–", "(the reference)"]
+        else:
+            low, high = arm["win_rate_95ci"]
+            cells = [str(arm["wins"]), str(arm["ties"]), str(arm["losses"]),
+                     f"{arm['win_rate']:.1%} [{low:.1%}–{high:.1%}]"]
+        row = [f"`{name}`", *cells, f"{c['words_mean']}", f"{c['repeated_4gram_share']:.3f}",
+               f"{c['perplexity_median']}", f"{c['finished_share']:.0%}"]
+        if report.get("judge"):
+            j = arm.get("judge")
+            row.append(f"{j['win_rate']:.1%} of {j['verdicts']}" if j and j["verdicts"] else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fsrl.adapter import constant_adapter, load_adapter
+    from fsrl.contrast import constant_push, contrast, text_features
+    from fsrl.demo.evaluate import (OUTCOMES, coherence, generate_answers, perplexities, wilson_interval)
+    from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, eval_prompts, eval_set_digest
+    from fsrl.demo.rules import EVAL_RULES, RULES
+    from fsrl.generation import Generator
+    from fsrl.models import load_base_model
+    from fsrl.sae import default_sae_dir, load_sae
+    from fsrl.steering import RowSteering
+    from fsrl.train.data import load_pairs
+
+    if args.rule not in EVAL_RULES:
+        raise FsrlError(f"--rule: expected one of {', '.join(EVAL_RULES)}")
+    if args.judge_url and not args.judge_model:
+        raise FsrlError("--judge-url needs --judge-model")
+    if eval_set_digest() != EVAL_SET_SHA256_16:
+        raise FsrlError("the evaluation prompts changed: a changed set is a new set; freeze it anew")
+    rule, judge = RULES[args.rule], EVAL_RULES[args.rule]
+    base = load_base_model(None, "cpu")
+    sae = load_sae(default_sae_dir())
+    site = sae.site_at()
+    adapter = load_adapter(args.adapter, sae=sae, layer=site.layer, base_model_fingerprint=base.fingerprint)
+
+    # The contrast arm: chosen vs rejected answers of the training pairs, each in its conversation.
+    pairs = load_pairs(args.train)
+    def conversation(prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> list[int]:
+        text = base.tokenizer.apply_chat_template([*prompt, *answer], tokenize=False)
+        return list(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    chosen = text_features(base, sae, site, [conversation(p.prompt, p.chosen) for p in pairs])
+    rejected = text_features(base, sae, site, [conversation(p.prompt, p.rejected) for p in pairs])
+    found = contrast(chosen, rejected, CONTRAST_TOP)
+    pushed = constant_adapter(f"{adapter.id}-contrast", sae, base.name, base.fingerprint, site.layer,
+                              constant_push(found, CONTRAST_TOP), {"kind": "contrast", "a": "chosen", "b": "rejected",
+                                                                   "data": str(args.train)})
+
+    prompts = eval_prompts()[:args.limit] if args.limit else eval_prompts()
+    hinted = [DemoPrompt(p.id, p.topic, p.text + rule.hint, p.split, p.template) for p in prompts]
+    gen = Generator(base, sae, site.layer)
+    decoding = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, batch_size=args.batch_size)
+    arms: dict[str, tuple[Sequence[DemoPrompt], RowSteering]] = {
+        "base": (prompts, RowSteering()), "prompt": (hinted, RowSteering()),
+        **{f"adapter x{s:g}": (prompts, RowSteering(adapter, s)) for s in ADAPTER_SCALES},
+        "contrast": (prompts, RowSteering(pushed, 1.0))}
+    answers = {name: generate_answers(gen, base.tokenizer, asked, steering, desc=name, **decoding)
+               for name, (asked, steering) in arms.items()}
+    llm = None
+    if args.judge_url:
+        import os
+        llm = llm_judge(args.judge_url, args.judge_model, rule.summary,
+                        os.environ.get("FSRL_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY"))
+    report: dict[str, Any] = {
+        "adapter": adapter.id, "rule": args.rule, "rule_summary": rule.summary, "instruction": rule.hint.strip(),
+        "eval_set": EVAL_SET_SHA256_16, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "decoding": "greedy", "base_model": base.fingerprint,
+        "contrast": {"pairs": len(pairs), "top": CONTRAST_TOP, "features": [f.to_json() for f in found]},
+        "judge": {"url": args.judge_url, "model": args.judge_model} if args.judge_url else None, "arms": {}}
+    rows = []
+    for name, given in answers.items():
+        ppl = perplexities(base, prompts, given)  # given the plain prompt, for every arm alike
+        arm: dict[str, Any] = {"coherence": coherence(given, ppl)}
+        if name != "base":
+            verdicts = [judge(s, b) for s, b in zip(given, answers["base"])]
+            wins, ties = verdicts.count(1), verdicts.count(0)
+            low, high = wilson_interval(wins, len(verdicts))
+            arm.update(wins=wins, ties=ties, losses=len(verdicts) - wins - ties,
+                       win_rate=round(wins / len(verdicts), 4), win_rate_95ci=[round(low, 4), round(high, 4)])
+            if llm is not None:
+                order = random.Random(0)
+                said = [llm(p.text, s.text, b.text, order.random() < 0.5)
+                        for p, s, b in zip(prompts, given, answers["base"])]
+                known = [v for v in said if v is not None]
+                arm["judge"] = {"verdicts": len(known), "wins": known.count(1),
+                                "win_rate": round(known.count(1) / len(known), 4) if known else None}
+            for p, s, b, v in zip(prompts, given, answers["base"], verdicts):
+                rows.append({"arm": name, "prompt": p.text, "template": EVAL_TEMPLATES[p.template],
+                             "outcome": OUTCOMES[v], "answer": s.text, "base": b.text})
+        report["arms"][name] = arm
+    out = args.out or args.adapter
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "against_prompt.json").write_text(json.dumps({**report, "generations": rows}, indent=1) + "\n")
+    table = _table(report)
+    (out / "against_prompt.md").write_text(table + "\n")
+    print(table)
+    return 0
