@@ -17,54 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # Defaults are None so FSRL_* environment variables apply when a flag is left out.
-    parser.add_argument("--model", help="transformers folder, .gguf file or hub name "
-                        "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--sae", help="SAE: a folder in any format docs/models.md lists, or a sae-lens "
-                        "registry name RELEASE/SAE_ID (default: the shipped SAE)")
-    parser.add_argument("--layer", type=int, help="hook layer (default: the SAE's hook layer)")
-    parser.add_argument("--adapters-dir", help="folder of adapter folders (default: ./adapters)")
-    parser.add_argument("--host", help="bind address (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default: 8000)")
-    parser.add_argument("--device", help="auto | cpu | cuda (default: auto)")
-    parser.add_argument("--max-new-tokens-cap", type=int,
-                        help="largest max_new_tokens a request may ask for (default: 1024)")
-    parser.add_argument("--max-queue", type=int,
-                        help="requests admitted at once before answering 503 (default: 64)")
-    parser.add_argument("--max-prompt-tokens", type=int,
-                        help="longest prompt accepted, in tokens (default: 4096)")
-    parser.add_argument("--max-request-bytes", type=int,
-                        help="largest request body accepted (default: 1048576)")
-    parser.add_argument("--max-batch-rows", type=int,
-                        help="rows decoding together; a compare request is two (default: 16)")
-    parser.add_argument("--max-adapters-on-device", type=int,
-                        help="adapters kept on the device; the rest wait in host memory and move "
-                             "in when asked for, least recently used out (default: 0, no limit)")
-    parser.add_argument("--pack-cpu-weights", action=argparse.BooleanOptionalAction,
-                        help="on a CPU, pack the model's, SAE's and adapters' weights once for "
-                             "oneDNN, so a batch of several rows costs about one row (default: on; "
-                             "--no-pack-cpu-weights serves the plain weights)")
+    """One flag per `Settings` field (server/settings.py: help and defaults are written there)."""
+    from server.settings import flag_specs
+
+    for spec in flag_specs():
+        if "help" in spec.kwargs:  # the secrets are environment variables only
+            parser.add_argument(spec.flag, dest=spec.name, **{"default": None, **spec.kwargs})
     # Removed (#13: one fast path): a clear line instead of argparse's "unrecognized arguments".
     parser.add_argument("--compile-decode", "--no-compile-decode", "--static-cache-tokens",
                         dest="removed_compile_decode", nargs="?", const=True, default=None,
                         help=argparse.SUPPRESS)
-    parser.add_argument("--max-adapters", type=int,
-                        help="adapters loaded at once; a load beyond it gets 409 (default: 64)")
-    parser.add_argument("--stream-send-timeout", type=float,
-                        help="seconds a streaming client may read nothing before it is cut off "
-                             "(default: 60)")
-    parser.add_argument("--insecure-no-auth", action="store_true", default=None,
-                        help="serve a non-loopback --host without FSRL_API_KEY (refused otherwise): "
-                             "anyone who reaches the port can generate and swap adapters")
-    parser.add_argument("--engine", choices=["transformers", "vllm"],
-                        help="what runs the model: fsrl's own continuous batching over transformers, "
-                             "or vLLM with the steering compiled into its model (needs "
-                             "pip install 'fsrl[vllm]'; docs/vllm.md) (default: transformers)")
-    parser.add_argument("--tensor-parallel-size", type=int,
-                        help="with --engine vllm: GPUs (ranks) the model is split over (default: 1)")
-    parser.add_argument("--enforce-eager", action="store_true", default=None,
-                        help="with --engine vllm: run without vLLM's compiled graph (starts faster, "
-                             "decodes slower)")
 
 
 # h11, whatever else is installed: with httptools (which vLLM brings) uvicorn would pick it, and
@@ -129,15 +91,9 @@ def run(args: argparse.Namespace) -> int:
     if args.removed_compile_decode is not None:
         raise FsrlError("--compile-decode and --static-cache-tokens were removed: the compiled fast "
                         "path is --engine vllm (docs/vllm.md)")
-    settings = load_settings(
-        model=args.model, sae=args.sae, layer=args.layer, adapters_dir=args.adapters_dir,
-        host=args.host, port=args.port, device=args.device,
-        max_new_tokens_cap=args.max_new_tokens_cap, max_queue=args.max_queue,
-        max_batch_rows=args.max_batch_rows, max_adapters_on_device=args.max_adapters_on_device,
-        max_prompt_tokens=args.max_prompt_tokens, max_request_bytes=args.max_request_bytes,
-        pack_cpu_weights=args.pack_cpu_weights, max_adapters=args.max_adapters,
-        stream_send_timeout=args.stream_send_timeout, insecure_no_auth=args.insecure_no_auth,
-        engine=args.engine, tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
+    from server.settings import flag_specs
+
+    settings = load_settings(**{spec.name: getattr(args, spec.name, None) for spec in flag_specs()})
     _preflight(settings)
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())

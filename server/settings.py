@@ -1,10 +1,15 @@
-"""Server settings: FSRL_* environment variables, overridden by `fsrl serve` flags."""
+"""Server settings: FSRL_* environment variables, overridden by `fsrl serve` flags, both made
+from the `Settings` fields (no torch here: `fsrl serve --help` reads it).
+
+    python -m server.settings        prints docs/api.md's `fsrl serve` flag table"""
 
 from __future__ import annotations
 
+import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -16,32 +21,61 @@ from fsrl.sae import default_sae_dir
 VLLM_DEFAULT_MAX_ADAPTERS = 4
 
 
+def _flag(default: Any, help: str, shown: str | None = None, cli: bool = True, **bounds: Any) -> Any:
+    """A setting: `help` is its flag's help and its line in docs/api.md's flag table; `shown`
+    its default as people read it (else the value); `cli=False`: environment only (secrets)."""
+    return Field(default, description=help, json_schema_extra={"shown": shown, "cli": cli}, **bounds)
+
+
 class Settings(BaseSettings):
+    """Every `fsrl serve` setting, once: each is a flag (`--max-queue`) and an environment
+    variable (`FSRL_MAX_QUEUE`); the flags, their help and docs/api.md's flag table are made from
+    these fields (`flag_specs`, `flag_table`)."""
+
     # An empty FSRL_* variable means "not set" (compose passes ${FSRL_MODEL:-} through as "").
     model_config = SettingsConfigDict(env_prefix="FSRL_", extra="ignore", env_ignore_empty=True)
 
-    model: str | None = None                 # None: the embedded default model
-    sae: Path | None = None                  # None: the shipped default SAE
-    layer: int | None = Field(None, ge=0)    # None: the layer of the SAE's hook name
-    adapters_dir: Path = Path("adapters")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: str = "auto"
-    max_new_tokens_cap: int = Field(1024, ge=1)
-    max_queue: int = Field(64, ge=1)         # requests admitted at once; more get 503
-    max_batch_rows: int = Field(16, ge=1)    # rows decoding together (a compare request is two)
-    max_adapters_on_device: int = Field(0, ge=0)  # 0: no limit; else LRU between device and host
-    max_request_bytes: int = Field(1 << 20, ge=1024)  # bigger bodies get 413
-    max_prompt_tokens: int = Field(4096, ge=1)  # longer prompts get 422 (the model's length also caps)
-    pack_cpu_weights: bool = True            # CPU float32: weights packed once for oneDNN
-    max_adapters: int = Field(64, ge=1)      # adapters loaded at once; more loads get 409
-    stream_send_timeout: float = Field(60.0, gt=0)  # seconds a streaming client may read nothing
-    engine: Literal["transformers", "vllm"] = "transformers"  # vllm: needs fsrl[vllm]
-    tensor_parallel_size: int = Field(1, ge=1)  # vLLM engine: ranks the model is split over
-    enforce_eager: bool = False              # vLLM engine: no compiled graph (starts faster)
-    api_key: SecretStr | None = None
-    admin_key: SecretStr | None = None
-    insecure_no_auth: bool = False           # serve a non-loopback address without an API key
+    model: str | None = _flag(None, "a transformers folder, a `.gguf` file, a packaged model (`fsrl fetch-default "
+                              "--list`) or a hub name", "the embedded SmolLM2-135M-Instruct")
+    sae: Path | None = _flag(None, "the SAE: a folder in any format docs/models.md lists, or a sae-lens registry "
+                             "name RELEASE/SAE_ID", "the shipped SAE (`fsrl/default_sae`)")
+    layer: int | None = _flag(None, "the hook layer (its site's kind is the SAE's)", "the layer in the SAE's hook name",
+                              ge=0)
+    adapters_dir: Path = _flag(Path("adapters"), "the folder of adapter folders",
+                               "`adapters` (relative to the working directory)")
+    host: str = _flag("127.0.0.1", "the bind address")
+    port: int = _flag(8000, "the port; `0` picks a free one (it is logged)", ge=0, le=65535)
+    device: str = _flag("auto", "`auto`, `cpu`, `cuda` or `cuda:N`; `auto` picks CUDA when available (bfloat16 "
+                        "where the card supports it)")
+    max_new_tokens_cap: int = _flag(1024, "the largest `max_new_tokens` / `max_tokens` a request may ask for", ge=1)
+    max_prompt_tokens: int = _flag(4096, "the longest prompt accepted, in tokens", ge=1)
+    max_request_bytes: int = _flag(1 << 20, "the largest request body accepted (at least 1024)", ge=1024)
+    max_queue: int = _flag(64, "requests admitted at once before answering 503", ge=1)
+    max_batch_rows: int = _flag(16, "rows decoding together, and the most one request may ask for (a compare "
+                                "request is two)", ge=1)
+    max_adapters: int = _flag(64, "adapters loaded at once; a load beyond it gets 409 (with --engine vllm each is "
+                              "a bank slot every token runs through)",
+                              f"`64`; `{VLLM_DEFAULT_MAX_ADAPTERS}` with `--engine vllm`", ge=1)
+    max_adapters_on_device: int = _flag(0, "adapters kept on the device; the rest wait in host memory and move in "
+                                        "when a request names them, least recently used out",
+                                        "`0` (no limit)", ge=0)
+    pack_cpu_weights: bool = _flag(True, "on a CPU, pack the model's, SAE's and adapters' weights once for oneDNN, "
+                                   "so a batch of several rows costs about one row", "on")
+    engine: Literal["transformers", "vllm"] = _flag(
+        "transformers", "what runs the model: `transformers` (fsrl's own continuous batching) or `vllm` (vLLM's "
+        "engine with the steering compiled into its model; needs `pip install 'fsrl[vllm]'` and a transformers "
+        "model folder or a packaged model; docs/vllm.md). Seeded sampling is reproducible on each engine but "
+        "does not draw the same tokens on both")
+    tensor_parallel_size: int = _flag(1, "with `--engine vllm`: the ranks (GPUs) the model is split over; steering "
+                                      "runs on every rank", ge=1)
+    enforce_eager: bool = _flag(False, "with `--engine vllm`: no compiled graph (starts faster, decodes slower)",
+                                "off")
+    stream_send_timeout: float = _flag(60.0, "seconds a streaming client may read nothing before it is cut off",
+                                       "`60`", gt=0)
+    insecure_no_auth: bool = _flag(False, "serve a non-loopback `--host` without `FSRL_API_KEY` (refused "
+                                   "otherwise): anyone who reaches the port can generate and swap adapters", "off")
+    api_key: SecretStr | None = _flag(None, "see Authentication", "unset", cli=False)
+    admin_key: SecretStr | None = _flag(None, "see Authentication", "unset", cli=False)
 
     @field_validator("api_key", "admin_key", mode="before")
     @classmethod
@@ -78,3 +112,57 @@ def load_settings(**overrides: Any) -> Settings:
         field = ".".join(str(p) for p in first["loc"])
         raise FsrlError(f"bad setting {field} (flag --{field.replace('_', '-')} or "
                         f"FSRL_{field.upper()}): {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class FlagSpec:
+    name: str             # the field
+    flag: str             # --max-queue
+    env: str              # FSRL_MAX_QUEUE
+    help: str
+    shown: str            # the default as docs show it
+    kwargs: dict          # for argparse's add_argument
+
+
+def _shown(value: Any) -> str:
+    return f"`{value}`"
+
+
+def flag_specs() -> list[FlagSpec]:
+    """One flag per `Settings` field (but the secrets). Every flag's argparse default is None, so
+    a flag left out leaves the FSRL_* variable (or the field's default) in force."""
+    specs = []
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra or {}
+        flag, env = "--" + name.replace("_", "-"), "FSRL_" + name.upper()
+        shown = extra.get("shown") or _shown(field.default)
+        kind = field.annotation
+        if kind is bool:
+            kwargs: dict[str, Any] = ({"action": argparse.BooleanOptionalAction} if field.default
+                                      else {"action": "store_true", "default": None})
+        elif get_origin(kind) is Literal:
+            kwargs = {"choices": list(get_args(kind))}
+        else:
+            base = next((t for t in get_args(kind) if t is not type(None)), kind) if get_args(kind) else kind
+            kwargs = {"type": {int: int, float: float}.get(base, str),
+                      "metavar": {int: "N", float: "S"}.get(base, name.upper().split("_")[-1])}
+        if extra.get("cli", True):
+            kwargs["help"] = f"{field.description} (default: {shown.replace('`', '')})".replace("%", "%%")
+        specs.append(FlagSpec(name, flag, env, field.description or "", shown, kwargs))
+    return specs
+
+
+def flag_table() -> str:
+    """docs/api.md's `fsrl serve` flag table (tests/test_cli_defaults.py checks it is this)."""
+    rows = ["| Flag | Environment | Default | Meaning |", "|---|---|---|---|"]
+    for spec in flag_specs():
+        cli = (Settings.model_fields[spec.name].json_schema_extra or {}).get("cli", True)
+        flag = spec.flag if not cli or spec.kwargs.get("action") != argparse.BooleanOptionalAction \
+            else f"{spec.flag}` / `--no-{spec.flag[2:]}"
+        meaning = spec.help if cli else "see [Authentication](#authentication)"
+        rows.append(f"| {'`' + flag + '`' if cli else '–'} | `{spec.env}` | {spec.shown} | {meaning} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flag_table())

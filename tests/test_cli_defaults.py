@@ -91,3 +91,44 @@ def test_rebuild_command_parses_back_to_the_same_config():
                          sparsity_coefficient=0.3, lr=1e-3, unique_tokens=4096, name="x")
     argv = rebuild_command(cfg).split()[1:]
     assert build_config(parse(argv)) == cfg
+
+
+# --- fsrl serve: every flag from a Settings field -------------------------------------------------
+
+def test_every_serve_setting_is_a_flag_with_its_help_and_no_default_of_its_own():
+    """A flag per field but the secrets; argparse defaults are None (a flag left out leaves the
+    FSRL_* variable or the field's default in force), so the settings built from no flag are
+    Settings' own defaults."""
+    from server.settings import Settings, flag_specs, load_settings
+
+    args = vars(parse(["serve"]))
+    fields = set(Settings.model_fields) - {"api_key", "admin_key"}
+    assert fields <= set(args) and all(args[name] is None for name in fields)
+    built = load_settings(**{spec.name: args.get(spec.name) for spec in flag_specs()})
+    assert built == Settings()
+    help_text = cli.build_parser(["serve", "-h"])._subparsers._group_actions[0].choices["serve"].format_help()
+    for spec in flag_specs():
+        if spec.name in fields:
+            assert spec.flag in help_text and spec.help.split()[0] in help_text, spec.flag
+
+
+def test_flags_reach_the_settings_and_engine_specific_defaults_are_stated_once(monkeypatch):
+    from server.settings import VLLM_DEFAULT_MAX_ADAPTERS, Settings, flag_specs, load_settings
+
+    args = parse(["serve", "--max-queue", "7", "--no-pack-cpu-weights", "--engine", "vllm", "--enforce-eager",
+                  "--stream-send-timeout", "2.5", "--adapters-dir", "elsewhere"])
+    built = load_settings(**{spec.name: getattr(args, spec.name, None) for spec in flag_specs()})
+    assert (built.max_queue, built.pack_cpu_weights, built.engine, built.enforce_eager, built.stream_send_timeout,
+            str(built.adapters_dir)) == (7, False, "vllm", True, 2.5, "elsewhere")
+    assert built.max_adapters == VLLM_DEFAULT_MAX_ADAPTERS and Settings().max_adapters == 64
+    shown = next(spec.shown for spec in flag_specs() if spec.name == "max_adapters")
+    assert f"`{VLLM_DEFAULT_MAX_ADAPTERS}` with `--engine vllm`" in shown and "`64`" in shown
+
+
+def test_the_flag_table_in_docs_api_md_is_the_generated_one():
+    from pathlib import Path
+
+    from server.settings import flag_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    assert flag_table() in docs, "regenerate it: python -m server.settings"
