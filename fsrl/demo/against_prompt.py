@@ -82,7 +82,8 @@ def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
     return judge
 
 
-def _table(report: dict[str, Any]) -> str:
+def table(report: dict[str, Any]) -> str:
+    """The arms as a markdown table (what the demo adapters' READMEs show)."""
     lines = ["| arm | wins | ties | losses | win rate [95 % CI] | words | repeated 4-grams | perplexity (median) | finished |"
              + (" LLM judge win rate |" if report.get("judge") else ""),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if report.get("judge") else "")]
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or args.adapter
     out.mkdir(parents=True, exist_ok=True)
     (out / "against_prompt.json").write_text(json.dumps({**report, "generations": rows}, indent=1) + "\n")
-    table = _table(report)
-    (out / "against_prompt.md").write_text(table + "\n")
-    print(table)
+    rendered = table(report)
+    (out / "against_prompt.md").write_text(rendered + "\n")
+    print(rendered)
     return 0

@@ -163,6 +163,30 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
     return path
 
 
+def against_prompt_section(folder: Path, recipe: Recipe, rule) -> list[str]:
+    """The prompt-baseline table of `fsrl eval` (`against_prompt.json`), when the folder has one."""
+    path = folder / "against_prompt.json"
+    if not path.exists():
+        return []
+    from fsrl.demo.against_prompt import table
+
+    report = json.loads(path.read_text())
+    arms = report["arms"]
+    best = max((name for name in arms if name != "base"), key=lambda name: arms[name]["win_rate"])
+    return [
+        "## Against a prompt", "",
+        f"Does steering beat simply asking? `fsrl eval` ran, on the same {report['prompts']} evaluation prompts, "
+        f"rule and decoding ({report['decoding']}, at most {report['max_new_tokens']} new tokens), each arm judged "
+        "against the base answers: the base model with the instruction the preference data was built with put in "
+        f"the prompt (`prompt`: \"{report['instruction']}\"), this adapter at scales 1, 0.5 and 2, and a constant "
+        f"push (no training) on the {report['contrast']['top']} features that most tell the {report['contrast']['pairs']} "
+        "training pairs' chosen answers from their rejected ones apart (`contrast`). Reported as measured: "
+        f"the highest win rate here is `{best}`'s.", "",
+        table(report), "",
+        f"Every answer and verdict: `against_prompt.json`. Rebuild: `fsrl eval --adapter adapters/{recipe.id} "
+        f"--rule {recipe.rule} --train {recipe.data}`.", ""]
+
+
 def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
     """The adapter's README, from its adapter.json, eval.json, the sweep records and the data
     files alone."""
@@ -215,6 +239,7 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
            f"| win rate on {sel['prompts']} training prompts | "
            + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |", ""]
           if (sel := ev.get("scale_selection")) else []),
+        *against_prompt_section(folder, recipe, rule),
         "## The L1 sweep", "",
         f"One adapter per L1 coefficient, the same recipe otherwise ({recipe.epochs} "
         f"epoch{'s' if recipe.epochs != 1 else ''} each); shipped: the smallest lambda whose "
