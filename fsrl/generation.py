@@ -16,10 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-try:
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # older transformers: no per-layer caches, so rows join only an empty batch
-    DynamicLayer = None
+from transformers.cache_utils import DynamicLayer
 
 from fsrl.models import BaseModel
 from fsrl.sampling import MIN_TEMPERATURE, SamplingParams

@@ -115,7 +115,45 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
         future.set_exception(error) if error is not None else future.set_result(result)
 
 
-class Engine:
+class GenerationEngine:
+    """What serving, the routes, the canary and /health use of an engine: fsrl's own (`Engine`)
+    and vLLM's (`server.vllm_engine.VllmEngine`) both are one. Counters: `pending` (jobs admitted
+    and not over), `running_rows`, `step_failures`, `failed_jobs`."""
+
+    pending: int
+    running_rows: int
+    step_failures: int
+    failed_jobs: int
+
+    @property
+    def alive(self) -> bool:
+        raise NotImplementedError
+
+    def check_capacity(self) -> None:
+        """Raise (a 503) now rather than queue a job that cannot run."""
+        raise NotImplementedError
+
+    def submit(self, job: EngineJob) -> Ticket:
+        """Queue the job now, on the event loop; read its events with `stream` or `generate`."""
+        raise NotImplementedError
+
+    def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
+        """The job's token events as they come; closing the iterator early aborts the job."""
+        raise NotImplementedError
+
+    async def generate(self, ticket: Ticket) -> list[GenerationResult]:
+        """All rows of the job, once every row has finished. Cancelling aborts the job."""
+        return await collect_results(ticket, self.stream(ticket))
+
+    async def call_model(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, a forward of the host model, where no steering is set."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(GenerationEngine):
     """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
     engine closes the thread.
 
@@ -173,10 +211,6 @@ class Engine:
             if not ticket.released:
                 ticket.released = True
                 self.pending -= 1
-
-    async def generate(self, ticket: Ticket) -> list[GenerationResult]:
-        """All rows of the job, once every row has finished. Cancelling aborts the job."""
-        return await collect_results(ticket, self.stream(ticket))
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early

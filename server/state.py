@@ -26,8 +26,8 @@ from fsrl.generation import Generator
 from fsrl.models import BaseModel, ensure_packaged_model, load_base_model, packaged_model, resolve_device
 from fsrl.sae import Sae, load_sae
 from fsrl.sites import Site
-from server.engine import Engine
-from server.vllm_engine import SPARE_BANK_SLOTS, VllmEngine
+from server.engine import Engine, GenerationEngine
+from server.vllm_engine import SPARE_BANK_SLOTS
 from server.metrics import EngineFigures, Metrics
 from server.model_thread import ModelThread
 from server.registry import AdapterRegistry
@@ -43,7 +43,7 @@ class ServerState:
     sae: Sae
     layer: int
     registry: AdapterRegistry
-    engine: Engine | VllmEngine
+    engine: GenerationEngine
     packed_cpu_weights: bool  # the model's, SAE's and adapters' weights packed for oneDNN
     # Prompt + generated tokens a request may have (None: unknown, not checked): what the
     # model attends over, and with vLLM what its cache holds.
@@ -120,7 +120,7 @@ async def start_state(settings: Settings) -> ServerState:
     if settings.engine != "vllm":
         return await asyncio.to_thread(load_state, settings)
     from fsrl.vllm_engine import kv_cache_bytes
-    from server.vllm_engine import AdapterBank, VllmEngine, VllmOptions, start_async_llm
+    from server.vllm_engine import BankKeys, VllmEngine, VllmOptions, start_async_llm
 
     # A host copy of the model (on the CPU) tokenises, names the fingerprint adapters are
     # checked against, and measures feature rankings; vLLM runs its own copy.
@@ -149,7 +149,7 @@ async def start_state(settings: Settings) -> ServerState:
     log.info("starting vLLM (%s)", options)
     llm = start_async_llm(options)
     try:
-        bank = AdapterBank(llm, options.bank_slots)
+        bank = BankKeys(llm, options.bank_slots)
         for entry in registry.entries():
             await bank.add(entry.adapter, str(entry.path), entry.weights_sha256_16)
         registry.bank = bank

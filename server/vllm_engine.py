@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fsrl.errors import ConflictError, FsrlError
-from fsrl.generation import (DecodeRow, GenerationRequest, GenerationResult, LogProbs,
+from fsrl.generation import (DecodeRow, GenerationRequest, LogProbs,
                              TokenEvent)
 from fsrl.overrides import MAX_RETURN_FEATURES
 from fsrl.sampling import MIN_TEMPERATURE
-from server.engine import EngineJob, Ticket, collect_results
+from server.engine import EngineJob, GenerationEngine, Ticket
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def start_async_llm(options: VllmOptions):
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**options.engine_args()))
 
 
-class AdapterBank:
+class BankKeys:
     """Which adapter version sits under which bank key, and how many running rows use it.
     Keys are loaded on every worker before the registry serves the version; a retired key
     (replaced or unloaded) is freed when its last row ends."""
@@ -157,10 +157,10 @@ def _logprobs(entry: dict | None, token: int, top: int) -> LogProbs | None:
             [(int(t), float(lp.logprob)) for t, lp in ranked[:top]])
 
 
-class VllmEngine:
+class VllmEngine(GenerationEngine):
     """See the module's docstring. Built by `server.state` on the event loop it serves."""
 
-    def __init__(self, llm, tokenizer, eos_ids: set[int], bank: AdapterBank, max_pending: int = 64,
+    def __init__(self, llm, tokenizer, eos_ids: set[int], bank: BankKeys, max_pending: int = 64,
                  observe_batch: Callable[[int], None] | None = None):
         self.llm, self.tokenizer, self.eos_ids, self.bank = llm, tokenizer, eos_ids, bank
         self.max_pending = max_pending
@@ -204,9 +204,6 @@ class VllmEngine:
         if not ticket.released:
             ticket.released = True
             self.pending -= 1
-
-    async def generate(self, ticket: Ticket) -> list[GenerationResult]:
-        return await collect_results(ticket, self.stream(ticket))
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """As `Engine.stream`: closing early aborts the job's vLLM requests."""

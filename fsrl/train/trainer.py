@@ -78,12 +78,9 @@ def forward_pairs(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | No
     if adapter is not None:
         steering = SteeringBatch.build([RowSteering(adapter)] * N, adapter.config.d_sae,
                                        device=base.device, dtype=hook.sae.W_dec.dtype)
-    kwargs = {"logits_to_keep": T - offset} if _takes_logits_to_keep(base.model) else {}
-    if not kwargs:
-        offset = 0
     with hook.steering(steering, batch.positions, keep_v=adapter is not None) as capture:
         out = base.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         position_ids=batch.positions.clamp(min=0), use_cache=False, **kwargs)
+                         position_ids=batch.positions.clamp(min=0), use_cache=False, logits_to_keep=T - offset)
     logps = sequence_logps(out.logits, batch.input_ids, batch.response_mask, offset=offset)
     result = PairForward(logps=logps, tokens=int(batch.attention_mask.sum()))
     if adapter is not None:
@@ -95,12 +92,6 @@ def forward_pairs(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | No
             result.v_abs_sum = vd.abs().sum((0, 1))
             result.v_active = (vd != 0).sum((0, 1)).float()
     return result
-
-
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the model can skip the LM head at positions nobody scores (transformers >= 4.45)."""
-    import inspect
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def pair_logps(fwd: PairForward, spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor]:
