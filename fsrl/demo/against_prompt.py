@@ -59,23 +59,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
               timeout_s: float = 60.0) -> Callable[[str, str, str, bool], int | None]:
     """A judge on an OpenAI-compatible endpoint: judge(prompt, steered, base, steered_first) ->
-    1 (steered better), -1 (base better), None (no verdict). The openai client retries with
-    backoff; a request that still fails is logged with its cause and gives no verdict."""
-    try:
-        from openai import OpenAI
-    except ImportError:
-        raise FsrlError("--judge-url needs the openai package: pip install openai") from None
-    client = OpenAI(base_url=url, api_key=api_key or "none", timeout=timeout_s, max_retries=3)
+    1 (steered better), -1 (base better), None (no verdict). Asked through
+    `fsrl.features.labels.ask_chat` (the openai client, retries with backoff, a failure logged
+    with its cause)."""
+    from fsrl.features.labels import ask_chat
 
     def judge(prompt: str, steered: str, base: str, steered_first: bool) -> int | None:
         a, b = (steered, base) if steered_first else (base, steered)
-        try:
-            reply = client.chat.completions.create(model=model, temperature=0, max_tokens=4, messages=[
-                {"role": "user", "content": JUDGE_PROMPT.format(criterion=criterion, prompt=prompt, a=a, b=b)}])
-        except Exception as exc:
-            log.warning("the judge gave no verdict (%s: %s)", type(exc).__name__, exc)
-            return None
-        letter = (reply.choices[0].message.content or "").strip().upper()[:1]
+        answer = ask_chat(url, model, [{"role": "user", "content": JUDGE_PROMPT.format(
+            criterion=criterion, prompt=prompt, a=a, b=b)}], api_key, max_tokens=4, timeout_s=timeout_s)
+        letter = (answer or "").strip().upper()[:1]
         if letter not in ("A", "B"):
             return None
         return 1 if (letter == "A") == steered_first else -1
@@ -154,8 +147,7 @@ def run(args: argparse.Namespace) -> int:
     llm = None
     if args.judge_url:
         import os
-        llm = llm_judge(args.judge_url, args.judge_model, rule.summary,
-                        os.environ.get("FSRL_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY"))
+        llm = llm_judge(args.judge_url, args.judge_model, rule.summary, os.environ.get("FSRL_JUDGE_KEY"))
     report: dict[str, Any] = {
         "adapter": adapter.id, "rule": args.rule, "rule_summary": rule.summary, "instruction": rule.hint.strip(),
         "eval_set": EVAL_SET_SHA256_16, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,

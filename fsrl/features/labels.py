@@ -18,8 +18,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -102,21 +100,23 @@ def clean_label(text: str) -> str | None:
 
 
 def ask_chat(url: str, model: str, messages: list[dict[str, str]], api_key: str | None = None,
-             max_tokens: int = 24, timeout_s: float = 60.0) -> str | None:
+             max_tokens: int = 24, timeout_s: float = 60.0, retries: int = 3) -> str | None:
     """One answer from an OpenAI-compatible chat endpoint (`url` is its base, such as
-    http://host:8000/v1), greedy; None on any error. The key defaults to $FSRL_LABELER_KEY,
-    then $OPENAI_API_KEY."""
-    key = api_key or os.environ.get("FSRL_LABELER_KEY") or os.environ.get("OPENAI_API_KEY")
-    endpoint = url.rstrip("/") + "/chat/completions"
-    body = json.dumps({"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
-    request = urllib.request.Request(endpoint, data=body, headers={
-        "Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})})
+    http://host:8000/v1), greedy, through the official `openai` client (which retries with
+    backoff); None when there is still no answer, logged with its cause. The key defaults to
+    $FSRL_LABELER_KEY, then $OPENAI_API_KEY. What the labeler, the classifier and `fsrl eval`'s
+    judge send."""
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            answer = json.loads(response.read())
-        return answer["choices"][0]["message"]["content"] or ""
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        log.debug("no answer from %s (%s)", endpoint, exc)
+        from openai import OpenAI, OpenAIError
+    except ImportError:
+        raise FsrlError("asking an OpenAI-compatible endpoint needs the openai package: pip install 'fsrl[llm]'") from None
+    key = api_key or os.environ.get("FSRL_LABELER_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+    client = OpenAI(base_url=url, api_key=key, timeout=timeout_s, max_retries=retries)
+    try:
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        return reply.choices[0].message.content or ""
+    except (OpenAIError, IndexError, AttributeError) as exc:
+        log.warning("no answer from %s (%s: %s)", url, type(exc).__name__, str(exc)[:200])
         return None
 
 
