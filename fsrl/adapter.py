@@ -215,10 +215,11 @@ class FsrlAdapter(SteeringAdapter):
 
 
 class RowAdapters:
-    """Each row's adapter as row-stacked tensors, for a batch whose shapes never change (a
-    compiled decode step): row b computes v_b = activation_b((x_b - b_in_b) @ W_b + b_b), the
-    same maths as its `FsrlAdapter`. A row without an adapter holds zeros, so its v is 0.
-    Rows are written in place, so the tensors keep their addresses (CUDA graphs read them)."""
+    """Adapters as row-stacked tensors, for a graph whose shapes never change (vLLM's adapter
+    bank, `fsrl.vllm_engine.site.AdapterBank`): row k computes v = activation_k((x - b_in_k)
+    @ W_k + b_k), the same maths as its `FsrlAdapter`, for the tokens `by_slot` sends it. A row
+    without an adapter holds zeros. Rows are written in place, so the tensors keep their
+    addresses (CUDA graphs read them)."""
 
     def __init__(self, rows: int, d_in: int, d_sae: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
@@ -246,12 +247,6 @@ class RowAdapters:
             self.b_in[row].copy_(adapter.b_in)
             self.tau[row].copy_(adapter.tau)
             self.soft_threshold[row] = adapter.activation.signed
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, d_in) -> v (B, T, d_sae), row b through row b's adapter."""
-        x_in = x.to(self.W.dtype) - self.b_in[:, None, :]
-        z = torch.bmm(x_in, self.W) + self.b[:, None, :]
-        return self._activate(z, self.tau[:, None, :], self.soft_threshold[:, None, None])
 
     def by_slot(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
         """The rows as a bank of adapters: x (N, d_in) -> v (N, d_sae), token n through the

@@ -29,14 +29,14 @@ the forward has no per-row Python branching and compiles.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsrl.adapter import RowAdapters, SteeringAdapter
+from fsrl.adapter import SteeringAdapter
 from fsrl.errors import FsrlError
 from fsrl.overrides import (COMPARISONS, MAX_CONDITIONS, MAX_FEATURE_OVERRIDES, MAX_RETURN_FEATURES,
                             OPS, Condition, FeatureOverride, validate_conditions, validate_overrides)
@@ -98,7 +98,7 @@ class SteeringBatch:
     any_override: bool
     needs_f: bool                       # some clamp or set/scale/ablate reads f
     capture_top: int = 0                # >0: report the top-|d| features at the last position
-    row_adapters: RowAdapters | None = None  # instead of `adapters`: each row's own weights
+    row_adapters: Callable[[torch.Tensor], torch.Tensor] | None = None  # instead of `adapters`: v of each row
     slot_rows: tuple[torch.Tensor | None, ...] = ()  # per slot, its rows (long); None: every row
     # Conditions, as tensors like the overrides (comparison NO_CONDITION pads; index d_sae sinks).
     when_index: torch.Tensor | None = None       # (B, M) long: each override's condition feature
@@ -190,10 +190,10 @@ class SteeringRows:
     same code whatever the rows hold (one compiled graph), and each row gets what
     `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""
 
-    def __init__(self, rows: int, sae: Sae, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, row_adapters=None):
-        """`row_adapters`: what holds each row's adapter (`set_row(row, adapter)`, `tensors()`,
-        and called as `SteeringBatch.row_adapters`); default: a `RowAdapters` copy per row."""
+    def __init__(self, rows: int, sae: Sae, row_adapters, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """`row_adapters`: what holds each row's adapter (`set_row(row, adapter)`, `tensors()`):
+        in vLLM, each row's bank slot (`fsrl.vllm_engine.site.SlotTable`)."""
         self.d_sae = sae.d_sae
         width = MAX_FEATURE_OVERRIDES
         self.batch = SteeringBatch(
@@ -207,8 +207,7 @@ class SteeringRows:
             row_active=torch.zeros(rows, dtype=torch.bool, device=device),
             any_active=True, any_clamp=True, any_override=True, needs_f=True,
             capture_top=min(MAX_RETURN_FEATURES, self.d_sae),
-            row_adapters=row_adapters if row_adapters is not None
-            else RowAdapters(rows, sae.d_in, self.d_sae, device=device, dtype=dtype),
+            row_adapters=row_adapters,
             when_index=torch.full((rows, width), self.d_sae, dtype=torch.long, device=device),
             when_comparison=torch.full((rows, width), NO_CONDITION, dtype=torch.long, device=device),
             when_threshold=torch.zeros(rows, width, dtype=dtype, device=device),

@@ -144,24 +144,27 @@ def test_messages_name_the_folder_as_the_caller_does(saved):
     assert str(caught.value).startswith("a1/adapter.safetensors") and str(saved[1]) not in str(caught.value)
 
 
-def test_row_adapters_steer_each_row_as_its_adapter_would_even_a_deep_copy():
-    """The static path's row-stacked adapters give row b exactly its adapter's v; a deep copy
-    (what a device budget moves onto the device) keeps its activation."""
+def test_a_bank_row_steers_as_its_adapter_would_even_a_deep_copy_and_a_constant_push():
+    """A bank row (`RowAdapters.by_slot`) gives a token exactly its adapter's v; a deep copy (what
+    a device budget moves onto the device) keeps its activation; a constant adapter's row is b."""
     import copy
 
-    from fsrl.adapter import RowAdapters
+    from fsrl.adapter import RowAdapters, constant_adapter
 
     sae = tiny_sae()
     signed, plain = tiny_adapter(sae, activation="soft_threshold", seed=3), tiny_adapter(sae, seed=4)
-    rows = RowAdapters(3, sae.d_in, sae.d_sae)
+    pushed = constant_adapter("push", sae, "tiny", "fp", 1, {3: 2.0, 9: -1.5}, {"kind": "features"})
+    rows = RowAdapters(4, sae.d_in, sae.d_sae)
     rows.set_row(0, copy.deepcopy(signed))
     rows.set_row(1, plain)
-    x = torch.randn(3, 5, sae.d_in, generator=torch.Generator().manual_seed(0))
+    rows.set_row(3, pushed)
+    x = torch.randn(4, sae.d_in, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        v = rows(x)
+        v = rows.by_slot(x, torch.arange(4))
         assert (signed(x[0]) < 0).any()  # soft_threshold pushes down too: a relu would not match
         torch.testing.assert_close(v[0], signed(x[0]))
         torch.testing.assert_close(v[1], plain(x[1]))
+        assert torch.equal(v[3], pushed.b)
     assert v[2].abs().max() == 0  # a row without an adapter pushes nothing
 
 

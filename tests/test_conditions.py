@@ -11,7 +11,7 @@ from fsrl.errors import FsrlError
 from fsrl.generation import GenerationRequest, Generator
 from fsrl.overrides import MAX_CONDITIONS, Condition, FeatureOverride
 from fsrl.sampling import SamplingParams
-from fsrl.steering import RowSteering, SteeringBatch, SteeringRows, steer
+from fsrl.steering import RowSteering, SteeringBatch, steer
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae
 
 FP32 = dict(rtol=1e-5, atol=5e-5)  # as tests/test_steering.py: float32 against float64
@@ -106,8 +106,11 @@ def test_abort_reports_the_first_condition_that_passes_at_generated_positions_on
     assert torch.equal(out.x, x)  # conditions alone steer nothing
 
 
-def test_a_fixed_size_table_reads_conditions_as_a_built_batch_does():
-    """vLLM's table (`SteeringRows`) gives what `SteeringBatch.build` gives, conditions included."""
+def test_vllm_s_steering_site_reads_conditions_as_a_built_batch_does():
+    """vLLM's steering site (`SteeringSite`, plain torch) gives what `SteeringBatch.build` gives,
+    conditions and abort conditions included."""
+    from test_steering import through_site
+
     sae = tiny_sae()
     adapter = tiny_adapter(sae, seed=3)
     x = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(5)) * 3
@@ -116,16 +119,12 @@ def test_a_fixed_size_table_reads_conditions_as_a_built_batch_does():
     rows = [RowSteering(adapter, 0.7, [FeatureOverride(target, "set", 8.0, when=conditions_on(f, watched, "above"))],
                         abort_when=[conditions_on(f, watched, "below")], generated_from=2),
             RowSteering(None, 1.0, [FeatureOverride(9, "add", 2.0)])]
-    table = SteeringRows(3, sae)
-    table.set_row(1, rows[0])  # written, then rewritten without conditions: none may stay behind
-    for row, steering in enumerate(rows):
-        table.set_row(row, steering)
     positions = torch.arange(6).expand(3, -1)
-    got = steer(x, sae, table.batch, positions)
+    got, fired = through_site(sae, rows, x, positions, adapters=(adapter,))
     want = steer(x[:2], sae, SteeringBatch.build(rows, sae.d_sae), positions[:2])
-    torch.testing.assert_close(got.x[:2], want.x, **FP32)
-    assert torch.equal(got.fired[:2], want.fired) and (want.fired[0] >= 0).any()
-    assert (got.fired[1:] == -1).all()
+    torch.testing.assert_close(got[:2], want.x, **FP32)
+    assert torch.equal(fired[:2], want.fired) and (want.fired[0] >= 0).any()
+    assert (fired[1:] == -1).all()
 
 
 def test_conditions_are_bounded_and_checked_against_the_sae():

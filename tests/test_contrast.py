@@ -81,7 +81,7 @@ def test_a_constant_adapter_stores_its_push_alone_and_steers_as_add_ops_do(tmp_p
     rows = RowAdapters(2, 64, sae.d_sae)
     rows.set_row(0, loaded)
     rows.set_row(1, tiny_adapter(sae))
-    assert torch.equal(rows(x)[0], v[0])
+    assert torch.equal(rows.by_slot(x[0], torch.zeros(5, dtype=torch.long)), v[0])
 
 
 def test_contrast_route_ranks_features_with_statistics_labels_and_classes(client):

@@ -204,26 +204,40 @@ def test_validation_rejects_bad_overrides():
             SteeringBatch.build([RowSteering(None, 1.0, bad)], sae.d_sae)
 
 
-def test_a_fixed_size_table_steers_each_row_as_a_built_batch_does():
-    """`SteeringRows` (the fixed-shape table inside vLLM's compiled model): rows set in place,
-    one of them emptied and reused, steer each row as `SteeringBatch.build` of the same rows,
-    and an empty row leaves its residual untouched."""
-    from fsrl.steering import SteeringRows
+def through_site(sae, rows, x, positions, adapters=()):
+    """Rows (B, T) steered as vLLM's model steers them (`SteeringSite`: the adapters in its bank,
+    one table row per request, one "row" of `steer` per token); the last table row and every row
+    beyond `rows` are left empty. Returns the steered x and each token's fired feature, (B, T, ...)."""
+    from fsrl.vllm_engine.site import SteeringSite
 
+    B, T, d_in = x.shape
+    site = SteeringSite(sae, bank_slots=max(len(adapters), 1), table_rows=B, max_tokens=B * T)
+    for adapter in adapters:
+        site.load_adapter(adapter.id, adapter)
+    site.table.set_row(0, RowSteering(adapters[0]) if adapters else RowSteering(None, 1.0, [FeatureOverride(1, "add", 1.0)]))
+    site.table.set_row(0, None)  # written, then emptied: nothing of it may stay
+    for row, steering in enumerate(rows):
+        site.table.set_row(row, steering)
+    token_row = torch.arange(B)[:, None].expand(B, T).clone()
+    token_row[len(rows):] = site.empty_row
+    site.token_row.copy_(token_row.reshape(-1))
+    out = site(x.reshape(B * T, d_in), positions.reshape(-1))
+    return out.reshape(B, T, d_in), site.capture_fired.reshape(B, T)
+
+
+def test_vllm_s_steering_site_steers_each_row_as_a_built_batch_does():
+    """`SteeringSite` (the fixed-shape table inside vLLM's compiled model, plain torch): rows set
+    in place, one emptied and reused, steer each token as `SteeringBatch.build` of the same rows
+    steers it, and a token of no request leaves its residual untouched."""
     sae = tiny_sae()
-    signed = tiny_adapter(sae, activation="soft_threshold", seed=3)
-    clamped = tiny_adapter(sae, clamp_nonnegative=True, seed=4)
+    signed = tiny_adapter(sae, activation="soft_threshold", seed=3, adapter_id="signed")
+    clamped = tiny_adapter(sae, clamp_nonnegative=True, seed=4, adapter_id="clamped")
     x = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(5)) * 3
     rows = [RowSteering(signed, 0.7, [FeatureOverride(3, "set", 8.0), FeatureOverride(9, "scale", -1.5)]),
             RowSteering(clamped, 2.0, steer_from=3),
             RowSteering(None, 1.0, [FeatureOverride(5, "ablate")])]
-    table = SteeringRows(4, sae)
-    table.set_row(2, RowSteering(signed))  # written, then emptied and written again
-    table.set_row(2, None)
-    for row, steering in enumerate(rows):
-        table.set_row(row, steering)
     positions = torch.arange(6).expand(4, -1)
-    got = steer(x, sae, table.batch, positions).x
+    got, _ = through_site(sae, rows, x, positions, adapters=(signed, clamped))
     want = run_steer(x[:3], sae, rows)
     torch.testing.assert_close(got[:3], want, **FP32)
     assert torch.equal(got[3], x[3])
