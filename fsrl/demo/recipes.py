@@ -183,8 +183,22 @@ def against_prompt_section(folder: Path, recipe: Recipe, rule) -> list[str]:
         "training pairs' chosen answers from their rejected ones apart (`contrast`). Reported as measured: "
         f"the highest win rate here is `{best}`'s.", "",
         table(report), "",
+        _versus_prompt(arms), "",
         f"Every answer and verdict: `against_prompt.json`. Rebuild: `fsrl eval --adapter adapters/{recipe.id} "
         f"--rule {recipe.rule} --train {recipe.data}`.", ""]
+
+
+def _versus_prompt(arms: dict) -> str:
+    """The adapter at scale 1 against the instruction in the prompt, in words, from the figures."""
+    a, p = arms["adapter x1"], arms["prompt"]
+    apart = a["win_rate_95ci"][0] > p["win_rate_95ci"][1] or p["win_rate_95ci"][0] > a["win_rate_95ci"][1]
+    verdict = ("beats" if a["win_rate"] > p["win_rate"] else "loses to") if apart else "does not clearly beat"
+    words = (a["coherence"]["words_mean"], p["coherence"]["words_mean"])
+    ppl = (a["coherence"]["perplexity_median"], p["coherence"]["perplexity_median"])
+    return (f"The adapter at scale 1 against the instruction in the prompt: {a['win_rate']:.1%} against "
+            f"{p['win_rate']:.1%}, 95 % intervals that {'do not overlap' if apart else 'overlap'}: on this set the "
+            f"adapter {verdict} simply asking. Its answers have {words[0]} words on average against {words[1]}, at "
+            f"a median perplexity under the base model of {ppl[0]} against {ppl[1]}.")
 
 
 def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
