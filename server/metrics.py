@@ -43,6 +43,18 @@ class _EngineCollector:
         yield GaugeMetricFamily("fsrl_engine_up", "1 while the generation worker runs.", value=int(f.alive))
 
 
+class _AdapterCollector:
+    """Adapters loaded and the memory their weights hold, read at scrape time."""
+
+    def __init__(self, read: Callable[[], tuple[int, int]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator[Metric]:
+        loaded, held = self.read()
+        yield GaugeMetricFamily("fsrl_adapters_loaded", "Adapters loaded now.", value=loaded)
+        yield GaugeMetricFamily("fsrl_adapter_bytes", "Bytes the loaded adapters' weights hold.", value=held)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -62,6 +74,10 @@ class Metrics:
     def read_engine_with(self, read: Callable[[], EngineFigures]) -> None:
         """Where the engine's figures come from (set once the engine exists)."""
         self.registry.register(_EngineCollector(read))
+
+    def read_adapters_with(self, read: Callable[[], tuple[int, int]]) -> None:
+        """Where the adapter figures come from (the registry's `memory`)."""
+        self.registry.register(_AdapterCollector(read))
 
     def observe_request(self, method: str, route: str, status: int) -> None:
         self.requests.labels(method if method in METHODS else "OTHER", route, str(status)).inc()

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 
 
 
+def adapter_bytes(adapter: FsrlAdapter) -> int:
+    """What an adapter's tensors hold in memory (W, b, b_in, tau, in their dtype)."""
+    return sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
+
+
 def _shown(path: str | Path) -> str:
     """A client's path as messages show it: as given (never resolved), cut to 200 characters."""
     text = str(path)
@@ -146,7 +151,13 @@ class AdapterRegistry:
         on_device = not self.max_on_device or (held is not None and held[0] is entry)
         return {"id": entry.id, "status": "loaded" if on_device else "offloaded",
                 "metadata": entry.metadata, "parameters": entry.adapter.parameter_count(),
+                "bytes": adapter_bytes(entry.adapter), "dtype": str(entry.adapter.b.dtype).removeprefix("torch."),
                 "device": str(self.device if on_device else self.load_device)}
+
+    def memory(self) -> tuple[int, int]:
+        """(adapters loaded, bytes their weights hold where they are kept)."""
+        entries = self.entries()
+        return len(entries), sum(adapter_bytes(e.adapter) for e in entries)
 
     def resolve(self, path: str | Path) -> Path:
         """A folder under the adapters directory (symlinks and .. resolved), else 403."""

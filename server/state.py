@@ -104,6 +104,7 @@ def load_state(settings: Settings) -> ServerState:
     metrics = Metrics()
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
                     max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
+    metrics.read_adapters_with(registry.memory)
     metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry,
@@ -158,6 +159,7 @@ async def start_state(settings: Settings) -> ServerState:
     except BaseException:
         llm.shutdown()
         raise
+    metrics.read_adapters_with(registry.memory)
     metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry, engine=engine,

@@ -23,6 +23,10 @@ def test_adapters_at_start_are_the_valid_folders_and_broken_ones_are_skipped(cli
     tiny = adapters[0]
     assert tiny["status"] == "loaded" and tiny["device"] == "cpu"
     assert tiny["parameters"] == fixtures.HIDDEN[engine] * D_SAE + D_SAE
+    # W, b, b_in and tau (kept whatever the activation), float32 on the CPU
+    assert (tiny["bytes"], tiny["dtype"]) == (4 * (fixtures.HIDDEN[engine] * (D_SAE + 1) + 2 * D_SAE), "float32")
+    metrics = client.get("/metrics").text
+    assert "fsrl_adapters_loaded 1.0" in metrics and f"fsrl_adapter_bytes {float(tiny['bytes'])}" in metrics
     assert tiny["metadata"]["format"] == "fsrl-adapter" and tiny["metadata"]["d_sae"] == D_SAE
 
 
