@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from fsrl.adapter import WEIGHTS_FILE
 from fsrl.audit import ABLATED_CLASSES, BUCKETS, CONTEXTS
@@ -16,6 +17,7 @@ from fsrl.files import sha256_of
 ANALYSIS_DIR = "analysis"  # beside the adapter: where the server looks for a card
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+REPORT_TEMPLATE = "audit_report.html.j2"  # fsrl/templates/
 
 
 def write_report(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
@@ -116,12 +118,6 @@ def _sweep_plot(doc: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------- html
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "–"
@@ -147,36 +143,17 @@ def render_html(doc: dict[str, Any]) -> str:
                 for f in doc["top_features"]]
     meta = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in doc.items()
             if k in ("adapter", "model", "sae", "data", "fsrl_version")]
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font: 14px/1.45 system-ui, sans-serif; max-width: 980px; margin: 2em auto; padding: 0 1em; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 13px; }}
-th, td {{ border: 1px solid #ccc; padding: 3px 8px; text-align: left; }}
-th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} code {{ background: #f3f3f3; padding: 0 3px; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p>{doc['pairs']} preference pairs; loss <code>{html.escape(str(doc['settings']['loss']))}</code>
-(beta {_fmt(doc['settings']['beta'])}, gamma {_fmt(doc['settings']['gamma'])}); classes by
-<code>fsrl.features.classes</code>: {html.escape(', '.join(f'{k} {v}' for k, v in doc['class_sizes'].items()))}.</p>
-{_table(['', ''], meta)}
-<h2>(e) Evaluation</h2>
-{_table(['', 'value'], [['eval loss (no L1)', ev['loss']],
-                        [f"eval loss + {_fmt(ev['l1_coefficient'])} × mean ||v||₁", ev['loss_with_l1']],
-                        ['mean ||v||₁ per token', ev['mean_l1']], ['accuracy', ev['accuracy']],
-                        ['mean L0 of v', ev['mean_l0']], ['mean L0 / SAE width', s['mean_l0_share_of_width']],
-                        ['base model loss', ev['base_loss']], ['base model accuracy', ev['base_accuracy']]])}
-<h2>(a) Usage by context</h2>
-<img alt="usage by class" src="{_usage_plot(doc['usage'])}">
-{_table(['context', 'class', 'steered entries', 'steered share', 'SAE base rate', 'relative change',
-         'p (binomial)', 'share of width', 'share of |v| mass'], usage_rows)}
-<h2>(b) Top steered features</h2>
-{_table(['index', 'label', 'class', 'mean |v|', 'mean v', 'active share'], top_rows)}
-<h2>(c) Ablations</h2>
-<img alt="ablations" src="{_ablation_plot(doc)}">
-{_table(['variant', 'seed', 'features zeroed', 'loss', 'accuracy', 'mean L0'], ablation_rows)}
-<h2>(d) Steering fraction</h2>
-<img alt="steering fraction sweep" src="{_sweep_plot(doc)}">
-{_table(['fraction kept', 'loss', 'accuracy', 'mean L0'], sweep_rows)}
-</body></html>
-"""
+    evaluation = [["eval loss (no L1)", ev["loss"]],
+                  [f"eval loss + {_fmt(ev['l1_coefficient'])} × mean ||v||₁", ev["loss_with_l1"]],
+                  ["mean ||v||₁ per token", ev["mean_l1"]], ["accuracy", ev["accuracy"]],
+                  ["mean L0 of v", ev["mean_l0"]], ["mean L0 / SAE width", s["mean_l0_share_of_width"]],
+                  ["base model loss", ev["base_loss"]], ["base model accuracy", ev["base_accuracy"]]]
+    # jinja2 escapes every value it puts in the page (autoescape): labels and ids are text.
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fsrl", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    env.filters["fmt"] = _fmt
+    return env.get_template(REPORT_TEMPLATE).render(
+        title=title, doc=doc, meta=meta, evaluation=evaluation, usage_rows=usage_rows, top_rows=top_rows,
+        ablation_rows=ablation_rows, sweep_rows=sweep_rows,
+        class_sizes=", ".join(f"{k} {v}" for k, v in doc["class_sizes"].items()),
+        plots={"usage": _usage_plot(doc["usage"]), "ablations": _ablation_plot(doc), "sweep": _sweep_plot(doc)})

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -200,3 +201,19 @@ def test_settings_take_the_adapters_own_loss_and_lambda_unless_a_flag_overrides_
     kept = AuditSettings.for_adapter(adapter, l1=None, batch_size=2)  # --l1 not given
     assert (kept.loss, kept.beta, kept.l1, kept.max_length, kept.batch_size) == ("dpo", 0.2, 0.05, 128, 2)
     assert AuditSettings.for_adapter(adapter, l1=0.5).l1 == 0.5
+
+
+def test_the_report_page_is_its_template_filled_and_escapes_what_it_shows():
+    """report.html comes from fsrl/templates/audit_report.html.j2 (jinja2, autoescaped): a label
+    or an id that holds markup is shown as text."""
+    import json as _json
+
+    from fsrl.audit_report import render_html
+
+    doc = _json.loads((Path(__file__).resolve().parents[1] / "adapters" / "concise" / "analysis" / "report.json").read_text())
+    doc["top_features"][0]["label"] = '<img src=x onerror="alert(1)">'
+    doc["adapter"]["id"] = "<b>bold</b>"
+    page = render_html(doc)
+    assert "<img src=x" not in page and "&lt;img src=x onerror=" in page
+    assert "<title>fsrl analyze: &lt;b&gt;bold&lt;/b&gt;</title>" in page
+    assert page.count('<img alt="') == 3 and page.count("<table>") == 6  # meta, evaluation, (a) to (d)
