@@ -1,6 +1,6 @@
 """Shared by the load and fuzz scripts: a tiny random setup and a server process on loopback.
 
-Both use the builders the tests use (`fsrl/testing.py`), so the scripts need no network and no
+Both use the builders the tests use (`fsrl/testing/__init__.py`), so the scripts need no network and no
 weights beyond what they make themselves.
 """
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from fsrl.server_process import ServerProcess
+from fsrl.testing.server_process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 BEFORE = "dacd93e^"  # the commit before "each distinct adapter runs on its own rows only"

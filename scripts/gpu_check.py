@@ -18,7 +18,7 @@ that hangs or fails still leaves the others' results:
   serving-setup  a random model (512 wide, 8 layers; the tests' character tokenizer), a 4,096-
                  feature SAE and two synthetic adapters, written to a temporary folder
   serving        fsrl bench --serving on them: `fsrl serve` under 1-16 concurrent clients
-  vllm           python -m fsrl.vllm_engine.check: steering inside vLLM's compiled model against
+  vllm           python -m fsrl.testing.vllm_check: steering inside vLLM's compiled model against
                  fsrl's own engine, token for token (tiny model), when the machine has vLLM (its
                  CUDA wheel, ~400 MB, cannot travel in a device call's 64 MiB); skipped otherwise
   vllm-bench     fsrl bench --engine vllm on the random Llama-3.2-1B shape (bf16, 16k SAE): stock
@@ -64,7 +64,7 @@ PROBES = {
     "bench": ["pydantic", "safetensors"],
     "serving-setup": ["pydantic", "safetensors", "httpx", "tokenizers"],
     "serving": ["fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client", "httpx"],
-    "vllm": ["vllm", "safetensors"],
+    "vllm": ["vllm", "safetensors", "httpx"],  # the check lives in fsrl.testing, which imports httpx
     "vllm-bench": ["vllm", "safetensors", "pydantic"],
 }
 PROBE = ("import importlib, json, sys\n"
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             check.skip("vllm-bench", "not asked for (--vllm)")
         else:
             vllm_json = out / "vllm-check.json"
-            check.step("vllm", [sys.executable, "-m", "fsrl.vllm_engine.check", "--root", str(scratch / "vllm"),
+            check.step("vllm", [sys.executable, "-m", "fsrl.testing.vllm_check", "--root", str(scratch / "vllm"),
                                 "--json", str(vllm_json)], PROBES["vllm"])
             if vllm_json.exists():
                 report["vllm"] = json.loads(vllm_json.read_text())

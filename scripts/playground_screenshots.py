@@ -4,7 +4,7 @@
 
 Without --url it starts `fsrl serve` on the default model with the shipped adapters (CPU,
 loopback, a free port) and stops it by its PID. Drives Debian's chromium headless through
-Playwright (fsrl/testing.py), as the playground's tests do. On two CPU cores it takes a few
+Playwright (fsrl/testing/__init__.py), as the playground's tests do. On two CPU cores it takes a few
 minutes, most of it generation.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fsrl.server_process import ServerProcess
+from fsrl.testing.server_process import ServerProcess
 from fsrl.testing import browser_missing, headless_chromium
 
 REPO = Path(__file__).resolve().parents[1]

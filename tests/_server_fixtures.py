@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import pytest
 
-from fsrl.server_process import ServerProcess, free_port
+from fsrl.testing.server_process import ServerProcess, free_port
 from fsrl.testing import TinySetup, serving, tiny_server_args, write_tiny_setup
 from server.cli import HTTP_PARSER
 

@@ -126,3 +126,29 @@ def test_the_http_edge_is_a_leaf_that_loads_no_torch_and_no_engine():
     run = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+TOOLING = ("fsrl.testing", "fsrl.bench")        # test builders and checks; benchmarks
+TOOLING_ONLY = ("httpx", "playwright")           # what only the tooling needs (the `tools` extra)
+
+
+def test_the_runtime_never_imports_the_tooling_or_what_only_the_tooling_needs():
+    """`pip install fsrl` serves and trains: no module outside fsrl.testing and fsrl.bench imports
+    them, nor httpx or playwright (which only they declare, in the `tools` extra)."""
+    found = []
+    for name, path in modules().items():
+        if name.startswith(TOOLING):
+            continue
+        names, _ = imported_names(name, path)
+        found += [f"{name} imports {n}" for n in names
+                  if n.startswith(TOOLING) or n.split(".")[0] in TOOLING_ONLY]
+    assert found == []
+    assert {n for n in modules() if n.startswith(TOOLING)} >= {"fsrl.testing", "fsrl.testing.server_process",
+                                                              "fsrl.testing.vllm_check", "fsrl.bench", "fsrl.bench.vllm"}
+
+
+def test_the_tooling_check_sees_a_runtime_module_that_imports_the_tooling(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import httpx\n    from fsrl.testing import tiny_sae\n")
+    names, _ = imported_names("fsrl.m", module)
+    assert "httpx" in names and any(n.startswith(TOOLING) for n in names)

@@ -13,7 +13,7 @@ from fsrl.adapter import META_FILE, load_adapter, save_adapter
 from fsrl.errors import MismatchError
 from fsrl.generation import Generator
 from fsrl.sae import SAE_CFG_FILE, load_sae, save_sae
-from fsrl.server_process import free_port
+from fsrl.testing.server_process import free_port
 from fsrl.sites import Site, UnsteerableSiteError, attach, parse_hook_name
 from fsrl.testing import tiny_adapter, tiny_base, tiny_sae, write_tiny_setup
 

@@ -161,7 +161,7 @@ def test_two_processes_train_the_adapter_a_single_process_trains_on_the_same_glo
     import subprocess
     import sys
 
-    from fsrl.server_process import free_port
+    from fsrl.testing.server_process import free_port
 
     base, sae = tiny_base(), tiny_sae(layer=LAYER)
     model_dir, sae_dir = save_tiny(tmp_path, base, sae)

@@ -1,5 +1,5 @@
 """Steering inside vLLM's compiled model (fsrl/vllm_engine), token for token against fsrl's own
-Generator (fp32, greedy). Each check runs `python -m fsrl.vllm_engine.check` in a process of its
+Generator (fp32, greedy). Each check runs `python -m fsrl.testing.vllm_check` in a process of its
 own: vLLM starts processes (engine core, workers) that must not re-run the test module."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow,
 def _check(tmp_path: Path, *flags: str, env: dict | None = None) -> tuple[int, dict, str, str]:
     """The check's exit code, its JSON, the tail of its output (for messages) and its whole table."""
     out = tmp_path / "check.json"
-    done = subprocess.run([sys.executable, "-m", "fsrl.vllm_engine.check", "--root", str(tmp_path / "setup"),
+    done = subprocess.run([sys.executable, "-m", "fsrl.testing.vllm_check", "--root", str(tmp_path / "setup"),
                            "--json", str(out), *flags], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})})
     log = done.stdout[-4000:] + done.stderr[-4000:]
@@ -76,7 +76,7 @@ def test_the_vllm_bench_measures_every_mode_on_a_random_shape(tmp_path):
     temporary folder, stock and steered vLLM and fsrl's engine in the same rounds, every mode
     measured (eager, for a fast start)."""
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "fsrl.vllm_engine.bench", "--random-shapes", "tiny",
+    done = subprocess.run([sys.executable, "-m", "fsrl.bench.vllm", "--random-shapes", "tiny",
                            "--device", "cpu", "--eager", "--batches", "1,4", "--new-tokens", "4",
                            "--repeats", "1", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
                           timeout=900)

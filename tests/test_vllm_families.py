@@ -55,7 +55,7 @@ def cases(tmp_path_factory):
                                            "prompt": PROMPT, "overrides": [[o.index, o.op, o.value] for o in OVERRIDES],
                                            "max_tokens": NEW_TOKENS}
     (root / "cases.json").write_text(json.dumps(list(written.values())))
-    done = subprocess.run([sys.executable, "-m", "fsrl.vllm_engine.families", str(root / "cases.json"),
+    done = subprocess.run([sys.executable, "-m", "fsrl.testing.vllm_families", str(root / "cases.json"),
                            str(root / "out.json")], cwd=REPO, capture_output=True, text=True, timeout=1200,
                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

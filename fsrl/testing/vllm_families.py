@@ -3,7 +3,7 @@ wrote to disk (tests/test_vllm_families.py): each case a transformers folder, an
 one clamp. Runs in a process of its own (vLLM starts processes that must not re-run a caller's
 module), one engine per case, one after another.
 
-    python -m fsrl.vllm_engine.families CASES.json OUT.json [--compiled]
+    python -m fsrl.testing.vllm_families CASES.json OUT.json [--compiled]
 
 CASES.json: [{"name", "model", "sae", "prompt": [ids], "overrides": [[index, op, value]],
 "max_tokens"}]. OUT.json: {name: {"prompt_logprobs": [...], "tokens": [...], "start_s"}}.
@@ -45,7 +45,7 @@ def run_case(case: dict, compiled: bool) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsrl.vllm_engine.families")
+    parser = argparse.ArgumentParser(prog="python -m fsrl.testing.vllm_families")
     parser.add_argument("cases", type=Path)
     parser.add_argument("out", type=Path)
     parser.add_argument("--compiled", action="store_true", help="compile (default: enforce_eager)")

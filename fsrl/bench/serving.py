@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     adapters_dir = Path(args.adapters_dir)
     if not any(adapters_dir.glob("*/adapter.json")):
         raise FsrlError(f"no adapters in {adapters_dir}; pass --adapters-dir DIR")
-    from fsrl.server_process import ServerProcess
+    from fsrl.testing.server_process import ServerProcess
 
     # --engine vllm measures the vLLM engine beside the default one, two servers, one run.
     engines = ["transformers", "vllm"] if args.engine == "vllm" else ["transformers"]

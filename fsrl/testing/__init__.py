@@ -25,7 +25,7 @@ import torch
 from fsrl.adapter import FsrlAdapter, new_adapter, save_adapter
 from fsrl.models import BaseModel, model_fingerprint
 from fsrl.sae import Sae, random_sae, save_sae
-from fsrl.server_process import ServerProcess
+from fsrl.testing.server_process import ServerProcess
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
@@ -195,7 +195,7 @@ def write_bench_setup(root: Path, hidden: int = 64, n_layers: int = 2, d_sae: in
     """A random model of the given shape with the tiny tokenizer, a random top-k SAE and
     `adapters` synthetic adapters (about `l0` features firing a token, `fsrl bench`'s kind):
     what `fsrl bench --serving` serves on a machine with no model to download (gpu_check.py)."""
-    from fsrl.bench_setup import calibration_activations, synthetic_adapter
+    from fsrl.bench.shapes import calibration_activations, synthetic_adapter
 
     model_dir, sae_dir, adapters_dir = root / "model", root / "sae", root / "adapters"
     model, tokenizer = tiny_model(n_layers=n_layers, hidden=hidden), tiny_tokenizer()

@@ -2,7 +2,7 @@
 (fp32, greedy): unsteered, each adapter, clamps of every op, mixed rows in one batch, each case
 alone, rows joining a running batch, and every case joining one engine at a random step.
 
-    python -m fsrl.vllm_engine.check [--default] [--eager] [--tp 2] [--stock] [--json OUT]
+    python -m fsrl.testing.vllm_check [--default] [--eager] [--tp 2] [--stock] [--json OUT]
 
 Without --default: a tiny random Llama built on the spot (4 heads / 2 KV heads of 32: vLLM's
 CPU attention takes no head size under 32), a top-k SAE and two adapters (`a` relu, `b`
@@ -279,7 +279,7 @@ def report(got: dict, ref: dict, counters: list, eager: bool) -> tuple[list[str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fsrl.vllm_engine.check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fsrl.testing.vllm_check", description=__doc__.splitlines()[0])
     ap.add_argument("--default", action="store_true", help="the default model, SAE and shipped adapters")
     ap.add_argument("--adapters-dir", type=Path, default=Path("adapters"), help="with --default (default: adapters)")
     ap.add_argument("--root", type=Path, default=Path("/tmp/fsrl-vllm-check"), help="where the tiny setup is written")

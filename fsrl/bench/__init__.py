@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fsrl.bench_setup import RANDOM_SHAPES, calibration_activations, random_model, synthetic_adapter
+from fsrl.bench.shapes import RANDOM_SHAPES, calibration_activations, random_model, synthetic_adapter
 
 MODES = ("base", "adapter", "adapter+8")
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec("vllm") is None:
             raise FsrlError("--engine vllm needs vLLM installed in this environment (`make vllm`)")
     if args.engine == "vllm" and not args.serving:
-        from fsrl.vllm_engine import bench as vllm_bench
+        from fsrl.bench import vllm as vllm_bench
 
         args.out = args.out or "bench-results/vllm-bench.json"
         args.new_tokens = args.new_tokens or 64
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         args.batches, args.eager = args.batch_sizes, False
         return vllm_bench.run(args)
     if args.serving:
-        from fsrl import bench_serving
+        from fsrl.bench import serving as bench_serving
 
         args.out = args.out or "bench-results/bench-serving.json"
         args.new_tokens = args.new_tokens or 32

@@ -98,7 +98,7 @@ def random_setup(args: argparse.Namespace, root: Path) -> BenchSetup:
     import torch
 
     from fsrl.adapter import save_adapter
-    from fsrl.bench_setup import random_model
+    from fsrl.bench.shapes import random_model
     from fsrl.models import resolve_device
     from fsrl.sae import save_sae
 
@@ -242,7 +242,7 @@ def _fsrl_modes(setup: BenchSetup, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsrl.vllm_engine.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fsrl.bench.vllm", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
