@@ -38,7 +38,7 @@ from fsrl.analysis import FeaturePush, top_features
 from fsrl.features.classes import CLASSES
 from fsrl.train.config import TrainConfig
 from fsrl.train.data import PreferenceDataset
-from fsrl.train.trainer import EvalResult, Setup, evaluate
+from fsrl.train.trainer import EvalResult, TrainingSetup, evaluate
 
 BUCKETS = (*CLASSES, "unclassified")
 CONTEXTS = ("prompt", "prompt+chosen", "prompt+rejected")
@@ -149,7 +149,7 @@ def bucket_of_features(classes: dict[int, str], d_sae: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def usage_counts(setup: Setup, adapter: FsrlAdapter, dataset: PreferenceDataset, classes: dict[int, str],
+def usage_counts(setup: TrainingSetup, adapter: FsrlAdapter, dataset: PreferenceDataset, classes: dict[int, str],
                  batch_size: int, tick: Callable[[], None] = lambda: None) -> UsageCounts:
     """(a)'s counts over every pair of `dataset` (prompt tokens are counted once, from the
     chosen row: causal attention makes them the same in the rejected row)."""
@@ -288,7 +288,7 @@ class AuditReport:
                 **{k: v for k, v in asdict(self).items() if k != "meta"}}
 
 
-def audit(setup: Setup, adapter: FsrlAdapter, dataset: PreferenceDataset, classes: dict[int, str],
+def audit(setup: TrainingSetup, adapter: FsrlAdapter, dataset: PreferenceDataset, classes: dict[int, str],
           settings: AuditSettings, progress: bool = True) -> AuditReport:
     """(a)-(e) for `adapter` over `dataset` (see the module docstring)."""
     from tqdm.auto import tqdm
@@ -341,7 +341,7 @@ def audit(setup: Setup, adapter: FsrlAdapter, dataset: PreferenceDataset, classe
                        ablations=ablations, sweep=sweep)
 
 
-def _evaluate_ticking(setup: Setup, adapter, dataset: PreferenceDataset, cfg: TrainConfig, bar) -> EvalResult:
+def _evaluate_ticking(setup: TrainingSetup, adapter, dataset: PreferenceDataset, cfg: TrainConfig, bar) -> EvalResult:
     """`evaluate` over the whole dataset, advancing the progress bar once per batch."""
     result = evaluate(setup.base, setup.hook, adapter, dataset, cfg)
     bar.update(math.ceil(len(dataset) / (cfg.eval_batch_size or cfg.batch_size)))

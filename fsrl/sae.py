@@ -37,11 +37,11 @@ def default_sae_dir() -> Path:
     return Path(__file__).parent / "default_sae"
 
 
-def _relu(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
+def _relu_code(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
     return torch.relu(pre)
 
 
-def _topk(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
+def _topk_code(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
     values, indices = pre.topk(sae.k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
@@ -51,10 +51,10 @@ def _jumprelu(pre: torch.Tensor, sae: "Sae") -> torch.Tensor:
 
 
 # architecture string in cfg.json -> activation; resolved once at load.
-ACTIVATIONS: dict[str, Callable[[torch.Tensor, "Sae"], torch.Tensor]] = {
-    "standard": _relu,
-    "relu": _relu,
-    "topk": _topk,
+SAE_ACTIVATIONS: dict[str, Callable[[torch.Tensor, "Sae"], torch.Tensor]] = {
+    "standard": _relu_code,
+    "relu": _relu_code,
+    "topk": _topk_code,
     "jumprelu": _jumprelu,
 }
 
@@ -94,9 +94,9 @@ class Sae(nn.Module):
                  b_dec: torch.Tensor, architecture: str, info: SaeInfo, k: int | None = None,
                  threshold: torch.Tensor | None = None, apply_b_dec_to_input: bool = True):
         super().__init__()
-        if architecture not in ACTIVATIONS:
+        if architecture not in SAE_ACTIVATIONS:
             raise FsrlError(f"unsupported SAE architecture {architecture!r}; "
-                            f"supported: {', '.join(sorted(ACTIVATIONS))}")
+                            f"supported: {', '.join(sorted(SAE_ACTIVATIONS))}")
         self.register_buffer("W_enc", W_enc)  # (d_in, d_sae)
         self.register_buffer("b_enc", b_enc)  # (d_sae,)
         self.register_buffer("W_dec", W_dec)  # (d_sae, d_in)
@@ -104,7 +104,7 @@ class Sae(nn.Module):
         self.register_buffer("threshold", threshold if threshold is not None
                              else torch.zeros_like(b_enc))
         self.architecture = architecture
-        self._activation = ACTIVATIONS[architecture]
+        self._activation = SAE_ACTIVATIONS[architecture]
         self.k = k
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.info = info

@@ -13,7 +13,9 @@ Layout (FastAPI full-stack template, vLLM-style layers):
     render.py, openai_render.py  results -> the contract's JSON and OpenAI's shapes
     serving.py   a request's journey: tokenise, resolve adapter, build rows, collect results
     model_thread.py  the one thread that runs the model (torch's threads held there)
-    engine.py    runs generation off the event loop (async face; batching engine later)
+    engine.py    the engine face (GenerationEngine) and fsrl's own: continuous batching on the model thread
+    vllm_engine.py  the same face over vLLM (--engine vllm)
+    contrasts.py  feature contrasts and constant adapters
     registry.py  adapters: load at start, hot swap by reference
     routes/      thin handlers, one file per resource
 """

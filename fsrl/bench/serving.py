@@ -36,8 +36,10 @@ PROMPTS = ["Tell me about the water cycle.", "How do bees make honey?", "Explain
 
 
 def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    """The q-quantile (0 < q < 1, in hundredths) of `values`: statistics.quantiles' own."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def mixed_requests(adapters: list[str], n: int, new_tokens: int, steered: bool = True) -> list[dict]:

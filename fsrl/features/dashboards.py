@@ -148,7 +148,7 @@ def iter_contexts(tokenizer, documents: Iterable[str], context_size: int) -> Ite
 
 
 @torch.no_grad()
-def _features_at(base: BaseModel, sae: Sae, layer: int, batch: list[list[int]], pad_id: int
+def _batch_features(base: BaseModel, sae: Sae, layer: int, batch: list[list[int]], pad_id: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAE features at the hook layer for a batch of contexts (right-padded), the ids, the mask
     of real positions and the residual itself; the model runs only up to the hook layer."""
@@ -190,7 +190,7 @@ def build(base: BaseModel, sae: Sae, layer: int, documents: Iterable[str], corpu
     since_checkpoint = 0
 
     def run(contexts: list[list[int]]) -> None:
-        f, ids, mask, x = _features_at(base, sae, layer, contexts, pad_id)
+        f, ids, mask, x = _batch_features(base, sae, layer, contexts, pad_id)
         valid = mask.clone()
         valid[:, 0] = False  # position 0 carries an outlier norm; SAEs train without it
         if special:

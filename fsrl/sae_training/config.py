@@ -46,7 +46,7 @@ class SaeTrainConfig:
 # Architectures: name -> sae-lens training config (resolved once)
 
 
-def _topk(cfg: SaeTrainConfig, d_in: int, device: str):
+def _topk_sae(cfg: SaeTrainConfig, d_in: int, device: str):
     from sae_lens import TopKTrainingSAEConfig
 
     return TopKTrainingSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, device=device,
@@ -85,7 +85,7 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (
-    Architecture("topk", _topk, uses_k=True),
+    Architecture("topk", _topk_sae, uses_k=True),
     Architecture("batchtopk", _batchtopk, uses_k=True),
     Architecture("standard", _standard, uses_k=False),
     Architecture("jumprelu", _jumprelu, uses_k=False),

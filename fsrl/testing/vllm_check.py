@@ -33,7 +33,7 @@ LOGPROBS: list = []
 
 
 @dataclass(frozen=True)
-class Setup:
+class CheckSetup:
     """What the check runs on: the adapter `first` is stacked in the bank when the model is
     built, `second` is loaded into it after the engine has started (and compiled)."""
 
@@ -48,7 +48,7 @@ class Setup:
     clamp_scale: float = 1.0   # `set` and `add` values of the cases are multiplied by this
 
 
-def tiny_setup(root: Path) -> Setup:
+def tiny_setup(root: Path) -> CheckSetup:
     """Tiny model (hidden 128: head size 32), character tokenizer, top-k SAE at layer 1, two
     adapters: `a` (relu) and `b` (soft_threshold, clamps fused features at zero)."""
     from fsrl.adapter import save_adapter
@@ -68,7 +68,7 @@ def tiny_setup(root: Path) -> Setup:
                                   clamp_nonnegative=True), paths["b"])
         (root / "done").write_text("ok")
     prompts = [[1] + [3 + (7 * i + j) % 95 for j in range(5 + 3 * i)] for i in range(4)]
-    return Setup(str(paths["model"]), str(paths["sae"]), layer, ("a", str(paths["a"])),
+    return CheckSetup(str(paths["model"]), str(paths["sae"]), layer, ("a", str(paths["a"])),
                  ("b", str(paths["b"])), prompts, new_tokens=16, max_model_len=256)
 
 
@@ -76,7 +76,7 @@ DEFAULT_PROMPTS = ("Tell me about the moon.", "Give me three tips for sleeping b
                    "What is a prime number?", "Write a haiku about rain.")
 
 
-def default_setup(adapters_dir: Path) -> Setup:
+def default_setup(adapters_dir: Path) -> CheckSetup:
     """The embedded default model, the shipped SAE and the shipped adapters."""
     from transformers import AutoTokenizer
 
@@ -89,7 +89,7 @@ def default_setup(adapters_dir: Path) -> Setup:
     prompts = [chat_ids(tokenizer, text) for text in DEFAULT_PROMPTS]
     layer = load_sae(default_sae_dir()).info.layer
     # Its residual stream at the SAE's layer is ~150 in norm: a clamp of 8 moves no token.
-    return Setup(str(model), str(default_sae_dir()), layer, ("concise", str(adapters_dir / "concise")),
+    return CheckSetup(str(model), str(default_sae_dir()), layer, ("concise", str(adapters_dir / "concise")),
                  ("bullets", str(adapters_dir / "bullets")), prompts, new_tokens=24, max_model_len=512,
                  clamp_scale=10.0)
 
@@ -109,16 +109,16 @@ CASES = {
 }
 
 
-def _adapter_id(setup: Setup, spec: dict) -> str | None:
+def _adapter_id(setup: CheckSetup, spec: dict) -> str | None:
     role = spec.get("adapter")
     return None if role is None else getattr(setup, role)[0]
 
 
-def _overrides(setup: Setup, spec: dict) -> list[tuple[int, str, float]]:
+def _overrides(setup: CheckSetup, spec: dict) -> list[tuple[int, str, float]]:
     return [(i, op, v * setup.clamp_scale if op in ("set", "add") else v) for i, op, v in spec.get("overrides", ())]
 
 
-def fsrl_reference(setup: Setup) -> dict[str, list[int]]:
+def fsrl_reference(setup: CheckSetup) -> dict[str, list[int]]:
     """Each case's tokens from fsrl's Generator, one row at a time (rows are independent)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -151,7 +151,7 @@ def fsrl_reference(setup: Setup) -> dict[str, list[int]]:
     return out
 
 
-def vllm_tokens(setup: Setup, eager: bool, tp: int, steered: bool,
+def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool,
                 drop_steering: bool = False) -> tuple[dict[str, list[int]], float, float, list]:
     """Every case in one `generate` call (one batch), then each case alone, then rows joining a
     running batch; start time, the batch's wall time and each rank's counters."""

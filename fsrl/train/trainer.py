@@ -208,14 +208,14 @@ class Dist:
 # ------------------------------------------------------------------------------- training
 
 @dataclass
-class Setup:
+class TrainingSetup:
     base: BaseModel
     sae: Sae
     layer: int
     hook: SteeringHook
 
 
-def load_setup(cfg: TrainConfig, dist: Dist) -> Setup:
+def load_setup(cfg: TrainConfig, dist: Dist) -> TrainingSetup:
     device = resolve_device(cfg.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
@@ -227,7 +227,7 @@ def load_setup(cfg: TrainConfig, dist: Dist) -> Setup:
     return bind_setup(base, sae, cfg.layer)
 
 
-def bind_setup(base: BaseModel, sae: Sae, layer: int | None) -> Setup:
+def bind_setup(base: BaseModel, sae: Sae, layer: int | None) -> TrainingSetup:
     """Check that the SAE fits the model and attach the steering hook at the SAE's site."""
     if layer is not None and sae.info.layer is not None and sae.info.layer != layer:
         raise FsrlError(f"SAE {sae.info.name} was trained at layer {sae.info.layer}, not {layer}")
@@ -235,7 +235,7 @@ def bind_setup(base: BaseModel, sae: Sae, layer: int | None) -> Setup:
     if sae.d_in != base.d_model:
         raise FsrlError(f"SAE {sae.info.name} reads d_in={sae.d_in}, but model {base.name} "
                         f"has d_model={base.d_model}")
-    return Setup(base=base, sae=sae, layer=site.layer, hook=SteeringHook(base.layers, site, sae))
+    return TrainingSetup(base=base, sae=sae, layer=site.layer, hook=SteeringHook(base.layers, site, sae))
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -289,7 +289,7 @@ class TrainingRun:
 
     cfg: TrainConfig
     dist: Dist
-    setup: Setup
+    setup: TrainingSetup
     out: Path
     train_set: PreferenceDataset
     eval_set: PreferenceDataset
@@ -304,7 +304,7 @@ class TrainingRun:
     recent: list[StepStats] = field(default_factory=list)
 
 
-def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
+def train(cfg: TrainConfig, setup: TrainingSetup | None = None) -> TrainResult:
     """Train one adapter as `cfg` says; write it (with its summary) to cfg.out."""
     run = start_run(cfg, setup)
     train_seconds = _train_steps(run)
@@ -317,7 +317,7 @@ def train(cfg: TrainConfig, setup: Setup | None = None) -> TrainResult:
     return TrainResult(adapter=run.adapter, summary=summary, out=run.out)
 
 
-def start_run(cfg: TrainConfig, setup: Setup | None = None) -> TrainingRun:
+def start_run(cfg: TrainConfig, setup: TrainingSetup | None = None) -> TrainingRun:
     """Data, model, schedule, a fresh adapter and its optimiser; then the checkpoint to resume
     from, or else the evaluation at step 0 (the base model)."""
     dist = Dist()
