@@ -163,7 +163,7 @@ def write_readme(recipe: Recipe, root: Path = Path(".")) -> Path:
     return path
 
 
-def against_prompt_section(folder: Path, recipe: Recipe, rule) -> list[str]:
+def against_prompt_section(folder: Path, recipe: Recipe, rule, scale: float) -> list[str]:
     """The prompt-baseline table of `fsrl eval` (`against_prompt.json`), when the folder has one."""
     path = folder / "against_prompt.json"
     if not path.exists():
@@ -183,19 +183,21 @@ def against_prompt_section(folder: Path, recipe: Recipe, rule) -> list[str]:
         "training pairs' chosen answers from their rejected ones apart (`contrast`). Reported as measured: "
         f"the highest win rate here is `{best}`'s.", "",
         table(report), "",
-        _versus_prompt(arms), "",
+        _versus_prompt(arms, scale), "",
         f"Every answer and verdict: `against_prompt.json`. Rebuild: `fsrl eval --adapter adapters/{recipe.id} "
         f"--rule {recipe.rule} --train {recipe.data}`.", ""]
 
 
-def _versus_prompt(arms: dict) -> str:
-    """The adapter at scale 1 against the instruction in the prompt, in words, from the figures."""
-    a, p = arms["adapter x1"], arms["prompt"]
+def _versus_prompt(arms: dict, scale: float) -> str:
+    """The adapter at its shipped scale against the instruction in the prompt, in words, from the
+    figures."""
+    a, p = arms.get(f"adapter x{scale:g}", arms["adapter x1"]), arms["prompt"]
+    scale = scale if f"adapter x{scale:g}" in arms else 1.0
     apart = a["win_rate_95ci"][0] > p["win_rate_95ci"][1] or p["win_rate_95ci"][0] > a["win_rate_95ci"][1]
     verdict = ("beats" if a["win_rate"] > p["win_rate"] else "loses to") if apart else "does not clearly beat"
     words = (a["coherence"]["words_mean"], p["coherence"]["words_mean"])
     ppl = (a["coherence"]["perplexity_median"], p["coherence"]["perplexity_median"])
-    return (f"The adapter at scale 1 against the instruction in the prompt: {a['win_rate']:.1%} against "
+    return (f"The adapter at scale {scale:g} (its figures above) against the instruction in the prompt: {a['win_rate']:.1%} against "
             f"{p['win_rate']:.1%}, 95 % intervals that {'do not overlap' if apart else 'overlap'}: on this set the "
             f"adapter {verdict} simply asking. Its answers have {words[0]} words on average against {words[1]}, at "
             f"a median perplexity under the base model of {ppl[0]} against {ppl[1]}.")
@@ -253,7 +255,7 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
            f"| win rate on {sel['prompts']} training prompts | "
            + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |", ""]
           if (sel := ev.get("scale_selection")) else []),
-        *against_prompt_section(folder, recipe, rule),
+        *against_prompt_section(folder, recipe, rule, ev["scale"]),
         "## The L1 sweep", "",
         f"One adapter per L1 coefficient, the same recipe otherwise ({recipe.epochs} "
         f"epoch{'s' if recipe.epochs != 1 else ''} each); shipped: the smallest lambda whose "
