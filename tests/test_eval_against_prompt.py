@@ -62,7 +62,7 @@ def test_fsrl_eval_runs_every_arm_against_base_and_writes_the_table(tmp_path):
 
     with ServedClient(stub_judge_app("B", [])) as stub:
         code = main(["eval", "--adapter", str(REPO / "adapters" / "concise"), "--rule", "concise",
-                     "--train", str(REPO / "data" / "demo" / "concise" / "heldout.jsonl"), "--limit", "2",
+                     "--train", str(REPO / "data" / "demo" / "concise" / "heldout.jsonl"), "--limit", "2", "--pairs", "6",
                      "--max-new-tokens", "8", "--out", str(tmp_path), "--judge-url", f"{stub.base_url}/v1",
                      "--judge-model", "stub"])
     assert code == 0

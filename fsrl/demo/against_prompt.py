@@ -50,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="its training pairs (JSON Lines): the contrast arm reads their chosen and rejected answers")
     parser.add_argument("--out", type=Path, help="where against_prompt.json/.md go (default: the adapter folder)")
     parser.add_argument("--limit", type=int, help="the first N evaluation prompts only (a quick look, not a figure)")
+    parser.add_argument("--pairs", type=int, help="the first N training pairs only, for the contrast (a quick look)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--judge-url", help="an OpenAI-compatible API also judges each arm against base")
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter, sae=sae, layer=site.layer, base_model_fingerprint=base.fingerprint)
 
     # The contrast arm: chosen vs rejected answers of the training pairs, each in its conversation.
-    pairs = load_pairs(args.train)
+    pairs = load_pairs(args.train, limit=args.pairs)
     def conversation(prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> list[int]:
         text = base.tokenizer.apply_chat_template([*prompt, *answer], tokenize=False)
         return list(base.tokenizer(text, add_special_tokens=False)["input_ids"])
