@@ -587,7 +587,7 @@ function tokenSpan(event, i, hoverable) {
 function renderTelemetry() {
   const points = state.steered.filter((ev) => ev.telemetry).map((ev) => ev.telemetry);
   const svg = $("telemetry-plot");
-  svg.hidden = points.length === 0;
+  svg.toggleAttribute("hidden", points.length === 0); // an <svg> has no .hidden property
   if (!points.length) return;
   const ns = "http://www.w3.org/2000/svg";
   const line = (values, cls) => {
@@ -640,7 +640,7 @@ async function runAB() {
     $(row).setAttribute("aria-busy", "true");
   }
   document.querySelector("#token-features table").hidden = true;
-  $("telemetry-plot").hidden = true;
+  $("telemetry-plot").setAttribute("hidden", "");
   $("token-hint").textContent = "Hover a steered token to see the features steering pushed hardest where it was chosen.";
   $("run-status").textContent = "Running…";
   try {
