@@ -55,6 +55,13 @@ TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
+def exactly_one(model: BaseModel, *fields: str) -> BaseModel:
+    """`model`, once exactly one of `fields` is given (not None)."""
+    if sum(getattr(model, name) is not None for name in fields) != 1:
+        raise ValueError(f"give exactly one of {', '.join(fields[:-1])} and {fields[-1]}")
+    return model
+
+
 Threshold = Annotated[float, Field(ge=-MAX_FEATURE_VALUE, le=MAX_FEATURE_VALUE, allow_inf_nan=False)]
 
 
@@ -69,9 +76,7 @@ class ConditionIn(BaseModel):
 
     @model_validator(mode="after")
     def _one_comparison(self) -> "ConditionIn":
-        if (self.above is None) == (self.below is None):
-            raise ValueError("give exactly one of above and below")
-        return self
+        return exactly_one(self, "above", "below")
 
     def to_internal(self) -> Condition:
         if self.above is not None:
@@ -186,9 +191,7 @@ class GenerateBody(SteeringFields):
 
     @model_validator(mode="after")
     def _prompt_xor_messages(self) -> "GenerateBody":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt and messages")
-        return self
+        return exactly_one(self, "prompt", "messages")
 
     def to_params(self) -> GenerateParams:
         return GenerateParams(
@@ -265,6 +268,4 @@ class AdapterLoadBody(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "AdapterLoadBody":
-        if sum(x is not None for x in (self.path, self.constant, self.contrast)) != 1:
-            raise ValueError("give exactly one of path, constant and contrast")
-        return self
+        return exactly_one(self, "path", "constant", "contrast")

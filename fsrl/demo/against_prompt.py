@@ -100,7 +100,7 @@ def table(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fsrl.adapter import constant_adapter, load_adapter
-    from fsrl.contrast import constant_push, contrast, text_features
+    from fsrl.contrast import constant_push, contrast, text_features, text_token_ids
     from fsrl.demo.evaluate import (OUTCOMES, coherence, generate_answers, perplexities, wilson_interval)
     from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, eval_prompts, eval_set_digest
     from fsrl.demo.rules import EVAL_RULES, RULES
@@ -124,12 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
     # The contrast arm: chosen vs rejected answers of the training pairs, each in its conversation.
     pairs = load_pairs(args.train, limit=args.pairs)
-    def conversation(prompt: list[dict[str, str]], answer: list[dict[str, str]]) -> list[int]:
-        text = base.tokenizer.apply_chat_template([*prompt, *answer], tokenize=False)
-        return list(base.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    chosen = text_features(base, sae, site, [conversation(p.prompt, p.chosen) for p in pairs])
-    rejected = text_features(base, sae, site, [conversation(p.prompt, p.rejected) for p in pairs])
+    chosen = text_features(base, sae, site, [text_token_ids(base.tokenizer, [*p.prompt, *p.chosen]) for p in pairs])
+    rejected = text_features(base, sae, site, [text_token_ids(base.tokenizer, [*p.prompt, *p.rejected]) for p in pairs])
     found = contrast(chosen, rejected, CONTRAST_TOP)
     pushed = constant_adapter(f"{adapter.id}-contrast", sae, base.name, base.fingerprint, site.layer,
                               constant_push(found, CONTRAST_TOP), {"kind": "contrast", "a": "chosen", "b": "rejected",
