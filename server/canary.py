@@ -27,7 +27,7 @@ import torch
 
 from fsrl.errors import FsrlError
 from fsrl.generation import GenerationRequest
-from fsrl.overrides import FeatureOverride
+from fsrl.overrides import MAX_FEATURE_VALUE, FeatureOverride
 from fsrl.sampling import SamplingParams
 from fsrl.sites import attach
 from fsrl.steering import RowSteering
@@ -70,7 +70,9 @@ def probes(state, ids: list[int]) -> list[Probe]:
     feature = int(W_dec.norm(dim=-1).argmax())
     with torch.inference_mode():
         x = base.activations(state.site, torch.tensor([ids]))[0, 1:].double()
-    value = float(x.norm(dim=-1).median() / W_dec[feature].norm())
+    # The request bound holds for the probe too: an SAE with narrow decoder rows (a random one
+    # on a GPU) would otherwise ask for a value no request may carry, and the probe is refused.
+    value = min(float(x.norm(dim=-1).median() / W_dec[feature].norm()), MAX_FEATURE_VALUE)
 
     def add_push(x):
         return (x.double() + value * W_dec[feature].to(x.device)).to(x.dtype)

@@ -39,6 +39,25 @@ def test_a_sound_server_passes_the_canary_with_both_probes(setup, caplog):
     assert any("clamp (add" in line for line in lines) and any("adapter 'tiny'" in line for line in lines)
 
 
+def test_an_sae_with_narrow_decoder_rows_starts_with_the_probe_inside_the_request_bound(setup, tmp_path, caplog):
+    """The clamp probe's value is the stream's norm over the decoder row's: rows a million
+    times narrower would ask for a value beyond what a request may carry (seen on a GPU)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    sae_dir = tmp_path / "narrow-sae"
+    shutil.copytree(setup.sae_dir, sae_dir)
+    weights = load_file(sae_dir / "sae_weights.safetensors")
+    weights["W_dec"] = weights["W_dec"] * 1e-6
+    save_file(weights, sae_dir / "sae_weights.safetensors")
+    app = create_app(Settings(model=str(setup.model_dir), sae=str(sae_dir), adapters_dir=setup.adapters_dir,
+                              device="cpu"))
+    with caplog.at_level(logging.INFO, logger="server.canary"), ServedClient(app) as client:
+        assert client.get("/health").status_code == 200
+    assert any("clamp (add 1e+04" in r.getMessage() for r in caplog.records if r.name == "server.canary")
+
+
 def test_steering_silently_dropped_is_refused_at_start(setup, monkeypatch):
     monkeypatch.setattr(SteeringHook, "_steer", lambda self, hidden: None)
     message = start_error(tiny_app(setup))
