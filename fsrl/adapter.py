@@ -268,18 +268,57 @@ def slot_matmul(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.T
     slot (N,) long.
 
     An opaque op to a compiler (its shapes are fixed: (N, d_out)), so a compiled graph keeps
-    static shapes while the CPU kernel groups tokens by slot (reading the slots on the host)
-    and multiplies only the slots in use. On other devices every slot runs on every token and
-    each token keeps its own slot's product: no host read, so a CUDA graph can capture it."""
-    if x.device.type != "cpu":
-        every = torch.einsum("nd,kde->kne", x, W)                                    # (K, N, d_out)
-        own = every.gather(0, slot.clamp(min=0)[None, :, None].expand(1, -1, W.shape[-1]))[0]
-        return torch.where((slot >= 0)[:, None], own, 0.0)
+    static shapes while the kernel underneath multiplies only the slots in use: on a CPU tokens
+    are grouped by slot on the host (`host_grouped_slot_matmul`); on a GPU with a grouped GEMM
+    for the dtype (`grouped_slot_matmul`) they are sorted by slot on the device, with no host
+    read, so a CUDA graph can capture it. Elsewhere every slot runs on every token
+    (`every_slot_matmul`), whose cost follows the bank's size rather than the slots in use."""
+    if x.device.type == "cpu":
+        return host_grouped_slot_matmul(x, W, slot)
+    if grouped_mm_fits(x, W):
+        return grouped_slot_matmul(x, W, slot)
+    return every_slot_matmul(x, W, slot)
+
+
+def host_grouped_slot_matmul(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`slot_matmul` with the grouping on the host: one product per slot in use, on its tokens."""
     out = x.new_zeros(x.shape[0], W.shape[-1])
     for k in slot[slot >= 0].unique().tolist():
         rows = (slot == k).nonzero().squeeze(-1)
         out.index_copy_(0, rows, x.index_select(0, rows) @ W[k])
     return out
+
+
+def every_slot_matmul(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`slot_matmul` as every slot on every token, each token keeping its own slot's product."""
+    every = torch.einsum("nd,kde->kne", x, W)                                        # (K, N, d_out)
+    own = every.gather(0, slot.clamp(min=0)[None, :, None].expand(1, -1, W.shape[-1]))[0]
+    return torch.where((slot >= 0)[:, None], own, 0.0)
+
+
+def grouped_mm_fits(x: torch.Tensor, W: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs these operands on the device without reading the group
+    sizes on the host: bfloat16 on CUDA chips of compute capability 8.0, 9.x or 10.x (elsewhere
+    torch falls back to a per-group loop that reads the offsets on the host, which a CUDA graph
+    cannot capture), rows 16-byte aligned."""
+    if not (x.is_cuda and x.dtype == W.dtype == torch.bfloat16 and hasattr(torch.nn.functional, "grouped_mm")):
+        return False
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return ((major, minor) == (8, 0) or major in (9, 10)) and x.shape[-1] % 8 == 0 and W.shape[-1] % 8 == 0
+
+
+def grouped_slot_matmul(x: torch.Tensor, W: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """`slot_matmul` as one grouped GEMM: tokens sorted by slot on the device (unsteered ones
+    last, past the final group, where the GEMM leaves them unwritten), group k's end at the
+    number of tokens whose slot is at most k, products put back in token order. A slot no token
+    uses is an empty group, so the cost follows the slots in use and the tokens."""
+    K = W.shape[0]
+    key = torch.where(slot >= 0, slot, K)
+    order = torch.argsort(key, stable=True)
+    ends = torch.searchsorted(key[order], torch.arange(1, K + 1, device=slot.device)).to(torch.int32)
+    grouped = torch.nn.functional.grouped_mm(x.index_select(0, order), W, offs=ends)
+    out = torch.empty_like(grouped).index_copy_(0, order, grouped)
+    return torch.where((slot >= 0)[:, None], out, 0.0)
 
 
 @slot_matmul.register_fake

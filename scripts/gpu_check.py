@@ -15,6 +15,8 @@ that hangs or fails still leaves the others' results:
                  independence, unsteered logits bit-identical, hot swap
   bench          fsrl bench on a random-weight Llama-3.2-1B shape with a 16k SAE: base against
                  steered, side by side
+  bank           fsrl bench --bank-kernel: the adapter bank's product (grouped by slot) against
+                 every slot on every token, 1-64 distinct adapters of 64 slots, batch 16 and 64
   serving-setup  a random model (512 wide, 8 layers; the tests' character tokenizer), a 4,096-
                  feature SAE and two synthetic adapters, written to a temporary folder
   serving        fsrl bench --serving on them: `fsrl serve` under 1-16 concurrent clients
@@ -62,6 +64,7 @@ OUTPUTS = ["gpu-check.json", "summary.md", "gpu-check.log", "tests.xml", "bench.
 PROBES = {
     "tests": ["pytest", "pydantic", "httpx", "safetensors"],
     "bench": ["pydantic", "safetensors"],
+    "bank": ["pydantic", "safetensors"],
     "serving-setup": ["pydantic", "safetensors", "httpx", "tokenizers"],
     "serving": ["fastapi", "starlette", "uvicorn", "pydantic_settings", "prometheus_client", "httpx"],
     "vllm": ["vllm", "safetensors", "httpx"],  # the check lives in fsrl.testing, which imports httpx
@@ -82,7 +85,7 @@ PROBE = ("import importlib, json, sys\n"
          "        found[m] = getattr(importlib.import_module(m), '__file__', None)\n"
          "print(json.dumps(found))\n")
 # (seconds on a GPU, seconds in a dry run): each step's own limit, within the budget.
-LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "serving-setup": (60, 60),
+LIMITS = {"wheelhouse": (90, 90), "tests": (170, 90), "bench": (170, 90), "bank": (90, 60), "serving-setup": (60, 60),
           "serving": (150, 120), "vllm": (240, 240), "vllm-bench": (300, 240),
           "vllm-bench-gemma2": (300, 0)}
 MIN_STEP_S = 20  # a step is not started with less of the budget left
@@ -313,6 +316,14 @@ def summary(report: dict) -> str:
                 "adapter/base", "adapter+8/base"]
         lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    bank = report.get("bank", {})
+    if bank.get("rows"):
+        lines += ["", f"bank: {bank['bank_slots']} slots of {bank['d_in']} x {bank['d_sae']} ({bank['dtype']}), "
+                      f"kernel: {bank['kernel']}; CUDA graphs: {bank['cuda_graphs']}",
+                  "", "| batch | distinct | slot_matmul us | every slot us | every slot / slot_matmul |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['distinct']} | {r['slot_matmul_us']} | {r['every_slot_us']} | {r['speedup']} |"
+                  for r in bank["rows"]]
     serving = report.get("serving", {}).get("summary")
     if serving:
         shape = report["serving"].get("shape", {})
@@ -392,6 +403,16 @@ def main(argv: list[str] | None = None) -> int:
             if bench_json.exists():
                 report["bench"] = json.loads(bench_json.read_text())
                 check.write()
+
+        # #25: the adapter bank's product, grouped by slot, against every slot on every token, for
+        # 1-64 distinct adapters in a 64-slot bank at batch 16 and 64 (into gpu-check.json).
+        bank_json = scratch / "bench-bank.json"
+        cmd = [sys.executable, "-m", "fsrl.cli", "bench", "--bank-kernel", "--device", device, "--out", str(bank_json)]
+        cmd += (["--random-shapes", "tiny", "--batch-sizes", "16", "--repeats", "1", "--calls", "3"]
+                if args.dry_run else ["--random-shapes", "llama-1.2b", "--repeats", "3"])
+        check.step("bank", cmd, PROBES["bank"])
+        report["bank"] = json.loads(bank_json.read_text()) if bank_json.exists() else {}
+        check.write()
 
         report["serving"] = {}
         if args.skip_serving:

@@ -170,3 +170,52 @@ def test_logprobs_are_the_steered_models_log_softmax(device):
     assert got == pytest.approx(want, abs=1e-4)
     for lp, top in result.logprobs:  # greedy: the chosen token is the top one
         assert len(top) == 2 and lp == top[0][1]
+
+
+SLOT_PATTERNS = {"mixed, unused slots, unsteered tokens": [5, 0, -1, 5, 5, -1, 0, 2, 2, 7, 0, -1, 5, 2, 2, 0],
+                 "one slot": [3] * 16, "none steered": [-1] * 16, "each its own": list(range(8)) * 2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pattern", list(SLOT_PATTERNS))
+def test_the_grouped_bank_product_gives_each_token_its_own_slots_product(device, pattern):
+    """`grouped_slot_matmul` (the bank's kernel on a GPU, bf16) against the float64 product of
+    each token with its own slot, and against every slot on every token (the form it replaces)."""
+    from fsrl.adapter import every_slot_matmul, grouped_slot_matmul
+
+    g = torch.Generator().manual_seed(7)
+    W = (torch.randn(8, 64, 96, generator=g) / 8).to(device, torch.bfloat16)
+    x = torch.randn(16, 64, generator=g).to(device, torch.bfloat16)
+    slot = torch.tensor(SLOT_PATTERNS[pattern], device=device)
+    want = torch.stack([torch.zeros(96, dtype=torch.float64) if k < 0 else x[n].double().cpu() @ W[k].double().cpu()
+                        for n, k in enumerate(slot.tolist())])
+    got, every = grouped_slot_matmul(x, W, slot), every_slot_matmul(x, W, slot)
+    assert got.shape == (16, 96) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double().cpu(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got, every, atol=2e-2, rtol=2e-2)
+    assert torch.equal(got[slot < 0], torch.zeros_like(got[slot < 0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_the_bank_product_on_cuda_is_grouped_and_replays_in_a_cuda_graph():
+    """On a GPU with a grouped GEMM the bank's op takes the grouped kernel, and a CUDA graph
+    captured once follows the slots written into its input between replays (no host read of
+    the slots baked into the capture)."""
+    from fsrl.adapter import grouped_mm_fits, slot_matmul
+
+    g = torch.Generator().manual_seed(8)
+    W = (torch.randn(8, 64, 96, generator=g) / 8).to("cuda", torch.bfloat16)
+    x = torch.randn(16, 64, generator=g).to("cuda", torch.bfloat16)
+    assert grouped_mm_fits(x, W), torch.cuda.get_device_name()
+    slot = torch.tensor(SLOT_PATTERNS["mixed, unused slots, unsteered tokens"], device="cuda")
+    slot_matmul(x, W, slot)  # warm up outside the capture
+    torch.cuda.synchronize()
+    graph, out = torch.cuda.CUDAGraph(), None
+    with torch.cuda.graph(graph):
+        out = slot_matmul(x, W, slot)
+    for pattern in SLOT_PATTERNS.values():
+        slot.copy_(torch.tensor(pattern, device="cuda"))
+        graph.replay()
+        want = torch.stack([torch.zeros(96, device="cuda") if k < 0 else x[n].float() @ W[k].float()
+                            for n, k in enumerate(pattern)])
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)

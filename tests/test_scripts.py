@@ -156,7 +156,7 @@ def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving(tmp_path):
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["dry_run"] and report["complete"]
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
-        (name, "passed") for name in ("wheelhouse", "tests", "bench", "serving-setup", "serving")] + [
+        (name, "passed") for name in ("wheelhouse", "tests", "bench", "bank", "serving-setup", "serving")] + [
         ("vllm", "skipped"), ("vllm-bench", "skipped")]  # a dry run leaves vLLM out unless --vllm
     assert report["wheelhouse"]["installed"] == ["fsrl==0.1.0"] and not report["wheelhouse"]["plan"]["unavailable"]
     site = report["wheelhouse"]["site"]
@@ -165,6 +165,8 @@ def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving(tmp_path):
     assert any(path.startswith(site) for path in serving["imports"]["serve-entry-point"])
     assert report["tests"]["passed"] > 0 and report["tests"]["failed"] == 0
     assert {r["batch"] for r in report["bench"]["rows"]} == {1, 2}
+    assert [r["distinct"] for r in report["bank"]["rows"]] == [1, 4, 16]  # at batch 16, of a 64-slot bank
+    assert all(r["max_abs_diff"] < 1e-4 for r in report["bank"]["rows"]) and "| 16 | 16 |" in (out / "summary.md").read_text()
     assert [r["clients"] for r in report["serving"]["summary"]["concurrency"]] == [1, 4]
     assert report["serving"]["summary"]["concurrency"][1]["tok/s"] > 0
     assert report["serving"]["server"]["device"] == "cpu" and len(report["serving"]["adapters"]) == 2

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adapter folder; default: a synthetic adapter with --adapter-l0 active features")
     parser.add_argument("--adapter-l0", type=int, default=128,
                         help="active features per token of the synthetic adapter")
-    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--batch-sizes", default=None, help="default 1,8 (16,64 with --bank-kernel)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="tokens per row (default: 64, or 32 per request with --serving)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -54,8 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vllm: stock vLLM against the steered vLLM model, side by side, on "
                              "the default model with --adapter (default adapters/concise); with "
                              "--serving: `fsrl serve --engine vllm` beside the default engine")
-    engine.add_argument("--bank-slots", type=int, default=4,
-                        help="adapters stacked in the steered model's bank (on a CPU only the slots in use run)")
+    engine.add_argument("--bank-slots", type=int, default=None,
+                        help="adapters stacked in the steered model's bank (default 4; 64 with "
+                             "--bank-kernel; on a CPU only the slots in use run)")
+    bank = parser.add_argument_group("--bank-kernel: the adapter bank's product alone")
+    bank.add_argument("--bank-kernel", action="store_true",
+                      help="the bank product (grouped by slot) against every slot on every token, "
+                           "for 1, 4, 16, 64 distinct adapters at each batch size (default 16,64), "
+                           "on the --random-shapes size (default llama-1.2b)")
+    bank.add_argument("--calls", type=int, default=50, help="--bank-kernel: calls per timing")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
     serving.add_argument("--serving", action="store_true",
                          help="benchmark `fsrl serve` end to end instead of the generation loop")
@@ -130,6 +137,12 @@ def _format_row(row: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bank_kernel:
+        from fsrl.bench.bank import run_bank
+
+        args.bank_slots, args.batch_sizes = args.bank_slots or 64, args.batch_sizes or "16,64"
+        return run_bank(args)
+    args.bank_slots, args.batch_sizes = args.bank_slots or 4, args.batch_sizes or "1,8"
     if args.engine == "vllm":
         import importlib.util
 
