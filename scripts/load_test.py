@@ -2,7 +2,9 @@
 
     python scripts/load_test.py [--clients 16] [--seconds 120] [--swap-cycles 200] [--out FILE]
 
-Starts `fsrl serve` on a tiny random model (loopback, a free port) and runs, for `--seconds`:
+Starts `fsrl serve` on a tiny random model (loopback, a free port; `--adapter-slots 2` by
+default, fewer than the adapters the mix names, so they are paged in and out under the load)
+and runs, for `--seconds`:
 - `--clients` clients, each sending one request after another, drawn from a fixed mix:
   adapters, feature clamps, `compare`, SSE streaming and the OpenAI route, all at temperature
   0 or with a fixed seed, so every answer has one right text;
@@ -200,14 +202,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swap-cycles", type=int, default=200)
     parser.add_argument("--max-requests-per-client", type=int, default=100_000,
                         help="a bound on each client's loop besides the clock")
+    parser.add_argument("--adapter-slots", type=int, default=2,
+                        help="the server's device slots: fewer than the three adapters the mix names "
+                             "(tiny, swap, temp), so adapters are paged in and out under the load")
     parser.add_argument("--out", type=Path, default=Path("bench-results/load_test.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fsrl-load-") as tmp:
-        _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4))
+        _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4),
+                                      "--adapter-slots", str(args.adapter_slots))
         try:
             report = asyncio.run(run(args, server.url, server.proc.pid))
         finally:
             server.stop()
+    report["adapter_slots"] = args.adapter_slots
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{'clients':>8} {'seconds':>8} {'requests':>9} {'swaps':>6} {'5xx':>4} {'wrong':>6} {'rss growth':>11}")

@@ -93,7 +93,7 @@ def probes(state, ids: list[int]) -> list[Probe]:
                 d = torch.relu(f + v) - f
             return (xs + d @ W_dec.to(xs.device)).to(x.dtype)
 
-        found.append(Probe(f"adapter {entry.id!r}", RowSteering(adapter=state.registry.probe_copy(entry.id)),
+        found.append(Probe(f"adapter {entry.id!r}", RowSteering(adapter=state.registry.get(entry.id)),
                            adapter_push))
     return found
 

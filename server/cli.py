@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-decode", "--no-compile-decode", "--static-cache-tokens",
                         dest="removed_compile_decode", nargs="?", const=True, default=None,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--max-adapters-on-device", dest="removed_on_device", default=None, help=argparse.SUPPRESS)
 
 
 # h11, whatever else is installed: with httptools (which vLLM brings) uvicorn would pick it, and
@@ -91,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if args.removed_compile_decode is not None:
         raise FsrlError("--compile-decode and --static-cache-tokens were removed: the compiled fast "
                         "path is --engine vllm (docs/vllm.md)")
+    if args.removed_on_device is not None:
+        raise FsrlError("--max-adapters-on-device was renamed --adapter-slots: adapters held on the device, "
+                        "the others paged in from host memory")
     from server.settings import flag_specs
 
     settings = load_settings(**{spec.name: getattr(args, spec.name, None) for spec in flag_specs()})

@@ -6,7 +6,9 @@ it takes waiting jobs from the queue (as many as fit under `max_batch_rows`), pr
 together, and from then on their rows decode in the same forward passes as every other
 running row, each with its own adapter, scale, overrides, sampling, seed and stop conditions.
 A row leaves the batch the step it finishes; a job whose listener went away leaves at the
-next step.
+next step. With device slots (`DeviceSlots`, `--adapter-slots`) a job joins only once its
+adapter has a slot: it is paged onto the device between steps, and a job that must wait for a
+slot holds back the jobs behind it (first come, first served).
 
 Its face: `submit(job)` queues a job and gives its ticket, or refuses it at once with
 `Overloaded` (503) when `max_pending` jobs are already admitted (waiting + running);
@@ -19,6 +21,8 @@ slow readers hold no slot.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
 import threading
 import time
@@ -28,10 +32,13 @@ from typing import Any, TypeVar
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+import torch
+
 from fsrl.generation import (DecodeBatch, EventsByRow, GenerationRequest, GenerationResult, Generator,
                              TokenEvent)
 from server.errors import EngineStopped, GenerationFailed, Overloaded
 from server.model_thread import ModelThread
+from server.paging import SlotPager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +83,7 @@ class Ticket:
         self.abort = threading.Event()
         self.rows_left = len(job.requests)
         self.released = False  # no longer counted against the queue limit
+        self.pinned: list[Any] = []  # the adapter versions it holds in device slots
         self._release = release
 
     def emit(self, item: object) -> None:
@@ -153,6 +161,55 @@ class GenerationEngine:
         raise NotImplementedError
 
 
+class DeviceSlots:
+    """The default engine's device slots: a copy on the device of each host adapter a
+    `SlotPager` seats, made on the model thread between steps. Requests name the registry's
+    host adapters; a job that joins steers with the device copies. Every method but `copy_in`
+    is called holding the engine's lock."""
+
+    def __init__(self, slots: int, device: torch.device):
+        self.pager: SlotPager = SlotPager(slots)
+        self.device = device
+        self.copies: dict[Any, Any] = {}  # host adapter -> its device copy (None until copied)
+
+    def seat(self, ticket: "Ticket") -> bool:
+        keys = list(dict.fromkeys(r.steering.adapter for r in ticket.job.requests if r.steering.adapter is not None))
+        seating = self.pager.seat(keys)
+        if seating is None:
+            return False
+        for key in seating.evict:
+            self.copies.pop(key, None)
+        for key in seating.page_in:
+            self.copies[key] = None
+        ticket.pinned = keys
+        return True
+
+    def copy_in(self, ticket: "Ticket", lock: threading.Condition) -> None:
+        """Make the device copies the ticket still lacks (off the lock), then point its rows
+        at them."""
+        for key in ticket.pinned:
+            with lock:
+                present = self.copies.get(key)
+            if present is None:
+                made = copy.deepcopy(key).to(self.device)  # the host copy stays as it is
+                with lock:
+                    self.copies[key] = made
+        with lock:
+            on_device = {key: self.copies[key] for key in ticket.pinned}
+        for request in ticket.job.requests:
+            if request.steering.adapter is not None:
+                request.steering = dataclasses.replace(request.steering, adapter=on_device[request.steering.adapter])
+
+    def unpin(self, ticket: "Ticket") -> None:
+        for key in self.pager.unpin(ticket.pinned):
+            self.copies.pop(key, None)
+        ticket.pinned = []
+
+    def retire(self, key: Any) -> None:
+        if self.pager.retire(key):
+            self.copies.pop(key, None)
+
+
 class Engine(GenerationEngine):
     """Runs `generator` on `model_thread`, the thread the model was loaded on; closing the
     engine closes the thread.
@@ -163,8 +220,10 @@ class Engine(GenerationEngine):
     job waiting or running is answered and `alive` turns false (`/health` says 503)."""
 
     def __init__(self, generator: Generator, model_thread: ModelThread, max_pending: int = 64,
-                 max_batch_rows: int = 16, observe_batch: Callable[[int], None] | None = None):
+                 max_batch_rows: int = 16, observe_batch: Callable[[int], None] | None = None,
+                 adapter_slots: int = 0):
         self.generator = generator
+        self.slots = DeviceSlots(adapter_slots, generator.base.device) if adapter_slots else None
         self.max_pending = max_pending
         self.max_batch_rows = max_batch_rows
         self.observe_batch = observe_batch  # called with the rows of every forward pass
@@ -211,6 +270,23 @@ class Engine(GenerationEngine):
             if not ticket.released:
                 ticket.released = True
                 self.pending -= 1
+            if self.slots is not None and ticket.pinned:
+                self.slots.unpin(ticket)
+                self._wake.notify()  # a job waiting for a slot may fit now
+
+    # The registry's side (`server.registry.AdapterCopies`): versions it starts and stops serving.
+
+    async def add(self, adapter: Any, folder: str, weights_sha256_16: str | None) -> None:
+        """Nothing to do: a version is copied onto the device when a job first needs it."""
+
+    async def retire(self, adapter: Any) -> None:
+        """A replaced or unloaded version leaves its slot now, or when its last job ends."""
+        if self.slots is not None:
+            with self._wake:
+                self.slots.retire(adapter)
+
+    def on_device(self, adapter: Any) -> bool:
+        return self.slots is None or adapter in self.slots.pager
 
     async def stream(self, ticket: Ticket) -> AsyncIterator[TokenEvent]:
         """Token events of all rows as the worker produces them. Closing the iterator early
@@ -279,6 +355,8 @@ class Engine(GenerationEngine):
             size = len(ticket.job.requests)
             if rows + size > self.max_batch_rows and rows > 0:
                 break  # an oversized job still runs, alone
+            if self.slots is not None and not self.slots.seat(ticket):
+                break  # its adapter waits for a slot that a running job holds
             taken.append(self._waiting.popleft())
             rows += size
         return taken
@@ -325,6 +403,9 @@ class Engine(GenerationEngine):
                     running.drop(ticket)
                     self._active.remove(ticket)
                     ticket.end()
+                if joining and self.slots is not None:
+                    for ticket in joining:
+                        self.slots.copy_in(ticket, self._wake)
                 if joining:
                     now = time.perf_counter()
                     for ticket in joining:

@@ -55,6 +55,21 @@ class _AdapterCollector:
         yield GaugeMetricFamily("fsrl_adapter_bytes", "Bytes the loaded adapters' weights hold.", value=held)
 
 
+class _PagingCollector:
+    """The device slots adapters are paged into (`--adapter-slots`), read at scrape time."""
+
+    def __init__(self, pager) -> None:
+        self.pager = pager
+
+    def collect(self) -> Iterator[Metric]:
+        p = self.pager
+        yield GaugeMetricFamily("fsrl_adapter_slots", "Device slots for adapters (--adapter-slots).", value=p.slots)
+        yield GaugeMetricFamily("fsrl_adapter_slots_used", "Adapter versions on the device now.", value=len(p))
+        yield CounterMetricFamily("fsrl_adapter_page_ins", "Adapter versions copied onto the device.", value=p.page_ins)
+        yield CounterMetricFamily("fsrl_adapter_evictions", "Adapter versions sent out of the device to make room.",
+                                  value=p.evictions)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -78,6 +93,10 @@ class Metrics:
     def read_adapters_with(self, read: Callable[[], tuple[int, int]]) -> None:
         """Where the adapter figures come from (the registry's `memory`)."""
         self.registry.register(_AdapterCollector(read))
+
+    def read_paging_from(self, pager) -> None:
+        """The engine's `server.paging.SlotPager`, when it pages adapters."""
+        self.registry.register(_PagingCollector(pager))
 
     def observe_request(self, method: str, route: str, status: int) -> None:
         self.requests.labels(method if method in METHODS else "OTHER", route, str(status)).inc()

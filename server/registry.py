@@ -5,18 +5,17 @@ reference: the id -> adapter map is replaced, never edited, so a reader sees eit
 map or the new one. A running request keeps the adapter object it started with, so a replace
 or an unload never changes a generation already under way.
 
-With a device budget (`max_on_device` > 0) adapters load into host memory and `get` moves a
-copy onto the device when a request asks for it, sending the least recently used copy out
-when the budget is full. Requests already holding an evicted copy finish with it.
+With device slots (`adapter_slots` > 0) adapters load into host memory and the engine pages
+them onto the device as requests name them (server/paging.py); the registry tells the engine
+(`copies`) of each version it starts and stops serving. What the loaded adapters hold in host
+memory is bounded by `max_bytes` as well as their number (`max_adapters`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -50,14 +49,20 @@ def _shown(path: str | Path) -> str:
 
 
 class AdapterCopies(Protocol):
+    """An engine's own copies of the adapter versions (the vLLM engine's bank, the default
+    engine's device slots): told of a version before the registry serves it, and of a version
+    the registry stopped serving."""
+
     async def add(self, adapter: FsrlAdapter, folder: str, weights_sha256_16: str | None) -> Any: ...
 
     async def retire(self, adapter: FsrlAdapter) -> None: ...
 
+    def on_device(self, adapter: FsrlAdapter) -> bool: ...
+
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    adapter: FsrlAdapter      # on the device, or in host memory under a device budget
+    adapter: FsrlAdapter      # on the device, or in host memory when the engine pages adapters
     path: Path
     metadata: dict[str, Any]  # the adapter.json as found on disk
     loaded_at: float
@@ -70,26 +75,25 @@ class LoadedAdapter:
 
 class AdapterRegistry:
     def __init__(self, root: Path, sae: Sae, layer: int, base_fingerprint: str,
-                 device: torch.device, dtype: torch.dtype, max_on_device: int = 0,
+                 device: torch.device, dtype: torch.dtype, paged: bool = False,
                  reference: torch.Tensor | None = None, pack_for_cpu: bool = False,
-                 max_adapters: int = 64):
+                 max_adapters: int = 64, max_bytes: int | None = None):
         self.root = Path(root).expanduser().resolve()
         self.sae, self.layer, self.base_fingerprint = sae, layer, base_fingerprint
         self.device, self.dtype = device, dtype
         self.max_adapters = max_adapters  # loaded at once; a load beyond it is refused (409)
-        self.max_on_device = max_on_device
-        self.load_device = torch.device("cpu") if max_on_device else device
+        self.max_bytes = max_bytes        # what their weights may hold; a load beyond it is refused (409)
+        self.load_device = torch.device("cpu") if paged else device  # paged: the engine copies them in
         self.reference = reference  # hook-layer activations that feature rankings are measured on
-        self.moves = 0              # copies moved onto the device (under a budget)
         self.pack_for_cpu = pack_for_cpu  # adapters' W packed for oneDNN (the model's were: CPU only)
         self._adapters: dict[str, LoadedAdapter] = {}
-        self._on_device: OrderedDict[str, tuple[LoadedAdapter, FsrlAdapter]] = OrderedDict()
         self._pushes: dict[str, tuple[LoadedAdapter, FeaturePush]] = {}
         # One lock per id while a load or unload of it runs; removed when no one holds it, so
         # the table never outgrows the ids being worked on.
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-        # An engine that holds its own copy of each version (the vLLM engine's bank): told of
-        # a version before the registry serves it, and of a version the registry stopped serving.
+        # An engine that holds its own copy of each version (the vLLM engine's bank, the default
+        # engine's device slots): told of a version before the registry serves it, and of a
+        # version the registry stopped serving.
         self.bank: AdapterCopies | None = None
 
     def __len__(self) -> int:
@@ -119,36 +123,13 @@ class AdapterRegistry:
         return {"adapter": adapter_id, "site": site.hook_name, **card}
 
     def get(self, adapter_id: str) -> FsrlAdapter:
-        """The adapter on the device, ready to steer with (moved in if it waited on the host)."""
-        entry = self.entry(adapter_id)
-        if not self.max_on_device:
-            return entry.adapter
-        held = self._on_device.get(adapter_id)
-        if held is not None and held[0] is entry:
-            self._on_device.move_to_end(adapter_id)
-            return held[1]
-        on_device = copy.deepcopy(entry.adapter).to(self.device)  # the host copy stays as it is
-        self._on_device[adapter_id] = (entry, on_device)
-        self._on_device.move_to_end(adapter_id)
-        self.moves += 1
-        while len(self._on_device) > self.max_on_device:
-            evicted, _ = self._on_device.popitem(last=False)
-            log.info("adapter %s moved off the device (budget %d)", evicted, self.max_on_device)
-        return on_device
-
-    def probe_copy(self, adapter_id: str) -> FsrlAdapter:
-        """The adapter on the device for one probe (the steering canary), not counted as used:
-        the device budget's order and its moves stay as they were."""
-        entry = self.entry(adapter_id)
-        if not self.max_on_device:
-            return entry.adapter
-        held = self._on_device.get(adapter_id)
-        return held[1] if held is not None and held[0] is entry else copy.deepcopy(entry.adapter).to(self.device)
+        """The adapter to steer with: the version served now (the engine pages it onto the
+        device when it is kept in host memory)."""
+        return self.entry(adapter_id).adapter
 
     def describe(self, entry: LoadedAdapter) -> dict[str, Any]:
         """`loaded`: on the device; `offloaded`: in host memory until a request asks for it."""
-        held = self._on_device.get(entry.id)
-        on_device = not self.max_on_device or (held is not None and held[0] is entry)
+        on_device = self.bank is None or self.bank.on_device(entry.adapter)
         return {"id": entry.id, "status": "loaded" if on_device else "offloaded",
                 "metadata": entry.metadata, "parameters": entry.adapter.parameter_count(),
                 "bytes": adapter_bytes(entry.adapter), "dtype": str(entry.adapter.b.dtype).removeprefix("torch."),
@@ -197,7 +178,7 @@ class AdapterRegistry:
         if not self.root.is_dir():
             log.warning("adapters directory %s does not exist; starting with no adapters", self.root)
             return
-        loaded = {}
+        loaded: dict[str, LoadedAdapter] = {}
         for folder in sorted(self.root.iterdir()):
             if not (folder / META_FILE).is_file():
                 continue
@@ -209,12 +190,24 @@ class AdapterRegistry:
                 if not ADAPTER_ID.match(folder.name):
                     raise FsrlError(f"{folder.name!r} is not a valid adapter id")
                 entry = self._load(folder.name, self.resolve(folder.name), folder.name)
+                self._check_memory(entry, loaded.values())
             except FsrlError as exc:
                 log.warning("skipping adapter %s: %s", folder.name, exc)
                 continue
             loaded[entry.id] = entry
             log.info("adapter %s loaded (%d parameters)", entry.id, entry.adapter.parameter_count())
         self._adapters = loaded
+
+    def _check_memory(self, entry: LoadedAdapter, others) -> None:
+        """409 when `entry` beside `others` would hold more than `max_bytes`."""
+        if self.max_bytes is None:
+            return
+        size = adapter_bytes(entry.adapter)
+        total = size + sum(adapter_bytes(e.adapter) for e in others)
+        if total > self.max_bytes:
+            raise ConflictError(f"adapter {entry.id!r} ({size / 2**20:.1f} MiB) would put the adapters' memory at "
+                                f"{total / 2**30:.2f} GiB, over this server's {self.max_bytes / 2**30:.2f} GiB "
+                                "(--adapter-memory-gib); unload one first")
 
     @asynccontextmanager
     async def _locked(self, adapter_id: str) -> AsyncIterator[None]:
@@ -241,13 +234,13 @@ class AdapterRegistry:
                 raise ConflictError(f"the server holds its limit of {self.max_adapters} adapters; "
                                     "unload one first")
             entry = await asyncio.to_thread(self._load, adapter_id, folder, _shown(path))
+            self._check_memory(entry, [e for e in self._adapters.values() if e.id != adapter_id])
             if self.bank is not None:
                 await self.bank.add(entry.adapter, str(entry.path), entry.weights_sha256_16)
             old = self._adapters.get(adapter_id)
             self._adapters = {**self._adapters, adapter_id: entry}
             if self.bank is not None and old is not None:
                 await self.bank.retire(old.adapter)
-            self._on_device.pop(adapter_id, None)
             self._pushes.pop(adapter_id, None)  # else it pins the replaced weights until asked
         log.info("adapter %s %s from %s", adapter_id, "replaced" if existed else "loaded", folder)
         return entry
@@ -259,7 +252,6 @@ class AdapterRegistry:
             self._adapters = {k: v for k, v in self._adapters.items() if k != adapter_id}
             if self.bank is not None:
                 await self.bank.retire(old.adapter)
-            self._on_device.pop(adapter_id, None)
             self._pushes.pop(adapter_id, None)
         log.info("adapter %s unloaded", adapter_id)
 

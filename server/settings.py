@@ -18,7 +18,7 @@ from fsrl.errors import FsrlError
 from fsrl.sae import default_sae_dir
 
 
-VLLM_DEFAULT_MAX_ADAPTERS = 4
+VLLM_DEFAULT_ADAPTER_SLOTS = 4
 
 
 def _flag(default: Any, help: str, shown: str | None = None, cli: bool = True, **bounds: Any) -> Any:
@@ -53,12 +53,16 @@ class Settings(BaseSettings):
     max_queue: int = _flag(64, "requests admitted at once before answering 503", ge=1)
     max_batch_rows: int = _flag(16, "rows decoding together, and the most one request may ask for (a compare "
                                 "request is two)", ge=1)
-    max_adapters: int = _flag(64, "adapters loaded at once; a load beyond it gets 409 (with --engine vllm each is "
-                              "a bank slot every token runs through)",
-                              f"`64`; `{VLLM_DEFAULT_MAX_ADAPTERS}` with `--engine vllm`", ge=1)
-    max_adapters_on_device: int = _flag(0, "adapters kept on the device; the rest wait in host memory and move in "
-                                        "when a request names them, least recently used out",
-                                        "`0` (no limit)", ge=0)
+    max_adapters: int = _flag(64, "adapters loaded at once (in host memory when they outnumber the slots); a load "
+                              "beyond it gets 409", ge=1)
+    adapter_slots: int = _flag(0, "adapters held on the device at once; the others wait in host memory and are paged "
+                               "in between steps when a request names one (least recently used out, never one a "
+                               "running request uses; a request waits for a slot, it does not fail). With "
+                               "`--engine vllm` each slot is a buffer of the compiled model",
+                               f"`0` (every loaded adapter on the device); `{VLLM_DEFAULT_ADAPTER_SLOTS}` with "
+                               "`--engine vllm`", ge=0)
+    adapter_memory_gib: float | None = _flag(None, "host memory the loaded adapters' weights may take, in GiB; a "
+                                             "load beyond it gets 409", "a quarter of this machine's memory", gt=0)
     pack_cpu_weights: bool = _flag(True, "on a CPU, pack the model's, SAE's and adapters' weights once for oneDNN, "
                                    "so a batch of several rows costs about one row", "on")
     engine: Literal["transformers", "vllm"] = _flag(
@@ -84,11 +88,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _vllm_bank_default(self) -> "Settings":
-        # Each slot of vLLM's adapter bank is a buffer of the compiled model (d_in x d_sae), and on
-        # CUDA every slot still runs on every token: hold few unless told otherwise.
-        if self.engine == "vllm" and "max_adapters" not in self.model_fields_set:
-            self.max_adapters = VLLM_DEFAULT_MAX_ADAPTERS
+        # Each slot of vLLM's adapter bank is a buffer of the compiled model (d_in x d_sae): hold
+        # few unless told otherwise; the other loaded adapters wait in host memory.
+        if self.engine == "vllm" and not self.adapter_slots:
+            self.adapter_slots = VLLM_DEFAULT_ADAPTER_SLOTS
         return self
+
+    @property
+    def adapter_memory_bytes(self) -> int:
+        if self.adapter_memory_gib is not None:
+            return int(self.adapter_memory_gib * 2**30)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
     @property
     def sae_path(self) -> Path:
@@ -96,15 +106,17 @@ class Settings(BaseSettings):
 
 
 # Settings that are gone, refused when set rather than ignored.
-REMOVED_ENV = ("FSRL_COMPILE_DECODE", "FSRL_STATIC_CACHE_TOKENS")
+_COMPILE_DECODE_GONE = "removed with --compile-decode: the compiled fast path is --engine vllm (docs/vllm.md)"
+REMOVED_ENV = {"FSRL_COMPILE_DECODE": _COMPILE_DECODE_GONE, "FSRL_STATIC_CACHE_TOKENS": _COMPILE_DECODE_GONE,
+               "FSRL_MAX_ADAPTERS_ON_DEVICE": "renamed FSRL_ADAPTER_SLOTS (--adapter-slots): adapters held on "
+                                              "the device, the others paged in from host memory"}
 
 
 def load_settings(**overrides: Any) -> Settings:
     """Settings from the environment with explicit (non-None) overrides; one-line errors."""
     removed = [name for name in REMOVED_ENV if os.environ.get(name, "").lower() not in ("", "0", "false")]
     if removed:  # set on purpose: say so rather than serve without it
-        raise FsrlError(f"{' and '.join(removed)} {'were' if len(removed) > 1 else 'was'} removed with "
-                        "--compile-decode: the compiled fast path is --engine vllm (docs/vllm.md)")
+        raise FsrlError("; ".join(f"{name} was {REMOVED_ENV[name]}" for name in removed))
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:

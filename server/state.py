@@ -27,7 +27,6 @@ from fsrl.models import BaseModel, ensure_packaged_model, load_base_model, packa
 from fsrl.sae import Sae, load_sae
 from fsrl.sites import Site
 from server.engine import Engine, GenerationEngine
-from server.vllm_engine import SPARE_BANK_SLOTS
 from server.metrics import EngineFigures, Metrics
 from server.model_thread import ModelThread
 from server.registry import AdapterRegistry
@@ -94,16 +93,20 @@ def load_state(settings: Settings) -> ServerState:
         generator, reference, packed = model_thread.call(_load_model, settings, device)
         base, sae, layer = generator.base, generator.sae, generator.layer
         registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint,
-                                   device=device, dtype=base.dtype,
-                                   max_on_device=settings.max_adapters_on_device, reference=reference,
-                                   pack_for_cpu=packed, max_adapters=settings.max_adapters)
+                                   device=device, dtype=base.dtype, paged=settings.adapter_slots > 0,
+                                   reference=reference, pack_for_cpu=packed, max_adapters=settings.max_adapters,
+                                   max_bytes=settings.adapter_memory_bytes)
         registry.load_directory()
     except BaseException:
         model_thread.close()
         raise
     metrics = Metrics()
     engine = Engine(generator, model_thread, max_pending=settings.max_queue,
-                    max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe)
+                    max_batch_rows=settings.max_batch_rows, observe_batch=metrics.batch_size.observe,
+                    adapter_slots=settings.adapter_slots)
+    if engine.slots is not None:
+        registry.bank = engine
+        metrics.read_paging_from(engine.slots.pager)
     metrics.read_adapters_with(registry.memory)
     metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
                                                    engine.failed_jobs, engine.alive))
@@ -134,7 +137,8 @@ async def start_state(settings: Settings) -> ServerState:
         model_thread.close()
     base, sae, layer = generator.base, generator.sae, generator.layer
     registry = AdapterRegistry(settings.adapters_dir, sae, layer, base.fingerprint, device=torch.device("cpu"),
-                               dtype=base.dtype, reference=reference, max_adapters=settings.max_adapters)
+                               dtype=base.dtype, reference=reference, max_adapters=settings.max_adapters,
+                               max_bytes=settings.adapter_memory_bytes)
     await asyncio.to_thread(registry.load_directory)
     max_positions = _max_positions(base)
     max_len = settings.max_prompt_tokens + settings.max_new_tokens_cap
@@ -142,7 +146,7 @@ async def start_state(settings: Settings) -> ServerState:
                           dtype=str(base.dtype).removeprefix("torch."),
                           max_model_len=min(max_len, max_positions or max_len),
                           max_num_seqs=max(settings.max_batch_rows, 2),
-                          bank_slots=settings.max_adapters + SPARE_BANK_SLOTS,
+                          bank_slots=settings.adapter_slots,
                           kv_cache_bytes=kv_cache_bytes(base.model.config, base.dtype.itemsize,
                                                         max(settings.max_batch_rows, 2) * min(max_len, max_positions or max_len)),
                           tensor_parallel_size=settings.tensor_parallel_size,
@@ -160,6 +164,7 @@ async def start_state(settings: Settings) -> ServerState:
         llm.shutdown()
         raise
     metrics.read_adapters_with(registry.memory)
+    metrics.read_paging_from(bank.pager)
     metrics.read_engine_with(lambda: EngineFigures(engine.pending, engine.running_rows, engine.step_failures,
                                                    engine.failed_jobs, engine.alive))
     state = ServerState(settings=settings, base=base, sae=sae, layer=layer, registry=registry, engine=engine,

@@ -9,10 +9,12 @@ Every row of a job is one vLLM request. Its steering travels as `SamplingParams.
 `max_new_tokens` behave the same on both engines. A row that ends on a stop string aborts its
 vLLM request.
 
-Adapters live in a bank of fixed slots inside the model. Each version the registry loads gets
-its own bank key (`id#n`), loaded on every worker before the registry serves it; a replaced or
-unloaded version keeps its slot until the last request that started with it ends, so a swap
-never changes a generation under way.
+Adapters: each version the registry loads gets its own bank key (`id#n`) and a host copy on
+every worker before the registry serves it. The model's bank has `--adapter-slots` slots; a job
+is sent to vLLM once its version sits in one (paged in from the workers' host copies, least
+recently used out, never one a running job holds: server/paging.py), and waits its turn
+otherwise. A replaced or unloaded version is forgotten when the last request that started
+with it ends, so a swap never changes a generation under way.
 """
 
 from __future__ import annotations
@@ -29,22 +31,20 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from fsrl.errors import ConflictError, FsrlError
+from fsrl.errors import FsrlError
 from fsrl.generation import (DecodeRow, GenerationRequest, LogProbs,
                              TokenEvent)
 from fsrl.overrides import MAX_RETURN_FEATURES
 from fsrl.sampling import MIN_TEMPERATURE
 from server.engine import EngineJob, GenerationEngine, Ticket
 from server.errors import EngineStopped, GenerationFailed, Overloaded
+from server.paging import SlotPager
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A row that steers nothing: its telemetry (the KL from a compare's base is the default engine's alone).
 UNSTEERED_TELEMETRY = {"norm": 0.0, "pushed": 0, "kl": None, "conditions": []}
-# Bank slots beyond the adapters the registry may hold: room for a replaced version to finish
-# its running requests while the new one serves.
-SPARE_BANK_SLOTS = 2
 
 
 @dataclass(frozen=True)
@@ -86,18 +86,25 @@ def start_async_llm(options: VllmOptions):
 
 
 class BankKeys:
-    """Which adapter version sits under which bank key, and how many running rows use it.
-    Keys are loaded on every worker before the registry serves the version; a retired key
-    (replaced or unloaded) is freed when its last row ends."""
+    """Which adapter version sits under which bank key, which are in the model's bank, and how
+    many jobs use each. A key is loaded into every worker's host memory before the registry
+    serves the version; `acquire` seats a job's keys in the bank (in the order jobs come),
+    `release` lets them go; a retired key (replaced or unloaded) is forgotten on the workers
+    when its last job ends. One lock orders the bank's bookkeeping and its page calls, so the
+    workers see evictions before the page-ins that need their slots."""
 
     def __init__(self, llm, slots: int):
-        self.llm, self.slots = llm, slots
+        self.llm = llm
+        self.pager: SlotPager[str] = SlotPager(slots)
         # id(adapter object) -> (the object, kept alive so its id stays its own; its key), from
-        # the load until the slot is freed.
+        # the load until the key is forgotten.
         self._key_of: dict[int, tuple[Any, str]] = {}
-        self._users: dict[str, int] = {}        # key -> running rows
+        self._users: dict[str, int] = {}        # key -> jobs submitted with it and not over
         self._retired: set[str] = set()
         self._count = itertools.count(1)
+        self._turn = asyncio.Condition()
+        self._line: list[object] = []           # jobs waiting to be seated, oldest first
+        self.waits = 0                          # jobs that had to wait for a slot
 
     def key(self, adapter: Any) -> str:
         """The bank key of this adapter object: the version a request resolved keeps serving
@@ -108,17 +115,17 @@ class BankKeys:
                              "was prepared; retry")
         return found[1]
 
+    def on_device(self, adapter: Any) -> bool:
+        found = self._key_of.get(id(adapter))
+        return found is not None and found[1] in self.pager
+
     async def add(self, adapter: Any, folder: str, weights_sha256_16: str | None) -> str:
-        if len(self._users) >= self.slots:
-            raise ConflictError(f"all {self.slots} adapter slots of the vLLM engine are in use (replaced "
-                                "versions keep theirs until their requests end); retry shortly")
         key = f"{adapter.id}#{next(self._count)}"
-        self._users[key] = 0  # holds the slot from now on
         try:
             await self.llm.collective_rpc("fsrl_load_adapter", args=(key, folder, weights_sha256_16))
         except Exception as exc:
-            del self._users[key]
             raise FsrlError(f"the vLLM workers could not load adapter {adapter.id!r}: {exc}") from exc
+        self._users[key] = 0
         self._key_of[id(adapter)] = (adapter, key)
         return key
 
@@ -126,24 +133,67 @@ class BankKeys:
         found = self._key_of.get(id(adapter))
         if found is not None:
             self._retired.add(found[1])
-            await self._free_if_unused(found[1])
+            await self._forget_if_unused(found[1])
 
     def hold(self, key: str) -> None:
+        """A job was submitted with `key` (on the event loop, before any swap can retire it)."""
         self._users[key] += 1
 
-    async def release(self, key: str) -> None:
-        self._users[key] -= 1
-        await self._free_if_unused(key)
+    async def acquire(self, keys: list[str]) -> None:
+        """Wait for this job's turn and for slots for `keys`, then page them in."""
+        if not keys:
+            return
+        me = object()
+        async with self._turn:
+            self._line.append(me)
+            try:
+                waited = False
+                while True:
+                    seating = self.pager.seat(keys) if self._line[0] is me else None
+                    if seating is not None:
+                        break
+                    waited = True
+                    await self._turn.wait()
+                self.waits += waited
+                if seating.evict or seating.page_in:
+                    try:
+                        await self.llm.collective_rpc("fsrl_page", args=(seating.evict, seating.page_in))
+                    except BaseException as exc:  # cancelled too: the job gives its slots back
+                        self.pager.unpin(keys)
+                        for key in seating.page_in:  # where the workers left them is unknown now
+                            self.pager.retire(key)
+                        if not isinstance(exc, Exception):
+                            raise
+                        raise GenerationFailed("the vLLM workers could not page this request's adapter "
+                                               "into the bank") from exc
+            finally:
+                self._line.remove(me)
+                self._turn.notify_all()
 
-    async def _free_if_unused(self, key: str) -> None:
-        if key in self._retired and self._users.get(key) == 0:
+    async def release(self, keys: list[str], seated: bool) -> None:
+        """A job with `keys` ended (`seated`: it got its slots)."""
+        async with self._turn:
+            if seated:
+                self.pager.unpin(keys)
+            for key in keys:
+                self._users[key] -= 1
+            self._turn.notify_all()
+        for key in dict.fromkeys(keys):
+            await self._forget_if_unused(key)
+
+    async def _forget_if_unused(self, key: str) -> None:
+        async with self._turn:
+            if key not in self._retired or self._users.get(key) != 0:
+                return
             self._retired.discard(key)
             del self._users[key]
+            self.pager.retire(key)  # unpinned: it leaves its slot now, if it had one
             self._key_of = {i: held for i, held in self._key_of.items() if held[1] != key}
             try:
                 await self.llm.collective_rpc("fsrl_unload_adapter", args=(key,))
-            except Exception:  # the slot stays taken; serving goes on
-                log.exception("could not free the vLLM bank slot of %s", key)
+            except Exception:  # its host copy and slot stay taken; serving goes on
+                log.exception("could not forget adapter %s on the vLLM workers", key)
+            self._turn.notify_all()
 
 
 def _logprobs(entry: dict | None, token: int, top: int) -> LogProbs | None:
@@ -218,11 +268,16 @@ class VllmEngine(GenerationEngine):
 
     async def _run(self, ticket: Ticket, keys: list[str | None]) -> None:
         job = ticket.job
-        job.started = time.perf_counter()
-        rows = [asyncio.create_task(self._row(ticket, i, request, key))
-                for i, (request, key) in enumerate(zip(job.requests, keys))]
+        used = [key for key in keys if key is not None]
+        seated = False
+        rows: list[asyncio.Task] = []
         error: BaseException | None = None
         try:
+            await self.bank.acquire(used)  # waits while the bank's slots are held by running jobs
+            seated = True
+            job.started = time.perf_counter()
+            rows = [asyncio.create_task(self._row(ticket, i, request, key))
+                    for i, (request, key) in enumerate(zip(job.requests, keys))]
             await asyncio.gather(*rows)
         except asyncio.CancelledError:
             for row in rows:
@@ -237,9 +292,7 @@ class VllmEngine(GenerationEngine):
             error = exc if isinstance(exc, (GenerationFailed, EngineStopped)) else GenerationFailed(
                 "generation failed for this request; the server and other requests are not affected")
         finally:
-            for key in keys:
-                if key is not None:
-                    await self.bank.release(key)
+            await self.bank.release(used, seated)
             self._tasks.pop(ticket, None)
             ticket.end(error)
 

@@ -133,7 +133,13 @@ def engine(request) -> str:
 
 
 HIDDEN = {"default": 64, "vllm": 128}  # the tiny model's width: vLLM's CPU attention takes heads of 32, not 16
-VLLM_SERVER_ARGS = ("--max-new-tokens-cap", str(CAP), "--engine", "vllm")  # `client`'s cap
+# `client`'s cap; two bank slots, so that tests loading adapters beyond them page them in and out.
+VLLM_SERVER_ARGS = ("--max-new-tokens-cap", str(CAP), "--engine", "vllm", "--adapter-slots", "2")
+
+
+def _as_loaded(described: dict) -> dict:
+    """An /adapters entry without where it sits now (paging moves it between host and bank)."""
+    return {k: v for k, v in described.items() if k not in ("status", "device")}
 
 
 class SharedVllmServer:
@@ -183,8 +189,8 @@ class SharedVllmServer:
         """Its adapters back as `found`: loaded since unloaded, changed or unloaded ones reloaded
         from their folders (an adapter found at start has its folder's name). Returns what was
         changed, empty when nothing was."""
-        found = {a["id"]: a for a in self.found}
-        now = {a["id"]: a for a in self.adapters()}
+        found = {a["id"]: _as_loaded(a) for a in self.found}
+        now = {a["id"]: _as_loaded(a) for a in self.adapters()}
         changed = []
         with httpx.Client(base_url=self.url, timeout=120) as c:
             for adapter_id in sorted(now.keys() - found.keys()):
@@ -194,7 +200,7 @@ class SharedVllmServer:
                 if now.get(adapter_id) != described:
                     c.post("/adapters", json={"id": adapter_id, "path": adapter_id, "replace": True}).raise_for_status()
                     changed.append(f"{adapter_id!r} {'changed' if adapter_id in now else 'unloaded'}")
-        if changed and {a["id"]: a for a in self.adapters()} != found:
+        if changed and {a["id"]: _as_loaded(a) for a in self.adapters()} != found:
             raise RuntimeError(f"the shared vLLM server's adapters could not be put back: {self.adapters()}")
         return changed
 

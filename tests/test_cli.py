@@ -61,6 +61,14 @@ def test_the_removed_compiled_decode_flags_are_one_line(flags):
         "path is --engine vllm (docs/vllm.md)"]
 
 
+def test_the_renamed_device_budget_flag_says_its_new_name():
+    done = run_fsrl("serve", "--max-adapters-on-device", "2")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "fsrl: error: --max-adapters-on-device was renamed --adapter-slots: adapters held on the device, "
+        "the others paged in from host memory"]
+
+
 def test_the_removed_compiled_decode_setting_is_one_line():
     import os
 
@@ -119,10 +127,11 @@ def test_without_vllm_installed_the_vllm_engine_is_one_clear_error(monkeypatch):
         _preflight(load_settings(engine="vllm"))
 
 
-def test_the_vllm_engine_holds_few_adapters_unless_told_otherwise(monkeypatch):
+def test_the_vllm_engine_holds_few_adapters_on_the_device_unless_told_otherwise(monkeypatch):
     from server.settings import load_settings
 
-    monkeypatch.delenv("FSRL_MAX_ADAPTERS", raising=False)
-    assert load_settings().max_adapters == 64
-    assert load_settings(engine="vllm").max_adapters == 4  # every bank slot is a buffer of the model
-    assert load_settings(engine="vllm", max_adapters=9).max_adapters == 9
+    monkeypatch.delenv("FSRL_ADAPTER_SLOTS", raising=False)
+    assert (load_settings().adapter_slots, load_settings().max_adapters) == (0, 64)
+    # every bank slot is a buffer of the model; the other loaded adapters wait in host memory
+    assert (load_settings(engine="vllm").adapter_slots, load_settings(engine="vllm").max_adapters) == (4, 64)
+    assert load_settings(engine="vllm", adapter_slots=9).adapter_slots == 9

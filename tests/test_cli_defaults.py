@@ -113,16 +113,17 @@ def test_every_serve_setting_is_a_flag_with_its_help_and_no_default_of_its_own()
 
 
 def test_flags_reach_the_settings_and_engine_specific_defaults_are_stated_once(monkeypatch):
-    from server.settings import VLLM_DEFAULT_MAX_ADAPTERS, Settings, flag_specs, load_settings
+    from server.settings import VLLM_DEFAULT_ADAPTER_SLOTS, Settings, flag_specs, load_settings
 
     args = parse(["serve", "--max-queue", "7", "--no-pack-cpu-weights", "--engine", "vllm", "--enforce-eager",
                   "--stream-send-timeout", "2.5", "--adapters-dir", "elsewhere"])
     built = load_settings(**{spec.name: getattr(args, spec.name, None) for spec in flag_specs()})
     assert (built.max_queue, built.pack_cpu_weights, built.engine, built.enforce_eager, built.stream_send_timeout,
             str(built.adapters_dir)) == (7, False, "vllm", True, 2.5, "elsewhere")
-    assert built.max_adapters == VLLM_DEFAULT_MAX_ADAPTERS and Settings().max_adapters == 64
-    shown = next(spec.shown for spec in flag_specs() if spec.name == "max_adapters")
-    assert f"`{VLLM_DEFAULT_MAX_ADAPTERS}` with `--engine vllm`" in shown and "`64`" in shown
+    assert built.adapter_slots == VLLM_DEFAULT_ADAPTER_SLOTS and Settings().adapter_slots == 0
+    assert built.max_adapters == Settings().max_adapters == 64
+    shown = next(spec.shown for spec in flag_specs() if spec.name == "adapter_slots")
+    assert f"`{VLLM_DEFAULT_ADAPTER_SLOTS}` with `--engine vllm`" in shown and "`0`" in shown
 
 
 def test_the_flag_table_in_docs_api_md_is_the_generated_one():

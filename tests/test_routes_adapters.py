@@ -110,20 +110,53 @@ def test_replace_leaves_a_request_already_under_way_on_the_old_weights(setup, cl
     assert old == served_by_old["steered"]["text"] != new
 
 
-def test_device_budget_keeps_the_least_recently_used_adapters_on_the_host(app_factory, client, default_engine):
+def test_with_one_device_slot_each_adapter_is_paged_in_as_asked_and_answers_as_if_resident(
+        app_factory, client, default_engine):
     body = {"prompt": "hello there", "max_new_tokens": 8, "ignore_eos": True}
-    with app_factory(max_adapters_on_device=1) as c:
+    with app_factory(adapter_slots=1) as c:
         status = lambda: {a["id"]: a["status"] for a in c.get("/adapters").json()["adapters"]}  # noqa: E731
-        assert status() == {"tiny": "offloaded"}  # nothing asked for it yet
+        slots = c.app_state["fsrl"].engine.slots
+        assert status() == {"tiny": "loaded"}  # the steering canary's probe paged it in at start
         assert c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}).status_code == 201
-        tiny = c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"]
-        assert status() == {"tiny": "loaded", "b": "offloaded"}
+        assert status() == {"tiny": "loaded", "b": "offloaded"}  # loaded into host memory only
         b = c.post("/generate", json={**body, "adapter": "b"}).json()["steered"]["text"]
         assert status() == {"tiny": "offloaded", "b": "loaded"}
+        tiny = c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"]
+        assert status() == {"tiny": "loaded", "b": "offloaded"}
         assert c.post("/generate", json={**body, "adapter": "tiny"}).json()["steered"]["text"] == tiny
-        assert c.app_state["fsrl"].registry.moves == 3
-    # Moving in and out changes nothing: the same text as a server with every adapter resident.
+        assert (slots.pager.page_ins, slots.pager.evictions, len(slots.copies)) == (3, 2, 1)
+        metrics = c.get("/metrics").text
+        assert all(line in metrics for line in ("fsrl_adapter_slots 1.0", "fsrl_adapter_slots_used 1.0",
+                                                "fsrl_adapter_page_ins_total 3.0", "fsrl_adapter_evictions_total 2.0"))
+    # Paging in and out changes nothing: the same text as a server with every adapter resident.
     assert tiny == generate(client, adapter="tiny", **body)["steered"]["text"] != b
+
+
+def test_requests_for_more_adapters_than_slots_wait_their_turn_and_none_fails(app_factory, client, default_engine):
+    """Six concurrent requests over three adapters on one slot: each waits until the running
+    one's adapter is free to go out, and every answer is its adapter's alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "hello there", "max_new_tokens": 12, "ignore_eos": True}
+    with app_factory(adapter_slots=1) as c:
+        for new_id, path in (("b", "more/tiny-b"), ("c", "more/tiny-b")):
+            assert c.post("/adapters", json={"id": new_id, "path": path}).status_code == 201
+        order = ["tiny", "b", "c", "tiny", "b", "c"]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda a: c.post("/generate", json={**body, "adapter": a}), order))
+        assert [r.status_code for r in answers] == [200] * 6
+        got = [r.json()["steered"]["text"] for r in answers]
+        assert c.app_state["fsrl"].engine.slots.pager.page_ins >= 3
+    want = {a: generate(client, adapter=a, **body)["steered"]["text"] for a in ("tiny",)}
+    assert got[0] == got[3] == want["tiny"] and got[1] == got[4] == got[2] == got[5]  # b and c: same weights
+    assert got[1] != got[0]
+
+
+def test_a_load_beyond_the_adapter_memory_budget_is_409_naming_it(app_factory, default_engine):
+    with app_factory(adapter_memory_gib=1e-9) as c:  # even the shipped one is over: skipped at start
+        assert c.get("/adapters").json()["adapters"] == []
+        error = assert_error(c.post("/adapters", json={"id": "b", "path": "more/tiny-b"}), 409, "--adapter-memory-gib")
+        assert "GiB" in error["message"]
 
 
 # --- loads that are refused -----------------------------------------------------------------------

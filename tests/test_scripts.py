@@ -26,6 +26,7 @@ def test_load_script_passes_with_16_clients_under_200_swap_cycles(tmp_path):
     report = json.loads(out.read_text())
     assert report["passed"] and report["server_errors"] == report["wrong_answers"] == 0
     assert report["swap_cycles"] == 200 and report["requests"] > 100 and report["rss_growth"] < 0.05
+    assert report["adapter_slots"] == 2  # three adapters in the mix: paged in and out throughout
 
 
 @pytest.mark.slow

@@ -286,9 +286,42 @@ def test_hot_swap_under_load_never_serves_the_wrong_version(servers, setup):
     assert vllm.post("/generate", json=body).json()["steered"]["text"] == old
 
 
+def test_adapters_beyond_the_bank_s_slots_are_paged_in_and_each_answer_is_its_own(servers, setup):
+    """Four adapters on the shared server's two bank slots (the shipped one and three constant
+    ones built over HTTP), asked for by eight concurrent clients in turn: every answer is what
+    the default engine (every adapter resident) gives for that adapter, none fails, and two of
+    them sit in the bank after, two in host memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    default, vllm = servers
+    ids = ["tiny"] + [f"page{k}" for k in range(3)]
+    body = {"prompt": "hello there", "max_new_tokens": 12, "ignore_eos": True}
+    try:
+        for k, adapter_id in enumerate(ids[1:]):
+            build = {"id": adapter_id, "constant": {"features": [{"index": 4 + 3 * k, "value": 30.0 + 10 * k}]}}
+            for i, client in enumerate(servers):
+                r = client.post("/adapters", json={**build, "replace": i > 0})
+                assert r.status_code == 201, r.text
+        want = {a: default.post("/generate", json={**body, "adapter": a}).json()["steered"]["text"] for a in ids}
+        assert len(set(want.values())) == 4  # four different steerings
+        order = ids * 4
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda a: vllm.post("/generate", json={**body, "adapter": a}), order))
+        assert [r.status_code for r in answers] == [200] * len(order)
+        assert [r.json()["steered"]["text"] for r in answers] == [want[a] for a in order]
+        status = [a["status"] for a in vllm.get("/adapters").json()["adapters"] if a["id"] in ids]
+        assert status.count("loaded") == 2 and status.count("offloaded") == 2
+    finally:
+        for adapter_id in ids[1:]:
+            for client in servers:
+                client.delete(f"/adapters/{adapter_id}")
+            shutil.rmtree(setup.adapters_dir / adapter_id, ignore_errors=True)
+
+
 def test_replaced_and_unloaded_versions_give_their_bank_slots_back(servers):
-    """The bank holds --max-adapters + 2 versions (4 + 2 on the shared server); ten replaces and
-    load/unload cycles in a row only work if each retired version frees its slot."""
+    """Ten replaces and load/unload cycles in a row on the shared server's two bank slots: each
+    retired version leaves its slot and the workers' host memory when its last request ends,
+    and the next version pages in."""
     _, vllm = servers
     body = {"prompt": "abc", "adapter": "swap", "max_new_tokens": 4}
     for i in range(10):

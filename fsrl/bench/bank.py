@@ -105,7 +105,7 @@ def run_bank(args: argparse.Namespace) -> int:
                    "speedup": round(us["every_slot"] / us["slot_matmul"], 2), "max_abs_diff": diff}
             rows.append(row)
             print(" | ".join(str(v) for v in row.values()), flush=True)
-            del runs, out
+            del runs
     result = {"bench": "bank-kernel", "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
               "torch": torch.__version__, "shape": shape_name, "d_in": d_in, "d_sae": d_sae, "dtype": str(dtype),

@@ -161,6 +161,7 @@ def _measure(args: argparse.Namespace, setup: BenchSetup, common: dict, engines:
     start_steered = time.perf_counter() - t0
     for k in range(1, args.bank_slots):
         steered.collective_rpc("fsrl_load_adapter", args=(f"a{k}", setup.adapter))
+        steered.collective_rpc("fsrl_page", args=([], [f"a{k}"]))
 
     def params(extra: dict | None) -> SamplingParams:
         return SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, extra_args=extra,

@@ -170,8 +170,9 @@ def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool,
               tensor_parallel_size=tp, distributed_executor_backend="mp" if tp > 1 else None, **extra)
     start_s = time.perf_counter() - t0
     if steered:
-        print(f"adapter {setup.second[0]} loaded into bank slot",
-              llm.collective_rpc("fsrl_load_adapter", args=setup.second))
+        llm.collective_rpc("fsrl_load_adapter", args=setup.second)
+        llm.collective_rpc("fsrl_page", args=([], [setup.second[0]]))
+        print(f"adapter {setup.second[0]} loaded and paged into the bank")
 
     def params(p: int, spec: dict | None, logprobs: int | None = None) -> SamplingParams:
         args = None

@@ -92,8 +92,9 @@ class SteeredModel:
         block.__class__ = steered_layer_class(type(block))
         block.fsrl_site = site
         block.fsrl_steers_input = site_at.kind == "resid_pre"
-        for adapter_id, folder in spec.get("adapters", {}).items():
-            site.load_adapter(adapter_id, load_adapter(folder, sae=sae, layer=site_at.layer))
+        for adapter_id, folder in spec.get("adapters", {}).items():  # loaded and in the bank from the start
+            site.keep(adapter_id, load_adapter(folder, sae=sae, layer=site_at.layer))
+            site.page([], [adapter_id])
         self.fsrl_layer = site_at.layer
         install_runner_hook()
 

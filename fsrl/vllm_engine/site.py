@@ -94,7 +94,8 @@ class SteeringSite(nn.Module):
         self.fired: dict[str, tuple[int, int]] = {}  # request key -> (feature, generated tokens kept)
         self.sae = sae
         self.bank = AdapterBank(bank_slots, sae.d_in, sae.d_sae, device=device, dtype=dtype)
-        self.adapters: dict[str, SteeringAdapter] = {}  # id -> host copy (RowSteering names it)
+        self.host: dict[str, SteeringAdapter] = {}      # key -> every loaded version, in host memory
+        self.adapters: dict[str, SteeringAdapter] = {}  # key -> the versions in the bank (RowSteering names them)
         self.slot_of: dict[int, int] = {}
         self.empty_row = table_rows                      # never written: unsteered tokens
         self.slots = SlotTable(table_rows + 1, self.slot_of, device=device)  # SteeringRows.set_row writes the slot
@@ -125,6 +126,30 @@ class SteeringSite(nn.Module):
         if adapter is None:
             raise FsrlError(f"adapter {adapter_id!r} is not in the bank")
         self.bank.set_row(self.slot_of.pop(id(adapter)), None)
+
+    def keep(self, key: str, adapter: SteeringAdapter) -> None:
+        """Hold a loaded version in host memory, out of the bank until `page` seats it."""
+        if key in self.host:
+            raise FsrlError(f"adapter {key!r} is already loaded")
+        self.host[key] = adapter
+
+    def page(self, evict: list[str], page_in: list[str]) -> None:
+        """Send versions out of their bank slots (their host copies stay), then copy versions
+        in from their host copies (in place, between steps: no running request names any of
+        `evict`)."""
+        missing = [key for key in page_in if key not in self.host]
+        if missing:
+            raise FsrlError(f"adapter {missing[0]!r} is not loaded on this worker")
+        for key in evict:
+            self.unload_adapter(key)
+        for key in page_in:
+            self.load_adapter(key, self.host[key])
+
+    def drop(self, key: str) -> None:
+        """Forget a version: its host copy, and its bank slot if it holds one."""
+        self.host.pop(key, None)
+        if key in self.adapters:
+            self.unload_adapter(key)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (N, d_in) the residual stream after the layer, one row per token of the step;

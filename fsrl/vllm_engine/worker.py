@@ -17,19 +17,23 @@ class SteeringWorkerExtension:
     def _fsrl_site(self):
         return self.model_runner.model.fsrl_site
 
-    def fsrl_load_adapter(self, adapter_id: str, folder: str, weights_sha256_16: str | None = None) -> int:
-        """Load an adapter into a free bank slot, in place (the compiled graph keeps reading
-        the bank where it is); returns the slot. With `weights_sha256_16`, the weights file
-        must still be the one the caller checked (every rank reads the same version)."""
+    def fsrl_load_adapter(self, key: str, folder: str, weights_sha256_16: str | None = None) -> None:
+        """Load a version into this worker's host memory (not into the bank: `fsrl_page` does).
+        With `weights_sha256_16`, the weights file must still be the one the caller checked
+        (every rank reads the same version)."""
         site = self._fsrl_site()
         if weights_sha256_16 is not None and sha256_of(Path(folder) / WEIGHTS_FILE, 16) != weights_sha256_16:
-            raise FsrlError(f"the weights of adapter {adapter_id!r} changed on disk while it was loading")
-        return site.load_adapter(adapter_id, load_adapter(folder, sae=site.sae,
-                                                          layer=self.model_runner.model.fsrl_layer))
+            raise FsrlError(f"the weights of adapter {key!r} changed on disk while it was loading")
+        site.keep(key, load_adapter(folder, sae=site.sae, layer=self.model_runner.model.fsrl_layer))
 
-    def fsrl_unload_adapter(self, adapter_id: str) -> None:
-        """Free the adapter's bank slot (no running request may name it)."""
-        self._fsrl_site().unload_adapter(adapter_id)
+    def fsrl_page(self, evict: list[str], page_in: list[str]) -> None:
+        """Send `evict` out of the bank, then copy `page_in` in from host memory, in place (the
+        compiled graph keeps reading the bank where it is). No running request names `evict`."""
+        self._fsrl_site().page(evict, page_in)
+
+    def fsrl_unload_adapter(self, key: str) -> None:
+        """Forget a version: its host copy and its bank slot (no running request names it)."""
+        self._fsrl_site().drop(key)
 
     def fsrl_take_features(self, key: str) -> list[dict]:
         """What the graph captured for each token the request sampled since the last take:
