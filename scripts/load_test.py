@@ -9,10 +9,13 @@ and runs, for `--seconds`:
   adapters, feature clamps, `compare`, SSE streaming and the OpenAI route, all at temperature
   0 or with a fixed seed, so every answer has one right text;
 - one swapper doing `--swap-cycles` cycles spread over the run: replace adapter `swap` with
-  the other of two weight sets (`replace: true`), load adapter `temp`, unload it.
+  the other of two weight sets (`replace: true`), load adapter `temp`, unload it;
+- with `--many-adapters N`, N more adapters (constant pushes of their own, built with
+  `POST /adapters` before the load), and half of each client's requests name one of them at
+  random (`--max-adapters` is raised to fit them).
 
 Every answer is checked against references taken one request at a time before the load
-starts: a request for `tiny` must get tiny's text, one for `swap` either weight set's text
+starts: a request for one of the many adapters must get that adapter's own text, one for `swap` either weight set's text
 (whichever was loaded when it started), one for `temp` its text or a 404 (unloaded). Passes
 when there is no 5xx, no transport error, no wrong answer, and the server's memory (RSS) after
 the swap cycles is within 5 % of what it was after the first tenth of them. Writes a JSON
@@ -111,11 +114,32 @@ async def references(client: httpx.AsyncClient, model: str) -> dict:
     return refs
 
 
+def many_id(k: int) -> str:
+    return f"many-{k:04d}"
+
+
+async def build_many(client: httpx.AsyncClient, n: int) -> dict[str, str]:
+    """N constant adapters, each pushing three features its own way; their texts, one at a time."""
+    d_sae = 64  # within the tiny SAE's width
+    texts = {}
+    for k in range(n):
+        pushes = [{"index": k % d_sae, "value": 20.0 + 6 * (k // d_sae)},
+                  {"index": (k * 37 + 11) % d_sae, "value": -12.0 - 5 * (k % 5)},
+                  {"index": (k * 13 + 29) % d_sae, "value": 15.0 + 4 * (k % 3)}]
+        r = await client.post("/adapters", json={"id": many_id(k), "constant": {"features": pushes}, "replace": True})
+        assert r.status_code == 201, r.text
+        status, key = await generate(client, {**BODIES[0], "ignore_eos": True, "adapter": many_id(k)}, stream=False)
+        assert status == 200, status
+        texts[many_id(k)] = key
+    return texts
+
+
 async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
     limits = httpx.Limits(max_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=120.0, limits=limits) as client:
         model = (await client.get("/health")).json()["model"]
         refs = await references(client, model)
+        many = await build_many(client, args.many_adapters)
         assert (await client.post("/adapters", json={"id": "swap", "path": WEIGHTS["a"]})).status_code == 201
         assert (await client.post("/adapters", json={"id": "temp", "path": WEIGHTS["a"]})).status_code == 201
         stats: Counter[str] = Counter()
@@ -129,6 +153,20 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
             for _ in range(args.max_requests_per_client):
                 if time.monotonic() > deadline:
                     return
+                if many and rng.random() < 0.5:
+                    adapter = many_id(rng.randrange(args.many_adapters))
+                    body = {**BODIES[0], "ignore_eos": True, "adapter": adapter}
+                    try:
+                        status, key = await generate(client, body, stream=rng.random() < 0.5)
+                    except httpx.HTTPError as exc:
+                        stats["transport_error"] += 1
+                        wrong.append({"kind": "many", "adapter": adapter, "error": repr(exc)})
+                        continue
+                    stats[f"{status // 100}xx"] += 1
+                    stats["many"] += 1
+                    if status != 200 or key != many[adapter]:
+                        wrong.append({"kind": "many", "adapter": adapter, "status": status, "got": key})
+                    continue
                 i, adapter = rng.randrange(len(BODIES)), rng.choice(ADAPTERS)
                 kind = rng.choice(["generate", "stream", "chat"])
                 body = {**BODIES[i], "ignore_eos": True, **({"adapter": adapter} if adapter else {})}
@@ -177,6 +215,7 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         if rss_by_tenth:
             rss["after_first_tenth"] = rss_by_tenth[0]
         metrics = (await client.get("/metrics")).text
+        adapters_loaded = len((await client.get("/adapters")).json()["adapters"])
     baseline = rss.get("after_first_tenth", rss["start"])
     growth = rss["end"] / baseline - 1
     server_errors = sum(n for k, n in stats.items() if k == "5xx" or k.startswith("swap:5"))
@@ -189,6 +228,9 @@ async def run(args: argparse.Namespace, url: str, pid: int) -> dict:
         "rss_kib": rss, "rss_kib_by_tenth_of_the_swaps": rss_by_tenth, "rss_growth": round(growth, 4),
         "counts": dict(sorted(stats.items())),
         "wrong_examples": wrong[:10], "batch_size_histogram": shared,
+        "many_adapters": args.many_adapters, "many_distinct_texts": len(set(many.values())),
+        "adapters_loaded_at_end": adapters_loaded,
+        "paging": [l for l in metrics.splitlines() if l.startswith("fsrl_adapter_") and not l.startswith("fsrl_adapter_requests")],
     }
     report["passed"] = (server_errors == 0 and not wrong and stats["transport_error"] == 0
                         and stats["swap_cycles"] == args.swap_cycles and growth < 0.05 and requests > 0)
@@ -205,11 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-slots", type=int, default=2,
                         help="the server's device slots: fewer than the three adapters the mix names "
                              "(tiny, swap, temp), so adapters are paged in and out under the load")
+    parser.add_argument("--many-adapters", type=int, default=0,
+                        help="this many more adapters loaded, half of the requests naming one at random")
     parser.add_argument("--out", type=Path, default=Path("bench-results/load_test.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fsrl-load-") as tmp:
         _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4),
-                                      "--adapter-slots", str(args.adapter_slots))
+                                      "--adapter-slots", str(args.adapter_slots),
+                                      "--max-adapters", str(args.many_adapters + 8))
         try:
             report = asyncio.run(run(args, server.url, server.proc.pid))
         finally:
@@ -217,9 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     report["adapter_slots"] = args.adapter_slots
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{'clients':>8} {'seconds':>8} {'requests':>9} {'swaps':>6} {'5xx':>4} {'wrong':>6} {'rss growth':>11}")
-    print(f"{report['clients']:>8} {report['seconds']:>8} {report['requests']:>9} {report['swap_cycles']:>6} "
+    print(f"{'clients':>8} {'adapters':>8} {'slots':>6} {'seconds':>8} {'requests':>9} {'swaps':>6} {'5xx':>4} "
+          f"{'wrong':>6} {'rss growth':>11}")
+    print(f"{report['clients']:>8} {report['adapters_loaded_at_end']:>8} {report['adapter_slots']:>6} "
+          f"{report['seconds']:>8} {report['requests']:>9} {report['swap_cycles']:>6} "
           f"{report['server_errors']:>4} {report['wrong_answers']:>6} {report['rss_growth']:>10.1%}")
+    print("\n".join(report["paging"]))
     print(f"{'PASS' if report['passed'] else 'FAIL'}; report: {args.out}")
     if report["wrong_examples"]:
         print(json.dumps(report["wrong_examples"][:3], indent=1), file=sys.stderr)

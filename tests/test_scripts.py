@@ -20,13 +20,16 @@ def test_load_script_passes_with_16_clients_under_200_swap_cycles(tmp_path):
     # of them finished in a 5 s run); a pass needs every cycle done before the clock runs out.
     out = tmp_path / "load.json"
     run = subprocess.run([sys.executable, "scripts/load_test.py", "--clients", "16", "--seconds", "12",
-                          "--swap-cycles", "200", "--out", str(out)],
+                          "--swap-cycles", "200", "--many-adapters", "24", "--adapter-slots", "4",
+                          "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["passed"] and report["server_errors"] == report["wrong_answers"] == 0
     assert report["swap_cycles"] == 200 and report["requests"] > 100 and report["rss_growth"] < 0.05
-    assert report["adapter_slots"] == 2  # three adapters in the mix: paged in and out throughout
+    # 27 adapters on 4 device slots: paged in and out throughout, each answer its adapter's own
+    assert report["adapter_slots"] == 4 and report["adapters_loaded_at_end"] == 27 and report["counts"]["many"] > 20
+    assert report["many_distinct_texts"] == 24  # a wrong adapter's text would show
 
 
 @pytest.mark.slow
