@@ -13,12 +13,13 @@ from fsrl.testing import ServerProcess, TinySetup, read_sse, tiny_server_args, w
 __all__ = ["ServerProcess", "TinySetup", "read_sse", "write_tiny_setup", "start_tiny_server"]
 
 
-def start_tiny_server(root: Path, *extra: str) -> tuple[TinySetup, ServerProcess]:
-    """Writes the tiny setup under `root` and starts `fsrl serve` on it; the caller stops it."""
-    setup = write_tiny_setup(root)
+def start_tiny_server(root: Path, *extra: str, hidden: int = 64) -> tuple[TinySetup, ServerProcess]:
+    """Writes the tiny setup (`hidden` wide) under `root` and starts `fsrl serve` on it; the caller
+    stops it."""
+    setup = write_tiny_setup(root, hidden=hidden)
     server = ServerProcess(tiny_server_args(setup, *extra), log_path=root / "server.log")
     try:
-        server.wait_ready(timeout_s=180)
+        server.wait_ready(timeout_s=600, max_polls=6000)
     except BaseException:
         server.stop()
         raise

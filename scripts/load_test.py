@@ -247,19 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-slots", type=int, default=2,
                         help="the server's device slots: fewer than the three adapters the mix names "
                              "(tiny, swap, temp), so adapters are paged in and out under the load")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="the server's engine (vllm: needs `make vllm`)")
     parser.add_argument("--many-adapters", type=int, default=0,
                         help="this many more adapters loaded, half of the requests naming one at random")
     parser.add_argument("--out", type=Path, default=Path("bench-results/load_test.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="fsrl-load-") as tmp:
+        # vLLM's CPU attention takes heads of 32: its tiny model is 128 wide.
         _, server = start_tiny_server(Path(tmp), "--max-queue", str(args.clients * 4),
                                       "--adapter-slots", str(args.adapter_slots),
-                                      "--max-adapters", str(args.many_adapters + 8))
+                                      "--max-adapters", str(args.many_adapters + 8), "--engine", args.engine,
+                                      hidden=128 if args.engine == "vllm" else 64)
         try:
             report = asyncio.run(run(args, server.url, server.proc.pid))
         finally:
             server.stop()
-    report["adapter_slots"] = args.adapter_slots
+    report["adapter_slots"], report["engine"] = args.adapter_slots, args.engine
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{'clients':>8} {'adapters':>8} {'slots':>6} {'seconds':>8} {'requests':>9} {'swaps':>6} {'5xx':>4} "

@@ -52,6 +52,23 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     assert all(r[f"{mode} tok/s"] > 0 for r in rows for mode in ("base", "adapter", "adapter+8"))
 
 
+def test_bench_adapters_measures_each_count_of_distinct_adapters_beside_the_stock_batch(tmp_path):
+    import json
+
+    from fsrl.testing import write_tiny_setup
+
+    from fsrl.cli import main
+
+    setup = write_tiny_setup(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--adapters", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                 "--device", "cpu", "--batch-sizes", "4", "--new-tokens", "3", "--prompt-tokens", "4",
+                 "--repeats", "1", "--adapter-l0", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["distinct"]) for r in rows] == [(4, 0), (4, 1), (4, 4)]  # 0: stock
+    assert all(r["tok_s"] > 0 for r in rows) and rows[1]["ratio_to_one_adapter"] == 1.0
+
+
 @pytest.mark.parametrize("flags", [["--compile-decode"], ["--static-cache-tokens", "256"]])
 def test_the_removed_compiled_decode_flags_are_one_line(flags):
     done = run_fsrl("serve", *flags)

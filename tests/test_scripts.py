@@ -179,3 +179,22 @@ def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving(tmp_path):
     assert "serving: `fsrl serve` on cpu" in summary and "steered/base tok/s, 8 clients" in summary
     assert sorted(p.name for p in out.iterdir()) == sorted(set(_script("gpu_check").OUTPUTS) - {"vllm-check.json"})
     assert report["seconds"] < report["budget_s"]
+
+
+def test_the_adapters_curve_plot_draws_every_batch_of_each_bench(tmp_path):
+    """scripts/plot_adapters_curve.py on small JSONs of the shapes `fsrl bench --adapters`,
+    `--adapters --loaded` and `--engine vllm` write: one line per batch size and engine."""
+    distinct = {"setup": "tiny", "rows": [{"batch": b, "distinct": k, "ratio_to_stock": 1 - k / 100}
+                                          for b in (4, 16) for k in (0, 1, 4)]}
+    loaded = {"slots": 16, "rows": [{"batch": 4, "loaded": n, "ratio_to_stock": 0.9} for n in (None, 1, 16)]}
+    vllm = {"rows": [{"batch": 4, "mode": m, "ratio": 0.95} for m in ("vanilla", "adapter", "K=4 adapters")]}
+    paths = {}
+    for name, data in (("distinct", distinct), ("loaded", loaded), ("vllm", vllm)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(data))
+    out = tmp_path / "curve.svg"
+    assert _script("plot_adapters_curve").main([str(paths["distinct"]), "--loaded", str(paths["loaded"]),
+                                                "--vllm", str(paths["vllm"]), "--out", str(out)]) == 0
+    svg = out.read_text()
+    for label in ("batch 4", "batch 16", "vLLM, batch 4", "adapters loaded"):
+        assert label in svg, label

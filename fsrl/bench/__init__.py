@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "for 1, 4, 16, 64 distinct adapters at each batch size (default 16,64), "
                            "on the --random-shapes size (default llama-1.2b)")
     bank.add_argument("--calls", type=int, default=50, help="--bank-kernel: calls per timing")
+    parser.add_argument("--adapters", action="store_true",
+                        help="throughput against distinct adapters per batch (1, 4, 16, 64; default "
+                             "batches 16,64) on fsrl's own engine, beside the batch unsteered")
+    parser.add_argument("--loaded", default=None, metavar="N,N,...",
+                        help="with --adapters: over HTTP instead, one server per count of adapters "
+                             "loaded (e.g. 1,16,256; 16 device slots, a batch using up to 16)")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
     serving.add_argument("--serving", action="store_true",
                          help="benchmark `fsrl serve` end to end instead of the generation loop")
@@ -142,6 +148,11 @@ def run(args: argparse.Namespace) -> int:
 
         args.bank_slots, args.batch_sizes = args.bank_slots or 64, args.batch_sizes or "16,64"
         return run_bank(args)
+    if args.adapters:
+        from fsrl.bench.adapters import run_adapters, run_loaded
+
+        args.batch_sizes, args.new_tokens = args.batch_sizes or "16,64", args.new_tokens or 32
+        return run_loaded(args) if args.loaded else run_adapters(args)
     args.bank_slots, args.batch_sizes = args.bank_slots or 4, args.batch_sizes or "1,8"
     if args.engine == "vllm":
         import importlib.util

@@ -176,7 +176,7 @@ def _measure(args: argparse.Namespace, setup: BenchSetup, common: dict, engines:
     modes = {"vanilla": vllm_mode(stock, lambda i: None), "steered, none": vllm_mode(steered, lambda i: None),
              "adapter": vllm_mode(steered, lambda i: steering_extra_args("a0")),
              "adapter+8": vllm_mode(steered, lambda i: steering_extra_args("a0", overrides=[FeatureOverride(*o) for o in OVERRIDES]))}
-    for k in sorted({min(4, args.bank_slots), args.bank_slots} - {1}):
+    for k in sorted(({k for k in (4, 16, 64) if k < args.bank_slots} | {args.bank_slots}) - {1}):
         modes[f"K={k} adapters"] = vllm_mode(steered, lambda i, k=k: steering_extra_args(f"a{i % k}"))
     modes.update(_fsrl_modes(setup, args))
     times: dict[tuple[str, int], list[float]] = {}

@@ -93,7 +93,7 @@ class SteeredModel:
         block.fsrl_site = site
         block.fsrl_steers_input = site_at.kind == "resid_pre"
         for adapter_id, folder in spec.get("adapters", {}).items():  # loaded and in the bank from the start
-            site.keep(adapter_id, load_adapter(folder, sae=sae, layer=site_at.layer))
+            site.keep(adapter_id, load_adapter(folder, sae=sae, layer=site_at.layer, dtype=site.bank.W.dtype))
             site.page([], [adapter_id])
         self.fsrl_layer = site_at.layer
         install_runner_hook()

@@ -24,7 +24,9 @@ class SteeringWorkerExtension:
         site = self._fsrl_site()
         if weights_sha256_16 is not None and sha256_of(Path(folder) / WEIGHTS_FILE, 16) != weights_sha256_16:
             raise FsrlError(f"the weights of adapter {key!r} changed on disk while it was loading")
-        site.keep(key, load_adapter(folder, sae=site.sae, layer=self.model_runner.model.fsrl_layer))
+        # In the bank's dtype (the model's): the host copy holds what a page-in copies, no more.
+        site.keep(key, load_adapter(folder, sae=site.sae, layer=self.model_runner.model.fsrl_layer,
+                                    dtype=site.bank.W.dtype))
 
     def fsrl_page(self, evict: list[str], page_in: list[str]) -> None:
         """Send `evict` out of the bank, then copy `page_in` in from host memory, in place (the
