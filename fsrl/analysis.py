@@ -35,7 +35,7 @@ def hook_activations(base: BaseModel, site: Site, token_ids: Sequence[Sequence[i
 def reference_token_ids(tokenizer, limit: int = 96) -> list[list[int]]:
     """The project's own demo prompts (every third, up to `limit`), as the model's chat
     template renders them where it has one."""
-    from fsrl.demo.prompts import demo_prompts
+    from fsrl.prompts import demo_prompts
 
     out = []
     for prompt in demo_prompts()[::3][:limit]:

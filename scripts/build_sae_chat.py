@@ -103,7 +103,7 @@ SINGLE_SEEDS = (21, 22)
 
 def chat_prompts() -> list[tuple[str, int]]:
     """(prompt, seed) pairs, in a fixed order."""
-    from fsrl.demo.prompts import EVAL_TOPICS, HELDOUT_TOPICS, TRAIN_TOPICS
+    from fsrl.prompts import EVAL_TOPICS, HELDOUT_TOPICS, TRAIN_TOPICS
 
     clash = set(TOPICS) & set(TRAIN_TOPICS + HELDOUT_TOPICS + EVAL_TOPICS)
     if clash:

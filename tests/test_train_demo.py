@@ -3,7 +3,7 @@
 import json
 
 from fsrl.demo.build_data import make_pairs
-from fsrl.demo.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
+from fsrl.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
 from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
                               list_items)
 
@@ -56,7 +56,7 @@ def test_pairs_keep_only_judged_prompts_and_put_the_preferred_first(tmp_path):
 
 
 def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_demo_data():
-    from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, TEMPLATES, eval_prompts, eval_set_digest
+    from fsrl.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, TEMPLATES, eval_prompts, eval_set_digest
 
     prompts = eval_prompts()
     assert eval_set_digest() == EVAL_SET_SHA256_16 and len(prompts) == 64

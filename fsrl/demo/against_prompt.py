@@ -3,7 +3,7 @@
     fsrl eval --adapter adapters/concise --rule concise --train data/demo/concise/train.jsonl
               [--out DIR] [--judge-url URL --judge-model M] [--limit N]
 
-On the frozen evaluation prompts (`fsrl.demo.prompts.eval_prompts`, digest checked) and the
+On the frozen evaluation prompts (`fsrl.prompts.eval_prompts`, digest checked) and the
 rules and decoding of `python -m fsrl.demo.evaluate` (greedy, 256 new tokens, a seed per
 prompt), six arms answer every prompt:
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from fsrl.adapter import constant_adapter, load_adapter
     from fsrl.contrast import constant_push, contrast, text_features, text_token_ids
     from fsrl.demo.evaluate import (OUTCOMES, coherence, generate_answers, perplexities, wilson_interval)
-    from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, eval_prompts, eval_set_digest
+    from fsrl.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, eval_prompts, eval_set_digest
     from fsrl.demo.rules import EVAL_RULES, RULES
     from fsrl.generation import Generator
     from fsrl.models import load_base_model

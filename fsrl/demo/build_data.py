@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 
 from fsrl.corpus import chat_ids
-from fsrl.demo.prompts import demo_prompts
+from fsrl.prompts import demo_prompts
 from fsrl.demo.rules import RULES
 
 log = logging.getLogger(__name__)

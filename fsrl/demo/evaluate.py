@@ -6,7 +6,7 @@
 1. On the selection pairs (the old held-out pairs: not trained on, but looked at while the first
    demo adapters were tuned): SimPO loss (beta 10, gamma 5) without and with the adapter's
    lambda * mean ||v||_1, preference accuracy and mean L0 of v, base model and adapter.
-2. On the frozen evaluation prompts (`fsrl.demo.prompts.eval_prompts`, never used to choose
+2. On the frozen evaluation prompts (`fsrl.prompts.eval_prompts`, never used to choose
    anything; their digest is checked): every prompt answered twice, compare-style, steered and
    base with the same decoding, seed and budget (256 new tokens: the base model usually
    finishes). Rule `EVAL_RULES[rule]` (fsrl/demo/rules.py) judges each pair. Reported: wins,
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from fsrl.corpus import chat_ids
 from fsrl.demo.build_data import seed_for
-from fsrl.demo.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, demo_prompts, eval_prompts, eval_set_digest
+from fsrl.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, demo_prompts, eval_prompts, eval_set_digest
 from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, list_items
 
 log = logging.getLogger(__name__)

@@ -223,7 +223,7 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"SAE {meta['sae']['name']} (fingerprint {meta['sae']['fingerprint']}, d_sae {meta['d_sae']}) at "
         f"layer {meta['layer']}; activation `{meta['activation']}`; L1 coefficient {t.get('l1_coefficient')}.", "",
         "## Figures", "",
-        f"On the {gen['prompts']} prompts of the frozen evaluation set (`fsrl/demo/prompts.py`, digest "
+        f"On the {gen['prompts']} prompts of the frozen evaluation set (`fsrl/prompts.py`, digest "
         f"`{gen['eval_set']}`: topics and templates never used in training or to choose anything), each answered "
         f"by the base model and with this adapter, same decoding and seed ({gen['decoding']}), at most "
         f"{gen['max_new_tokens']} new tokens each, steering scale {ev['scale']}:", "",
@@ -283,7 +283,7 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         "Samples, one per template and outcome (wins, ties and losses): `samples.md`; every evaluation "
         "answer and verdict: `eval.json`.", "",
         "## Data recipe", "",
-        f"Prompts: `fsrl/demo/prompts.py` (topics x 4 templates; held-out topics are separate). "
+        f"Prompts: `fsrl/prompts.py` (topics x 4 templates; held-out topics are separate). "
         f"For each prompt the default model wrote two answers (temperature 0.7, top-p 0.9, "
         f"at most 96 new tokens): one to the prompt as written, one to the prompt with the hint "
         f"`{rule.hint.strip()}` appended. The pair is stored under the prompt as written (the hint "

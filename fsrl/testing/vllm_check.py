@@ -151,10 +151,11 @@ def fsrl_reference(setup: CheckSetup) -> dict[str, list[int]]:
     return out
 
 
-def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool,
-                drop_steering: bool = False) -> tuple[dict[str, list[int]], float, float, list]:
+def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool, drop_steering: bool = False,
+                also_drop: bool = False) -> tuple[dict[str, list[int]], float, float, list, dict[str, list[int]]]:
     """Every case in one `generate` call (one batch), then each case alone, then rows joining a
-    running batch; start time, the batch's wall time and each rank's counters."""
+    running batch; start time, the batch's wall time, each rank's counters, and (`also_drop`)
+    the batch once more on the same engine with every request sent unsteered."""
     from vllm import LLM, SamplingParams
 
     from fsrl.overrides import FeatureOverride
@@ -174,9 +175,9 @@ def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool,
         llm.collective_rpc("fsrl_page", args=([], [setup.second[0]]))
         print(f"adapter {setup.second[0]} loaded and paged into the bank")
 
-    def params(p: int, spec: dict | None, logprobs: int | None = None) -> SamplingParams:
+    def params(p: int, spec: dict | None, logprobs: int | None = None, drop: bool = drop_steering) -> SamplingParams:
         args = None
-        if spec is not None and steered and not drop_steering:
+        if spec is not None and steered and not drop:
             steer_from = len(setup.prompts[p]) if spec.get("steer_from") == "prompt" else 0
             args = steering_extra_args(_adapter_id(setup, spec), spec.get("scale", 1.0),
                                        [FeatureOverride(*o) for o in _overrides(setup, spec)], steer_from)
@@ -212,7 +213,11 @@ def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool,
             (3, "second + set [joins at step 3]", prompt(second[0]), params(*second))]))
         got.update(join_at_random(engine, names, n_prompts, prompt, params))
     counters = llm.collective_rpc("fsrl_counters") if steered else []
-    return got, start_s, batch_s, counters
+    dropped = {}
+    if also_drop:  # after the counters: these steps steer nothing
+        outs = llm.generate(reqs, [params(*CASES[n], drop=True) for n in names] + sps[len(names):], use_tqdm=False)
+        dropped = {n: list(o.outputs[0].token_ids) for n, o in zip(names, outs)}
+    return got, start_s, batch_s, counters, dropped
 
 
 def run_joins(engine, joins: list[tuple[int, str, dict, Any]], max_steps: int = 1000) -> dict[str, list[int]]:
@@ -290,19 +295,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--drop-steering", action="store_true",
                     help="send every request unsteered: the check must then fail (it proves it can)")
+    ap.add_argument("--also-drop", action="store_true",
+                    help="after the check, the batch again on the same engine with every request unsteered, "
+                         "reported apart (`dropped_failures`): the check's own proof that it can fail")
     args = ap.parse_args(argv)
     setup = default_setup(args.adapters_dir) if args.default else tiny_setup(args.root)
     ref = fsrl_reference(setup)
-    got, start_s, batch_s, counters = vllm_tokens(setup, args.eager, args.tp, steered=not args.stock,
-                                                  drop_steering=args.drop_steering)
+    got, start_s, batch_s, counters, dropped = vllm_tokens(setup, args.eager, args.tp, steered=not args.stock,
+                                                           drop_steering=args.drop_steering, also_drop=args.also_drop)
     mode = (f"{'default model' if args.default else 'tiny model'}, {'eager' if args.eager else 'compiled'}, "
             f"tp={args.tp}, {'stock vLLM' if args.stock else 'steered model'}")
     lines, failures = report(got, ref, counters, args.eager)
     print(f"\nvLLM {mode}: engine start {start_s:.1f} s, one batch of {len(got)} requests {batch_s:.2f} s")
     print("\n".join(lines))
+    extra = {}
+    if args.also_drop:  # the same comparison must fail every steered case of the dropped run
+        dropped_lines, dropped_failures = report(dropped, ref, [], args.eager)
+        print("\nthe same batch with every request sent unsteered (the check must fail on it):")
+        print("\n".join(dropped_lines))
+        extra = {"dropped": dropped, "dropped_failures": dropped_failures, "dropped_table": dropped_lines}
     if args.json:
         args.json.write_text(json.dumps({"mode": mode, "start_s": start_s, "batch_s": batch_s, "counters": counters,
-                                         "logprobs": LOGPROBS, "got": got, "ref": ref, "failures": failures}))
+                                         "logprobs": LOGPROBS, "got": got, "ref": ref, "failures": failures, **extra}))
     return 1 if failures else 0
 
 

@@ -1,4 +1,6 @@
-"""Prompts for the demo data: every topic asked through every template.
+"""The project's own prompts: every topic asked through every template. The demo data and its
+evaluation are built on them, and the server measures adapters' feature pushes on some of them
+(`fsrl.analysis.reference_token_ids`).
 
 The held-out topics never appear in training, so the held-out figures measure prompts on new
 subjects, not new phrasings of seen ones. They were also looked at while the first demo
