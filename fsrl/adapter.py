@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -37,10 +37,15 @@ if TYPE_CHECKING:
     from fsrl.sae import Sae
 
 ADAPTER_FORMAT = "fsrl-adapter"
-ADAPTER_FORMAT_VERSION = 2  # 2: `site` (version 1 files were all made at resid_post)
+# 2: `site` (version 1 files were all made at resid_post); 3: `columns`, a pruned adapter's kept
+# features (`prune_adapter`). Dense adapters are still written as version 2.
+ADAPTER_FORMAT_VERSION = 3
+DENSE_FORMAT_VERSION = 2
+PRUNED_FORMAT_VERSION = 3
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 ALLOWED_SAFETENSORS_DTYPES = {"F32", "F16", "BF16"}
+COLUMN_DTYPES = {"I64", "I32"}  # a pruned adapter's `columns`
 META_MAX_BYTES = 1 << 20  # adapter.json; a training summary is a few kilobytes
 MAX_D_IN, MAX_D_SAE = 1 << 16, 1 << 21
 
@@ -102,11 +107,15 @@ class AdapterConfig:
     sae: dict[str, str]                 # {"name", "fingerprint"}
     training: dict[str, Any] = field(default_factory=dict)
     site: str = "resid_post"            # the kind of `fsrl.sites.Site` at `layer`
+    columns: int | None = None          # pruned: how many features (columns of W) it keeps
     format: str = ADAPTER_FORMAT
-    format_version: int = ADAPTER_FORMAT_VERSION
+    format_version: int = DENSE_FORMAT_VERSION
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.columns is None:  # a dense adapter's file is what version 2 reads
+            del data["columns"]
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: str = "adapter.json") -> "AdapterConfig":
@@ -152,9 +161,21 @@ class AdapterFile(BaseModel):
     d_sae: int = Field(ge=1, le=MAX_D_SAE)
     layer: int = Field(ge=0, le=10_000)
     site: Literal[SITE_KINDS] = "resid_post"  # type: ignore[valid-type]
+    columns: int | None = Field(None, ge=1, le=MAX_D_SAE)
     base_model: _Named
     sae: _Named
     training: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _columns_fit(self) -> "AdapterFile":
+        if self.columns is not None:
+            if self.format_version < PRUNED_FORMAT_VERSION:
+                raise ValueError(f"columns needs format_version {PRUNED_FORMAT_VERSION}")
+            if self.columns > self.d_sae:
+                raise ValueError(f"columns {self.columns} is more than d_sae {self.d_sae}")
+            if not ACTIVATIONS[self.activation].learns_map:
+                raise ValueError("a constant adapter has no columns to prune")
+        return self
 
 
 class SteeringAdapter(nn.Module):
@@ -173,7 +194,11 @@ class SteeringAdapter(nn.Module):
 
 
 class FsrlAdapter(SteeringAdapter):
-    """v = activation(x~ @ W + b). Shapes: x (..., d_in) -> v (..., d_sae)."""
+    """v = activation(x~ @ W + b). Shapes: x (..., d_in) -> v (..., d_sae).
+
+    Pruned (`config.columns` = C): W, b, tau hold only the C features in `columns` (ascending),
+    and v is zero on every other feature: exactly the dense adapter with those columns of W,
+    b and tau zeroed (`dense_weights`)."""
 
     def __init__(self, config: AdapterConfig, b_in: torch.Tensor | None = None,
                  init_std: float = 1e-4, seed: int = 0):
@@ -181,12 +206,15 @@ class FsrlAdapter(SteeringAdapter):
         self.config = config
         self.activation = ACTIVATIONS[config.activation]
         g = torch.Generator().manual_seed(seed)
+        width = config.columns or config.d_sae
         # Near zero, so training starts at the base model; not exactly zero, or relu'(0) = 0
         # would leave W without a gradient.
-        self.W = nn.Parameter(torch.randn(config.d_in, config.d_sae, generator=g) * init_std)
-        self.b = nn.Parameter(torch.zeros(config.d_sae))
-        self.tau = nn.Parameter(torch.full((config.d_sae,), 1e-6 if self.activation.learns_threshold else 0.0),
+        self.W = nn.Parameter(torch.randn(config.d_in, width, generator=g) * init_std)
+        self.b = nn.Parameter(torch.zeros(width))
+        self.tau = nn.Parameter(torch.full((width,), 1e-6 if self.activation.learns_threshold else 0.0),
                                 requires_grad=self.activation.learns_threshold)
+        # Pruned: the features its columns stand for (None: every feature, in order).
+        self.register_buffer("columns", torch.arange(width) if config.columns is not None else None)
         self.register_buffer("b_in", b_in.detach().clone().float() if b_in is not None
                              else torch.zeros(config.d_in))
         self.packed: PackedMatrix | None = None  # set by pack_for_cpu (serving on a CPU)
@@ -206,8 +234,20 @@ class FsrlAdapter(SteeringAdapter):
         if self.packed is not None and self.packed.applies_to(x_in):
             z = self.packed(x_in)
         else:
-            z = x_in @ self.W + self.b  # (..., d_sae)
-        return self.activation.fn(z, self.tau)
+            z = x_in @ self.W + self.b  # (..., d_sae), or (..., C) pruned
+        v = self.activation.fn(z, self.tau)
+        if self.columns is None:
+            return v
+        return v.new_zeros(*v.shape[:-1], self.config.d_sae).index_copy(-1, self.columns, v)
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, b, tau) at full width: a pruned adapter's dropped columns are zeros, where every
+        activation gives v = 0."""
+        if self.columns is None:
+            return self.W, self.b, self.tau
+        W = self.W.new_zeros(self.config.d_in, self.config.d_sae).index_copy(1, self.columns, self.W)
+        b, tau = (t.new_zeros(self.config.d_sae).index_copy(0, self.columns, t) for t in (self.b, self.tau))
+        return W, b, tau
 
     def parameter_count(self) -> int:
         """Learned parameters: W and b, plus tau where the activation learns it (frozen or not)."""
@@ -242,10 +282,11 @@ class RowAdapters:
             if (adapter.config.d_in, adapter.config.d_sae) != (self.d_in, self.d_sae):
                 raise MismatchError(f"adapter {adapter.id!r} has d_in={adapter.config.d_in} "
                                     f"d_sae={adapter.config.d_sae}, rows hold {self.d_in}x{self.d_sae}")
-            self.W[row].copy_(adapter.W)
-            self.b[row].copy_(adapter.b)
+            W, b, tau = adapter.dense_weights()
+            self.W[row].copy_(W)
+            self.b[row].copy_(b)
             self.b_in[row].copy_(adapter.b_in)
-            self.tau[row].copy_(adapter.tau)
+            self.tau[row].copy_(tau)
             self.soft_threshold[row] = adapter.activation.signed
 
     def by_slot(self, x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -358,10 +399,44 @@ def constant_adapter(adapter_id: str, sae: "Sae", base_model_name: str, base_mod
     return adapter.requires_grad_(False).eval()
 
 
+def adapter_bytes(adapter: nn.Module) -> int:
+    """What an adapter's tensors hold in memory (W, b, b_in, tau, a pruned one's columns, in
+    their dtypes)."""
+    return sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
+
+
+def prune_adapter(adapter: FsrlAdapter, keep: torch.Tensor, record: dict[str, Any]) -> FsrlAdapter:
+    """The adapter with only the features in `keep` (indices into the SAE's width): W, b and tau
+    cut to those columns, v zero elsewhere. On every token where the dropped features' v was
+    zero, it steers exactly as the adapter does. `record` (how the columns were chosen) goes
+    into `adapter.json` under `training.pruned`."""
+    if not adapter.activation.learns_map:
+        raise FsrlError(f"adapter {adapter.id!r} is a constant push: it has no map to prune")
+    keep = torch.unique(keep.long().cpu())  # ascending
+    if keep.numel() == 0:
+        raise FsrlError(f"adapter {adapter.id!r}: no feature would be kept")
+    if not (0 <= int(keep[0]) and int(keep[-1]) < adapter.config.d_sae):
+        raise FsrlError(f"features to keep must lie in [0, {adapter.config.d_sae})")
+    config = copy.deepcopy(adapter.config)
+    config.columns, config.format_version = keep.numel(), PRUNED_FORMAT_VERSION
+    config.training = {**config.training, "pruned": record}
+    pruned = FsrlAdapter(config, init_std=0.0)
+    W, b, tau = (t.detach().cpu().float() for t in adapter.dense_weights())
+    with torch.no_grad():
+        pruned.W.copy_(W[:, keep])
+        pruned.b.copy_(b[keep])
+        pruned.tau.copy_(tau[keep])
+        pruned.b_in.copy_(adapter.b_in.detach().cpu().float())
+        pruned.columns.copy_(keep)
+    return pruned.requires_grad_(False).eval().to(device=adapter.b.device, dtype=adapter.b.dtype)
+
+
 def save_adapter(adapter: FsrlAdapter, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(adapter, name) for name in (*learned_weights(adapter.activation), "b_in")}
+    if adapter.columns is not None:
+        tensors["columns"] = adapter.columns
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, out_dir / WEIGHTS_FILE)
     (out_dir / META_FILE).write_text(json.dumps(adapter.config.to_json(), indent=2) + "\n")
     return out_dir
@@ -412,13 +487,13 @@ def _read_weights(path: Path, expected: dict[str, tuple[int, ...]], where: str) 
                 if tuple(view.get_shape()) != shape:
                     raise CorruptFileError(f"{where}: tensor {name!r} has shape "
                                            f"{tuple(view.get_shape())}, expected {shape}")
-                if view.get_dtype() not in ALLOWED_SAFETENSORS_DTYPES:
+                if view.get_dtype() not in (COLUMN_DTYPES if name == "columns" else ALLOWED_SAFETENSORS_DTYPES):
                     raise CorruptFileError(f"{where}: tensor {name!r} has dtype {view.get_dtype()}")
             tensors = {name: fh.get_tensor(name) for name in expected}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CorruptFileError(f"{where}: cannot read ({type(exc).__name__}: {str(exc)[:200]})") from None
     for name, t in tensors.items():
-        if not torch.isfinite(t).all():
+        if t.is_floating_point() and not torch.isfinite(t).all():
             raise CorruptFileError(f"{where}: tensor {name!r} holds NaN or infinite values")
     return tensors
 
@@ -463,12 +538,21 @@ def load_adapter(folder: str | Path, *, sae: "Sae | None" = None, layer: int | N
     weights_path = _inside(folder / WEIGHTS_FILE, root, weights_where)
     if not weights_path.is_file():
         raise CorruptFileError(f"{where}: {WEIGHTS_FILE} is missing")
-    shapes = {"W": (config.d_in, config.d_sae), "b": (config.d_sae,), "tau": (config.d_sae,)}
+    width = config.columns or config.d_sae
+    shapes = {"W": (config.d_in, width), "b": (width,), "tau": (width,)}
     expected = {name: shapes[name] for name in learned_weights(ACTIVATIONS[config.activation])}
     expected["b_in"] = (config.d_in,)
+    if config.columns is not None:
+        expected["columns"] = (width,)
     tensors = _read_weights(weights_path, expected, weights_where)
     adapter = FsrlAdapter(config, init_std=0.0)
     with torch.no_grad():
+        if config.columns is not None:
+            columns = tensors["columns"].long()
+            if not (bool((columns[1:] > columns[:-1]).all()) and 0 <= int(columns[0]) and int(columns[-1]) < config.d_sae):
+                raise CorruptFileError(f"{weights_where}: tensor 'columns' must be ascending feature "
+                                       f"indices in [0, {config.d_sae})")
+            adapter.columns.copy_(columns)
         if "W" in tensors:
             adapter.W.copy_(tensors["W"])
         adapter.b.copy_(tensors["b"])

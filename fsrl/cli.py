@@ -33,6 +33,8 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
      "the features that tell two sets of texts apart; optionally a constant adapter pushing them"),
     (("adapter", "constant"), "fsrl.commands.contrast:constant",
      "a constant adapter (no training) from a list of feature pushes"),
+    (("adapter", "prune"), "fsrl.commands.prune",
+     "an adapter cut to the features it pushes on held-out pairs: less memory, exact on those"),
     (("eval",), "fsrl.demo.against_prompt",
      "a demo adapter against its prompt baseline: base, instruction, adapter at 3 scales, a contrast push"),
     (("analyze",), "fsrl.commands.analyze",

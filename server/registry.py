@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fsrl.adapter import META_FILE, WEIGHTS_FILE, FsrlAdapter, load_adapter, read_adapter_config
+from fsrl.adapter import META_FILE, WEIGHTS_FILE, FsrlAdapter, adapter_bytes, load_adapter, read_adapter_config
 from fsrl.analysis import FeaturePush, feature_push, top_features
 from fsrl.audit_report import read_card
 from fsrl.errors import ConflictError, CorruptFileError, ForbiddenError, FsrlError, NotFoundError
@@ -35,11 +35,6 @@ from server.params import ADAPTER_ID
 
 log = logging.getLogger(__name__)
 
-
-
-def adapter_bytes(adapter: FsrlAdapter) -> int:
-    """What an adapter's tensors hold in memory (W, b, b_in, tau, in their dtype)."""
-    return sum(t.numel() * t.element_size() for t in (*adapter.parameters(), *adapter.buffers()))
 
 
 def _shown(path: str | Path) -> str:

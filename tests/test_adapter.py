@@ -1,6 +1,8 @@
 """Adapter files: adapter.safetensors + adapter.json, validated on load."""
 
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -208,3 +210,60 @@ def test_a_bank_on_a_cpu_multiplies_each_slot_in_use_once_on_its_own_tokens():
     assert products == [(2, 8), (3, 8)]  # slot 0's two tokens, slot 3's three; slots 1, 2 never run
     for n, k in enumerate(slot.tolist()):
         torch.testing.assert_close(out[n], torch.zeros(16) if k < 0 else x[n] @ W[k])
+
+
+def test_a_pruned_adapter_is_the_dense_one_with_its_dropped_columns_zeroed_and_round_trips(tmp_path):
+    """v of a pruned adapter equals the dense adapter's with the dropped features' columns of W,
+    b and tau zeroed (up to float rounding; zero where dropped), on its own and as a bank row; saved as format 3 with `columns`
+    and less memory, and loaded back the same."""
+    from safetensors import safe_open
+
+    from fsrl.adapter import RowAdapters, adapter_bytes, prune_adapter
+
+    sae = tiny_sae()
+    for activation in ("relu", "soft_threshold"):
+        adapter = tiny_adapter(sae, activation=activation)
+        keep = torch.tensor([3, 17, 40, 41, 200])
+        pruned = prune_adapter(adapter, keep[torch.randperm(5)], {"min_share": 0})
+        zeroed = copy.deepcopy(adapter)
+        with torch.no_grad():
+            dropped = torch.ones(sae.d_sae, dtype=torch.bool)
+            dropped[keep] = False
+            zeroed.W[:, dropped] = 0
+            zeroed.b[dropped] = 0
+            zeroed.tau[dropped] = 0
+        x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2)) * 3
+        # the same maths on a narrower product: equal up to float32 rounding, zeros exactly zero
+        torch.testing.assert_close(pruned(x), zeroed(x), rtol=1e-5, atol=1e-5)
+        assert torch.equal(pruned(x)[:, dropped], torch.zeros(6, int(dropped.sum())))
+        assert pruned(x)[:, keep].abs().sum() > 0
+        bank = RowAdapters(1, 64, sae.d_sae)
+        bank.set_row(0, pruned)
+        torch.testing.assert_close(bank.by_slot(x, torch.zeros(6, dtype=torch.long)), zeroed(x))
+        folder = save_adapter(pruned, tmp_path / activation)
+        with safe_open(folder / "adapter.safetensors", framework="pt") as fh:
+            assert fh.get_tensor("columns").tolist() == keep.tolist() and fh.get_tensor("W").shape == (64, 5)
+        meta = json.loads((folder / "adapter.json").read_text())
+        assert (meta["columns"], meta["format_version"], meta["training"]["pruned"]) == (5, 3, {"min_share": 0})
+        loaded = load_adapter(folder, sae=sae, layer=1)
+        assert torch.equal(loaded(x), pruned(x))
+        assert adapter_bytes(loaded) < adapter_bytes(adapter) / 10 and loaded.parameter_count() < 700
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta, t: t.update(columns=torch.tensor([5, 3, 9, 11, 12])), "ascending"),
+    (lambda meta, t: t.update(columns=torch.tensor([3, 17, 40, 41, 256])), "ascending feature indices in [0, 256)"),
+    (lambda meta, t: meta.update(format_version=2), "columns needs format_version 3"),
+    (lambda meta, t: meta.update(columns=300), "more than d_sae"),
+], ids=["unordered", "out of range", "old version", "wider than the SAE"])
+def test_a_pruned_adapter_file_that_does_not_add_up_is_refused(tmp_path, edit, message):
+    from fsrl.adapter import prune_adapter
+
+    sae = tiny_sae()
+    folder = save_adapter(prune_adapter(tiny_adapter(sae), torch.tensor([3, 17, 40, 41, 200]), {}), tmp_path / "p")
+    meta, tensors = json.loads((folder / "adapter.json").read_text()), load_file(folder / "adapter.safetensors")
+    edit(meta, tensors)
+    (folder / "adapter.json").write_text(json.dumps(meta))
+    save_file(tensors, folder / "adapter.safetensors")
+    with pytest.raises(CorruptFileError, match=re.escape(message)):
+        load_adapter(folder, sae=sae, layer=1)

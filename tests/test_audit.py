@@ -217,3 +217,48 @@ def test_the_report_page_is_its_template_filled_and_escapes_what_it_shows():
     assert "<img src=x" not in page and "&lt;img src=x onerror=" in page
     assert "<title>fsrl analyze: &lt;b&gt;bold&lt;/b&gt;</title>" in page
     assert page.count('<img alt="') == 3 and page.count("<table>") == 6  # meta, evaluation, (a) to (d)
+
+
+def test_prune_keeps_the_features_pushed_on_held_out_pairs_reports_the_loss_and_serves(tmp_path, capsys):
+    """`fsrl adapter prune` on the tiny setup: at --min-share 0 the features never pushed on the
+    pairs go (here the half whose bias keeps them off) and the held-out loss stays what it was
+    (their v was zero on every token); a higher share keeps fewer and reports the change; an
+    adapter with nothing to prune is one line; the pruned folder loads over HTTP in less memory."""
+    from _server_fixtures import ServedClient
+    from fsrl.adapter import load_adapter, save_adapter
+    from fsrl.cli import main
+    from server.app import create_app
+    from server.settings import Settings
+
+    setup = write_tiny_setup(tmp_path / "tiny")
+    data = tiny_pairs(tmp_path / "pairs.jsonl", n=8)
+    common = ["--data", str(data), "--sae", str(setup.sae_dir), "--model", str(setup.model_dir), "--device", "cpu"]
+    capsys.readouterr()  # the setup's own progress lines
+    assert main(["adapter", "prune", str(setup.adapters_dir / "tiny"), *common]) == 2
+    assert [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line] == [
+        "fsrl: error: every feature is pushed on more than 0.0 of the data's tokens: nothing to prune "
+        "(a higher --min-share drops the rarest)"]
+    half_off = load_adapter(setup.adapters_dir / "tiny")
+    with torch.no_grad():
+        half_off.b[128:] = -1e4  # relu(z - 1e4) = 0: these features never fire
+    save_adapter(half_off, setup.adapters_dir / "half-off")
+    assert main(["adapter", "prune", str(setup.adapters_dir / "half-off"), *common]) == 0
+    record = json.loads((setup.adapters_dir / "half-off-pruned" / "adapter.json").read_text())["training"]["pruned"]
+    assert record["min_share"] == 0 and record["pairs"] == 8 and 0 < record["kept"] <= 128 and record["d_sae"] == 256
+    assert abs(record["loss_change"]) < 1e-5 and record["accuracy_after"] == record["accuracy_before"]
+    assert record["loss_before"] < record["base_loss"]  # the adapter does something on these pairs
+    assert record["bytes_after"] < record["bytes_before"] * (record["kept"] / 256 + 0.05)
+    out = setup.adapters_dir / "tiny-half"
+    assert main(["adapter", "prune", str(setup.adapters_dir / "tiny"), *common, "--min-share", "0.5",
+                 "--out", str(out)]) == 0
+    half = json.loads((out / "adapter.json").read_text())["training"]["pruned"]
+    assert half["kept"] < 256 and half["largest_dropped_share"] <= 0.5 and "loss_change" in half
+    with ServedClient(create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir,
+                                          adapters_dir=setup.adapters_dir, device="cpu"))) as c:
+        dense, pruned = (c.post("/adapters", json={"id": i, "path": p}) for i, p in
+                         (("dense", "half-off"), ("pruned", "half-off-pruned")))
+        assert dense.status_code == pruned.status_code == 201, pruned.text
+        assert pruned.json()["bytes"] < dense.json()["bytes"] and pruned.json()["metadata"]["columns"] == record["kept"]
+        body = {"prompt": "hello", "max_new_tokens": 6, "ignore_eos": True}
+        answers = [c.post("/generate", json={**body, "adapter": a}).json()["steered"]["text"] for a in ("dense", "pruned")]
+        assert answers[0] == answers[1]  # the dropped half never fires, on any prompt

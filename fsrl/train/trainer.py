@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -138,6 +138,9 @@ class EvalResult:
     pairs: int
     top_features: list[dict[str, Any]] = field(default_factory=list)
     mean_l1: float = 0.0            # mean over real tokens of ||v||_1 (the L1 term before lambda)
+    # With feature_stats: every feature's mean v, mean |v| and share pushed (not a field: the
+    # result's fields go into JSON summaries, this stays in memory).
+    push: ClassVar[FeaturePush | None] = None
 
 
 @torch.no_grad()
@@ -170,8 +173,8 @@ def evaluate(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
                         mean_l0=sums[2].item() / tokens, pairs=int(sums[4].item()),
                         mean_l1=sums[5].item() / tokens)
     if feature_stats and adapter is not None:
-        result.top_features = top_features(FeaturePush.from_sums(v_sum, v_abs_sum, v_active, tokens),
-                                           hook.sae, TOP_FEATURES)
+        result.push = FeaturePush.from_sums(v_sum, v_abs_sum, v_active, tokens)
+        result.top_features = top_features(result.push, hook.sae, TOP_FEATURES)
     return result
 
 
