@@ -17,7 +17,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("distinct", type=Path, help="`fsrl bench --adapters` JSON")
-    parser.add_argument("--loaded", type=Path, default=None, help="`fsrl bench --adapters --loaded` JSON")
+    parser.add_argument("--loaded", type=Path, action="append", default=[],
+                        help="`fsrl bench --adapters --loaded` JSON; once per engine")
     parser.add_argument("--vllm", type=Path, default=None,
                         help="`fsrl bench --engine vllm --bank-slots 64` JSON: its adapter and K=... rows, dashed")
     parser.add_argument("--out", type=Path, default=Path("docs/img/adapters-curve.svg"))
@@ -52,12 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_ylim(0, 1.1)
     ax.legend(fontsize=8)
     if args.loaded:
-        loaded = json.loads(args.loaded.read_text())
         ax = axes[0][1]
-        for batch in sorted({r["batch"] for r in loaded["rows"]}):
-            rows = [r for r in loaded["rows"] if r["batch"] == batch and r["loaded"]]
-            ax.plot([r["loaded"] for r in rows], [r["ratio_to_stock"] for r in rows], marker="o",
-                    label=f"batch {batch}")
+        for path in args.loaded:
+            loaded = json.loads(path.read_text())
+            vllm_run = loaded.get("engine") == "vllm"
+            for batch in sorted({r["batch"] for r in loaded["rows"]}):
+                rows = [r for r in loaded["rows"] if r["batch"] == batch and r["loaded"]]
+                ax.plot([r["loaded"] for r in rows], [r["ratio_to_stock"] for r in rows],
+                        marker="s" if vllm_run else "o", linestyle="--" if vllm_run else "-",
+                        label=f"{'vLLM, ' if vllm_run else ''}batch {batch}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"adapters loaded ({loaded['slots']} device slots; a batch uses up to 16)")
         ax.set_ylabel("tok/s, / the batch unsteered")

@@ -7,11 +7,19 @@ A test talks to it when it takes the `vllm_server` fixture, or carries the `shar
 each such test its adapters are put back as they were at its start, and a test that left them
 changed errors; after the last such test of the session the process is stopped by its PID, so it
 does not sit idle beside the rest of the suite.
+
+Also one per session: the background thread that runs the slow checks of
+tests/test_vllm_engine.py in processes of their own while the other tests run
+(tests/_prefetch.py), started once the selected tests are known, stopped at the session's end.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+import _prefetch
 
 SHARED_VLLM = "shared_vllm"  # the mark (_server_fixtures.SHARED_VLLM); registered in pyproject.toml
 _running: list = []  # the SharedVllmServer while it runs
@@ -49,6 +57,13 @@ def vllm_server(vllm_setup, tmp_path_factory):
 def pytest_collection_finish(session: pytest.Session) -> None:
     users = [item for item in session.items if _talks_to_shared_vllm(item)]
     _last_user[:] = users[-1:]
+    if importlib.util.find_spec("vllm") is not None and not session.config.option.collectonly:
+        # (the checks' tests skip without vLLM)
+        _prefetch.start([item.nodeid for item in session.items])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _prefetch.stop()
 
 
 @pytest.fixture(autouse=True)

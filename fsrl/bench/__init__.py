@@ -65,10 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bank.add_argument("--calls", type=int, default=50, help="--bank-kernel: calls per timing")
     parser.add_argument("--adapters", action="store_true",
                         help="throughput against distinct adapters per batch (1, 4, 16, 64; default "
-                             "batches 16,64) on fsrl's own engine, beside the batch unsteered")
+                             "batches 16,64) beside the batch unsteered; with --engine vllm, vLLM's bench "
+                             "with 64 bank slots")
     parser.add_argument("--loaded", default=None, metavar="N,N,...",
                         help="with --adapters: over HTTP instead, one server per count of adapters "
-                             "loaded (e.g. 1,16,256; 16 device slots, a batch using up to 16)")
+                             "loaded (e.g. 1,16,256; 16 device slots, a batch using up to 16), on --engine")
     serving = parser.add_argument_group("--serving: the HTTP server under concurrent clients")
     serving.add_argument("--serving", action="store_true",
                          help="benchmark `fsrl serve` end to end instead of the generation loop")
@@ -152,7 +153,12 @@ def run(args: argparse.Namespace) -> int:
         from fsrl.bench.adapters import run_adapters, run_loaded
 
         args.batch_sizes, args.new_tokens = args.batch_sizes or "16,64", args.new_tokens or 32
-        return run_loaded(args) if args.loaded else run_adapters(args)
+        if args.loaded:
+            return run_loaded(args)
+        if args.engine != "vllm":
+            return run_adapters(args)
+        # vLLM's side of the curve: its bench with 64 bank slots, rows over K = 4, 16, 64 of them
+        args.bank_slots = args.bank_slots or 64
     args.bank_slots, args.batch_sizes = args.bank_slots or 4, args.batch_sizes or "1,8"
     if args.engine == "vllm":
         import importlib.util

@@ -8,7 +8,8 @@ median of the repeats. The adapters are synthetic relu adapters of the SAE's siz
 the curve is `fsrl bench --engine vllm --bank-slots K` (its "K=... adapters" rows).
 
 With `--loaded 1,16,256`: the same question over HTTP against adapters loaded. One `fsrl serve`
-per count L (the default model, `--adapter-slots 16`, each loading L adapters: a copy of
+(on `--engine`: fsrl's own or vLLM, compiled, with prompts and answers capped so that its KV
+cache stays small) per count L (the default model, `--adapter-slots 16`, each loading L adapters: a copy of
 `--adapter` and links to it under other ids, each loaded as its own version in memory), all started first and then
 taking turns round by round; each round sends every batch size's worth of concurrent requests
 (`--batch-sizes`), request i naming adapter i mod min(L, 16), so a batch uses 16 adapters
@@ -148,13 +149,16 @@ def run_loaded(args: argparse.Namespace) -> int:
                 for k in range(1, n):  # links inside the adapters directory, as the registry requires
                     (folder / f"a{k:03d}").symlink_to(folder / "a000")
                 extra = ["--model", args.model] if args.model else []
+                if args.engine == "vllm":
+                    extra += ["--engine", "vllm", "--max-prompt-tokens", "64",
+                              "--max-new-tokens-cap", str(args.new_tokens)]
                 servers[n] = ServerProcess([*extra, "--adapters-dir", str(folder), "--adapter-slots", str(slots),
                                             "--max-adapters", str(n + 1), "--max-batch-rows", str(max(batches)),
                                             "--max-queue", str(2 * max(batches)), "--device", "cpu"],
                                            log_path=Path(tmp) / f"server-{n}.log")
             for n, server in servers.items():
                 server.wait_ready(timeout_s=900, max_polls=9000)
-            print(f"servers ready: {', '.join(f'{n} loaded' for n in counts)}; {slots} slots each; "
+            print(f"{args.engine} servers ready: {', '.join(f'{n} loaded' for n in counts)}; {slots} slots each; "
                   f"{args.new_tokens} new tokens a request")
             for rep in range(args.repeats + 1):  # the first round warms up (and pages in) and is dropped
                 for batch in batches:
@@ -184,7 +188,7 @@ def run_loaded(args: argparse.Namespace) -> int:
     out_path = Path(args.out or "bench-results/bench-adapters-loaded.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({
-        "bench": "adapters-loaded", "engine": "fsrl", "adapter": str(source), "slots": slots,
+        "bench": "adapters-loaded", "engine": args.engine, "adapter": str(source), "slots": slots,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "new_tokens": args.new_tokens, "repeats": args.repeats, "rows": rows}, indent=2))
     print(f"wrote {out_path}")
