@@ -1,7 +1,10 @@
 """Slow checks that run in a process of their own (vLLM's exactness checks, its bench), started
 in the background when the session's tests are collected, one after another, while the
-in-process tests run; each test then waits for its check's result. A vLLM start is mostly one
-core's work (imports, tracing, compiling), so on a 2-core machine the two overlap well.
+in-process tests run; each test then waits for its check's result. The checks run at the
+lowest CPU priority (`nice -n 19`, their vLLM processes too), so they take the cores only
+where the in-process tests leave them idle (a server test waiting on its client, a single-
+threaded stretch) and never slow those tests down much; a check still running when its test
+comes runs on alone.
 
 `tests/conftest.py` starts the checks whose tests were selected (`start`) and stops whatever
 is still running when the session ends (`stop`: each check's process group, by its id). A test
@@ -11,6 +14,7 @@ alone, say) runs then, in the foreground. `FSRL_TEST_PREFETCH=0` turns the backg
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -19,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +44,7 @@ class Check:
     cmd: list[str]
     env: dict[str, str] = field(default_factory=dict)
     tests: tuple[str, ...] = ()   # node ids (file::function) that read it
+    prepare: Callable[[Path], None] | None = None  # writes what the command reads into its folder
 
 
 def vllm_check(*flags: str, env: dict[str, str] | None = None, tests: tuple[str, ...] = ()) -> Check:
@@ -46,7 +52,12 @@ def vllm_check(*flags: str, env: dict[str, str] | None = None, tests: tuple[str,
                   "--json", "{folder}/check.json", *flags], {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}, tests)
 
 
+def _write_family_cases(folder: Path) -> None:
+    importlib.import_module("test_vllm_families").write_cases(folder)
+
+
 ENGINE = "tests/test_vllm_engine.py::"
+FAMILIES = "tests/test_vllm_families.py::"
 CHECKS: dict[str, Check] = {
     "compiled": vllm_check(tests=(ENGINE + "test_compiled_steering_equals_fsrl_on_every_case",)),
     "two ranks": vllm_check("--tp", "2", "--eager", "--also-drop", env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
@@ -58,6 +69,10 @@ CHECKS: dict[str, Check] = {
                          "--eager", "--batches", "1,4", "--new-tokens", "4", "--repeats", "1",
                          "--out", "{folder}/bench.json"],
                         tests=(ENGINE + "test_the_vllm_bench_measures_every_mode_on_a_random_shape",)),
+    "vllm families": Check([sys.executable, "-m", "fsrl.testing.vllm_families", "{folder}/cases.json",
+                            "{folder}/out.json"], {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                           (FAMILIES + "test_vllm_steers_each_family_exactly_at_the_saes_site",),
+                           prepare=_write_family_cases),
 }
 
 
@@ -78,7 +93,9 @@ def _run(name: str) -> Finished:
     check = CHECKS[name]
     folder = Path(tempfile.mkdtemp(prefix=f"fsrl-check-{name.replace(' ', '-')}-"))
     _bg.folders.append(folder)
-    cmd = [part.replace("{folder}", str(folder)) for part in check.cmd]
+    if check.prepare is not None:
+        check.prepare(folder)
+    cmd = ["nice", "-n", "19", *(part.replace("{folder}", str(folder)) for part in check.cmd)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **check.env}, start_new_session=True)
     _bg.procs[name] = proc

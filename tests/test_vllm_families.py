@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,8 @@ from fsrl.steering import RowSteering
 from fsrl.testing import tiny_family_model, tiny_tokenizer
 from test_families import LAYER, PROMPT, reference_prompt_logprobs, write_sae_at
 
-REPO = Path(__file__).resolve().parents[1]
+import _prefetch
+
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                  reason="vLLM is not installed (`make vllm`; `make test` installs it)")]
@@ -36,12 +34,10 @@ NEW_TOKENS = 8
 TOL = 2e-4
 
 
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    """Every (family, site) case written to disk, and vLLM's answers to all of them (one
-    subprocess, one engine per case)."""
-    root = tmp_path_factory.mktemp("vllm-families")
-    written = {}
+def write_cases(root: Path) -> None:
+    """Every (family, site) case written under `root`, listed in `root/cases.json` (what
+    `python -m fsrl.testing.vllm_families` reads; tests/_prefetch.py calls this)."""
+    written = []
     for family in FAMILIES:
         model = tiny_family_model(family, hidden=128)
         model_dir = root / family
@@ -51,15 +47,21 @@ def cases(tmp_path_factory):
             sae_dir = root / f"{family}-{kind}-sae"
             sae_dir.mkdir()
             write_sae_at(sae_dir, f"blocks.{LAYER}.hook_{kind}", d_in=128)
-            written[f"{family} {kind}"] = {"name": f"{family} {kind}", "model": str(model_dir), "sae": str(sae_dir),
-                                           "prompt": PROMPT, "overrides": [[o.index, o.op, o.value] for o in OVERRIDES],
-                                           "max_tokens": NEW_TOKENS}
-    (root / "cases.json").write_text(json.dumps(list(written.values())))
-    done = subprocess.run([sys.executable, "-m", "fsrl.testing.vllm_families", str(root / "cases.json"),
-                           str(root / "out.json")], cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+            written.append({"name": f"{family} {kind}", "model": str(model_dir), "sae": str(sae_dir),
+                            "prompt": PROMPT, "overrides": [[o.index, o.op, o.value] for o in OVERRIDES],
+                            "max_tokens": NEW_TOKENS})
+    (root / "cases.json").write_text(json.dumps(written))
+
+
+@pytest.fixture(scope="module")
+def cases():
+    """Every (family, site) case written to disk, and vLLM's answers to all of them (one
+    subprocess, one engine per case; run in the background from the session's start:
+    tests/_prefetch.py)."""
+    done = _prefetch.result("vllm families")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return written, json.loads((root / "out.json").read_text())
+    written = {case["name"]: case for case in _prefetch.json_of(done, "cases.json")}
+    return written, _prefetch.json_of(done, "out.json")
 
 
 @pytest.mark.parametrize("kind", KINDS)
