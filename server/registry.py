@@ -7,7 +7,7 @@ or an unload never changes a generation already under way.
 
 With device slots (`adapter_slots` > 0) adapters load into host memory and the engine pages
 them onto the device as requests name them (server/paging.py); the registry tells the engine
-(`copies`) of each version it starts and stops serving. What the loaded adapters hold in host
+(`bank`, an `AdapterCopies`) of each version it starts and stops serving. What the loaded adapters hold in host
 memory is bounded by `max_bytes` as well as their number (`max_adapters`).
 """
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
+from fsrl.bench.loop import measure_rows
 from fsrl.bench.shapes import RANDOM_SHAPES, calibration_activations, random_model, synthetic_adapter
 
 MODES = ("base", "adapter", "adapter+8")
@@ -92,27 +91,13 @@ def _overrides(sae) -> list:
 
 def measure(generator, adapter, overrides, batch: int, prompt_tokens: int, new_tokens: int,
             repeats: int, sync) -> dict[str, float]:
-    """Median tok/s of each mode, measured interleaved."""
-    from fsrl.generation import GenerationRequest
-    from fsrl.sampling import SamplingParams
+    """Median tok/s of each mode (base, adapter, adapter+8 on every row), measured interleaved."""
     from fsrl.steering import RowSteering
 
-    vocab = generator.base.model.config.vocab_size
-    prompts = [[(17 * (b + 1) + 31 * t) % (vocab - 20) + 10 for t in range(prompt_tokens)] for b in range(batch)]
     steering = {"base": RowSteering(), "adapter": RowSteering(adapter),
                 "adapter+8": RowSteering(adapter, 1.0, overrides)}
-    sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
-    samples: dict[str, list[float]] = {m: [] for m in MODES}
-    for rep in range(repeats + 1):  # the first round warms up and is dropped
-        for mode in MODES:
-            reqs = [GenerationRequest(p, steering[mode], sampling) for p in prompts]
-            sync()
-            t0 = time.perf_counter()
-            out = generator.generate(reqs)
-            sync()
-            if rep:
-                samples[mode].append(sum(r.completion_tokens for r in out) / (time.perf_counter() - t0))
-    return {m: statistics.median(v) for m, v in samples.items()}
+    return measure_rows(generator, {m: [steering[m]] * batch for m in MODES}, prompt_tokens, new_tokens,
+                        repeats, sync)
 
 
 def _bench_setup(label, base, sae, layer, adapter, args, sync, rows: list[dict]) -> None:

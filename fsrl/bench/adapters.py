@@ -35,10 +35,10 @@ def run_adapters(args: argparse.Namespace) -> int:
 
     from fsrl.bench.shapes import calibration_activations, random_model, synthetic_adapter
     from fsrl.cpu_inference import can_pack, pack_linear_layers
-    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.bench.loop import measure_rows
+    from fsrl.generation import Generator
     from fsrl.models import load_base_model, resolve_device
     from fsrl.sae import default_sae_dir, load_sae
-    from fsrl.sampling import SamplingParams
     from fsrl.steering import RowSteering
 
     device = resolve_device(args.device)
@@ -62,29 +62,15 @@ def run_adapters(args: argparse.Namespace) -> int:
             adapter.pack_for_cpu()
     generator = Generator(base, sae, layer)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    vocab = base.model.config.vocab_size
-    sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows = []
     print(f"{label}{', packed weights' if packed else ''}; {args.new_tokens} new tokens a row")
     print("batch | distinct adapters | tok/s | / stock | / one adapter")
     try:
         for batch in batches:
-            prompts = [[(17 * (b + 1) + 31 * t) % (vocab - 20) + 10 for t in range(args.prompt_tokens)]
-                       for b in range(batch)]
             modes = {"stock": [RowSteering() for _ in range(batch)]}
             for k in [k for k in DISTINCT if k <= batch]:
                 modes[f"K={k}"] = [RowSteering(adapters[i % k]) for i in range(batch)]
-            samples: dict[str, list[float]] = {m: [] for m in modes}
-            for rep in range(args.repeats + 1):  # the first round warms up and is dropped
-                for mode, steering in modes.items():
-                    requests = [GenerationRequest(p, s, sampling) for p, s in zip(prompts, steering)]
-                    sync()
-                    t0 = time.perf_counter()
-                    out = generator.generate(requests)
-                    sync()
-                    if rep:
-                        samples[mode].append(sum(r.completion_tokens for r in out) / (time.perf_counter() - t0))
-            tps = {m: statistics.median(v) for m, v in samples.items()}
+            tps = measure_rows(generator, modes, args.prompt_tokens, args.new_tokens, args.repeats, sync)
             for mode, value in tps.items():
                 row = {"setup": label, "batch": batch, "distinct": 0 if mode == "stock" else int(mode[2:]),
                        "tok_s": round(value, 2), "ratio_to_stock": round(value / tps["stock"], 3),
