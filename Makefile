@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/fsrl fetch-default
 	touch $@
 
-# vLLM's CPU build in the same environment (tests/test_vllm_engine.py). It pins transformers
+# vLLM's CPU build in the same environment (tests/test_vllm_plugin.py). It pins transformers
 # to its own range, and pulls torchvision, torchaudio and torchcodec, whose wheels here do not
 # match torch 2.13: text models never import them, so they are removed again.
 vllm: $(VENV)/.vllm-installed

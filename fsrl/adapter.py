@@ -256,7 +256,7 @@ class FsrlAdapter(SteeringAdapter):
 
 class RowAdapters:
     """Adapters as row-stacked tensors, for a graph whose shapes never change (vLLM's adapter
-    bank, `fsrl.vllm_engine.site.AdapterBank`): row k computes v = activation_k((x - b_in_k)
+    bank, `fsrl.vllm_plugin.site.AdapterBank`): row k computes v = activation_k((x - b_in_k)
     @ W_k + b_k), the same maths as its `FsrlAdapter`, for the tokens `by_slot` sends it. A row
     without an adapter holds zeros. Rows are written in place, so the tensors keep their
     addresses (CUDA graphs read them)."""

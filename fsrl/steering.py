@@ -185,7 +185,7 @@ def _write_conditions(index: torch.Tensor, comparison: torch.Tensor, threshold: 
 
 class SteeringRows:
     """A steering batch of fixed size whose rows are set in place, for a decode step with
-    static shapes (the steered model inside vLLM, fsrl.vllm_engine). Every flag is on, the override table is
+    static shapes (the steered model inside vLLM, fsrl.vllm_plugin). Every flag is on, the override table is
     MAX_FEATURE_OVERRIDES wide and the top MAX_RETURN_FEATURES are always captured, so `steer` runs the
     same code whatever the rows hold (one compiled graph), and each row gets what
     `SteeringBatch.build` would give it. An empty row is inactive: its residual is untouched."""
@@ -193,7 +193,7 @@ class SteeringRows:
     def __init__(self, rows: int, sae: Sae, row_adapters, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):
         """`row_adapters`: what holds each row's adapter (`set_row(row, adapter)`, `tensors()`):
-        in vLLM, each row's bank slot (`fsrl.vllm_engine.site.SlotTable`)."""
+        in vLLM, each row's bank slot (`fsrl.vllm_plugin.site.SlotTable`)."""
         self.d_sae = sae.d_sae
         width = MAX_FEATURE_OVERRIDES
         self.batch = SteeringBatch(

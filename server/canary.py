@@ -128,7 +128,7 @@ def model_runner(state) -> str:
     """What runs the model's steps (what a silent steering depends on; /health says it)."""
     if state.settings.engine != "vllm":
         return "transformers eager"
-    from fsrl.vllm_engine import MODEL_RUNNER
+    from fsrl.vllm_plugin import MODEL_RUNNER
 
     return f"vLLM {MODEL_RUNNER}"
 

@@ -123,7 +123,7 @@ async def start_state(settings: Settings) -> ServerState:
     output handler lives there)."""
     if settings.engine != "vllm":
         return await asyncio.to_thread(load_state, settings)
-    from fsrl.vllm_engine import kv_cache_bytes
+    from fsrl.vllm_plugin import kv_cache_bytes
     from server.vllm_engine import BankKeys, VllmEngine, VllmOptions, start_async_llm
 
     # A host copy of the model (on the CPU) tokenises, names the fingerprint adapters are

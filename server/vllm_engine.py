@@ -3,8 +3,8 @@
 vLLM's `AsyncLLM`, run in this process, its engine core and workers in their own.
 
 Every row of a job is one vLLM request. Its steering travels as `SamplingParams.extra_args`
-(`fsrl.vllm_engine.steering_extra_args`) and is applied inside vLLM's compiled model
-(`fsrl/vllm_engine/`); its tokens come back one step at a time and go through the same
+(`fsrl.vllm_plugin.steering_extra_args`) and is applied inside vLLM's compiled model
+(`fsrl/vllm_plugin/`); its tokens come back one step at a time and go through the same
 `fsrl.generation.DecodeRow` the default engine uses, so detokenising, stop strings, EOS and
 `max_new_tokens` behave the same on both engines. A row that ends on a stop string aborts its
 vLLM request.
@@ -62,7 +62,7 @@ class VllmOptions:
     seed: int = 0
 
     def engine_args(self) -> dict[str, Any]:
-        from fsrl.vllm_engine import steered_llm_kwargs
+        from fsrl.vllm_plugin import steered_llm_kwargs
 
         return dict(model=self.model, dtype=self.dtype, enforce_eager=self.enforce_eager,
                     max_model_len=self.max_model_len, max_num_seqs=self.max_num_seqs,
@@ -300,7 +300,7 @@ class VllmEngine(GenerationEngine):
         from vllm import SamplingParams as VllmSampling
         from vllm.sampling_params import RequestOutputKind
 
-        from fsrl.vllm_engine import steering_extra_args
+        from fsrl.vllm_plugin import steering_extra_args
 
         row = DecodeRow(request, self.tokenizer, self.eos_ids, owner=ticket, local=index)
         s, sampling = request.steering, request.sampling

@@ -56,7 +56,7 @@ def _write_family_cases(folder: Path) -> None:
     importlib.import_module("test_vllm_families").write_cases(folder)
 
 
-ENGINE = "tests/test_vllm_engine.py::"
+ENGINE = "tests/test_vllm_plugin.py::"
 FAMILIES = "tests/test_vllm_families.py::"
 CHECKS: dict[str, Check] = {
     "compiled": vllm_check(tests=(ENGINE + "test_compiled_steering_equals_fsrl_on_every_case",)),

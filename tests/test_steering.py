@@ -208,7 +208,7 @@ def through_site(sae, rows, x, positions, adapters=()):
     """Rows (B, T) steered as vLLM's model steers them (`SteeringSite`: the adapters in its bank,
     one table row per request, one "row" of `steer` per token); the last table row and every row
     beyond `rows` are left empty. Returns the steered x and each token's fired feature, (B, T, ...)."""
-    from fsrl.vllm_engine.site import SteeringSite
+    from fsrl.vllm_plugin.site import SteeringSite
 
     B, T, d_in = x.shape
     site = SteeringSite(sae, bank_slots=max(len(adapters), 1), table_rows=B, max_tokens=B * T)

@@ -1,4 +1,4 @@
-"""`--engine vllm` on every family it steers (fsrl.vllm_engine.STEERABLE_ARCHITECTURES), at
+"""`--engine vllm` on every family it steers (fsrl.vllm_plugin.STEERABLE_ARCHITECTURES), at
 both sites: tiny random models of each family (heads of 32, which vLLM's CPU attention takes)
 with an SAE at `blocks.2.hook_resid_pre` or `..._post` and one clamp. vLLM's prompt
 log-probabilities equal the plain transformers reference of tests/test_families.py (a hook
@@ -93,7 +93,7 @@ def test_vllm_steers_each_family_exactly_at_the_saes_site(cases, family, kind):
 
 def test_a_family_vllm_is_not_steered_on_is_one_line(tmp_path):
     from fsrl.errors import FsrlError
-    from fsrl.vllm_engine import model_architecture
+    from fsrl.vllm_plugin import model_architecture
 
     model = tiny_family_model("gpt2")
     model.save_pretrained(tmp_path)

@@ -337,7 +337,7 @@ def test_two_tensor_parallel_ranks_answer_like_the_default_engine(default, setup
     """`--tensor-parallel-size 2` (the tiny model's 4 heads and 2 KV heads split in two; one CPU
     core per rank): the steering runs on both ranks, the answers are the default engine's."""
     names = ("unsteered", "adapter", "clamps of every op, no adapter", "compare")
-    # Eager: tests/test_vllm_engine.py checks the compiled graph on two ranks token for token.
+    # Eager: tests/test_vllm_plugin.py checks the compiled graph on two ranks token for token.
     with serving(tiny_server_args(setup, *LIMITS, "--engine", "vllm", "--tensor-parallel-size", "2", "--enforce-eager"),
                  tmp_path / "tp2.log", timeout_s=600, max_polls=6000,
                  env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as tp2, httpx.Client(base_url=tp2.url, timeout=120) as ranks:

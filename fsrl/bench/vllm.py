@@ -3,7 +3,7 @@
 Two engines live at once on the same model (the default one, or with --random-shapes a
 random-weight Llama written to a temporary folder with a random SAE and a synthetic adapter:
 bf16 on CUDA, what `make gpu-check` measures): stock vLLM (its own architecture) and the steered
-one (`fsrl.vllm_engine`, a bank of `--bank-slots` adapters). Each round runs every mode once,
+one (`fsrl.vllm_plugin`, a bank of `--bank-slots` adapters). Each round runs every mode once,
 in turn, and the median of `--repeats` rounds is kept, so drift on a shared machine hits every
 mode alike. Modes:
   vanilla             stock vLLM
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, setup: BenchSetup) -> int:
-    from fsrl.vllm_engine import kv_cache_bytes
+    from fsrl.vllm_plugin import kv_cache_bytes
 
     batches = [int(b) for b in args.batches.split(",")]
     # The KV cache these batches need, not vLLM's default share of the machine's memory.
@@ -146,7 +146,7 @@ def _measure(args: argparse.Namespace, setup: BenchSetup, common: dict, engines:
     from vllm import LLM, SamplingParams
 
     from fsrl.overrides import FeatureOverride
-    from fsrl.vllm_engine import steered_llm_kwargs, steering_extra_args
+    from fsrl.vllm_plugin import steered_llm_kwargs, steering_extra_args
 
     prompts = setup.prompts
     batches = [int(b) for b in args.batches.split(",")]

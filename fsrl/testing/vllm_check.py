@@ -159,7 +159,7 @@ def vllm_tokens(setup: CheckSetup, eager: bool, tp: int, steered: bool, drop_ste
     from vllm import LLM, SamplingParams
 
     from fsrl.overrides import FeatureOverride
-    from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
+    from fsrl.vllm_plugin import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     extra = steered_llm_kwargs(setup.model, setup.sae, setup.layer, adapters=dict([setup.first])) if steered else {}
     # The cache 16 requests of max_model_len need, not vLLM's default share of the machine's memory.

@@ -23,7 +23,7 @@ def run_case(case: dict, compiled: bool) -> dict:
 
     from fsrl.overrides import FeatureOverride
     from fsrl.sae import load_sae
-    from fsrl.vllm_engine import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
+    from fsrl.vllm_plugin import kv_cache_bytes, steered_llm_kwargs, steering_extra_args
 
     sae = load_sae(case["sae"])
     t0 = time.perf_counter()

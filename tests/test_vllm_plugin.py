@@ -1,4 +1,4 @@
-"""Steering inside vLLM's compiled model (fsrl/vllm_engine), token for token against fsrl's own
+"""Steering inside vLLM's compiled model (fsrl/vllm_plugin), token for token against fsrl's own
 Generator (fp32, greedy). Each check runs `python -m fsrl.testing.vllm_check` in a process of its
 own (vLLM starts processes, engine core and workers, that must not re-run the test module),
 started in the background when the session begins (tests/_prefetch.py)."""

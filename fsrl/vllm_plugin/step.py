@@ -21,7 +21,7 @@ import torch
 
 from fsrl.overrides import Condition, FeatureOverride
 from fsrl.steering import RowSteering
-from fsrl.vllm_engine import COUNTERS, EXTRA_ARGS_KEY
+from fsrl.vllm_plugin import COUNTERS, EXTRA_ARGS_KEY
 
 
 def row_steering(spec: dict | None, adapters: dict[str, Any]) -> RowSteering | None:

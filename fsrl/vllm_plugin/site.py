@@ -1,7 +1,7 @@
 """The steering site inside vLLM's model, as plain torch (no vLLM import, so it runs and is
 tested anywhere): the SAE, the adapter bank, the per-request table and the per-token row index of
 one decoder layer, every tensor a registered buffer of fixed shape written in place between
-steps (fsrl.vllm_engine.model puts it in vLLM's layer; fsrl.vllm_engine.step fills it).
+steps (fsrl.vllm_plugin.model puts it in vLLM's layer; fsrl.vllm_plugin.step fills it).
 
     bank          the adapters' weights stacked in slots (`AdapterBank`: K x d_in x d_sae, ...)
     table         one row per steered request (`fsrl.steering.SteeringRows`: scale, clamp,
@@ -27,7 +27,7 @@ from fsrl.errors import FsrlError
 from fsrl.overrides import MAX_FEATURE_OVERRIDES
 from fsrl.sae import Sae
 from fsrl.steering import SteeringBatch, SteeringRows, steer
-from fsrl.vllm_engine import COUNTERS
+from fsrl.vllm_plugin import COUNTERS
 
 
 class AdapterBank(RowAdapters, nn.Module):

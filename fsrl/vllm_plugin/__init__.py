@@ -12,12 +12,12 @@ How it fits into vLLM (0.32, V1 model runner):
 - A request for steering picks the steered form of the model's own architecture with
   `hf_overrides={"architectures": [...], "fsrl_steering": {...}}` (`steered_llm_kwargs`): the
   SAE folder, its layer, the adapters to stack in the bank, the table sizes.
-- `fsrl.vllm_engine.model` builds the model: vLLM's own class for that family, whose decoder
+- `fsrl.vllm_plugin.model` builds the model: vLLM's own class for that family, whose decoder
   layer at the SAE's site steers its input (resid_pre) or its output (resid_post) through a
   `SteeringSite` (SAE, adapter bank, per-request table, per-token row index, all registered
   buffers, sized once). Its forward is traced and compiled with the rest of the model; it
   calls `fsrl.steering.steer` on every token.
-- Before each forward, `fsrl.vllm_engine.step` reads the runner's input batch (request ids in
+- Before each forward, `fsrl.vllm_plugin.step` reads the runner's input batch (request ids in
   batch order, `query_start_loc`) and each request's `SamplingParams.extra_args["fsrl"]`, and
   writes the buffers in place.
 """
@@ -36,7 +36,7 @@ from typing import Any
 # stream. Adding a family is adding its name here and to that test.
 STEERABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# fsrl's per-step hook (fsrl.vllm_engine.step) wraps the V1 model runner; vLLM's own switch
+# fsrl's per-step hook (fsrl.vllm_plugin.step) wraps the V1 model runner; vLLM's own switch
 # pins it (`pin_model_runner`), since Model Runner V2 would run batches past the hook unsteered.
 MODEL_RUNNER = "V1 model runner"
 PREFIX = "FsrlSteered"  # FsrlSteeredGemma2ForCausalLM: vLLM's Gemma2ForCausalLM, steered
@@ -55,7 +55,7 @@ def register() -> None:
     known = ModelRegistry.get_supported_archs()
     for arch in STEERABLE_ARCHITECTURES:
         if PREFIX + arch not in known:
-            ModelRegistry.register_model(PREFIX + arch, f"fsrl.vllm_engine.model:{PREFIX}{arch}")
+            ModelRegistry.register_model(PREFIX + arch, f"fsrl.vllm_plugin.model:{PREFIX}{arch}")
 
 
 def model_architecture(model_dir: str | Path) -> str:
@@ -101,7 +101,7 @@ def steered_llm_kwargs(model_dir: str | Path, sae_dir: str, layer: int, adapters
             # KV blocks, unless each steered prompt carries its steering as `cache_salt` (as
             # `fsrl serve --engine vllm` does, and turns it on).
             "enable_prefix_caching": False,
-            "worker_extension_cls": "fsrl.vllm_engine.worker.SteeringWorkerExtension"}
+            "worker_extension_cls": "fsrl.vllm_plugin.worker.SteeringWorkerExtension"}
 
 
 def steering_extra_args(adapter: str | None = None, scale: float = 1.0, overrides: Sequence[Any] = (),

@@ -1,7 +1,7 @@
 """The steered model vLLM builds: vLLM's own class for the model's family, whose decoder layer
 at the SAE's site (its input or its output) steers through a `SteeringSite`.
 
-What the graph reads and writes there is `fsrl.vllm_engine.site.SteeringSite` (plain torch:
+What the graph reads and writes there is `fsrl.vllm_plugin.site.SteeringSite` (plain torch:
 its buffers, sized once, written in place between steps).
 """
 
@@ -17,9 +17,9 @@ from vllm.config import VllmConfig
 from fsrl.adapter import load_adapter
 from fsrl.errors import FsrlError
 from fsrl.sae import load_sae
-from fsrl.vllm_engine import CONFIG_KEY, PREFIX, STEERABLE_ARCHITECTURES
-from fsrl.vllm_engine.site import SteeringSite
-from fsrl.vllm_engine.step import install_runner_hook
+from fsrl.vllm_plugin import CONFIG_KEY, PREFIX, STEERABLE_ARCHITECTURES
+from fsrl.vllm_plugin.site import SteeringSite
+from fsrl.vllm_plugin.step import install_runner_hook
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def steered_layer_class(layer_cls: type) -> type:
 class SteeredModel:
     """Mixed in before one of vLLM's causal LM classes (`steered_model_class`): the decoder
     layer at the site `hf_config.fsrl_steering` names (see
-    `fsrl.vllm_engine.steered_llm_kwargs`) becomes its steered form, holding a `SteeringSite`."""
+    `fsrl.vllm_plugin.steered_llm_kwargs`) becomes its steered form, holding a `SteeringSite`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         spec = getattr(vllm_config.model_config.hf_config, CONFIG_KEY, None)
@@ -114,8 +114,8 @@ def steered_model_class(architecture: str) -> type:
 
 
 def __getattr__(name: str) -> type:
-    """vLLM loads `fsrl.vllm_engine.model:FsrlSteered<Arch>` (registered by
-    `fsrl.vllm_engine.register`): the class is made on first use."""
+    """vLLM loads `fsrl.vllm_plugin.model:FsrlSteered<Arch>` (registered by
+    `fsrl.vllm_plugin.register`): the class is made on first use."""
     if name.startswith(PREFIX) and name[len(PREFIX):] in STEERABLE_ARCHITECTURES:
         globals()[name] = cls = steered_model_class(name[len(PREFIX):])
         return cls

@@ -8,7 +8,7 @@ from pathlib import Path
 from fsrl.adapter import WEIGHTS_FILE, load_adapter
 from fsrl.errors import FsrlError
 from fsrl.files import sha256_of
-from fsrl.vllm_engine import COUNTERS
+from fsrl.vllm_plugin import COUNTERS
 
 
 class SteeringWorkerExtension:
