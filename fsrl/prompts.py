@@ -69,7 +69,10 @@ class DemoPrompt:
     topic: str
     text: str
     split: str          # "train" | "heldout" | "eval"
-    template: int = 0   # index into its split's templates
+    template: str = ""  # the template it was made from, or REQUEST
+
+
+REQUEST = "(a request of its own)"
 
 
 def demo_prompts() -> list[DemoPrompt]:
@@ -78,19 +81,168 @@ def demo_prompts() -> list[DemoPrompt]:
         for t_i, topic in enumerate(topics):
             for k, template in enumerate(TEMPLATES):
                 out.append(DemoPrompt(id=f"{split}-{t_i:02d}-{k}", topic=topic,
-                                      text=template.format(topic=topic), split=split, template=k))
+                                      text=template.format(topic=topic), split=split, template=template))
     return out
 
 
 def eval_prompts() -> list[DemoPrompt]:
     """The frozen evaluation set: every EVAL_TOPICS topic through every EVAL_TEMPLATES template."""
     return [DemoPrompt(id=f"eval-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval",
-                       template=k)
+                       template=template)
             for t_i, topic in enumerate(EVAL_TOPICS) for k, template in enumerate(EVAL_TEMPLATES)]
 
 
-def eval_set_digest() -> str:
-    """sha256 (first 16 hex digits) of the evaluation prompts, in order."""
+def prompts_digest(prompts: list[DemoPrompt]) -> str:
+    """sha256 (first 16 hex digits) of the prompts' texts, in order."""
     import hashlib
 
-    return hashlib.sha256("\n".join(p.text for p in eval_prompts()).encode()).hexdigest()[:16]
+    return hashlib.sha256("\n".join(p.text for p in prompts).encode()).hexdigest()[:16]
+
+
+def eval_set_digest() -> str:
+    return prompts_digest(eval_prompts())
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests of other shapes (advice, ideas, names, how-to, why), each with the word(s) an on-topic
+# answer names. `bullets` trains on them beside the topic prompts, so that it makes lists for
+# what users actually ask, not only for "Tell me about X". Its selection and evaluation sets
+# hold their own (`list_selection_prompts`, `list_eval_prompts`).
+
+TRAIN_REQUESTS = (
+    ("What should I pack for a weekend camping trip?", "camping"),
+    ("How can I make my mornings less rushed?", "mornings"),
+    ("Suggest some names for a pet rabbit.", "rabbit"),
+    ("What are good snacks for a long car ride?", "snacks"),
+    ("How do I clean a cast iron pan?", "cast iron"),
+    ("What are some ways to stay warm in winter?", "warm"),
+    ("Why do cats purr?", "cats"),
+    ("How can I improve my handwriting?", "handwriting"),
+    ("What are good gifts for a new parent?", "parent"),
+    ("How do I get better at remembering names?", "names"),
+    ("What should I do before a job interview?", "interview"),
+    ("Give me ideas for a rainy afternoon with kids.", "kids"),
+    ("How can I drink less coffee?", "coffee"),
+    ("What are some easy vegetables to grow?", "vegetables"),
+    ("Why is the sky blue?", "sky"),
+    ("How do I choose a good watermelon?", "watermelon"),
+    ("What are the signs of a healthy lawn?", "lawn"),
+    ("How can I make a small garden look bigger?", "garden"),
+    ("What should I know before adopting a dog?", "dog"),
+    ("How do I write a thank-you note?", "thank"),
+    ("Suggest a few names for a bakery.", "bakery"),
+    ("What are some fun science experiments for children?", "experiments"),
+    ("How can I keep my phone battery healthy?", "battery"),
+    ("What makes a good team leader?", "leader"),
+    ("Why do we have seasons?", "seasons"),
+    ("How do I make friends at a new school?", "friends"),
+    ("What are healthy breakfast ideas?", "breakfast"),
+    ("How can I focus better while studying?", "studying"),
+    ("What should I check before buying a used car?", "car"),
+    ("Explain what a volcano is to a child.", "volcano"),
+    ("What are good ways to relax after work?", "relax"),
+    ("How do I plan a picnic?", "picnic"),
+    ("What are some tips for taking care of succulents?", "succulents"),
+    ("Why do birds sing in the morning?", "birds"),
+    ("How can I waste less food at home?", "food"),
+    ("What should I name my new hamster?", "hamster"),
+    ("What are common mistakes when painting a room?", "painting"),
+    ("How do I prepare for a marathon?", "marathon"),
+    ("What are the benefits of walking every day?", "walking"),
+    ("How can I make my emails clearer?", "emails"),
+    ("What are some classic board games for families?", "games"),
+    ("How do I keep a fish tank clean?", "tank"),
+    ("What should I bring to a potluck dinner?", "potluck"),
+    ("Why do onions make you cry?", "onions"),
+    ("How can I get better at drawing?", "drawing"),
+    ("What are some good habits for saving time?", "time"),
+    ("How do I tell if bread has gone bad?", "bread"),
+    ("Explain what clouds are to a child.", "clouds"),
+)
+
+SELECTION_REQUESTS = (
+    ("What should I take on a beach holiday?", "beach"),
+    ("How can I sleep better on a plane?", "plane"),
+    ("Suggest some names for a sailboat.", "sailboat"),
+    ("Why do dogs wag their tails?", "dogs"),
+    ("How do I keep cut flowers fresh longer?", "flowers"),
+    ("What are good ways to learn new words?", "words"),
+    ("What should I do if I lock myself out?", "lock"),
+    ("Explain what the wind is to a child.", "wind"),
+    ("How can I make my bedroom tidier?", "bedroom"),
+    ("What are some quick dinners for busy nights?", "dinners"),
+    ("How do I start journaling?", "journal"),
+    ("What makes a good neighbor?", "neighbor"),
+    ("Why do we yawn?", "yawn"),
+    ("What are fun things to do in a snowstorm?", "snow"),
+    ("How do I pick a good melon at the market?", "melon"),
+    ("What should I know about feeding ducks?", "ducks"),
+)
+
+
+def _requests(split: str, requests: tuple[tuple[str, str], ...]) -> list[DemoPrompt]:
+    return [DemoPrompt(id=f"{split}-r{i:02d}", topic=topic, text=text, split=split, template=REQUEST)
+            for i, (text, topic) in enumerate(requests)]
+
+
+def list_train_prompts() -> list[DemoPrompt]:
+    """`bullets`' training prompts: the training topics through the templates, and the requests."""
+    return [p for p in demo_prompts() if p.split == "train"] + _requests("train", TRAIN_REQUESTS)
+
+
+def list_selection_prompts() -> list[DemoPrompt]:
+    """What chooses `bullets`' recipe, scale and decoding: the held-out topics and requests."""
+    return [p for p in demo_prompts() if p.split == "heldout"] + _requests("heldout", SELECTION_REQUESTS)
+
+
+# `bullets`' evaluation set, frozen (committed, digest below) before any adapter answered it: new
+# topics through new templates, and requests of the shapes above on new subjects. None of it
+# appears in training or in the selection set, and nothing is chosen on it.
+LIST_EVAL_TEMPLATES = (
+    "Give me a quick rundown of {topic}.",
+    "What do beginners get wrong about {topic}?",
+    "How would you explain {topic} to a friend?",
+    "What is interesting about {topic}?",
+)
+
+LIST_EVAL_TOPICS = (
+    "lighthouses", "the Titanic", "penguins", "chocolate", "submarines", "the Sahara desert",
+    "knitting", "rock climbing", "vaccines", "the Eiffel Tower", "board games", "hurricanes",
+)
+
+LIST_EVAL_REQUESTS = (
+    ("What are some good habits for keeping a tidy desk?", "desk"),
+    ("How can I make a small apartment feel bigger?", "apartment"),
+    ("What should I bring on a day hike?", "hike"),
+    ("Suggest some names for a black kitten.", "kitten"),
+    ("What are fun things to do on a rainy day?", "rainy"),
+    ("What are signs that a car needs new tires?", "tires"),
+    ("Give me ideas for a birthday party for a ten-year-old.", "birthday"),
+    ("What should I look for when buying a used bike?", "bike"),
+    ("Why do leaves change color in autumn?", "leaves"),
+    ("How do I prepare for a long flight?", "flight"),
+    ("What can I cook with eggs and spinach?", "eggs"),
+    ("How do I start a vegetable garden on a balcony?", "balcony"),
+    ("What are the benefits of reading every day?", "reading"),
+    ("How can I reduce stress at work?", "stress"),
+    ("What questions should I ask a landlord before signing a lease?", "landlord"),
+    ("How can I make new friends in a new city?", "city"),
+    ("Explain how a refrigerator keeps food cold.", "refrigerator"),
+    ("What are common mistakes new drivers make?", "drivers"),
+    ("How do I teach a dog to sit?", "sit"),
+    ("What should a first aid kit contain?", "first aid"),
+    ("What are some easy ways to use less energy at home?", "energy"),
+    ("Explain what thunder is to a child.", "thunder"),
+    ("What should I name my new parrot?", "parrot"),
+    ("How do I keep my kitchen knives sharp?", "knives"),
+)
+LIST_EVAL_SET_SHA256_16 = "9ceed5efde35111f"
+
+
+def list_eval_prompts() -> list[DemoPrompt]:
+    """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
+    LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
+    return [DemoPrompt(id=f"lists-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval",
+                       template=template)
+            for t_i, topic in enumerate(LIST_EVAL_TOPICS) for k, template in enumerate(LIST_EVAL_TEMPLATES)
+            ] + _requests("eval", LIST_EVAL_REQUESTS)

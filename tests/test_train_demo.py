@@ -64,6 +64,18 @@ def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_d
     assert not set(EVAL_TEMPLATES) & set(TEMPLATES)
 
 
+def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_selection():
+    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, TEMPLATES, list_eval_prompts,
+                              list_selection_prompts, list_train_prompts, prompts_digest)
+
+    prompts = list_eval_prompts()
+    assert prompts_digest(prompts) == LIST_EVAL_SET_SHA256_16 and len(prompts) == 72
+    seen = list_train_prompts() + list_selection_prompts()
+    assert not {p.text for p in prompts} & {p.text for p in seen}
+    assert not {p.topic for p in prompts} & {p.topic for p in seen}
+    assert not set(LIST_EVAL_TEMPLATES) & set(TEMPLATES)
+
+
 def test_concise_eval_rule_needs_a_finished_on_topic_answer():
     from fsrl.demo.rules import Answer, judge_concise_eval
 

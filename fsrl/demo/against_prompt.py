@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                 arm["judge"] = {"verdicts": len(known), "wins": known.count(1),
                                 "win_rate": round(known.count(1) / len(known), 4) if known else None}
             for p, s, b, v in zip(prompts, given, answers["base"], verdicts):
-                rows.append({"arm": name, "prompt": p.text, "template": EVAL_TEMPLATES[p.template],
+                rows.append({"arm": name, "prompt": p.text, "template": p.template,
                              "outcome": OUTCOMES[v], "answer": s.text, "base": b.text})
         report["arms"][name] = arm
     out = args.out or args.adapter

@@ -177,7 +177,7 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     rows = []
     for i, (p, s, b) in enumerate(zip(prompts, steered, plain)):
         verdict = judge(s, b)
-        rows.append({"prompt": p.text, "topic": p.topic, "template": EVAL_TEMPLATES[p.template],
+        rows.append({"prompt": p.text, "topic": p.topic, "template": p.template,
                      "outcome": OUTCOMES[verdict], "steered": s.text, "base": b.text,
                      "steered_finished": s.finished, "base_finished": b.finished,
                      "steered_perplexity": ppl_steered[i], "base_perplexity": ppl_base[i],
