@@ -11,7 +11,8 @@ A corpus spec is one of
 
 `builtin:system-docs` reads the Rust toolchain's HTML books (~/.rustup/toolchains/*/share/doc/
 rust/html), the GNU info manuals (/usr/share/info) and the English man pages (/usr/share/man/
-man1..man8) and strips HTML, info and roff markup to prose. Code listings are dropped. Each
+man1..man8) and turns them into prose: HTML with BeautifulSoup, man pages as man-db and groff
+render them (`man -l`), info files by dropping their node headers and menus. Code listings are dropped. Each
 family of man pages (the name up to its first '-', '_', ':' or '.') is capped at
 MAN_FAMILY_CAP pages, so that the 16k generated `gcloud-*` pages do not drown the rest;
 translated books are skipped. Whatever of the three is missing is skipped;
@@ -51,7 +52,6 @@ import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 
 from fsrl.errors import FsrlError
@@ -407,7 +407,7 @@ def _man_docs() -> Iterator[str]:
             source = _read_maybe_gz(path)
             if not source or source.lstrip().startswith(".so "):
                 continue  # a one-line redirect to another page
-            text = roff_to_text(source)
+            text = man_to_text(path)
             if len(text) > 300:
                 families[family] += 1
                 yield text
@@ -425,49 +425,23 @@ def _read_maybe_gz(path: Path) -> str:
 # Markup to prose
 
 
-class _HtmlProse(HTMLParser):
-    """Text of an mdBook page's <main>, one paragraph per block element, code dropped."""
-
-    BLOCKS = frozenset({"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr",
-                        "dt", "dd", "table", "ul", "ol", "section", "br", "hr"})
-    SKIP = frozenset({"pre", "script", "style", "nav", "svg", "button"})
-
-    def __init__(self):
-        super().__init__(convert_charrefs=True)
-        self.paras: list[str] = []
-        self.current: list[str] = []
-        self.skip_depth = 0
-
-    def _flush(self):
-        text = re.sub(r"\s+", " ", "".join(self.current)).strip()
-        if text:
-            self.paras.append(text)
-        self.current = []
-
-    def handle_starttag(self, tag, attrs):
-        if tag in self.SKIP:
-            self.skip_depth += 1
-        elif tag in self.BLOCKS:
-            self._flush()
-
-    def handle_endtag(self, tag):
-        if tag in self.SKIP:
-            self.skip_depth = max(0, self.skip_depth - 1)
-        elif tag in self.BLOCKS:
-            self._flush()
-
-    def handle_data(self, data):
-        if not self.skip_depth:
-            self.current.append(data)
+_HTML_BLOCKS = ("p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "blockquote", "tr", "dt", "dd",
+                "table", "ul", "ol", "section", "br", "hr")
+_HTML_SKIPPED = ("pre", "script", "style", "nav", "svg", "button")
 
 
 def html_to_text(page: str) -> str:
-    m = re.search(r"<main[^>]*>(.*)</main>", page, flags=re.DOTALL)
-    parser = _HtmlProse()
-    parser.feed(m.group(1) if m else page)
-    parser.close()
-    parser._flush()
-    return "\n\n".join(parser.paras)
+    """Text of an mdBook page's <main> (BeautifulSoup), one paragraph per block element, code dropped."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(page, "html.parser")
+    root = soup.find("main") or soup
+    for tag in root.find_all(_HTML_SKIPPED):
+        tag.decompose()
+    for tag in root.find_all(_HTML_BLOCKS):
+        tag.insert_before("\n\n")
+        tag.insert_after("\n\n")
+    return _join_lines(root.get_text())
 
 
 def info_to_text(text: str) -> str:
@@ -494,65 +468,20 @@ def info_to_text(text: str) -> str:
     return _join_lines("\n".join(out))
 
 
-_ROFF_CHARS = {"em": "\u2014", "en": "\u2013", "lq": "\u201c", "rq": "\u201d", "oq": "\u2018",
-               "cq": "\u2019", "aq": "'", "dq": '"', "bu": "\u2022", "co": "\u00a9",
-               "rg": "\u00ae", "tm": "\u2122", "hy": "-", "mi": "-", "pl": "+", "mu": "\u00d7",
-               "de": "\u00b0", "<=": "\u2264", ">=": "\u2265", "ga": "`", "ti": "~", "ha": "^",
-               "rs": "\\", "sl": "/", "ba": "|", "lh": "", "rh": "", "fm": "'", "sq": "'"}
-_TEXT_MACROS = {"SH", "SS", "B", "I", "SM", "SB", "BR", "RB", "BI", "IB", "IR", "RI", "TP",
-                "IP", "HP", "PP", "LP", "P", "Nm", "Nd", "Sh", "Ss", "It", "Pp", "Ar", "Fl",
-                "Dl", "Em", "Sy", "Xr", "Pa"}
-_ALTERNATING_MACROS = {"BR", "RB", "BI", "IB", "IR", "RI"}
-_BREAK_MACROS = {"SH", "SS", "PP", "LP", "P", "TP", "IP", "HP", "Sh", "Ss", "Pp", "It", "sp",
-                 "br", "TH", "Dt", "nf", "fi", "RS", "RE"}
-
-
-def _roff_escapes(s: str) -> str:
-    s = re.sub(r'\\".*$', "", s)  # comment
-    s = re.sub(r"\\[hvlLDXoZbxNRwS]'[^']*'", "", s)  # motions, drawing, widths
-    s = re.sub(r"\\f(\[[^\]]*\]|\(..|.)", "", s)  # font changes
-    s = re.sub(r"\\s[+-]?\d", "", s)  # size changes
-    s = re.sub(r"\\\((..)", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
-    s = re.sub(r"\\\[([^\]]*)\]", lambda m: _ROFF_CHARS.get(m.group(1), ""), s)
-    s = re.sub(r"\\\*(\[[^\]]*\]|\(..|.)", "", s)  # strings defined by the page
-    s = re.sub(r"\\[nw$][^ ]?", "", s)
-    s = s.replace("\\-", "-").replace("\\e", "\\").replace("\\ ", " ").replace("\\~", " ")
-    s = re.sub(r"\\[&|^c%:!0dut]", "", s)
-    return s.replace("\\\\", "\\")
-
-
-def roff_to_text(source: str) -> str:
-    """Prose of a man page's roff source: macros dropped, text macros' arguments kept."""
-    out: list[str] = []
-    skip_until: str | None = None
-    for raw in source.splitlines():
-        line = raw.rstrip()
-        if skip_until is not None:
-            if line.startswith(skip_until):
-                skip_until = None
-            continue
-        if line.startswith((".de", ".ig", ".am")):
-            skip_until = ".."
-            continue
-        if line.startswith((".", "'")):
-            m = re.match(r"[.'](\S+)\s*(.*)", line)
-            if not m:
-                continue
-            macro, rest = m.groups()
-            if macro in _BREAK_MACROS:
-                out.append("")
-            if macro in _TEXT_MACROS and rest:
-                words = [a or b for a, b in re.findall(r'"([^"]*)"|(\S+)', rest)]
-                if macro in ("IP", "TP", "HP"):
-                    words = words[:1]  # the rest is an indent
-                # .BR and friends alternate fonts with no space between their arguments
-                glue = "" if macro in _ALTERNATING_MACROS else " "
-                out.append(_roff_escapes(glue.join(words)))
-                if macro in ("SH", "SS", "Sh", "Ss"):
-                    out.append("")
-            continue
-        out.append(_roff_escapes(line))
-    return _join_lines("\n".join(out))
+def man_to_text(path: Path) -> str:
+    """Prose of a man page, as man-db and groff render it (no hyphenation, no justification),
+    the running header and footer dropped; "" when `man` cannot render it."""
+    try:
+        done = subprocess.run(["man", "--nh", "--nj", "-l", str(path)], capture_output=True, timeout=30,
+                              env={**os.environ, "MANWIDTH": "200", "MAN_KEEP_FORMATTING": "", "LC_ALL": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    lines = done.stdout.decode("utf-8", errors="replace").splitlines()
+    body = [i for i, line in enumerate(lines) if line.strip()]
+    if done.returncode != 0 or len(body) < 3:
+        return ""
+    # Section headings start at column 0, their text is indented: a heading is a paragraph.
+    return _join_lines("\n".join(line if line[:1].isspace() else f"\n{line}\n" for line in lines[body[0] + 1:body[-1]]))
 
 
 def _join_lines(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -159,8 +160,13 @@ def test_markup_strippers_keep_prose():
     page = ("<html><nav>menu</nav><main><h1>Title</h1><p>Some <em>prose</em> here.</p>"
             "<pre><code>fn main() {}</code></pre><p>More &amp; more.</p></main></html>")
     assert corpus.html_to_text(page) == "Title\n\nSome prose here.\n\nMore & more."
-    roff = '.TH X 1\n.SH NAME\nx \\- do \\fBthings\\fR\n.PP\n.BR grep (1)\nis fine.\n'
-    assert corpus.roff_to_text(roff) == "NAME\n\nx - do things\n\ngrep(1) is fine."
+
+
+@pytest.mark.skipif(shutil.which("man") is None, reason="needs man-db (Debian's man)")
+def test_man_pages_are_rendered_by_man_without_header_and_footer(tmp_path):
+    page = tmp_path / "x.1"
+    page.write_text('.TH X 1 2026 fsrl "Tests"\n.SH NAME\nx \\- do \\fBthings\\fR\n.PP\n.BR grep (1)\nis fine.\n')
+    assert corpus.man_to_text(page) == "NAME\n\nx - do things\n\ngrep(1) is fine."
 
 
 @pytest.mark.slow  # trains with sae-lens
