@@ -72,6 +72,19 @@ def test_gradients_reach_the_adapter_and_nothing_else(setup, tmp_path, data, act
     assert fwd.l1 is not None and stats.l0 > 0
 
 
+def test_the_nll_term_adds_nll_times_the_chosen_answers_mean_negative_log_likelihood(setup, tmp_path, data):
+    adapter = new_adapter("a", setup.sae, setup.base.name, setup.base.fingerprint, LAYER, init_std=1e-3)
+    ds = PreferenceDataset(load_pairs(data), setup.base.tokenizer, 64)
+    batch = ds.batch([0, 1, 2])
+    plain, stats, fwd = preference_loss(setup.base, setup.hook, adapter, batch, config(tmp_path, data), 0.0)
+    with_nll, stats_nll, _ = preference_loss(setup.base, setup.hook, adapter, batch,
+                                             config(tmp_path, data, nll=0.5), 0.0)
+    chosen_nll = -fwd.logps.mean[:3].mean()           # rows 0-2 are the chosen answers
+    assert float(chosen_nll) > 0
+    assert float(with_nll) == pytest.approx(float(plain + 0.5 * chosen_nll), rel=1e-5)
+    assert stats_nll.loss == pytest.approx(stats.loss, rel=1e-6)   # reported: the preference loss alone
+
+
 def test_training_lowers_the_loss_and_writes_a_loadable_adapter(setup, tmp_path, data):
     result = train(config(tmp_path, data, epochs=4, l1_warmup=0.5), setup)
     s = result.summary

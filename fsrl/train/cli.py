@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SimPO target margin gamma, as TRL's simpo_gamma (default 0.5 * beta, "
              "i.e. gamma/beta = 0.5)")
     add(o, "--l1", type=float, help="L1 coefficient on mean_tokens ||v||_1 (default %(default)g)")
+    add(o, "--nll", type=float,
+        help="adds this times the chosen answers' mean negative log-likelihood per token, so the "
+             "steered model learns to write them, not only to prefer them (CPO's alpha; default %(default)g)")
     add(o, "--l1-warmup", type=float, help="share of the steps with the L1 term off (default %(default)g)")
 
     t = parser.add_argument_group("optimisation")
@@ -94,7 +97,8 @@ def format_summary(s: dict) -> str:
     lines = [
         f"adapter written: {s['out']}",
         f"  {s['loss']} beta={s['beta']:g}" + (f" gamma={s['gamma']:g}" if s.get("gamma") is not None else "")
-        + f" l1={s['l1_coefficient']:g} (off for the first {s['l1_warmup']:.0%} of steps) lr={s['lr']:g}",
+        + f" l1={s['l1_coefficient']:g} (off for the first {s['l1_warmup']:.0%} of steps)"
+        + (f" nll={s['nll']:g}" if s.get("nll") else "") + f" lr={s['lr']:g}",
         f"  {s['steps']} steps ({s['epochs']:g} epochs) on {s['data']['pairs']} pairs, effective batch "
         f"{s['effective_batch']}, {s['train_seconds']:.0f} s on {s['device']} ({s['dtype']})",
         f"  eval on {s['eval_data']['pairs']} pairs: loss "

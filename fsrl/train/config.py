@@ -25,6 +25,7 @@ class TrainConfig:
     beta: float | None = None           # None: the loss's default (SimPO 10, DPO 0.1)
     gamma: float | None = None          # SimPO target margin; None: 0.5 * beta (gamma/beta = 0.5)
     l1: float = 1e-2                    # L1 coefficient on mean_tokens ||v||_1
+    nll: float = 0.0                    # weight of the chosen answers' NLL per token (CPO's alpha)
     l1_warmup: float = 0.2              # share of the steps with the L1 term off
     lr: float = 1e-4
     lr_warmup: float = 0.05             # share of the steps with a linear learning-rate ramp

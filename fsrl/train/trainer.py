@@ -113,7 +113,8 @@ class StepStats:
 def preference_loss(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | None,
                     batch: PairBatch, cfg: TrainConfig, l1_coef: float,
                     feature_stats: bool = False) -> tuple[torch.Tensor, StepStats, PairForward]:
-    """Mean preference loss over the batch's pairs plus l1_coef times the L1 of v."""
+    """Mean preference loss over the batch's pairs, plus l1_coef times the L1 of v, plus cfg.nll
+    times the chosen answers' mean negative log-likelihood per token."""
     spec = cfg.loss_spec
     fwd = forward_pairs(base, hook, adapter, batch, feature_stats=feature_stats)
     reference = None
@@ -123,6 +124,8 @@ def preference_loss(base: BaseModel, hook: SteeringHook, adapter: FsrlAdapter | 
     pref = spec(pair_logps(fwd, spec), reference, beta=cfg.resolved_beta, gamma=cfg.resolved_gamma)
     loss = pref.losses.mean()
     total = loss + l1_coef * fwd.l1 if (fwd.l1 is not None and l1_coef > 0) else loss
+    if cfg.nll > 0:
+        total = total - cfg.nll * fwd.logps.mean[:batch.n_pairs].mean()
     stats = StepStats(loss=float(loss.detach()), total=float(total.detach()), accuracy=float(pref.accuracy),
                       l0=float(fwd.l0) if fwd.l0 is not None else 0.0, pairs=batch.n_pairs)
     return total, stats, fwd
@@ -472,7 +475,7 @@ def build_summary(run: TrainingRun, final: EvalResult, train_seconds: float) -> 
         "method": "fsrl", "loss": cfg.loss, "beta": cfg.resolved_beta,
         "gamma": cfg.resolved_gamma if cfg.loss == "simpo" else None,
         "gamma_beta_ratio": cfg.resolved_gamma / cfg.resolved_beta if cfg.loss == "simpo" else None,
-        "l1_coefficient": cfg.l1, "l1_warmup": cfg.l1_warmup, "lr": cfg.lr, "steps": run.step,
+        "l1_coefficient": cfg.l1, "l1_warmup": cfg.l1_warmup, "nll": cfg.nll, "lr": cfg.lr, "steps": run.step,
         "epochs": round(run.step / run.schedule.steps_per_epoch, 3), "batch_size": cfg.batch_size,
         "grad_accum": cfg.grad_accum, "processes": run.dist.world,
         "effective_batch": run.schedule.pairs_per_step,
