@@ -125,7 +125,18 @@ class DecodeRow:
         """What the model has to read to produce this row's next token."""
         return self.request.prompt_ids + self.token_ids
 
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """One row's logits (V,) less its presence and frequency penalties (over the tokens it
+        has generated, not the prompt: OpenAI's and vLLM's rule)."""
+        counts = torch.bincount(torch.tensor(self.token_ids, dtype=torch.long), minlength=logits.shape[-1])
+        counts = counts[:logits.shape[-1]].to(logits.device, torch.float32)
+        return (logits.float() - self.params.frequency_penalty * counts
+                - self.params.presence_penalty * (counts > 0).float())
+
     def choose(self, logits: torch.Tensor, greedy_token: int) -> int:
+        if self.params.penalised and self.token_ids:
+            logits = self.penalise(logits)
+            greedy_token = int(logits.argmax())
         if self.params.temperature < MIN_TEMPERATURE:
             return greedy_token
         probs = _filter_logits(logits, self.params).softmax(-1).cpu()

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from server.errors import InvalidField
 from server.params import GenerateParams
-from server.schemas import (MAX_MESSAGES, Scale, Seed, SteeringFields, Stop, Temperature, Text, TopK, TopP,
+from server.schemas import (MAX_MESSAGES, Penalty, Scale, Seed, SteeringFields, Stop, Temperature, Text, TopK, TopP,
                             check_template_extras)
 
 MAX_N = 8            # choices per request (rows of one batch)
@@ -84,8 +84,8 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     steering: Steering | None = None
     user: str | None = Field(None, max_length=256)               # accepted, not used
-    presence_penalty: Annotated[float, neutral_only(0.0)] = 0.0
-    frequency_penalty: Annotated[float, neutral_only(0.0)] = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: Annotated[dict[str, float], neutral_only({})] = {}
 
     @model_validator(mode="before")
@@ -108,6 +108,7 @@ class _Common(BaseModel):
             **prompt, adapter=adapter, steering_scale=s.scale, **s.steering_params(),
             max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, seed=self.seed, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             n=self.n, logprobs=logprobs, echo=echo)
 
     @property

@@ -32,6 +32,8 @@ class GenerateParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    presence_penalty: float = 0.0         # OpenAI's: off a generated token's logit once it has appeared
+    frequency_penalty: float = 0.0        # ... and this much per time it has appeared
     seed: int | None = None               # None: the server picks one and reports it
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

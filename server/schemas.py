@@ -53,6 +53,8 @@ Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=F
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_K)]
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+# OpenAI's range; off a token's logit before it is chosen (greedy too), over the generated tokens.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 
 
 def exactly_one(model: BaseModel, *fields: str) -> BaseModel:
@@ -182,6 +184,8 @@ class GenerateBody(SteeringFields):
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     top_k: TopK = 0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     seed: Seed | None = None
     stop: Stop = []
     ignore_eos: bool = False
@@ -200,6 +204,7 @@ class GenerateBody(SteeringFields):
             adapter=self.adapter, steering_scale=self.steering_scale,
             **self.steering_params(), max_new_tokens=self.max_new_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             stop=tuple(self.stop), ignore_eos=self.ignore_eos, compare=self.compare,
             return_features=self.return_features)
 

@@ -184,7 +184,9 @@ def _build(state: ServerState, params: GenerateParams, id_prefix: str) -> Prepar
         for j in range(params.n):
             sampling = SamplingParams(max_new_tokens=max_new, temperature=params.temperature,
                                       top_p=params.top_p, top_k=params.top_k, seed=(seed + j) % 2**63,
-                                      stop=params.stop, ignore_eos=params.ignore_eos)
+                                      stop=params.stop, ignore_eos=params.ignore_eos,
+                                      presence_penalty=params.presence_penalty,
+                                      frequency_penalty=params.frequency_penalty)
             requests.append(GenerationRequest(
                 prompt_ids, steering, sampling, params.return_features, logprobs=params.logprobs,
                 prompt_logprobs=params.logprobs if params.echo and params.logprobs is not None else None,

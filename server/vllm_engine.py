@@ -314,6 +314,7 @@ class VllmEngine(GenerationEngine):
         params = VllmSampling(
             max_tokens=sampling.max_new_tokens, temperature=0.0 if greedy else sampling.temperature,
             top_p=sampling.top_p, top_k=sampling.top_k if sampling.top_k > 0 else -1,
+            presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
             seed=None if greedy else int(sampling.seed) % 2**63,
             # EOS as DecodeRow sees it: its ids stop vLLM too, and nothing else does.
             ignore_eos=True, stop_token_ids=sorted(row.eos_ids), detokenize=False,

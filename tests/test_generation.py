@@ -39,12 +39,30 @@ def test_unsteered_greedy_matches_transformers_generate(gen):
     assert out[0].token_ids == ref
 
 
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 0.75), (0.5, 0.5), (-1.0, 0.0)])
+def test_penalties_take_off_presence_once_and_frequency_per_time_a_generated_token_appeared(gen, presence, frequency):
+    prompt = ids(gen, "the cat sat")
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(20):  # the reference: the whole context through the model each step, float64
+            logits = gen.base.model(input_ids=torch.tensor([prompt + expected])).logits[0, -1].double()
+            for token in set(expected):
+                logits[token] -= presence + frequency * expected.count(token)
+            expected.append(int(logits.argmax()))
+    got = gen.generate([request(gen, "the cat sat", max_new_tokens=20, presence_penalty=presence,
+                                frequency_penalty=frequency)])[0]
+    assert got.token_ids == expected
+    plain = gen.generate([request(gen, "the cat sat", max_new_tokens=20)])[0]
+    assert plain.token_ids != expected   # not vacuous: the penalties change this answer
+
+
 def test_mixed_batch_rows_equal_each_row_alone(gen):
     reqs = [request(gen, "hello there", RowSteering(gen.adapter)),
             request(gen, "hi"),
             request(gen, "a longer prompt here", RowSteering(None, 1.0, [FeatureOverride(3, "set", 6.0)])),
             request(gen, "seeded", RowSteering(gen.adapter, 2.0), temperature=1.0, seed=11, top_k=20),
-            request(gen, "nucleus", temperature=0.8, seed=5, top_p=0.9)]
+            request(gen, "nucleus", temperature=0.8, seed=5, top_p=0.9),
+            request(gen, "penalised", presence_penalty=1.0, frequency_penalty=0.3)]
     together = gen.generate(reqs)
     for req, got in zip(reqs, together):
         assert gen.generate([req])[0].token_ids == got.token_ids

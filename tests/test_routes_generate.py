@@ -43,6 +43,18 @@ def test_compare_steered_differs_from_base_and_base_equals_a_plain_request(clien
     assert out["usage"]["completion_tokens"] == 24  # both rows were generated
 
 
+def test_presence_and_frequency_penalties_change_the_answer_and_the_openai_route_applies_them_alike(client):
+    common = {"max_new_tokens": 24, "ignore_eos": True, "adapter": "tiny"}
+    penalties = {"presence_penalty": 1.5, "frequency_penalty": 0.5}
+    messages = [{"role": "user", "content": "hi"}]
+    penalised = generate(client, messages=messages, **common, **penalties)["steered"]["text"]
+    assert penalised != generate(client, messages=messages, **common)["steered"]["text"]
+    reply = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "temperature": 0,
+                                                      "max_tokens": 24, "ignore_eos": True, **penalties})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == penalised
+
+
 def test_feature_clamps_change_the_output(client):
     common = {"prompt": "hello there", "max_new_tokens": 12, "ignore_eos": True}
     clamped = generate(client, features=[{"index": i, "op": "set", "value": 30.0} for i in range(8)],

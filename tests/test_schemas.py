@@ -76,7 +76,8 @@ def test_an_openai_completion_body_takes_several_prompts_text_or_token_ids():
 
 def test_an_openai_parameter_we_do_not_implement_is_refused_rather_than_ignored():
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    for extra, field in (({"tools": []}, "tools"), ({"presence_penalty": 0.5}, "presence_penalty")):
+    for extra, field in (({"tools": []}, "tools"), ({"logit_bias": {"5": 1}}, "logit_bias"),
+                        ({"presence_penalty": 2.5}, "presence_penalty")):
         with pytest.raises((ValidationError, InvalidField)) as caught:
             ChatCompletionBody.model_validate({**base, **extra}).to_params(None)
         assert field in str(caught.value)

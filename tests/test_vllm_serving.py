@@ -39,6 +39,8 @@ REQUESTS = {
     "stop string": {"prompt": "hello there", "adapter": "tiny", "stop": ["cv"], "max_new_tokens": 30},
     "chat messages": {"messages": [{"role": "user", "content": "hi"}], "adapter": "tiny"},
     "ignore_eos, long": {"prompt": "x", "ignore_eos": True, "max_new_tokens": 40},
+    "presence and frequency penalties": {"prompt": "x", "adapter": "tiny", "ignore_eos": True, "max_new_tokens": 40,
+                                         "presence_penalty": 1.5, "frequency_penalty": 0.5},
 }
 
 
@@ -93,6 +95,10 @@ def test_steering_changes_the_vllm_answer(servers):
     texts = {name: vllm.post("/generate", json={"max_new_tokens": 16, **REQUESTS[name]}).json()["steered"]["text"]
              for name in ("unsteered", "adapter", "clamps of every op, no adapter")}
     assert len(set(texts.values())) == 3, texts
+    penalised = REQUESTS["presence and frequency penalties"]
+    plain = {k: v for k, v in penalised.items() if not k.endswith("_penalty")}
+    assert (vllm.post("/generate", json=penalised).json()["steered"]["text"]
+            != vllm.post("/generate", json=plain).json()["steered"]["text"])   # the penalties reach vLLM
 
 
 def test_the_prefix_cache_never_serves_one_steering_s_kv_to_another(servers):
