@@ -3,7 +3,7 @@
     fsrl eval --adapter adapters/concise --rule concise --train data/demo/concise/train.jsonl
               [--out DIR] [--judge-url URL --judge-model M] [--limit N]
 
-On the frozen evaluation prompts (`fsrl.prompts.eval_prompts`, digest checked) and the
+On the rule's frozen evaluation prompts (`fsrl.prompts.frozen_eval_set`, digest checked) and the
 rules and decoding of `python -m fsrl.demo.evaluate` (greedy, 256 new tokens, a seed per
 prompt), six arms answer every prompt:
 
@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", type=int, help="the first N training pairs only, for the contrast (a quick look)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's presence penalty, for every arm alike (bullets' README says which it used)")
     parser.add_argument("--judge-url", help="an OpenAI-compatible API also judges each arm against base")
     parser.add_argument("--judge-model", help="the model to ask, with --judge-url (key: $FSRL_JUDGE_KEY or $OPENAI_API_KEY)")
 
@@ -78,9 +80,12 @@ def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
 
 def table(report: dict[str, Any]) -> str:
     """The arms as a markdown table (what the demo adapters' READMEs show)."""
-    lines = ["| arm | wins | ties | losses | win rate [95 % CI] | words | repeated 4-grams | perplexity (median) | finished |"
-             + (" LLM judge win rate |" if report.get("judge") else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if report.get("judge") else "")]
+    lists = "list_share" in report["arms"]["base"]["coherence"]   # reports made since bullets' second recipe
+    judged = bool(report.get("judge"))
+    header = ["arm", "wins", "ties", "losses", "win rate [95 % CI]",
+              *(["on-topic lists", "empty"] if lists else []),
+              "words", "repeated 4-grams", "perplexity (median)", "finished", *(["LLM judge win rate"] if judged else [])]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, arm in report["arms"].items():
         c = arm["coherence"]
         if name == "base":
@@ -89,9 +94,10 @@ def table(report: dict[str, Any]) -> str:
             low, high = arm["win_rate_95ci"]
             cells = [str(arm["wins"]), str(arm["ties"]), str(arm["losses"]),
                      f"{arm['win_rate']:.1%} [{low:.1%}–{high:.1%}]"]
-        row = [f"`{name}`", *cells, f"{c['words_mean']}", f"{c['repeated_4gram_share']:.3f}",
+        row = [f"`{name}`", *cells, *([f"{c['list_share']:.1%}", str(c["empty_answers"])] if lists else []),
+               f"{c['words_mean']}", f"{c['repeated_4gram_share']:.3f}",
                f"{c['perplexity_median']}", f"{c['finished_share']:.0%}"]
-        if report.get("judge"):
+        if judged:
             j = arm.get("judge")
             row.append(f"{j['win_rate']:.1%} of {j['verdicts']}" if j and j["verdicts"] else "–")
         lines.append("| " + " | ".join(row) + " |")
@@ -101,8 +107,9 @@ def table(report: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from fsrl.adapter import constant_adapter, load_adapter
     from fsrl.contrast import constant_push, contrast, text_features, text_token_ids
-    from fsrl.demo.evaluate import (OUTCOMES, coherence, generate_answers, perplexities, wilson_interval)
-    from fsrl.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, eval_prompts, eval_set_digest
+    from fsrl.demo.evaluate import (OUTCOMES, coherence, decoding_label, generate_answers, perplexities,
+                                    wilson_interval)
+    from fsrl.prompts import DemoPrompt, frozen_eval_set
     from fsrl.demo.rules import EVAL_RULES, RULES
     from fsrl.generation import Generator
     from fsrl.models import load_base_model
@@ -114,8 +121,7 @@ def run(args: argparse.Namespace) -> int:
         raise FsrlError(f"--rule: expected one of {', '.join(EVAL_RULES)}")
     if args.judge_url and not args.judge_model:
         raise FsrlError("--judge-url needs --judge-model")
-    if eval_set_digest() != EVAL_SET_SHA256_16:
-        raise FsrlError("the evaluation prompts changed: a changed set is a new set; freeze it anew")
+    every_prompt, eval_set = frozen_eval_set(args.rule)
     rule, judge = RULES[args.rule], EVAL_RULES[args.rule]
     base = load_base_model(None, "cpu")
     sae = load_sae(default_sae_dir())
@@ -131,10 +137,11 @@ def run(args: argparse.Namespace) -> int:
                               constant_push(found, CONTRAST_TOP), {"kind": "contrast", "a": "chosen", "b": "rejected",
                                                                    "data": str(args.train)})
 
-    prompts = eval_prompts()[:args.limit] if args.limit else eval_prompts()
+    prompts = every_prompt[:args.limit] if args.limit else every_prompt
     hinted = [DemoPrompt(p.id, p.topic, p.text + rule.hint, p.split, p.template) for p in prompts]
     gen = Generator(base, sae, site.layer)
-    decoding = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, batch_size=args.batch_size)
+    decoding = dict(max_new_tokens=args.max_new_tokens, temperature=0.0, top_p=1.0, batch_size=args.batch_size,
+                    presence_penalty=args.presence_penalty)
     arms: dict[str, tuple[Sequence[DemoPrompt], RowSteering]] = {
         "base": (prompts, RowSteering()), "prompt": (hinted, RowSteering()),
         **{f"adapter x{s:g}": (prompts, RowSteering(adapter, s)) for s in ADAPTER_SCALES},
@@ -147,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         llm = llm_judge(args.judge_url, args.judge_model, rule.summary, os.environ.get("FSRL_JUDGE_KEY"))
     report: dict[str, Any] = {
         "adapter": adapter.id, "rule": args.rule, "rule_summary": rule.summary, "instruction": rule.hint.strip(),
-        "eval_set": EVAL_SET_SHA256_16, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy", "base_model": base.fingerprint,
+        "eval_set": eval_set, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "decoding": decoding_label(0.0, 1.0, args.presence_penalty), "presence_penalty": args.presence_penalty,
+        "base_model": base.fingerprint,
         "contrast": {"pairs": len(pairs), "top": CONTRAST_TOP, "features": [f.to_json() for f in found]},
         "judge": {"url": args.judge_url, "model": args.judge_model} if args.judge_url else None, "arms": {}}
     rows = []

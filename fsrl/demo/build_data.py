@@ -69,6 +69,100 @@ def generate(out: Path, batch_size: int = 32, model: str | None = None, limit: i
     return out
 
 
+# `bullets`' data (the second recipe): lists the model writes when asked for one, long enough to
+# end on their own, judged against what it writes unasked and against the lists it botches.
+LIST_SAMPLES = {"greedy": {"temperature": 0.0, "top_p": 1.0},
+                "s0": {"temperature": 0.7, "top_p": 0.9}, "s1": {"temperature": 0.7, "top_p": 0.9}}
+LIST_MAX_NEW_TOKENS = 192
+PLAIN_MAX_NEW_TOKENS = 128
+
+
+def generate_lists(out: Path, batch_size: int = 32, limit: int | None = None) -> Path:
+    """For every prompt of `bullets`' training and selection sets: the hinted answer greedily and
+    twice sampled (at most 192 new tokens), and the plain answer greedily (128) where
+    data/demo/responses.jsonl has none. Appends, so a rerun resumes."""
+    from tqdm.auto import tqdm
+
+    from fsrl.generation import GenerationRequest, Generator
+    from fsrl.models import load_base_model
+    from fsrl.prompts import list_selection_prompts, list_train_prompts
+    from fsrl.sae import random_sae
+    from fsrl.sampling import SamplingParams
+    from fsrl.steering import RowSteering
+
+    base = load_base_model(None, "cpu")
+    gen = Generator(base, random_sae(base.d_model, 8, layer=0), 0)
+    hint = RULES["bullets"].hint
+    done = set()
+    if out.exists():
+        done = {(r["prompt_id"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
+    prompts = list_train_prompts() + list_selection_prompts()
+    todo = [(p, f"bullets-{name}") for p in prompts for name in LIST_SAMPLES]
+    todo += [(p, "plain-greedy") for p in prompts if "-r" in p.id]
+    todo = [(p, v) for p, v in todo if (p.id, v) not in done][:limit]
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def params(p, variant: str) -> SamplingParams:
+        if variant == "plain-greedy":
+            return SamplingParams(max_new_tokens=PLAIN_MAX_NEW_TOKENS, seed=seed_for(p.id, variant))
+        return SamplingParams(max_new_tokens=LIST_MAX_NEW_TOKENS, seed=seed_for(p.id, variant),
+                              **LIST_SAMPLES[variant.removeprefix("bullets-")])
+
+    with open(out, "a") as fh, tqdm(total=len(todo), desc="generating", unit="response") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            requests = [GenerationRequest(chat_ids(base.tokenizer, p.text + ("" if v == "plain-greedy" else hint)),
+                                          RowSteering(), params(p, v)) for p, v in chunk]
+            for (p, v), r in zip(chunk, gen.generate(requests)):
+                sp = params(p, v)
+                fh.write(json.dumps({"prompt_id": p.id, "topic": p.topic, "split": p.split, "prompt": p.text,
+                                     "variant": v, "text": r.text.strip(), "finished": r.finish_reason != "length",
+                                     "tokens": r.completion_tokens, "seed": sp.seed, "temperature": sp.temperature,
+                                     "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens}) + "\n")
+            fh.flush()
+            bar.update(len(chunk))
+    return out
+
+
+def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, int]:
+    """`bullets`' pairs, per prompt: chosen = the first of its hinted answers (greedy, s0, s1) that
+    is a finished, on-topic list (`has_list`); rejected = its plain answer (the greedy one of
+    `lists`, else the sampled one of `responses`) when that is no list, and, in a second pair,
+    its first hinted answer that is no list (one item said over and over, say) when there is one.
+    Stored under the plain prompt; written to <out_dir>/bullets/{train,heldout}.jsonl."""
+    from fsrl.demo.rules import has_list, relevant
+
+    by_prompt: dict[str, dict[str, dict]] = {}
+    for path in (responses, lists):
+        for row in map(json.loads, path.read_text().splitlines()):
+            if row["variant"] in ("plain", "plain-greedy") or row["variant"].startswith("bullets-"):
+                by_prompt.setdefault(row["prompt_id"], {})[row["variant"]] = row
+    rows: dict[str, list[dict]] = {"train": [], "heldout": []}
+    for pid, variants in sorted(by_prompt.items()):
+        hinted = [variants[f"bullets-{n}"] for n in LIST_SAMPLES if f"bullets-{n}" in variants]
+        plain = variants.get("plain-greedy") or variants.get("plain")
+        good = [h for h in hinted if h["finished"] and has_list(h["text"]) and relevant(h["text"], h["topic"])]
+        if not good or plain is None:
+            continue
+        chosen = good[0]
+        rejected = [r for r in (plain, next((h for h in hinted if not has_list(h["text"])), None))
+                    if r is not None and not has_list(r["text"])]
+        for k, r in enumerate(rejected):
+            rows[chosen["split"]].append({
+                "prompt": chosen["prompt"], "chosen": chosen["text"], "rejected": r["text"],
+                "id": f"{pid}-{k}", "topic": chosen["topic"], "rule": "bullets",
+                "chosen_variant": chosen["variant"], "rejected_variant": r["variant"],
+                "chosen_facts": RULES["bullets"].describe(chosen["text"]),
+                "rejected_facts": RULES["bullets"].describe(r["text"])})
+    counts = {}
+    for split, items in rows.items():
+        path = out_dir / "bullets" / f"{split}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in items))
+        counts[split] = len(items)
+    return counts
+
+
 def make_pairs(responses: Path, out_dir: Path) -> dict[str, dict[str, int]]:
     """Judge (plain, hinted) per prompt and rule; write <out_dir>/<rule>/{train,heldout}.jsonl."""
     by_prompt: dict[str, dict[str, dict]] = {}
@@ -114,6 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("pairs", help="judge the responses into preference pairs")
     p.add_argument("--responses", type=Path, default=Path("data/demo/responses.jsonl"))
     p.add_argument("--out", type=Path, default=Path("data/demo"))
+    g2 = sub.add_parser("lists", help="generate bullets' list answers (default model, CPU)")
+    g2.add_argument("--out", type=Path, default=Path("data/demo/lists.jsonl"))
+    g2.add_argument("--batch-size", type=int, default=32)
+    g2.add_argument("--threads", type=int, help="torch CPU threads")
+    g2.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    p2 = sub.add_parser("list-pairs", help="judge bullets' list answers into preference pairs")
+    p2.add_argument("--lists", type=Path, default=Path("data/demo/lists.jsonl"))
+    p2.add_argument("--responses", type=Path, default=Path("data/demo/responses.jsonl"))
+    p2.add_argument("--out", type=Path, default=Path("data/demo"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "generate":
@@ -121,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
             import torch
             torch.set_num_threads(args.threads)
         print(f"wrote {generate(args.out, args.batch_size, limit=args.limit)}")
+    elif args.cmd == "lists":
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        print(f"wrote {generate_lists(args.out, args.batch_size, limit=args.limit)}")
+    elif args.cmd == "list-pairs":
+        c = make_list_pairs(args.lists, args.responses, args.out)
+        print(f"bullets: {c['train']} train pairs, {c['heldout']} held-out pairs")
     else:
         for rule, c in make_pairs(args.responses, args.out).items():
             print(f"{rule}: {c['train']} train pairs of {c['train_prompts']} prompts, "

@@ -6,14 +6,15 @@
 1. On the selection pairs (the old held-out pairs: not trained on, but looked at while the first
    demo adapters were tuned): SimPO loss (beta 10, gamma 5) without and with the adapter's
    lambda * mean ||v||_1, preference accuracy and mean L0 of v, base model and adapter.
-2. On the frozen evaluation prompts (`fsrl.prompts.eval_prompts`, never used to choose
-   anything; their digest is checked): every prompt answered twice, compare-style, steered and
+2. On the rule's frozen evaluation prompts (`fsrl.prompts.frozen_eval_set`, never used to
+   choose anything; their digest is checked): every prompt answered twice, compare-style, steered and
    base with the same decoding, seed and budget (256 new tokens: the base model usually
    finishes). Rule `EVAL_RULES[rule]` (fsrl/demo/rules.py) judges each pair. Reported: wins,
    ties, losses, the win rate with its 95 % Wilson interval, wins where the base answer ran
    past the budget, and beside them coherence of both sides: repeated word 4-grams, repeated
    list items, and perplexity under the base model (steering off).
-   `--scale auto` picks the steering scale on training prompts (every eighth, 96 new tokens) first.
+   `--scale auto` first picks the steering scale on prompts apart from them
+   (`fsrl.prompts.tuning_prompts`): the candidate the rule prefers most often against base.
 Writes <out>/eval.json and <out>/samples.md (stratified: one sample per template and outcome).
 """
 
@@ -28,19 +29,20 @@ from pathlib import Path
 
 from fsrl.corpus import chat_ids
 from fsrl.demo.build_data import seed_for
-from fsrl.prompts import EVAL_SET_SHA256_16, EVAL_TEMPLATES, DemoPrompt, demo_prompts, eval_prompts, eval_set_digest
-from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, list_items
+from fsrl.prompts import DemoPrompt, frozen_eval_set, tuning_prompts
+from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, has_list, list_items, relevant
 
 log = logging.getLogger(__name__)
 
-SCALE_CANDIDATES = (0.25, 0.5, 0.75, 1.0)
+SCALE_CANDIDATES = (0.5, 1.0, 1.5)
 EVAL_MAX_NEW_TOKENS = 256
-TUNING_MAX_NEW_TOKENS = 96  # the training data's budget
+TUNING_MAX_NEW_TOKENS = {"concise": 96, "bullets": EVAL_MAX_NEW_TOKENS}  # concise: its data's budget
 OUTCOMES = {1: "win", 0: "tie", -1: "loss"}
 
 
 def generate_answers(gen, tokenizer, prompts: Sequence[DemoPrompt], steering, max_new_tokens: int,
-                     temperature: float, top_p: float, batch_size: int, desc: str) -> list[Answer]:
+                     temperature: float, top_p: float, batch_size: int, desc: str,
+                     presence_penalty: float = 0.0) -> list[Answer]:
     """One answer per prompt under `steering`; each prompt's seed is fixed (`seed_for`), so the
     steered and base answers of a prompt differ by the steering alone."""
     from tqdm.auto import tqdm
@@ -53,10 +55,17 @@ def generate_answers(gen, tokenizer, prompts: Sequence[DemoPrompt], steering, ma
         chunk = prompts[start:start + batch_size]
         requests = [GenerationRequest(chat_ids(tokenizer, p.text), steering, SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed_for(p.id, "eval"))) for p in chunk]
+            presence_penalty=presence_penalty, seed=seed_for(p.id, "eval"))) for p in chunk]
         answers += [Answer(r.text.strip(), r.finish_reason != "length", p.topic)
                     for p, r in zip(chunk, gen.generate(requests))]
     return answers
+
+
+def decoding_label(temperature: float, top_p: float, presence_penalty: float) -> str:
+    """How answers were decoded, in words (reports, READMEs, and what `--reuse-base` compares)."""
+    label = "greedy" if temperature <= 0 else \
+        f"sampled (temperature {temperature}, top-p {top_p}, a seed per prompt, the same for both rows)"
+    return label + (f", presence penalty {presence_penalty:g}" if presence_penalty else "")
 
 
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
@@ -100,9 +109,12 @@ def perplexities(base, prompts: Sequence[DemoPrompt], answers: Sequence[Answer])
 
 
 def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[str, float]:
-    """Means over answers: repeated 4-gram share, repeated list items, perplexity (median too)."""
+    """Means over answers: repeated 4-gram share, repeated list items, perplexity (median too);
+    the share that are on-topic lists (`has_list` and `relevant`), and the empty answers."""
     known = sorted(x for x in ppl if x is not None)
-    return {"repeated_4gram_share": round(sum(repeated_ngram_share(a.text) for a in answers) / len(answers), 4),
+    return {"list_share": round(sum(has_list(a.text) and relevant(a.text, a.topic) for a in answers) / len(answers), 4),
+            "empty_answers": sum(not a.text.strip() for a in answers),
+            "repeated_4gram_share": round(sum(repeated_ngram_share(a.text) for a in answers) / len(answers), 4),
             "repeated_list_items": round(sum(list_items(a.text) - distinct_items(a.text) for a in answers)
                                          / len(answers), 3),
             "perplexity_mean": round(sum(known) / len(known), 3) if known else None,
@@ -113,7 +125,8 @@ def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[st
 
 def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: float | str = 1.0,
                      batch_size: int = 16, max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
-                     temperature: float = 0.0, top_p: float = 1.0, out_dir: Path | None = None,
+                     temperature: float = 0.0, top_p: float = 1.0, presence_penalty: float = 0.0,
+                     out_dir: Path | None = None,
                      responses: Path = Path("data/demo/responses.jsonl"), reuse_base: Path | None = None) -> dict:
     from fsrl.adapter import load_adapter
     from fsrl.generation import Generator
@@ -124,9 +137,7 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     from fsrl.train.config import TrainConfig
     from fsrl.train.trainer import bind_setup, evaluate
 
-    if eval_set_digest() != EVAL_SET_SHA256_16:
-        raise SystemExit(f"the evaluation prompts changed (digest {eval_set_digest()}, frozen "
-                         f"{EVAL_SET_SHA256_16}): a changed set is a new set; freeze it anew")
+    prompts, eval_set = frozen_eval_set(rule_name)
     out_dir = out_dir or adapter_dir
     judge = EVAL_RULES[rule_name]
     base = load_base_model(None, "cpu")
@@ -143,33 +154,34 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     steered_eval = evaluate(base, setup.hook, adapter, ds, cfg, feature_stats=True)
 
     gen = Generator(base, sae, setup.layer)
-    decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
+                    presence_penalty=presence_penalty)
     selection_report = None
     if scale == "auto":
-        # Chosen on training prompts (every eighth), never on the prompts it is judged on, at the
-        # training data's budget (a list shows within it; a scale sweep at 256 tokens costs 2.7x).
-        tuning = [p for p in demo_prompts() if p.split == "train"][::8]
-        tuning_decoding = {**decoding, "max_new_tokens": TUNING_MAX_NEW_TOKENS}
+        # Chosen on prompts apart from the evaluation set (`tuning_prompts`), never on the ones it is
+        # judged on.
+        tuning = tuning_prompts(rule_name)
+        tuning_decoding = {**decoding, "max_new_tokens": TUNING_MAX_NEW_TOKENS[rule_name]}
         plain = generate_answers(gen, base.tokenizer, tuning, RowSteering(), desc="tuning: base", **tuning_decoding)
-        selection_report = {"prompts": len(tuning), "split": "train", "max_new_tokens": TUNING_MAX_NEW_TOKENS,
-                            "win_rate": {}}
+        selection_report = {"prompts": len(tuning), "split": tuning[0].split,
+                            "max_new_tokens": tuning_decoding["max_new_tokens"], "win_rate": {}, "list_share": {}}
         for candidate in SCALE_CANDIDATES:
             steered = generate_answers(gen, base.tokenizer, tuning, RowSteering(adapter, candidate),
                                        desc=f"tuning: scale {candidate}", **tuning_decoding)
             wins = sum(judge(a, b) > 0 for a, b in zip(steered, plain))
             selection_report["win_rate"][candidate] = round(wins / len(tuning), 4)
+            selection_report["list_share"][candidate] = coherence(steered, [None] * len(steered))["list_share"]
         scale = max(SCALE_CANDIDATES, key=lambda c: selection_report["win_rate"][c])  # ties: the gentler
         selection_report["chosen"] = scale
         log.info("scale chosen on training prompts: %s (win rates %s)", scale, selection_report["win_rate"])
 
-    prompts = eval_prompts()
     steered = generate_answers(gen, base.tokenizer, prompts, RowSteering(adapter, scale),
                                desc="evaluation: steered", **decoding)
-    decoding_name = "greedy" if temperature <= 0 else \
-        f"sampled (temperature {temperature}, top-p {top_p}, a seed per prompt, the same for both rows)"
+    decoding_name = decoding_label(temperature, top_p, presence_penalty)
     if reuse_base is not None:
         # The base answers depend on the prompts, seeds, decoding and budget only, not on the adapter.
-        plain, ppl_base = base_answers_from(reuse_base, prompts, decoding_name, max_new_tokens, base.fingerprint)
+        plain, ppl_base = base_answers_from(reuse_base, prompts, eval_set, decoding_name, max_new_tokens,
+                                            base.fingerprint)
     else:
         plain = generate_answers(gen, base.tokenizer, prompts, RowSteering(), desc="evaluation: base", **decoding)
         ppl_base = perplexities(base, prompts, plain)
@@ -203,8 +215,8 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
                        "l1_coefficient": l1, "mean_l1": round(steered_eval.mean_l1, 4)},
         "accuracy": {"base": round(base_eval.accuracy, 4), "adapter": round(steered_eval.accuracy, 4)},
         "mean_l0": round(steered_eval.mean_l0, 1), "d_sae": sae.d_sae,
-        "generation": {"prompts": n, "eval_set": EVAL_SET_SHA256_16, "max_new_tokens": max_new_tokens,
-                       "decoding": decoding_name, "base_model": base.fingerprint,
+        "generation": {"prompts": n, "eval_set": eval_set, "max_new_tokens": max_new_tokens,
+                       "decoding": decoding_name, "presence_penalty": presence_penalty, "base_model": base.fingerprint,
                        "wins": wins, "ties": ties, "losses": n - wins - ties,
                        "win_rate": round(wins / n, 4), "win_rate_95ci": [round(low, 4), round(high, 4)],
                        "wins_where_base_ran_past_budget": sum(r["outcome"] == "win" and not r["base_finished"]
@@ -218,15 +230,15 @@ def evaluate_adapter(adapter_dir: Path, rule_name: str, selection: Path, scale: 
     return report
 
 
-def base_answers_from(path: Path, prompts: Sequence[DemoPrompt], decoding: str, max_new_tokens: int,
-                      model_fingerprint: str) -> tuple[list[Answer], list[float | None]]:
+def base_answers_from(path: Path, prompts: Sequence[DemoPrompt], eval_set: str, decoding: str,
+                      max_new_tokens: int, model_fingerprint: str) -> tuple[list[Answer], list[float | None]]:
     """The base answers (and their perplexities) of an earlier eval.json made with the same
     prompts, decoding, budget and base model; anything else is refused."""
     doc = json.loads(Path(path).read_text())
     gen = doc["generation"]
     same = (gen["eval_set"], gen["decoding"], gen["max_new_tokens"], gen.get("base_model", model_fingerprint),
             [r["prompt"] for r in doc["generations"]])
-    if same != (EVAL_SET_SHA256_16, decoding, max_new_tokens, model_fingerprint, [p.text for p in prompts]):
+    if same != (eval_set, decoding, max_new_tokens, model_fingerprint, [p.text for p in prompts]):
         raise SystemExit(f"{path}: its base answers were made with other prompts, decoding, budget or model")
     rows = doc["generations"]
     return ([Answer(r["base"], r["base_finished"], p.topic) for r, p in zip(rows, prompts)],
@@ -300,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(map(str, SCALE_CANDIDATES))} on training prompts")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="OpenAI's presence penalty, for every row alike (default 0)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -308,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     report = evaluate_adapter(args.adapter, args.rule, args.selection, args.scale, args.batch_size,
-                              temperature=args.temperature, top_p=args.top_p, out_dir=args.out,
+                              temperature=args.temperature, top_p=args.top_p,
+                              presence_penalty=args.presence_penalty, out_dir=args.out,
                               reuse_base=args.reuse_base)
     print(json.dumps(report, indent=1))
     return 0

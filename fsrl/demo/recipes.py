@@ -28,6 +28,17 @@ DATA_COMMANDS = (
     "python -m fsrl.demo.build_data generate --out data/demo/responses.jsonl --threads 1",
     "python -m fsrl.demo.build_data pairs --responses data/demo/responses.jsonl --out data/demo",
 )
+LIST_DATA_COMMANDS = (
+    *DATA_COMMANDS,
+    "python -m fsrl.demo.build_data lists --out data/demo/lists.jsonl --threads 2",
+    "python -m fsrl.demo.build_data list-pairs --lists data/demo/lists.jsonl --out data/demo",
+)
+TOPIC_DATA_NOTE = (
+    "Prompts: `fsrl/prompts.py` (topics x 4 templates; held-out topics are separate). For each prompt the "
+    "default model wrote two answers (temperature 0.7, top-p 0.9, at most 96 new tokens): one to the prompt as "
+    "written, one to the prompt with the hint `{hint}` appended. The pair is stored under the prompt as written "
+    "(the hint never appears in training) and kept only where the rule prefers one answer; the preferred one is "
+    "`chosen`, whichever it is.")
 L0_TARGET_SHARE = 0.05   # of the SAE's width
 RECORD_FILES = ("adapter.json", "eval.json", "samples.md")
 COMMON = ("--loss", "simpo", "--lr", "1e-4", "--batch-size", "4", "--grad-accum", "2",
@@ -42,6 +53,9 @@ class Recipe:
     eval_flags: tuple[str, ...] = ()   # how its generations are judged (scale, decoding)
     eval_note: str = ""                # why, when not the defaults
     epochs: int = 1
+    train_flags: tuple[str, ...] = ()  # beyond COMMON
+    data_commands: tuple[str, ...] = DATA_COMMANDS
+    data_note: str = TOPIC_DATA_NOTE   # how the pairs were made ({hint}: the rule's hint)
     # Sweeps of an earlier recipe kept beside this one's for comparison: (epochs, lambdas, why
     # the recipe moved on). Their records stay; nothing is chosen from them.
     earlier: tuple[tuple[int, tuple[str, ...], str], ...] = ()
@@ -68,7 +82,7 @@ class Recipe:
 
     def train_argv(self, l1: str) -> list[str]:
         return ["train", "--data", self.data, "--eval-data", self.selection, "--out", self.run_dir(l1),
-                "--id", self.id, *COMMON, "--epochs", str(self.epochs), "--l1", l1]
+                "--id", self.id, *COMMON, *self.train_flags, "--epochs", str(self.epochs), "--l1", l1]
 
     def eval_argv(self, l1: str) -> list[str]:
         """The first lambda's run generates the base answers; the others reuse them (they do not
@@ -93,23 +107,30 @@ RECIPES: dict[str, Recipe] = {
                   "With one epoch (25 steps) no lambda brought the mean L0 to 5 % of the width "
                   "(12.1, 10.4 and 9.7 %), as with bullets before, so the recipe trains for more steps."),)),
     "bullets": Recipe(
-        "bullets", "bullets", ("1e-1",), epochs=3,
-        earlier=((1, ("1e-2", "1e-1", "1e0", "3e0"),
-                  "On the previous default SAE (manual pages and books only, before it was retrained with "
-                  "chat text): with one epoch (25 steps) no lambda brought the mean L0 to 5 % of the width, and lambda "
-                  "barely mattered: at 1 and at 3 L0 fell along the same path step by step (to 8.6 % and "
-                  "8.5 %). Adam's step size, not lambda, bounds how fast the L1 term can shrink v, so the "
-                  "recipe now trains for more steps."),
-                 (3, ("1e0",),
-                  "Also on the previous SAE, with 3 epochs: lambda 1 left almost nothing to steer "
-                  "(mean L0 0.1 % of the width) and lost the rule's preference (win rate 7.8 %), "
-                  "so the sweep on the current SAE keeps lambda 0.1 alone."),),
-        eval_flags=("--scale", "auto", "--temperature", "0.7", "--top-p", "0.9"),
-        eval_note="Judged with the data's own sampling (temperature 0.7, top-p 0.9) at the steering "
-                  "scale that wins most often on training prompts (`--scale auto`; the table "
-                  "below). Both were chosen on the old held-out prompts before the evaluation set "
-                  "existed: greedy decoding at scale 1.0 makes this small model's lists collapse "
-                  "into one line repeated, which the rule does not count as a list."),
+        "bullets", "bullets", ("3e-2",), epochs=2, train_flags=("--nll", "2"),
+        data_commands=LIST_DATA_COMMANDS,
+        data_note=(
+            "Prompts: `fsrl/prompts.py`'s `list_train_prompts` (the training topics x 4 templates, and 48 requests "
+            "of other shapes: advice, names, how-to, why) and, for selection, `list_selection_prompts` (the "
+            "held-out topics and 16 more requests). For each prompt the default model answered the prompt with "
+            "the hint `{hint}` appended three times (greedy, and twice at temperature 0.7, top-p 0.9; at most "
+            "192 new tokens) and the prompt as written greedily (128; for the topic prompts, the sampled answer "
+            "of the concise data). Chosen: the first hinted answer that is a finished, on-topic list (`has_list`). "
+            "Rejected: the answer to the prompt as written when it is no list, and, in a second pair, the first "
+            "hinted answer that is no list (a list that repeats one item over and over, say), when there is one. "
+            "Stored under the prompt as written: the hint never appears in training. The objective adds the "
+            "chosen answers' negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns "
+            "to write the lists, not only to prefer them. The first bullets recipe (one sampled 96-token hinted "
+            "answer against one plain answer per topic prompt, SimPO alone) made lists on 14.1 % of the first "
+            "evaluation set; its records are in git history."),
+        eval_flags=("--scale", "auto", "--presence-penalty", "0.5"),
+        eval_note="Greedy decoding (what a request without a temperature gets) with a presence penalty of 0.5 "
+                  "(`presence_penalty`, OpenAI's: without it this small model's greedy lists repeat one item over "
+                  "and over, prompted or steered), for every arm alike, at the steering scale whose answers the "
+                  "rule prefers most often on the selection prompts (`--scale auto`: "
+                  "`fsrl.prompts.list_selection_prompts`, apart from the evaluation set; the table below). The "
+                  "penalty, the recipe (`--nll 2`, lambda 3e-2) and the scale were chosen on the selection "
+                  "prompts alone (the trials below); the evaluation set was answered once, after."),
 }
 
 
@@ -185,7 +206,57 @@ def against_prompt_section(folder: Path, recipe: Recipe, rule, scale: float) -> 
         table(report), "",
         _versus_prompt(arms, scale), "",
         f"Every answer and verdict: `against_prompt.json`. Rebuild: `fsrl eval --adapter adapters/{recipe.id} "
-        f"--rule {recipe.rule} --train {recipe.data}`.", ""]
+        f"--rule {recipe.rule} --train {recipe.data}"
+        + (f" --presence-penalty {report['presence_penalty']:g}" if report.get("presence_penalty") else "") + "`.", ""]
+
+
+def examples_section(folder: Path, recipe: Recipe) -> list[str]:
+    """The README's example requests with the answers they got (`examples.json`), when there are any."""
+    path = folder / "examples.json"
+    if not path.exists():
+        return []
+    examples = json.loads(path.read_text())
+    first = examples[0]["request"]
+    lines = ["## Try it", "",
+             "With `make serve` running, each of these prompts asked as below (prompts the demo never trained, "
+             "chose or was evaluated on). The answers are what such a request returns (greedy: the same on every "
+             f"run), written by `python -m fsrl.demo.examples {recipe.id}` with the server's generator, good or "
+             "bad:", "",
+             "```bash", "curl -s localhost:8000/generate -H 'content-type: application/json' -d '"
+             + json.dumps(first) + "'", "```", ""]
+    for e in examples:
+        lines += [f"**{e['request']['messages'][0]['content']}**", "", "steered:", "", "```text", e["steered"], "```", "",
+                  "base" + (" (cut at the budget)" if e["base_finish_reason"] == "length" else "") + ":", "",
+                  "```text", e["base"], "```", ""]
+    return lines
+
+
+def selection_trials_section(root: Path, recipe: Recipe) -> list[str]:
+    """What chose the recipe, the decoding and the scale: each trial on the selection prompts
+    (`data/demo/<rule>/selection_trials.json`, every answer kept), its figures computed here."""
+    path = root / "data" / "demo" / recipe.rule / "selection_trials.json"
+    if not path.exists():
+        return []
+    from fsrl.demo.evaluate import coherence
+    from fsrl.demo.rules import Answer
+    from fsrl.prompts import list_selection_prompts
+
+    prompts = list_selection_prompts()
+    doc = json.loads(path.read_text())
+    lines = [f"Trials on the {len(prompts)} selection prompts (`{path.relative_to(root)}`, every answer kept; "
+             "greedy, 256 new tokens; `hint`: the rule's instruction in the prompt):", "",
+             "| adapter (`--nll`, lambda, epochs) | presence penalty | arm | on-topic lists | empty answers | words |",
+             "|---|---|---|---|---|---|"]
+    for trial in doc["trials"]:
+        a, pp = trial["adapter"], trial["decoding"]["presence_penalty"]
+        for arm, texts in trial["answers"].items():
+            c = coherence([Answer(t, True, p.topic) for t, p in zip(texts, prompts)], [None] * len(texts))
+            steered = arm not in ("base", "hint")
+            name = f"scale {arm}" if steered else arm
+            recipe_cell = f"{a['nll']:g}, {a['l1']:g}, {a['epochs']}" if steered else "– (no adapter)"
+            lines.append(f"| {recipe_cell} | {pp:g} | {name} | {c['list_share']:.1%} | "
+                         f"{c['empty_answers']} | {c['words_mean']} |")
+    return [*lines, ""]
 
 
 def _versus_prompt(arms: dict, scale: float) -> str:
@@ -233,13 +304,19 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"{gen['losses']} losses) |",
         f"| of those wins, the base answer ran past the budget | - | {gen['wins_where_base_ran_past_budget']} |",
         *[f"| {label} | {fmt(coh['base'][key])} | {fmt(coh['steered'][key])} |" for key, label, fmt in (
+            ("list_share", "on-topic lists of at least 3 distinct items (`has_list`)", "{:.1%}".format),
+            ("empty_answers", "empty answers", str),
             ("words_mean", "words per answer (mean)", str),
             ("finished_share", "answers that ended on their own", "{:.0%}".format),
             ("repeated_4gram_share", "word 4-grams that repeat an earlier one", "{:.1%}".format),
             ("repeated_list_items", "repeated list items per answer (mean)", str),
             ("perplexity_median", "perplexity under the base model (median)", str),
-            ("perplexity_mean", "perplexity under the base model (mean)", str))],
+            ("perplexity_mean", "perplexity under the base model (mean)", str)) if key in coh["steered"]],
         "",
+        *([f"On-topic lists on {coh['steered']['list_share']:.1%} of the evaluation prompts, against "
+           f"{sel['list_share'][str(ev['scale'])]:.1%} of the {sel['prompts']} selection prompts that chose the recipe "
+           "and the scale (below): the fresh prompts are harder for it (samples.md).", ""]
+          if (sel := ev.get("scale_selection")) and sel.get("list_share") and "list_share" in coh["steered"] else []),
         f"On the {ev['selection_pairs']} selection pairs (`{recipe.selection}`: held out from training, but "
         "looked at while earlier versions were tuned, and what chose lambda below):", "",
         "| | base model | with this adapter |", "|---|---|---|",
@@ -252,10 +329,14 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         *([recipe.eval_note, ""] if recipe.eval_note else []),
         *(["| steering scale | " + " | ".join(map(str, sel["win_rate"])) + " |",
            "|---|" + "---|" * len(sel["win_rate"]),
-           f"| win rate on {sel['prompts']} training prompts | "
-           + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |", ""]
+           f"| win rate on {sel['prompts']} {'training' if sel['split'] == 'train' else 'selection'} prompts | "
+           + " | ".join(f"{w:.0%}" for w in sel["win_rate"].values()) + " |",
+           *(["| on-topic lists among them | " + " | ".join(f"{w:.0%}" for w in sel["list_share"].values()) + " |"]
+             if sel.get("list_share") else []), ""]
           if (sel := ev.get("scale_selection")) else []),
+        *selection_trials_section(root, recipe),
         *against_prompt_section(folder, recipe, rule, ev["scale"]),
+        *examples_section(folder, recipe),
         "## The L1 sweep", "",
         f"One adapter per L1 coefficient, the same recipe otherwise ({recipe.epochs} "
         f"epoch{'s' if recipe.epochs != 1 else ''} each); shipped: the smallest lambda whose "
@@ -283,15 +364,10 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         "Samples, one per template and outcome (wins, ties and losses): `samples.md`; every evaluation "
         "answer and verdict: `eval.json`.", "",
         "## Data recipe", "",
-        f"Prompts: `fsrl/prompts.py` (topics x 4 templates; held-out topics are separate). "
-        f"For each prompt the default model wrote two answers (temperature 0.7, top-p 0.9, "
-        f"at most 96 new tokens): one to the prompt as written, one to the prompt with the hint "
-        f"`{rule.hint.strip()}` appended. The pair is stored under the prompt as written (the hint "
-        f"never appears in training) and kept only where the rule prefers one answer; the preferred "
-        f"one is `chosen`, whichever it is. Rule `{rule.name}` (`fsrl/demo/rules.py`): {rule.summary}.",
+        recipe.data_note.format(hint=rule.hint.strip()) + f" Rule `{rule.name}` (`fsrl/demo/rules.py`): {rule.summary}.",
         f"{data_counts['train']} training pairs (`{recipe.data}`), {data_counts['selection']} selection "
         f"pairs (`{recipe.selection}`).", "",
-        "## Rebuild", "", "```sh", *DATA_COMMANDS, f"python -m fsrl.demo.recipes rebuild {recipe.id}", "```", "",
+        "## Rebuild", "", "```sh", *recipe.data_commands, f"python -m fsrl.demo.recipes rebuild {recipe.id}", "```", "",
         "which runs, for each lambda of the sweep, then copies the chosen run into this folder:", "",
         "```sh", *recipe.commands(), "```", "",
         f"Training: {t.get('steps')} steps of {t.get('effective_batch')} pairs, "
