@@ -246,3 +246,25 @@ def list_eval_prompts() -> list[DemoPrompt]:
                        template=template)
             for t_i, topic in enumerate(LIST_EVAL_TOPICS) for k, template in enumerate(LIST_EVAL_TEMPLATES)
             ] + _requests("eval", LIST_EVAL_REQUESTS)
+
+
+def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:
+    """The evaluation prompts a demo rule's adapter is judged on (bullets: its own set; concise:
+    the first one) and their frozen digest. A changed set is refused: it is a new set, to be
+    frozen anew before anything answers it."""
+    from fsrl.errors import FsrlError
+
+    prompts, frozen = ((list_eval_prompts(), LIST_EVAL_SET_SHA256_16) if rule == "bullets"
+                       else (eval_prompts(), EVAL_SET_SHA256_16))
+    if prompts_digest(prompts) != frozen:
+        raise FsrlError(f"the evaluation prompts of {rule} changed (digest {prompts_digest(prompts)}, frozen "
+                        f"{frozen}): a changed set is a new set; freeze it anew")
+    return prompts, frozen
+
+
+def tuning_prompts(rule: str) -> list[DemoPrompt]:
+    """What a demo's `--scale auto` chooses on: bullets' selection prompts; for concise, every
+    eighth training prompt (what chose its scale before the selection requests existed)."""
+    if rule == "bullets":
+        return list_selection_prompts()
+    return [p for p in demo_prompts() if p.split == "train"][::8]

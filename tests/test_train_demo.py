@@ -2,7 +2,9 @@
 
 import json
 
-from fsrl.demo.build_data import make_pairs
+import pytest
+
+from fsrl.demo.build_data import make_list_pairs, make_pairs
 from fsrl.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
 from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
                               list_items)
@@ -74,6 +76,39 @@ def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_s
     assert not {p.text for p in prompts} & {p.text for p in seen}
     assert not {p.topic for p in prompts} & {p.topic for p in seen}
     assert not set(LIST_EVAL_TEMPLATES) & set(TEMPLATES)
+
+
+def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_answer_and_a_botched_list(tmp_path):
+    def row(variant, text, finished=True, pid="train-r00"):
+        return {"prompt_id": pid, "topic": "camping", "split": "train", "prompt": "What should I pack for camping?",
+                "variant": variant, "text": text, "finished": finished}
+
+    botched = "1. A tent\n2. A tent\n3. A tent\n4. A tent"
+    cut = "1. A camping tent\n2. A sleeping bag\n3. A"                          # a list, but cut by the budget
+    good = "For camping:\n- a tent\n- a sleeping bag\n- a torch"
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text("".join(json.dumps(r) + "\n" for r in [
+        row("bullets-greedy", cut, finished=False), row("bullets-s0", botched), row("bullets-s1", good),
+        row("plain-greedy", "Camping is fun. Bring what you need.", finished=False),
+        row("bullets-greedy", botched, pid="train-r01"), row("plain-greedy", "No list.", pid="train-r01")]))
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("")
+    assert make_list_pairs(lists, responses, tmp_path) == {"train": 2, "heldout": 0}
+    pairs = [json.loads(line) for line in (tmp_path / "bullets" / "train.jsonl").read_text().splitlines()]
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [
+        (good, "Camping is fun. Bring what you need."), (good, botched)]   # train-r01 has no good list: no pair
+    assert pairs[0]["prompt"] == "What should I pack for camping?"        # the hint is never shown
+
+
+def test_each_rule_is_judged_on_its_own_frozen_set_and_a_changed_set_is_refused(monkeypatch):
+    from fsrl import prompts
+    from fsrl.errors import FsrlError
+
+    assert prompts.frozen_eval_set("bullets") == (prompts.list_eval_prompts(), prompts.LIST_EVAL_SET_SHA256_16)
+    assert prompts.frozen_eval_set("concise") == (prompts.eval_prompts(), prompts.EVAL_SET_SHA256_16)
+    monkeypatch.setattr(prompts, "LIST_EVAL_TOPICS", prompts.LIST_EVAL_TOPICS[:-1])
+    with pytest.raises(FsrlError, match="freeze it anew"):
+        prompts.frozen_eval_set("bullets")
 
 
 def test_concise_eval_rule_needs_a_finished_on_topic_answer():
