@@ -186,8 +186,9 @@ def _requests(split: str, requests: tuple[tuple[str, str], ...]) -> list[DemoPro
 
 
 def list_train_prompts() -> list[DemoPrompt]:
-    """`bullets`' training prompts: the training topics through the templates, and the requests."""
-    return [p for p in demo_prompts() if p.split == "train"] + _requests("train", TRAIN_REQUESTS)
+    """`bullets`' training prompts: the training topics through the templates, the requests, and
+    the spent second evaluation set with its templates on some training topics."""
+    return [p for p in demo_prompts() if p.split == "train"] + _requests("train", TRAIN_REQUESTS) + _spent_list_prompts()
 
 
 def list_selection_prompts() -> list[DemoPrompt]:
@@ -195,22 +196,21 @@ def list_selection_prompts() -> list[DemoPrompt]:
     return [p for p in demo_prompts() if p.split == "heldout"] + _requests("heldout", SELECTION_REQUESTS)
 
 
-# `bullets`' evaluation set, frozen (committed, digest below) before any adapter answered it: new
-# topics through new templates, and requests of the shapes above on new subjects. None of it
-# appears in training or in the selection set, and nothing is chosen on it.
-LIST_EVAL_TEMPLATES = (
+# `bullets`' second evaluation set: answered once, by the second recipe's adapter (its figures are in
+# git history), and spent then; its prompts train the third recipe (`list_train_prompts`).
+SPENT_LIST_TEMPLATES = (
     "Give me a quick rundown of {topic}.",
     "What do beginners get wrong about {topic}?",
     "How would you explain {topic} to a friend?",
     "What is interesting about {topic}?",
 )
 
-LIST_EVAL_TOPICS = (
+SPENT_LIST_TOPICS = (
     "lighthouses", "the Titanic", "penguins", "chocolate", "submarines", "the Sahara desert",
     "knitting", "rock climbing", "vaccines", "the Eiffel Tower", "board games", "hurricanes",
 )
 
-LIST_EVAL_REQUESTS = (
+SPENT_LIST_REQUESTS = (
     ("What are some good habits for keeping a tidy desk?", "desk"),
     ("How can I make a small apartment feel bigger?", "apartment"),
     ("What should I bring on a day hike?", "hike"),
@@ -236,7 +236,60 @@ LIST_EVAL_REQUESTS = (
     ("What should I name my new parrot?", "parrot"),
     ("How do I keep my kitchen knives sharp?", "knives"),
 )
-LIST_EVAL_SET_SHA256_16 = "9ceed5efde35111f"
+
+
+def _spent_list_prompts() -> list[DemoPrompt]:
+    """The spent second set, and its templates on every fourth training topic, as training prompts."""
+    topics = SPENT_LIST_TOPICS + TRAIN_TOPICS[::4]
+    return [DemoPrompt(id=f"train-s{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="train",
+                       template=template)
+            for t_i, topic in enumerate(topics) for k, template in enumerate(SPENT_LIST_TEMPLATES)
+            ] + [DemoPrompt(id=f"train-sr{i:02d}", topic=topic, text=text, split="train", template=REQUEST)
+                 for i, (text, topic) in enumerate(SPENT_LIST_REQUESTS)]
+
+
+# `bullets`' evaluation set (its third), frozen (committed, digest below) before any adapter
+# answered it: new topics through new templates, and requests of the shapes above on new subjects.
+# None of it appears in training or in the selection set, and nothing is chosen on it.
+LIST_EVAL_TEMPLATES = (
+    "Walk me through {topic}.",
+    "What makes {topic} special?",
+    "Summarize {topic} for a busy person.",
+    "Teach me something new about {topic}.",
+)
+
+LIST_EVAL_TOPICS = (
+    "sharks", "medieval castles", "pottery", "green tea", "the Moon landing", "skateboarding",
+    "owls", "the Panama Canal", "sunscreen", "bamboo", "hot air balloons", "tides",
+)
+
+LIST_EVAL_REQUESTS = (
+    ("What should I pack for a ski trip?", "ski trip"),
+    ("How can I keep my plants alive while I am on vacation?", "plants"),
+    ("Suggest some names for a golden retriever puppy.", "puppy"),
+    ("What are good conversation starters at a dinner party?", "conversation"),
+    ("How do I clean white sneakers?", "sneakers"),
+    ("Why do stars twinkle?", "stars"),
+    ("What are some ways to save money on groceries?", "groceries"),
+    ("How can I learn to type faster?", "typing"),
+    ("What should I do on my first day at a new job?", "first day"),
+    ("Give me ideas for a date night at home.", "date night"),
+    ("How do I make a paper airplane fly farther?", "airplane"),
+    ("What are the benefits of learning to cook?", "cook"),
+    ("How can I be more productive in the afternoon?", "afternoon"),
+    ("What should I consider when choosing a laptop?", "laptop"),
+    ("Explain what an eclipse is to a child.", "eclipse"),
+    ("What are some tips for writing a good poem?", "poem"),
+    ("How do I take care of a leather jacket?", "leather"),
+    ("What are common causes of a headache?", "headache"),
+    ("Suggest some themes for a school science fair project.", "science"),
+    ("How can I make a cheap meal feel fancy?", "meal"),
+    ("What should I know before getting a tattoo?", "tattoo"),
+    ("Why do we dream?", "dream"),
+    ("What are good exercises to do at a desk?", "exercises"),
+    ("How do I organize a closet?", "closet"),
+)
+LIST_EVAL_SET_SHA256_16 = "1bd7e282f7569625"
 
 
 def list_eval_prompts() -> list[DemoPrompt]:

@@ -67,15 +67,15 @@ def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_d
 
 
 def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_selection():
-    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, TEMPLATES, list_eval_prompts,
-                              list_selection_prompts, list_train_prompts, prompts_digest)
+    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST_TEMPLATES, TEMPLATES,
+                              list_eval_prompts, list_selection_prompts, list_train_prompts, prompts_digest)
 
     prompts = list_eval_prompts()
     assert prompts_digest(prompts) == LIST_EVAL_SET_SHA256_16 and len(prompts) == 72
     seen = list_train_prompts() + list_selection_prompts()
     assert not {p.text for p in prompts} & {p.text for p in seen}
     assert not {p.topic for p in prompts} & {p.topic for p in seen}
-    assert not set(LIST_EVAL_TEMPLATES) & set(TEMPLATES)
+    assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES))
 
 
 def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_answer_and_a_botched_list(tmp_path):
