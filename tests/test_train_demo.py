@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fsrl.demo.build_data import make_list_pairs, make_pairs
+from fsrl.demo.build_data import make_list_pairs, make_pairs, seed_for
 from fsrl.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
 from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
                               list_items)
@@ -93,10 +93,13 @@ def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_an
         row("bullets-greedy", botched, pid="train-r01"), row("plain-greedy", "No list.", pid="train-r01")]))
     responses = tmp_path / "responses.jsonl"
     responses.write_text("")
-    assert make_list_pairs(lists, responses, tmp_path) == {"train": 2, "heldout": 0}
+    assert make_list_pairs(lists, responses, tmp_path) == {"train": 3, "heldout": 0}
     pairs = [json.loads(line) for line in (tmp_path / "bullets" / "train.jsonl").read_text().splitlines()]
+    short = 1 + seed_for("train-r00", "cut") % 2                          # the good list stopped after 1 or 2 items
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
-        (good, "Camping is fun. Bring what you need."), (good, botched)]   # train-r01 has no good list: no pair
+        (good, "Camping is fun. Bring what you need."), (good, botched),
+        (good, ["For camping:\n- a tent", "For camping:\n- a tent\n- a sleeping bag"][short - 1])]
+    assert pairs[2]["rejected_variant"] == f"bullets-s1-cut{short}"       # train-r01 has no good list: no pair
     assert pairs[0]["prompt"] == "What should I pack for camping?"        # the hint is never shown
 
 
@@ -141,3 +144,15 @@ def test_wilson_interval_and_repeated_ngrams():
     assert wilson_interval(0, 10)[0] == 0.0 and abs(wilson_interval(10, 10)[1] - 1.0) < 1e-12
     assert abs(repeated_ngram_share("a b c d a b c d") - 0.2) < 1e-12  # 5 four-grams, "a b c d" twice
     assert repeated_ngram_share("one two three four five") == 0.0
+
+
+def test_coherence_counts_lists_and_on_topic_lists_apart():
+    from fsrl.demo.evaluate import coherence
+    from fsrl.demo.rules import Answer
+
+    answers = [Answer("Octopus facts:\n- eight arms\n- three hearts\n- blue blood", True, "octopuses"),
+               Answer("- a tent\n- a stove\n- a map", True, "glaciers"),        # a list, but not on the topic
+               Answer("1. Octopuses\n2. Octopuses", True, "octopuses"),        # two items: no list
+               Answer("", True, "octopuses")]
+    c = coherence(answers, [None] * 4)
+    assert (c["any_list_share"], c["list_share"], c["empty_answers"]) == (0.5, 0.25, 1)

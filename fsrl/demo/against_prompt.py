@@ -81,9 +81,10 @@ def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
 def table(report: dict[str, Any]) -> str:
     """The arms as a markdown table (what the demo adapters' READMEs show)."""
     lists = "list_share" in report["arms"]["base"]["coherence"]   # reports made since bullets' second recipe
+    any_lists = "any_list_share" in report["arms"]["base"]["coherence"]   # and since its third
     judged = bool(report.get("judge"))
     header = ["arm", "wins", "ties", "losses", "win rate [95 % CI]",
-              *(["on-topic lists", "empty"] if lists else []),
+              *(["lists"] if any_lists else []), *(["on-topic lists", "empty"] if lists else []),
               "words", "repeated 4-grams", "perplexity (median)", "finished", *(["LLM judge win rate"] if judged else [])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, arm in report["arms"].items():
@@ -94,7 +95,8 @@ def table(report: dict[str, Any]) -> str:
             low, high = arm["win_rate_95ci"]
             cells = [str(arm["wins"]), str(arm["ties"]), str(arm["losses"]),
                      f"{arm['win_rate']:.1%} [{low:.1%}–{high:.1%}]"]
-        row = [f"`{name}`", *cells, *([f"{c['list_share']:.1%}", str(c["empty_answers"])] if lists else []),
+        row = [f"`{name}`", *cells, *([f"{c['any_list_share']:.1%}"] if any_lists else []),
+               *([f"{c['list_share']:.1%}", str(c["empty_answers"])] if lists else []),
                f"{c['words_mean']}", f"{c['repeated_4gram_share']:.3f}",
                f"{c['perplexity_median']}", f"{c['finished_share']:.0%}"]
         if judged:

@@ -18,11 +18,13 @@ import argparse
 import json
 import logging
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 from fsrl.corpus import chat_ids
-from fsrl.prompts import demo_prompts
-from fsrl.demo.rules import RULES
+from fsrl.demo.rules import ITEM, RULES
+from fsrl.prompts import TEMPLATES, DemoPrompt, demo_prompts, list_selection_prompts, list_train_prompts
+from fsrl.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +36,52 @@ def seed_for(prompt_id: str, variant: str) -> int:
     return zlib.crc32(f"{prompt_id}/{variant}".encode())
 
 
-def generate(out: Path, batch_size: int = 32, model: str | None = None, limit: int | None = None) -> Path:
-    """Generate the three responses of every prompt; appends, so a rerun resumes."""
+def _answer_all(out: Path, todo: list[tuple[DemoPrompt, str]], prompt_text: Callable[[DemoPrompt, str], str],
+                params: Callable[[DemoPrompt, str], SamplingParams], record: Callable[..., dict],
+                batch_size: int, limit: int | None) -> Path:
+    """Answer each (prompt, variant) of todo not yet in out with the default model, in batches,
+    appending one JSON line each (`record(prompt, variant, result, params)`), so a rerun resumes."""
     from tqdm.auto import tqdm
 
     from fsrl.generation import GenerationRequest, Generator
-    from fsrl.sampling import SamplingParams
     from fsrl.models import load_base_model
     from fsrl.sae import random_sae
     from fsrl.steering import RowSteering
 
-    base = load_base_model(model, "cpu")
-    # Nothing is steered here; the generator only needs some SAE to attach its (idle) hook.
-    gen = Generator(base, random_sae(base.d_model, 8, layer=0), 0)
     done = set()
     if out.exists():
         done = {(r["prompt_id"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
-    todo = [(p, v) for p in demo_prompts() for v in VARIANTS if (p.id, v) not in done][:limit]
+    todo = [(p, v) for p, v in todo if (p.id, v) not in done][:limit]
+    base = load_base_model(None, "cpu")
+    # Nothing is steered here; the generator only needs some SAE to attach its (idle) hook.
+    gen = Generator(base, random_sae(base.d_model, 8, layer=0), 0)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as fh, tqdm(total=len(todo), desc="generating", unit="response") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            requests = [GenerationRequest(chat_ids(base.tokenizer, p.text + VARIANTS[v]), RowSteering(),
-                                          SamplingParams(seed=seed_for(p.id, v), **SAMPLING))
+            requests = [GenerationRequest(chat_ids(base.tokenizer, prompt_text(p, v)), RowSteering(), params(p, v))
                         for p, v in chunk]
             for (p, v), r in zip(chunk, gen.generate(requests)):
-                fh.write(json.dumps({"prompt_id": p.id, "topic": p.topic, "split": p.split,
-                                     "prompt": p.text, "variant": v, "hint": VARIANTS[v],
-                                     "text": r.text.strip(), "finish_reason": r.finish_reason,
-                                     "tokens": r.completion_tokens, "seed": seed_for(p.id, v),
-                                     **SAMPLING}) + "\n")
+                fh.write(json.dumps(record(p, v, r, params(p, v))) + "\n")
             fh.flush()
             bar.update(len(chunk))
     return out
 
 
-# `bullets`' data (the second recipe): lists the model writes when asked for one, long enough to
-# end on their own, judged against what it writes unasked and against the lists it botches.
+def generate(out: Path, batch_size: int = 32, limit: int | None = None) -> Path:
+    """Generate the three responses of every prompt; appends, so a rerun resumes."""
+    def record(p: DemoPrompt, v: str, r, sp: SamplingParams) -> dict:
+        return {"prompt_id": p.id, "topic": p.topic, "split": p.split, "prompt": p.text, "variant": v,
+                "hint": VARIANTS[v], "text": r.text.strip(), "finish_reason": r.finish_reason,
+                "tokens": r.completion_tokens, "seed": sp.seed, **SAMPLING}
+
+    return _answer_all(out, [(p, v) for p in demo_prompts() for v in VARIANTS], lambda p, v: p.text + VARIANTS[v],
+                       lambda p, v: SamplingParams(seed=seed_for(p.id, v), **SAMPLING), record, batch_size, limit)
+
+
+# `bullets`' data (the second recipe on): lists the model writes when asked for one, long enough to
+# end on their own, judged against what it writes unasked, the lists it botches, and the same
+# lists cut short.
 LIST_SAMPLES = {"greedy": {"temperature": 0.0, "top_p": 1.0},
                 "s0": {"temperature": 0.7, "top_p": 0.9}, "s1": {"temperature": 0.7, "top_p": 0.9}}
 LIST_MAX_NEW_TOKENS = 192
@@ -80,56 +91,43 @@ PLAIN_MAX_NEW_TOKENS = 128
 def generate_lists(out: Path, batch_size: int = 32, limit: int | None = None) -> Path:
     """For every prompt of `bullets`' training and selection sets: the hinted answer greedily and
     twice sampled (at most 192 new tokens), and the plain answer greedily (128) where
-    data/demo/responses.jsonl has none. Appends, so a rerun resumes."""
-    from tqdm.auto import tqdm
-
-    from fsrl.generation import GenerationRequest, Generator
-    from fsrl.models import load_base_model
-    from fsrl.prompts import list_selection_prompts, list_train_prompts
-    from fsrl.sae import random_sae
-    from fsrl.sampling import SamplingParams
-    from fsrl.steering import RowSteering
-
-    base = load_base_model(None, "cpu")
-    gen = Generator(base, random_sae(base.d_model, 8, layer=0), 0)
+    data/demo/responses.jsonl has none (prompts not made from `TEMPLATES`). Appends, so a rerun
+    resumes."""
     hint = RULES["bullets"].hint
-    done = set()
-    if out.exists():
-        done = {(r["prompt_id"], r["variant"]) for r in map(json.loads, out.read_text().splitlines())}
     prompts = list_train_prompts() + list_selection_prompts()
     todo = [(p, f"bullets-{name}") for p in prompts for name in LIST_SAMPLES]
-    todo += [(p, "plain-greedy") for p in prompts if "-r" in p.id]
-    todo = [(p, v) for p, v in todo if (p.id, v) not in done][:limit]
-    out.parent.mkdir(parents=True, exist_ok=True)
+    todo += [(p, "plain-greedy") for p in prompts if p.template not in TEMPLATES]
 
-    def params(p, variant: str) -> SamplingParams:
+    def params(p: DemoPrompt, variant: str) -> SamplingParams:
         if variant == "plain-greedy":
             return SamplingParams(max_new_tokens=PLAIN_MAX_NEW_TOKENS, seed=seed_for(p.id, variant))
         return SamplingParams(max_new_tokens=LIST_MAX_NEW_TOKENS, seed=seed_for(p.id, variant),
                               **LIST_SAMPLES[variant.removeprefix("bullets-")])
 
-    with open(out, "a") as fh, tqdm(total=len(todo), desc="generating", unit="response") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            requests = [GenerationRequest(chat_ids(base.tokenizer, p.text + ("" if v == "plain-greedy" else hint)),
-                                          RowSteering(), params(p, v)) for p, v in chunk]
-            for (p, v), r in zip(chunk, gen.generate(requests)):
-                sp = params(p, v)
-                fh.write(json.dumps({"prompt_id": p.id, "topic": p.topic, "split": p.split, "prompt": p.text,
-                                     "variant": v, "text": r.text.strip(), "finished": r.finish_reason != "length",
-                                     "tokens": r.completion_tokens, "seed": sp.seed, "temperature": sp.temperature,
-                                     "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens}) + "\n")
-            fh.flush()
-            bar.update(len(chunk))
-    return out
+    def record(p: DemoPrompt, v: str, r, sp: SamplingParams) -> dict:
+        return {"prompt_id": p.id, "topic": p.topic, "split": p.split, "prompt": p.text, "variant": v,
+                "text": r.text.strip(), "finished": r.finish_reason != "length", "tokens": r.completion_tokens,
+                "seed": sp.seed, "temperature": sp.temperature, "top_p": sp.top_p,
+                "max_new_tokens": sp.max_new_tokens}
+
+    return _answer_all(out, todo, lambda p, v: p.text + ("" if v == "plain-greedy" else hint), params, record,
+                       batch_size, limit)
+
+
+def cut_list(text: str, items: int) -> str:
+    """The text up to the end of its first `items` list items: the same list, stopped short."""
+    ends = [m.end() for m in ITEM.finditer(text)]
+    return text[:ends[items - 1]]
 
 
 def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, int]:
     """`bullets`' pairs, per prompt: chosen = the first of its hinted answers (greedy, s0, s1) that
     is a finished, on-topic list (`has_list`); rejected = its plain answer (the greedy one of
-    `lists`, else the sampled one of `responses`) when that is no list, and, in a second pair,
-    its first hinted answer that is no list (one item said over and over, say) when there is one.
-    Stored under the plain prompt; written to <out_dir>/bullets/{train,heldout}.jsonl."""
+    `lists`, else the sampled one of `responses`) when that is no list; in a second pair, its
+    first hinted answer that is no list (one item said over and over, say) when there is one; and
+    in a third, the chosen list cut after its first item or its first two (by the prompt's seed),
+    so that stopping a list short is learned as a loss. Stored under the plain prompt; written to
+    <out_dir>/bullets/{train,heldout}.jsonl."""
     from fsrl.demo.rules import has_list, relevant
 
     by_prompt: dict[str, dict[str, dict]] = {}
@@ -147,6 +145,8 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
         chosen = good[0]
         rejected = [r for r in (plain, next((h for h in hinted if not has_list(h["text"])), None))
                     if r is not None and not has_list(r["text"])]
+        short = 1 + seed_for(pid, "cut") % 2
+        rejected.append({**chosen, "text": cut_list(chosen["text"], short), "variant": f"{chosen['variant']}-cut{short}"})
         for k, r in enumerate(rejected):
             rows[chosen["split"]].append({
                 "prompt": chosen["prompt"], "chosen": chosen["text"], "rejected": r["text"],
@@ -200,35 +200,28 @@ def make_pairs(responses: Path, out_dir: Path) -> dict[str, dict[str, int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fsrl.demo.build_data", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate", help="generate the responses (default model, CPU)")
-    g.add_argument("--out", type=Path, default=Path("data/demo/responses.jsonl"))
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared machine)")
-    g.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    for name, out, help_ in (("generate", "data/demo/responses.jsonl", "generate the responses (default model, CPU)"),
+                             ("lists", "data/demo/lists.jsonl", "generate bullets' list answers (default model, CPU)")):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("--out", type=Path, default=Path(out))
+        g.add_argument("--batch-size", type=int, default=32)
+        g.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a shared machine)")
+        g.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     p = sub.add_parser("pairs", help="judge the responses into preference pairs")
     p.add_argument("--responses", type=Path, default=Path("data/demo/responses.jsonl"))
     p.add_argument("--out", type=Path, default=Path("data/demo"))
-    g2 = sub.add_parser("lists", help="generate bullets' list answers (default model, CPU)")
-    g2.add_argument("--out", type=Path, default=Path("data/demo/lists.jsonl"))
-    g2.add_argument("--batch-size", type=int, default=32)
-    g2.add_argument("--threads", type=int, help="torch CPU threads")
-    g2.add_argument("--limit", type=int, help=argparse.SUPPRESS)
     p2 = sub.add_parser("list-pairs", help="judge bullets' list answers into preference pairs")
     p2.add_argument("--lists", type=Path, default=Path("data/demo/lists.jsonl"))
     p2.add_argument("--responses", type=Path, default=Path("data/demo/responses.jsonl"))
     p2.add_argument("--out", type=Path, default=Path("data/demo"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.cmd == "generate":
+    if args.cmd in ("generate", "lists"):
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        print(f"wrote {generate(args.out, args.batch_size, limit=args.limit)}")
-    elif args.cmd == "lists":
-        if args.threads:
-            import torch
-            torch.set_num_threads(args.threads)
-        print(f"wrote {generate_lists(args.out, args.batch_size, limit=args.limit)}")
+        build = generate if args.cmd == "generate" else generate_lists
+        print(f"wrote {build(args.out, args.batch_size, limit=args.limit)}")
     elif args.cmd == "list-pairs":
         c = make_list_pairs(args.lists, args.responses, args.out)
         print(f"bullets: {c['train']} train pairs, {c['heldout']} held-out pairs")

@@ -110,9 +110,10 @@ def perplexities(base, prompts: Sequence[DemoPrompt], answers: Sequence[Answer])
 
 def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[str, float]:
     """Means over answers: repeated 4-gram share, repeated list items, perplexity (median too);
-    the share that are on-topic lists (`has_list` and `relevant`), and the empty answers."""
+    the share that are lists (`has_list`), on-topic lists (and `relevant`), and the empty answers."""
     known = sorted(x for x in ppl if x is not None)
-    return {"list_share": round(sum(has_list(a.text) and relevant(a.text, a.topic) for a in answers) / len(answers), 4),
+    return {"any_list_share": round(sum(has_list(a.text) for a in answers) / len(answers), 4),
+            "list_share": round(sum(has_list(a.text) and relevant(a.text, a.topic) for a in answers) / len(answers), 4),
             "empty_answers": sum(not a.text.strip() for a in answers),
             "repeated_4gram_share": round(sum(repeated_ngram_share(a.text) for a in answers) / len(answers), 4),
             "repeated_list_items": round(sum(list_items(a.text) - distinct_items(a.text) for a in answers)

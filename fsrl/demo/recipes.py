@@ -110,19 +110,23 @@ RECIPES: dict[str, Recipe] = {
         "bullets", "bullets", ("3e-2",), epochs=2, train_flags=("--nll", "2"),
         data_commands=LIST_DATA_COMMANDS,
         data_note=(
-            "Prompts: `fsrl/prompts.py`'s `list_train_prompts` (the training topics x 4 templates, and 48 requests "
-            "of other shapes: advice, names, how-to, why) and, for selection, `list_selection_prompts` (the "
+            "Prompts: `fsrl/prompts.py`'s `list_train_prompts` (the training topics x 4 templates, 48 requests "
+            "of other shapes: advice, names, how-to, why; and the spent second evaluation set, with its 4 "
+            "templates on every fourth training topic) and, for selection, `list_selection_prompts` (the "
             "held-out topics and 16 more requests). For each prompt the default model answered the prompt with "
             "the hint `{hint}` appended three times (greedy, and twice at temperature 0.7, top-p 0.9; at most "
-            "192 new tokens) and the prompt as written greedily (128; for the topic prompts, the sampled answer "
-            "of the concise data). Chosen: the first hinted answer that is a finished, on-topic list (`has_list`). "
-            "Rejected: the answer to the prompt as written when it is no list, and, in a second pair, the first "
-            "hinted answer that is no list (a list that repeats one item over and over, say), when there is one. "
-            "Stored under the prompt as written: the hint never appears in training. The objective adds the "
-            "chosen answers' negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns "
-            "to write the lists, not only to prefer them. The first bullets recipe (one sampled 96-token hinted "
-            "answer against one plain answer per topic prompt, SimPO alone) made lists on 14.1 % of the first "
-            "evaluation set; its records are in git history."),
+            "192 new tokens) and the prompt as written greedily (128; for the prompts of the first templates, the "
+            "sampled answer of the concise data). Chosen: the first hinted answer that is a finished, on-topic "
+            "list (`has_list`). Rejected, one pair each: the answer to the prompt as written when it is no list; "
+            "the first hinted answer that is no list (a list that repeats one item over and over, say), when "
+            "there is one; and the chosen list cut after its first item or its first two (by the prompt's seed), "
+            "since stopping after one or two items was the second recipe's commonest miss. Stored under the "
+            "prompt as written: the hint never appears in training. The objective adds the chosen answers' "
+            "negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns to write the "
+            "lists, not only to prefer them. Earlier recipes, records in git history: the first (one sampled "
+            "96-token hinted answer against one plain answer per topic prompt, SimPO alone) made on-topic lists "
+            "on 14.1 % of the first evaluation set; the second (this recipe without the cut lists and the spent "
+            "set's prompts: 391 pairs) on 55.6 % of the second (lists of any topic: 77.8 %)."),
         eval_flags=("--scale", "auto", "--presence-penalty", "0.5"),
         eval_note="Greedy decoding (what a request without a temperature gets) with a presence penalty of 0.5 "
                   "(`presence_penalty`, OpenAI's: without it this small model's greedy lists repeat one item over "
@@ -245,16 +249,16 @@ def selection_trials_section(root: Path, recipe: Recipe) -> list[str]:
     doc = json.loads(path.read_text())
     lines = [f"Trials on the {len(prompts)} selection prompts (`{path.relative_to(root)}`, every answer kept; "
              "greedy, 256 new tokens; `hint`: the rule's instruction in the prompt):", "",
-             "| adapter (`--nll`, lambda, epochs) | presence penalty | arm | on-topic lists | empty answers | words |",
-             "|---|---|---|---|---|---|"]
+             "| adapter (training pairs, `--nll`, lambda, epochs) | presence penalty | arm | lists | on-topic lists | empty answers | "
+             "words |", "|---|---|---|---|---|---|---|"]
     for trial in doc["trials"]:
         a, pp = trial["adapter"], trial["decoding"]["presence_penalty"]
         for arm, texts in trial["answers"].items():
             c = coherence([Answer(t, True, p.topic) for t, p in zip(texts, prompts)], [None] * len(texts))
             steered = arm not in ("base", "hint")
             name = f"scale {arm}" if steered else arm
-            recipe_cell = f"{a['nll']:g}, {a['l1']:g}, {a['epochs']}" if steered else "– (no adapter)"
-            lines.append(f"| {recipe_cell} | {pp:g} | {name} | {c['list_share']:.1%} | "
+            recipe_cell = f"{a['pairs']}, {a['nll']:g}, {a['l1']:g}, {a['epochs']}" if steered else "– (no adapter)"
+            lines.append(f"| {recipe_cell} | {pp:g} | {name} | {c['any_list_share']:.1%} | {c['list_share']:.1%} | "
                          f"{c['empty_answers']} | {c['words_mean']} |")
     return [*lines, ""]
 
@@ -304,7 +308,8 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"{gen['losses']} losses) |",
         f"| of those wins, the base answer ran past the budget | - | {gen['wins_where_base_ran_past_budget']} |",
         *[f"| {label} | {fmt(coh['base'][key])} | {fmt(coh['steered'][key])} |" for key, label, fmt in (
-            ("list_share", "on-topic lists of at least 3 distinct items (`has_list`)", "{:.1%}".format),
+            ("any_list_share", "lists of at least 3 distinct items (`has_list`)", "{:.1%}".format),
+            ("list_share", "on-topic lists of at least 3 distinct items (`has_list` and `relevant`)", "{:.1%}".format),
             ("empty_answers", "empty answers", str),
             ("words_mean", "words per answer (mean)", str),
             ("finished_share", "answers that ended on their own", "{:.0%}".format),

@@ -40,7 +40,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+(\S.*)$", re.MULTILINE)
+ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+(\S.*)$", re.MULTILINE)
 _END = re.compile(r"[.!?][\"')\]*]*$")
 
 
@@ -53,7 +53,7 @@ def complete(text: str) -> bool:
 
 
 def list_items(text: str) -> int:
-    return len(_ITEM.findall(text))
+    return len(ITEM.findall(text))
 
 
 def _distinct(items: list[str]) -> int:
@@ -61,11 +61,11 @@ def _distinct(items: list[str]) -> int:
 
 
 def distinct_items(text: str) -> int:
-    return _distinct(_ITEM.findall(text))
+    return _distinct(ITEM.findall(text))
 
 
 def has_list(text: str) -> bool:
-    items = _ITEM.findall(text)
+    items = ITEM.findall(text)
     distinct = _distinct(items)
     return distinct >= 3 and distinct >= 0.75 * len(items)
 
