@@ -225,6 +225,7 @@ def test_ab_run_with_a_searched_clamp_streams_both_rows_and_reproduces_as_curl_a
 
     # A/B: both rows stream side by side, and they part somewhere (the clamp and the adapter push).
     page.get_by_label("Seed", exact=True).fill("7")
+    page.get_by_label("Presence penalty (-2 to 2)").fill("0.5")
     page.get_by_label("Max new tokens", exact=True).fill("24")
     page.get_by_label("Ignore end-of-sequence").check()
     status = run_and_wait(page, "Run", "#run-status")
@@ -263,11 +264,12 @@ def test_ab_run_with_a_searched_clamp_streams_both_rows_and_reproduces_as_curl_a
     assert done.returncode == 0, done.stderr
     answer = json.loads(done.stdout)
     assert (answer["steered"]["text"], answer["base"]["text"]) == (steered, base)
+    assert '"presence_penalty":0.5' in snippet and "frequency_penalty" not in snippet  # only what was set
 
     # Copy as Python: the OpenAI client on /v1, fsrl's extras in extra_body; the steered answer.
     page.get_by_role("button", name="Copy as Python (openai client)").click()
     snippet = page.get_by_label("Snippet").input_value()
-    assert "extra_body=" in snippet and 'model="tiny"' in snippet
+    assert "extra_body=" in snippet and 'model="tiny"' in snippet and "presence_penalty=0.5" in snippet
     done = subprocess.run([sys.executable, "-c", snippet], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode() == steered + "\n"

@@ -219,6 +219,11 @@ function buildBody() {
   body.top_p = num("top-p", 1);
   const topK = num("top-k", 0);
   if (topK) body.top_k = topK;
+  // OpenAI's penalties, sent only when set (0 is the contract's default).
+  for (const [id, key] of [["presence-penalty", "presence_penalty"], ["frequency-penalty", "frequency_penalty"]]) {
+    const penalty = num(id, 0);
+    if (penalty) body[key] = penalty;
+  }
   const seed = num("seed", null);
   if (seed !== null) body.seed = seed;
   const stop = $("stop").value.split("\n").filter((s) => s.length);
@@ -757,6 +762,9 @@ function pythonSnippet() {
   args.push(["max_tokens", py(body.max_new_tokens)], ["temperature", py(body.temperature)],
             ["top_p", py(body.top_p)]);
   if (body.seed !== undefined) args.push(["seed", py(body.seed)]);
+  for (const key of ["presence_penalty", "frequency_penalty"]) {
+    if (body[key] !== undefined) args.push([key, py(body[key])]);
+  }
   if (body.stop) args.push(["stop", py(body.stop)]);
   const extra = {};
   if (body.adapter || body.features || body.abort_when) {
