@@ -406,20 +406,19 @@ def _decode_delta(d: torch.Tensor, sae: Sae) -> torch.Tensor:
     reading only the decoder rows that d touches (on the CPU).
 
     On CUDA the dense product stays: counting nonzeros would stall the stream, and a dense
-    read of W_dec is a few percent of a step there (DESIGN.md, performance model).
+    read of W_dec is a few percent of a step there (DESIGN.md, performance model). Training takes
+    it too: a feature where d is zero still has a gradient (a constant push starts at b = 0), and
+    the product is a small part of a training step.
     """
     if sae.packed_decoder is not None and sae.packed_decoder.applies_to(d):
         return sae.packed_decoder(d)
     W_dec = sae.W_dec
-    if d.is_cuda or torch.compiler.is_compiling():
+    if d.is_cuda or d.requires_grad or torch.compiler.is_compiling():
         return d @ W_dec
     flat = d.reshape(-1, d.shape[-1])                                                 # (B*T, d_sae)
     nnz = int(flat.count_nonzero())
     if nnz * 4 > flat.numel():
         return d @ W_dec
-    if d.requires_grad:  # training: index_select keeps the graph simple and differentiable
-        touched = flat.ne(0).any(0).nonzero().squeeze(-1)                            # (n,)
-        return d.index_select(-1, touched) @ W_dec.index_select(0, touched)
     # Inference: a sparse-dense product reads each row's own nonzeros, no copy of W_dec.
     return torch.sparse.mm(flat.to_sparse(), W_dec).reshape(*d.shape[:-1], W_dec.shape[-1])
 

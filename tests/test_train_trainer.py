@@ -198,3 +198,16 @@ def test_two_processes_train_the_adapter_a_single_process_trains_on_the_same_glo
     # near-zero gradient can move ~1e-5 apart. A missing all-reduce moves W by ~lr = 1e-2.
     torch.testing.assert_close(b.W, a.W, rtol=1e-3, atol=2e-5)
     torch.testing.assert_close(b.b, a.b, rtol=1e-3, atol=2e-5)
+
+
+def test_a_constant_push_trains_its_b_alone_and_saves_as_a_constant_adapter(setup, tmp_path, data):
+    """`fsrl train --activation constant`: v = b at every position, b learned (no map)."""
+    result = train(config(tmp_path, data, epochs=4, activation="constant", l1_warmup=1.0), setup)
+    s = result.summary
+    assert s["final_eval_loss"] < s["initial_eval"]["loss"]
+    adapter = load_adapter(tmp_path / "adapter", sae=setup.sae, layer=LAYER,
+                           base_model_fingerprint=setup.base.fingerprint)
+    assert adapter.config.activation == "constant" and adapter.parameter_count() == setup.sae.d_sae
+    x = torch.randn(3, setup.sae.d_in)
+    v = adapter(x)
+    assert torch.equal(v, adapter.b.expand_as(v)) and adapter.b.abs().sum() > 0

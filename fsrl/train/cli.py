@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     a = parser.add_argument_group("adapter")
     add(a, "--activation", choices=list(ACTIVATIONS),
-        help="relu: steering only adds; soft_threshold: can push features down (default %(default)s)")
+        help="relu: steering only adds; soft_threshold: can push features down; constant: v = b at every "
+             "position, b learned (no map) (default %(default)s)")
     add(a, "--clamp-nonnegative", action="store_true",
         help="clamp the steered features at zero: g = relu(f + v)")
     add(a, "--init-std", type=float, help="adapter init scale (default %(default)g)")
