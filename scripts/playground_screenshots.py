@@ -35,6 +35,7 @@ def shoot(url: str, out: Path, max_new_tokens: int) -> None:
         page.get_by_label("Prompt", exact=True).fill(PROMPT)
         page.get_by_label("Adapter", exact=True).select_option("bullets")
         page.get_by_label("Max new tokens", exact=True).fill(str(max_new_tokens))
+        page.get_by_label("Presence penalty (-2 to 2)").fill("0.5")  # the decoding bullets is judged with
         page.get_by_label("Search features by label or token").fill("list")
         page.get_by_role("button", name="Search", exact=True).click()
         hit = page.get_by_role("list", name="Search results").locator("li").first
