@@ -76,20 +76,19 @@ REQUEST = "(a request of its own)"
 
 
 def demo_prompts() -> list[DemoPrompt]:
-    out = []
-    for split, topics in (("train", TRAIN_TOPICS), ("heldout", HELDOUT_TOPICS)):
-        for t_i, topic in enumerate(topics):
-            for k, template in enumerate(TEMPLATES):
-                out.append(DemoPrompt(id=f"{split}-{t_i:02d}-{k}", topic=topic,
-                                      text=template.format(topic=topic), split=split, template=template))
-    return out
+    return _grid("train-", "train", TRAIN_TOPICS, TEMPLATES) + _grid("heldout-", "heldout", HELDOUT_TOPICS, TEMPLATES)
+
+
+def _grid(prefix: str, split: str, topics: tuple[str, ...], templates: tuple[str, ...]) -> list[DemoPrompt]:
+    """Every topic through every template, topic by topic (ids <prefix><topic>-<template>)."""
+    return [DemoPrompt(id=f"{prefix}{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split=split,
+                       template=template)
+            for t_i, topic in enumerate(topics) for k, template in enumerate(templates)]
 
 
 def eval_prompts() -> list[DemoPrompt]:
     """The frozen evaluation set: every EVAL_TOPICS topic through every EVAL_TEMPLATES template."""
-    return [DemoPrompt(id=f"eval-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval",
-                       template=template)
-            for t_i, topic in enumerate(EVAL_TOPICS) for k, template in enumerate(EVAL_TEMPLATES)]
+    return _grid("eval-", "eval", EVAL_TOPICS, EVAL_TEMPLATES)
 
 
 def prompts_digest(prompts: list[DemoPrompt]) -> str:
@@ -180,8 +179,8 @@ SELECTION_REQUESTS = (
 )
 
 
-def _requests(split: str, requests: tuple[tuple[str, str], ...]) -> list[DemoPrompt]:
-    return [DemoPrompt(id=f"{split}-r{i:02d}", topic=topic, text=text, split=split, template=REQUEST)
+def _requests(split: str, requests: tuple[tuple[str, str], ...], prefix: str = "") -> list[DemoPrompt]:
+    return [DemoPrompt(id=f"{split}-{prefix}r{i:02d}", topic=topic, text=text, split=split, template=REQUEST)
             for i, (text, topic) in enumerate(requests)]
 
 
@@ -240,12 +239,8 @@ SPENT_LIST_REQUESTS = (
 
 def _spent_list_prompts() -> list[DemoPrompt]:
     """The spent second set, and its templates on every fourth training topic, as training prompts."""
-    topics = SPENT_LIST_TOPICS + TRAIN_TOPICS[::4]
-    return [DemoPrompt(id=f"train-s{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="train",
-                       template=template)
-            for t_i, topic in enumerate(topics) for k, template in enumerate(SPENT_LIST_TEMPLATES)
-            ] + [DemoPrompt(id=f"train-sr{i:02d}", topic=topic, text=text, split="train", template=REQUEST)
-                 for i, (text, topic) in enumerate(SPENT_LIST_REQUESTS)]
+    return (_grid("train-s", "train", SPENT_LIST_TOPICS + TRAIN_TOPICS[::4], SPENT_LIST_TEMPLATES)
+            + _requests("train", SPENT_LIST_REQUESTS, prefix="s"))
 
 
 # `bullets`' evaluation set (its third), frozen (committed, digest below) before any adapter
@@ -295,10 +290,7 @@ LIST_EVAL_SET_SHA256_16 = "1bd7e282f7569625"
 def list_eval_prompts() -> list[DemoPrompt]:
     """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
     LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
-    return [DemoPrompt(id=f"lists-{t_i:02d}-{k}", topic=topic, text=template.format(topic=topic), split="eval",
-                       template=template)
-            for t_i, topic in enumerate(LIST_EVAL_TOPICS) for k, template in enumerate(LIST_EVAL_TEMPLATES)
-            ] + _requests("eval", LIST_EVAL_REQUESTS)
+    return _grid("lists-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES) + _requests("eval", LIST_EVAL_REQUESTS)
 
 
 def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:
