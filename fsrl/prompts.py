@@ -243,22 +243,22 @@ def _spent_list_prompts() -> list[DemoPrompt]:
             + _requests("train", SPENT_LIST_REQUESTS, prefix="s"))
 
 
-# `bullets`' evaluation set (its third), frozen (committed, digest below) before any adapter
-# answered it: new topics through new templates, and requests of the shapes above on new subjects.
-# None of it appears in training or in the selection set, and nothing is chosen on it.
-LIST_EVAL_TEMPLATES = (
+# `bullets`' third evaluation set: answered once, by the third recipe's adapter (its figures are in
+# git history), and spent when its misses (lists that repeat one item) chose the fourth recipe's
+# change. Kept so that the fourth set can be checked apart from it; it trains nothing.
+SPENT_LIST3_TEMPLATES = (
     "Walk me through {topic}.",
     "What makes {topic} special?",
     "Summarize {topic} for a busy person.",
     "Teach me something new about {topic}.",
 )
 
-LIST_EVAL_TOPICS = (
+SPENT_LIST3_TOPICS = (
     "sharks", "medieval castles", "pottery", "green tea", "the Moon landing", "skateboarding",
     "owls", "the Panama Canal", "sunscreen", "bamboo", "hot air balloons", "tides",
 )
 
-LIST_EVAL_REQUESTS = (
+SPENT_LIST3_REQUESTS = (
     ("What should I pack for a ski trip?", "ski trip"),
     ("How can I keep my plants alive while I am on vacation?", "plants"),
     ("Suggest some names for a golden retriever puppy.", "puppy"),
@@ -284,13 +284,64 @@ LIST_EVAL_REQUESTS = (
     ("What are good exercises to do at a desk?", "exercises"),
     ("How do I organize a closet?", "closet"),
 )
-LIST_EVAL_SET_SHA256_16 = "1bd7e282f7569625"
+
+
+def spent_list_sets() -> list[DemoPrompt]:
+    """The spent second and third evaluation sets (the second also trains; see above)."""
+    return (_spent_list_prompts() + _grid("lists-", "eval", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES)
+            + _requests("eval", SPENT_LIST3_REQUESTS))
+
+
+# `bullets`' evaluation set (its fourth), frozen (committed, digest below) before any adapter
+# answered it: new topics through new templates, and requests of the shapes above on new subjects.
+# None of it appears in training, in the selection set, in the spent sets or in the README's
+# example requests (`fsrl.demo.examples`), and nothing is chosen on it.
+LIST_EVAL_TEMPLATES = (
+    "Help me understand {topic}.",
+    "What do people love about {topic}?",
+    "Fill me in on {topic}.",
+    "What's worth knowing about {topic}?",
+)
+
+LIST_EVAL_TOPICS = (
+    "giraffes", "lightning", "maple syrup", "the Statue of Liberty", "kayaking", "cheese making",
+    "the northern lights", "dolphins", "Mount Everest", "crossword puzzles", "the human eye", "pizza",
+)
+
+LIST_EVAL_REQUESTS = (
+    ("What should I pack for a business trip?", "business trip"),
+    ("Suggest some names for a pet turtle.", "turtle"),
+    ("How can I keep my bathroom clean?", "bathroom"),
+    ("Why do zebras have stripes?", "zebras"),
+    ("Explain what an echo is to a child.", "echo"),
+    ("What are good ways to celebrate a friend's promotion?", "promotion"),
+    ("How do I fix a squeaky door?", "door"),
+    ("What are some tips for running a yard sale?", "yard sale"),
+    ("Give me ideas for a homemade gift.", "gift"),
+    ("How can I stop procrastinating?", "procrastinating"),
+    ("What should I name my new lizard?", "lizard"),
+    ("Why do our ears pop on airplanes?", "ears"),
+    ("What are easy ways to eat more fruit?", "fruit"),
+    ("How do I care for a cactus?", "cactus"),
+    ("What should I know before running my first race?", "race"),
+    ("How can I make my home smell nice?", "smell"),
+    ("What are some good questions to ask on a first date?", "first date"),
+    ("Suggest some names for a book club.", "book club"),
+    ("How do I get a stain out of a carpet?", "stain"),
+    ("What are the benefits of learning a musical instrument?", "instrument"),
+    ("How can I sleep better in hot weather?", "hot weather"),
+    ("Why do apples turn brown when cut?", "apples"),
+    ("What should I look for in a good pair of running shoes?", "running shoes"),
+    ("How do I welcome a new coworker?", "coworker"),
+)
+LIST_EVAL_SET_SHA256_16 = "e9ace3c16b6aaa8c"
 
 
 def list_eval_prompts() -> list[DemoPrompt]:
     """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
     LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
-    return _grid("lists-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES) + _requests("eval", LIST_EVAL_REQUESTS)
+    return (_grid("lists4-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
+            + _requests("eval", LIST_EVAL_REQUESTS, prefix="4"))
 
 
 def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:
