@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fsrl.demo.build_data import make_list_pairs, make_pairs, seed_for
+from fsrl.demo.build_data import make_list_pairs, make_pairs, repeat_first_item, seed_for
 from fsrl.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
 from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
                               list_items)
@@ -67,15 +67,18 @@ def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_d
 
 
 def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_selection():
-    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST_TEMPLATES, TEMPLATES,
-                              list_eval_prompts, list_selection_prompts, list_train_prompts, prompts_digest)
+    from fsrl.demo.examples import EXAMPLES
+    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST3_TEMPLATES, SPENT_LIST_TEMPLATES,
+                              TEMPLATES, list_eval_prompts, list_selection_prompts, list_train_prompts, prompts_digest,
+                              spent_list_sets)
 
     prompts = list_eval_prompts()
     assert prompts_digest(prompts) == LIST_EVAL_SET_SHA256_16 and len(prompts) == 72
-    seen = list_train_prompts() + list_selection_prompts()
-    assert not {p.text for p in prompts} & {p.text for p in seen}
+    seen = list_train_prompts() + list_selection_prompts() + spent_list_sets()
+    assert not {p.text for p in prompts} & ({p.text for p in seen} | set(EXAMPLES["bullets"]))
     assert not {p.topic for p in prompts} & {p.topic for p in seen}
-    assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES))
+    assert not {p.id for p in prompts} & {p.id for p in seen}
+    assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES) | set(SPENT_LIST3_TEMPLATES))
 
 
 def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_answer_and_a_botched_list(tmp_path):
@@ -93,14 +96,24 @@ def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_an
         row("bullets-greedy", botched, pid="train-r01"), row("plain-greedy", "No list.", pid="train-r01")]))
     responses = tmp_path / "responses.jsonl"
     responses.write_text("")
-    assert make_list_pairs(lists, responses, tmp_path) == {"train": 3, "heldout": 0}
+    assert make_list_pairs(lists, responses, tmp_path) == {"train": 4, "heldout": 0}
     pairs = [json.loads(line) for line in (tmp_path / "bullets" / "train.jsonl").read_text().splitlines()]
     short = 1 + seed_for("train-r00", "cut") % 2                          # the good list stopped after 1 or 2 items
     assert [(p["chosen"], p["rejected"]) for p in pairs] == [
         (good, "Camping is fun. Bring what you need."), (good, botched),
-        (good, ["For camping:\n- a tent", "For camping:\n- a tent\n- a sleeping bag"][short - 1])]
-    assert pairs[2]["rejected_variant"] == f"bullets-s1-cut{short}"       # train-r01 has no good list: no pair
+        (good, ["For camping:\n- a tent", "For camping:\n- a tent\n- a sleeping bag"][short - 1]),
+        (good, "For camping:\n- a tent\n- a tent\n- a tent")]
+    assert [p["rejected_variant"] for p in pairs[2:]] == [f"bullets-s1-cut{short}", "bullets-s1-repeat"]
+    # (train-r01 has no good list: no pair)
     assert pairs[0]["prompt"] == "What should I pack for camping?"        # the hint is never shown
+
+
+def test_a_repeated_list_names_its_first_item_at_every_marker_and_is_no_list():
+    from fsrl.demo.rules import has_list
+
+    text = "Ideas:\n1. Bubbles\n2. Finn\n3. Goldie\nEnjoy!"
+    assert repeat_first_item(text) == "Ideas:\n1. Bubbles\n2. Bubbles\n3. Bubbles\nEnjoy!"
+    assert has_list(text) and not has_list(repeat_first_item(text))
 
 
 def test_each_rule_is_judged_on_its_own_frozen_set_and_a_changed_set_is_refused(monkeypatch):

@@ -120,13 +120,27 @@ def cut_list(text: str, items: int) -> str:
     return text[:ends[items - 1]]
 
 
+def repeat_first_item(text: str) -> str:
+    """The same list with every item after the first saying the first item again (markers and
+    the text around the list kept): the list that names one thing over and over."""
+    items = list(ITEM.finditer(text))
+    first = items[0].group(1)
+    pieces, at = [], 0
+    for item in items[1:]:
+        pieces += [text[at:item.start(1)], first]
+        at = item.end(1)
+    return "".join(pieces) + text[at:]
+
+
 def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, int]:
     """`bullets`' pairs, per prompt: chosen = the first of its hinted answers (greedy, s0, s1) that
     is a finished, on-topic list (`has_list`); rejected = its plain answer (the greedy one of
     `lists`, else the sampled one of `responses`) when that is no list; in a second pair, its
     first hinted answer that is no list (one item said over and over, say) when there is one; and
     in a third, the chosen list cut after its first item or its first two (by the prompt's seed),
-    so that stopping a list short is learned as a loss. Stored under the plain prompt; written to
+    so that stopping a list short is learned as a loss; in a fourth, the chosen list with its first
+    item repeated in place of every other ("1. Goldfish / 2. Goldfish / 3. Goldfish"), so that a
+    list of one thing loses to a list of several. Stored under the plain prompt; written to
     <out_dir>/bullets/{train,heldout}.jsonl."""
     from fsrl.demo.rules import has_list, relevant
 
@@ -147,6 +161,7 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
                     if r is not None and not has_list(r["text"])]
         short = 1 + seed_for(pid, "cut") % 2
         rejected.append({**chosen, "text": cut_list(chosen["text"], short), "variant": f"{chosen['variant']}-cut{short}"})
+        rejected.append({**chosen, "text": repeat_first_item(chosen["text"]), "variant": f"{chosen['variant']}-repeat"})
         for k, r in enumerate(rejected):
             rows[chosen["split"]].append({
                 "prompt": chosen["prompt"], "chosen": chosen["text"], "rejected": r["text"],
