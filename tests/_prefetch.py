@@ -1,10 +1,10 @@
 """Slow checks that run in a process of their own (vLLM's exactness checks, its bench), started
 in the background when the session's tests are collected, one after another, while the
 in-process tests run; each test then waits for its check's result. The checks run at the
-lowest CPU priority (`nice -n 19`, their vLLM processes too, in the tests' own session so that the
-nice counts), so they take the cores only
-where the in-process tests leave them idle (a server test waiting on its client, a single-
-threaded stretch) and never slow those tests down much; a check still running when its test
+lowest CPU priority (`nice -n 19`, their vLLM processes too, in the tests' own session so that
+the nice counts), so they take the cores only where the in-process tests leave them idle (a
+server test waiting on its client, a single-threaded stretch) and never slow those tests down
+much; a check still running when its test
 comes runs on alone.
 
 `tests/conftest.py` starts the checks whose tests were selected (`start`) and stops whatever
