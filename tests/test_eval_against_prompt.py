@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from _server_fixtures import ServedClient
-from fsrl.demo.against_prompt import llm_judge
+from fsrl.demo.against_prompt import head_to_head, llm_judge
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,15 @@ def test_the_judge_retries_a_failing_endpoint_and_gives_no_verdict_for_a_non_ans
     assert len(seen) == 3  # two 500s, retried with backoff
     with ServedClient(stub_judge_app("maybe", [])) as stub:
         assert llm_judge(f"{stub.base_url}/v1", "stub", "c")("Q?", "s", "b", True) is None
+
+
+def test_head_to_head_counts_each_prompt_by_its_two_verdicts_and_sign_tests_the_split():
+    outcomes = {"adapter x1": ["win"] * 9 + ["tie", "loss", "win"], "prompt": ["tie"] * 9 + ["win", "loss", "win"]}
+    report = {"generations": [{"arm": arm, "prompt": f"q{i}", "outcome": o}
+                              for arm, said in outcomes.items() for i, o in enumerate(said)]}
+    # better on q0-q8, worse on q9, the same on q10 and q11: P(9 or more of 10, or 1 or fewer) = 22/1024
+    assert head_to_head(report, "adapter x1") == {"better": 9, "worse": 1, "same": 2, "p": round(22 / 1024, 4)}
+    assert head_to_head(report, "prompt", "adapter x1")["better"] == 1
 
 
 @pytest.mark.slow

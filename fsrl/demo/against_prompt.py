@@ -78,6 +78,24 @@ def llm_judge(url: str, model: str, criterion: str, api_key: str | None = None,
     return judge
 
 
+def head_to_head(report: dict[str, Any], arm: str, other: str = "prompt") -> dict[str, Any]:
+    """`arm` against `other` on the same prompts, each read by its own verdict against base (win
+    over tie over loss): on how many prompts each did better, on how many the same, and the exact
+    two-sided sign test's p-value of the split (ties left out). Paired, so it can tell apart two
+    arms whose win-rate intervals against base overlap."""
+    from scipy.stats import binomtest
+
+    rank = {"win": 1, "tie": 0, "loss": -1}
+    verdicts: dict[str, dict[str, int]] = {}
+    for row in report["generations"]:
+        verdicts.setdefault(row["prompt"], {})[row["arm"]] = rank[row["outcome"]]
+    pairs = [(v[arm], v[other]) for v in verdicts.values() if arm in v and other in v]
+    better = sum(a > b for a, b in pairs)
+    worse = sum(a < b for a, b in pairs)
+    p = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    return {"better": better, "worse": worse, "same": len(pairs) - better - worse, "p": round(float(p), 4)}
+
+
 def table(report: dict[str, Any]) -> str:
     """The arms as a markdown table (what the demo adapters' READMEs show)."""
     lists = "list_share" in report["arms"]["base"]["coherence"]   # reports made since bullets' second recipe

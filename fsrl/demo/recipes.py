@@ -119,27 +119,31 @@ RECIPES: dict[str, Recipe] = {
             "sampled answer of the concise data). Chosen: the first hinted answer that is a finished, on-topic "
             "list (`has_list`). Rejected, one pair each: the answer to the prompt as written when it is no list; "
             "the first hinted answer that is no list (a list that repeats one item over and over, say), when "
-            "there is one; and the chosen list cut after its first item or its first two (by the prompt's seed), "
-            "since stopping after one or two items was the second recipe's commonest miss. Stored under the "
+            "there is one; the chosen list cut after its first item or its first two (by the prompt's seed), "
+            "since stopping after one or two items was the second recipe's commonest miss; and the chosen list "
+            "with its first item in place of every other (\"1. Goldfish / 2. Goldfish / 3. Goldfish\"), since "
+            "a list repeating one item was the third recipe's commonest miss. Stored under the "
             "prompt as written: the hint never appears in training. The objective adds the chosen answers' "
             "negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns to write the "
             "lists, not only to prefer them. Earlier recipes, records in git history: the first (one sampled "
             "96-token hinted answer against one plain answer per topic prompt, SimPO alone) made on-topic lists "
-            "on 14.1 % of the first evaluation set; the second (this recipe without the cut lists and the spent "
-            "set's prompts: 391 pairs) on 55.6 % of the second (lists of any topic: 77.8 %)."),
+            "on 14.1 % of the first evaluation set; the second (this recipe without the cut lists, the repeated "
+            "lists and the spent set's prompts: 391 pairs) on 55.6 % of the second (lists of any topic: 77.8 %); "
+            "the third (without the repeated lists: 939 pairs) on 66.7 % of the third (any topic: 86.1 %; its "
+            "records at commit 35db512)."),
         eval_flags=("--scale", "1", "--presence-penalty", "0.5"),
         eval_note="Greedy decoding (what a request without a temperature gets) with a presence penalty of 0.5 "
                   "(`presence_penalty`, OpenAI's: without it this small model's greedy lists repeat one item over "
                   "and over, prompted or steered), for every arm alike, at steering scale 1: the scale the "
                   "selection prompts chose for the second recipe (`--scale auto` over 0.5, 1 and 1.5 on "
                   "`fsrl.prompts.list_selection_prompts`; the trials below), not chosen again for this adapter "
-                  "(a run of `--scale auto` for it was stopped for time before it answered the evaluation set). "
+                  "(for the third and fourth recipes `--scale auto` was not rerun, for time). "
                   "The penalty, `--nll 2` and lambda 3e-2 were chosen on the selection prompts (the trials below, "
                   "with the second recipe's data); the third recipe's changes (the cut lists, the spent second "
                   "evaluation set's prompts in training, one epoch over the larger data) answer that set's "
-                  "misses, which is why it is spent and this third set was frozen before any adapter answered "
-                  "it. This adapter is the only one trained on the third recipe, and the evaluation set was "
-                  "answered once.",
+                  "misses, and the fourth's (the repeated lists) the third set's, which is why both are spent and "
+                  "this fourth set was frozen before any adapter answered it. This adapter is the only one "
+                  "trained on the fourth recipe, and the evaluation set was answered once.",
         earlier=((2, ("3e-2",), "The second recipe: 391 pairs (no cut lists, no spent-set prompts), two epochs; "
                   "its win rate and coherence are on the second evaluation set (`9ceed5efde35111f`), now "
                   "spent."),)),
@@ -216,7 +220,7 @@ def against_prompt_section(folder: Path, recipe: Recipe, rule, scale: float) -> 
         "training pairs' chosen answers from their rejected ones apart (`contrast`). Reported as measured: "
         f"the highest win rate here is `{best}`'s.", "",
         table(report), "",
-        _versus_prompt(arms, scale), "",
+        _versus_prompt(report, scale), "",
         f"Every answer and verdict: `against_prompt.json`. Rebuild: `fsrl eval --adapter adapters/{recipe.id} "
         f"--rule {recipe.rule} --train {recipe.data}"
         + (f" --presence-penalty {report['presence_penalty']:g}" if report.get("presence_penalty") else "") + "`.", ""]
@@ -236,8 +240,14 @@ def examples_section(folder: Path, recipe: Recipe) -> list[str]:
              "bad:", "",
              "```bash", "curl -s localhost:8000/generate -H 'content-type: application/json' -d '"
              + json.dumps(first) + "'", "```", ""]
+    from fsrl.demo.rules import distinct_items, has_list, list_items
+
     for e in examples:
-        lines += [f"**{e['request']['messages'][0]['content']}**", "", "steered:", "", "```text", e["steered"], "```", "",
+        said = e["steered"]
+        verdict = (f"{'a list' if has_list(said) else 'no list'} by the rule: {distinct_items(said)} distinct of "
+                   f"{list_items(said)} items") if recipe.rule == "bullets" else ""
+        lines += [f"**{e['request']['messages'][0]['content']}**", "", "steered" + (f" ({verdict})" if verdict else "")
+                  + ":", "", "```text", said, "```", "",
                   "base" + (" (cut at the budget)" if e["base_finish_reason"] == "length" else "") + ":", "",
                   "```text", e["base"], "```", ""]
     return lines
@@ -271,11 +281,15 @@ def selection_trials_section(root: Path, recipe: Recipe) -> list[str]:
     return [*lines, ""]
 
 
-def _versus_prompt(arms: dict, scale: float) -> str:
+def _versus_prompt(report: dict, scale: float) -> str:
     """The adapter at its shipped scale against the instruction in the prompt, in words, from the
-    figures."""
+    figures: by their win-rate intervals against base, then head to head on the same prompts."""
+    from fsrl.demo.against_prompt import head_to_head
+
+    arms = report["arms"]
     a, p = arms.get(f"adapter x{scale:g}", arms["adapter x1"]), arms["prompt"]
     scale = scale if f"adapter x{scale:g}" in arms else 1.0
+    h = head_to_head(report, f"adapter x{scale:g}")
     apart = a["win_rate_95ci"][0] > p["win_rate_95ci"][1] or p["win_rate_95ci"][0] > a["win_rate_95ci"][1]
     verdict = ("beats" if a["win_rate"] > p["win_rate"] else "loses to") if apart else "does not clearly beat"
     words = (a["coherence"]["words_mean"], p["coherence"]["words_mean"])
@@ -283,7 +297,11 @@ def _versus_prompt(arms: dict, scale: float) -> str:
     return (f"The adapter at scale {scale:g} (its figures above) against the instruction in the prompt: {a['win_rate']:.1%} against "
             f"{p['win_rate']:.1%}, 95 % intervals that {'do not overlap' if apart else 'overlap'}: on this set the "
             f"adapter {verdict} simply asking. Its answers have {words[0]} words on average against {words[1]}, at "
-            f"a median perplexity under the base model of {ppl[0]} against {ppl[1]}.")
+            f"a median perplexity under the base model of {ppl[0]} against {ppl[1]}. Head to head on the same "
+            f"prompts (each answer's verdict against base): the adapter did better on {h['better']}, the prompt on "
+            f"{h['worse']}, the same on {h['same']} (exact two-sided sign test, ties left out: p = {h['p']:.3g}; "
+            "a reading added after the bullets figures of 2026-12-06 were seen; the intervals are the comparison "
+            "stated before them).")
 
 
 def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
