@@ -141,14 +141,13 @@ class Check:
         return self.deadline - time.monotonic()
 
     def _run(self, cmd: list[str], timeout_s: float, env: dict[str, str]) -> int | str:
-        """One command in its own process group (in this session, where a caller's nice holds:
-        Linux's autogroup shares the CPU by session), output appended to the log; on timeout the
-        whole group (a server it started too) is stopped, by its id."""
+        """One command in its own process group, output appended to the log; on timeout the whole
+        group (a server it started too) is stopped, by its id."""
         with open(self.log, "ab") as fh:
             fh.write(f"$ {' '.join(cmd)}\n".encode())
             fh.flush()
-            group = {"process_group": 0} if sys.version_info >= (3, 11) else {"start_new_session": True}
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, **group)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
             try:
                 return proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:

@@ -1,10 +1,11 @@
-"""Slow checks that run in a process of their own (vLLM's exactness checks, its bench, the GPU
-check's CPU rehearsal), started in the background when the session's tests are collected, one
-after another, while the in-process tests run; each test then waits for its check's result. The
-checks run at the lowest CPU priority (`nice -n 19`, their vLLM processes too, in the tests' own
-session so that the nice counts), so they take the cores only where the in-process tests leave
-them idle (a server test waiting on its client, a single-threaded stretch) and never slow those
-tests down much; a check still running when its test comes runs on alone.
+"""Slow checks that run in a process of their own (vLLM's exactness checks, its bench), started
+in the background when the session's tests are collected, one after another, while the
+in-process tests run; each test then waits for its check's result. The checks run at the
+lowest CPU priority (`nice -n 19`, their vLLM processes too, in the tests' own session so that
+the nice counts), so they take the cores only where the in-process tests leave them idle (a
+server test waiting on its client, a single-threaded stretch) and never slow those tests down
+much; a check still running when its test
+comes runs on alone.
 
 `tests/conftest.py` starts the checks whose tests were selected (`start`) and stops whatever
 is still running when the session ends (`stop`: each check's process group, by its id). A test
@@ -73,12 +74,6 @@ CHECKS: dict[str, Check] = {
                             "{folder}/out.json"], {"VLLM_CPU_KVCACHE_SPACE": "1"},
                            (FAMILIES + "test_vllm_steers_each_family_exactly_at_the_saes_site",),
                            prepare=_write_family_cases),
-    # Last: it needs no vLLM, and its steps have time limits that a start beside the busiest
-    # in-process tests could eat into.
-    "gpu check dry run": Check(["sh", "-c", f"{sys.executable} scripts/build_wheelhouse.py --ours-only --out {{folder}}/wh"
-                                f" && {sys.executable} scripts/gpu_check.py --dry-run --budget-s 400"
-                                " --out {folder}/out --wheelhouse {folder}/wh"],
-                               tests=("tests/test_scripts.py::test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving",)),
 }
 
 

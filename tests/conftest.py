@@ -9,8 +9,7 @@ changed errors; after the last such test of the session the process is stopped b
 does not sit idle beside the rest of the suite.
 
 Also one per session: the background thread that runs the slow checks of
-tests/test_vllm_plugin.py, tests/test_vllm_families.py and the GPU check's dry run
-(tests/test_scripts.py) in processes of their own while the other tests run
+tests/test_vllm_plugin.py in processes of their own while the other tests run
 (tests/_prefetch.py), started once the selected tests are known, stopped at the session's end.
 """
 

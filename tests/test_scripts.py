@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import _prefetch
-
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -149,13 +147,16 @@ def test_gpu_check_skips_a_step_whose_imports_fail_and_says_why(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving():
+def test_gpu_check_dry_run_passes_and_reports_tests_bench_and_serving(tmp_path):
     """The CPU rehearsal, with a wheelhouse of our wheel alone (built offline): the install
     step runs, and the serving bench finds `fsrl serve` through the installed entry point."""
     pytest.importorskip("setuptools", reason="our wheel builds offline with this environment's setuptools")
-    run = _prefetch.result("gpu check dry run")   # (built and run in the background: tests/_prefetch.py)
+    assert _script("build_wheelhouse").main(["--ours-only", "--out", str(tmp_path / "wh")]) == 0
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out),
+                          "--wheelhouse", str(tmp_path / "wh")],
+                         cwd=REPO, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    out = run.folder / "out"
     report = json.loads((out / "gpu-check.json").read_text())
     assert report["dry_run"] and report["complete"]
     assert [(s["name"], s["status"]) for s in report["steps"]] == [
