@@ -4,8 +4,7 @@ in-process tests run; each test then waits for its check's result. The checks ru
 lowest CPU priority (`nice -n 19`, their vLLM processes too, in the tests' own session so that
 the nice counts), so they take the cores only where the in-process tests leave them idle (a
 server test waiting on its client, a single-threaded stretch) and never slow those tests down
-much; a check still running when its test
-comes runs on alone.
+much; a check still running when its test comes runs on alone.
 
 `tests/conftest.py` starts the checks whose tests were selected (`start`) and stops whatever
 is still running when the session ends (`stop`: each check's process group, by its id). A test
