@@ -84,10 +84,7 @@ def _preflight(settings) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.app import create_app
-    from server.settings import load_settings
+    from server.settings import flag_specs, load_settings
 
     if args.removed_compile_decode is not None:
         raise FsrlError("--compile-decode and --static-cache-tokens were removed: the compiled fast "
@@ -95,10 +92,13 @@ def run(args: argparse.Namespace) -> int:
     if args.removed_on_device is not None:
         raise FsrlError("--max-adapters-on-device was renamed --adapter-slots: adapters held on the device, "
                         "the others paged in from host memory")
-    from server.settings import flag_specs
-
     settings = load_settings(**{spec.name: getattr(args, spec.name, None) for spec in flag_specs()})
     _preflight(settings)
+    # torch, transformers and the app only now: a mistake above is one line in well under a second.
+    import uvicorn
+
+    from server.app import create_app
+
     if not getattr(args, "verbose", False):
         logging.getLogger("uvicorn.error").addFilter(_NoStartupTraceback())
 

@@ -15,7 +15,6 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fsrl.errors import FsrlError
-from fsrl.sae import default_sae_dir
 
 
 VLLM_DEFAULT_ADAPTER_SLOTS = 4
@@ -102,6 +101,8 @@ class Settings(BaseSettings):
 
     @property
     def sae_path(self) -> Path:
+        from fsrl.sae import default_sae_dir  # torch: only when the path is asked for
+
         return (self.sae or default_sae_dir()).expanduser()
 
 

@@ -170,7 +170,8 @@ def test_a_bank_row_steers_as_its_adapter_would_even_a_deep_copy_and_a_constant_
     assert v[2].abs().max() == 0  # a row without an adapter pushes nothing
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+# torch.compile takes seconds on a CPU: the compiled case runs in `make test`, not test-fast.
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
 def test_a_bank_runs_each_token_through_its_own_slot(compiled):
     """`RowAdapters.by_slot` (the vLLM engine's adapter bank): token n gets the v of the adapter
     in slot[n], 0 without a slot, compiled with static shapes as well as eager; a slot nobody

@@ -40,12 +40,13 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
 
     from fsrl.testing import write_tiny_setup
 
+    from fsrl.cli import main
+
     setup = write_tiny_setup(tmp_path / "tiny")
     out = tmp_path / "bench.json"
-    done = run_fsrl("bench", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
-                    "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "3",
-                    "--prompt-tokens", "4", "--repeats", "1", "--adapter-l0", "8", "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    assert main(["bench", "--model", str(setup.model_dir), "--sae", str(setup.sae_dir),
+                 "--device", "cpu", "--batch-sizes", "1,2", "--new-tokens", "3",
+                 "--prompt-tokens", "4", "--repeats", "1", "--adapter-l0", "8", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["setup"].endswith("packed weights"), r["batch"]) for r in rows] == [
         (False, 1), (False, 2), (True, 1), (True, 2)]

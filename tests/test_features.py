@@ -215,7 +215,7 @@ def test_an_openai_compatible_labeler_labels_live_features(built, monkeypatch):
         assert labels[f["index"]] == (f"peaks on {peak!r}"[:60], "llm:judge")
     assert _Labeler.seen[0]["model"] == "judge" and _Labeler.seen[0]["auth"] == "Bearer k"
     with pytest.raises(FsrlError, match="gave no label"):
-        llm_labels(doc, "http://127.0.0.1:9/v1", "judge", limit=2, progress=False, timeout_s=2)
+        llm_labels(doc, "http://127.0.0.1:9/v1", "judge", limit=1, progress=False, timeout_s=2)
 
 
 def test_an_openai_compatible_classifier_overrides_the_rule_where_it_answers(built, tmp_path):
