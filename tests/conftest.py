@@ -8,6 +8,11 @@ each such test its adapters are put back as they were at its start, and a test t
 changed errors; after the last such test of the session the process is stopped by its PID, so it
 does not sit idle beside the rest of the suite.
 
+Likewise one per session: the `fsrl serve` process on the embedded default model with the
+shipped adapters (the `default_server` fixture), for the tests that need the real model behind
+real HTTP and change nothing on it (they load, unload and replace no adapter); stopped by its PID
+after the last test that takes it.
+
 Also one per session: the background thread that runs the slow checks of
 tests/test_vllm_plugin.py in processes of their own while the other tests run
 (tests/_prefetch.py), started once the selected tests are known, stopped at the session's end.
@@ -16,6 +21,7 @@ tests/test_vllm_plugin.py in processes of their own while the other tests run
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +30,8 @@ import _prefetch
 SHARED_VLLM = "shared_vllm"  # the mark (_server_fixtures.SHARED_VLLM); registered in pyproject.toml
 _running: list = []  # the SharedVllmServer while it runs
 _last_user: list[pytest.Item] = []
+_default_running: list = []  # the default model's ServerProcess while it runs
+_last_default_user: list[pytest.Item] = []
 
 
 def _talks_to_shared_vllm(item: pytest.Item) -> bool:
@@ -54,9 +62,29 @@ def vllm_server(vllm_setup, tmp_path_factory):
         _running.remove(server)
 
 
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """The session's one `fsrl serve` on the default model and SAE with the shipped adapters, on
+    the CPU (slow: a subprocess that loads the real model). Its users only read from it."""
+    from fsrl.testing import ServerProcess
+
+    adapters = Path(__file__).resolve().parents[1] / "adapters"
+    proc = ServerProcess(["--adapters-dir", str(adapters), "--device", "cpu"],
+                         log_path=tmp_path_factory.mktemp("default-server") / "server.log")
+    _default_running.append(proc)
+    try:
+        proc.wait_ready(timeout_s=180, max_polls=1800)
+        yield proc
+    finally:
+        proc.stop()
+        _default_running.remove(proc)
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     users = [item for item in session.items if _talks_to_shared_vllm(item)]
     _last_user[:] = users[-1:]
+    default_users = [item for item in session.items if "default_server" in getattr(item, "fixturenames", ())]
+    _last_default_user[:] = default_users[-1:]
     if importlib.util.find_spec("vllm") is not None and not session.config.option.collectonly:
         # (the checks' tests skip without vLLM)
         _prefetch.start([item.nodeid for item in session.items])
@@ -83,3 +111,6 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if _last_user and item is _last_user[0]:
         for server in _running:
             server.stop()
+    if _last_default_user and item is _last_default_user[0]:
+        for proc in _default_running:
+            proc.stop()

@@ -17,6 +17,7 @@ from fsrl.sites import Site
 from fsrl.testing import tiny_adapter, tiny_base, tiny_pairs, tiny_sae
 from fsrl.adapter import WEIGHTS_FILE
 from fsrl.audit import BUCKETS, AuditSettings, audit, keep_top_fraction, zero_features
+from fsrl.cli import main
 from fsrl.train.data import PreferenceDataset, load_pairs
 from fsrl.train.trainer import bind_setup, evaluate
 from fsrl.testing import serving, tiny_server_args, write_tiny_setup
@@ -153,15 +154,10 @@ def test_analyze_writes_the_report_and_the_server_serves_its_card(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"the {w} said {i} times, then left." for i, w in enumerate("abcdefghij" * 4)))
     data = tiny_pairs(tmp_path / "pairs.jsonl", n=8)
-    fsrl = [sys.executable, "-m", "fsrl.cli"]
     common = ["--sae", str(setup.sae_dir), "--model", str(setup.model_dir), "--device", "cpu"]
-    built = subprocess.run([*fsrl, "features", "build", *common, "--text", str(corpus), "--context-size", "24",
-                            "--no-progress"], capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    done = subprocess.run([*fsrl, "analyze", str(setup.adapters_dir / "tiny"), "--data", str(data), *common,
-                           "--seeds", "2", "--fractions", "0.25,0.5", "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["features", "build", *common, "--text", str(corpus), "--context-size", "24", "--no-progress"]) == 0
+    assert main(["analyze", str(setup.adapters_dir / "tiny"), "--data", str(data), *common,
+                 "--seeds", "2", "--fractions", "0.25,0.5", "--no-progress"]) == 0
     out = setup.adapters_dir / "tiny" / "analysis"
     doc = json.loads((out / "report.json").read_text())
     assert doc["format"] == "fsrl-audit" and doc["pairs"] == 8 and doc["adapter"]["id"] == "tiny"

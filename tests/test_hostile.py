@@ -33,7 +33,6 @@ ORDINARY = {"prompt": "the quick brown fox", "adapter": "tiny", "max_new_tokens"
 JSON = {"content-type": "application/json"}
 
 pytestmark = pytest.mark.slow  # hundreds of tokens decoded a case, a subprocess server, the real default model
-REPO = Path(__file__).resolve().parents[1]
 
 
 def serve(setup: TinySetup, log_dir: Path, *extra: str):
@@ -41,15 +40,12 @@ def serve(setup: TinySetup, log_dir: Path, *extra: str):
     return serving(tiny_server_args(setup, "--max-new-tokens-cap", "400", *extra), log_dir / "server.log")
 
 
-def served(setup: TinySetup | None, **settings) -> ServedClient:
+def served(setup: TinySetup, **settings) -> ServedClient:
     """The tiny server with this file's token cap (`settings` over it) in a thread of this
-    process, as a context manager; with no setup, the default model with the shipped adapters."""
+    process, as a context manager."""
     from server.app import create_app
     from server.settings import Settings
 
-    if setup is None:
-        return ServedClient(create_app(Settings(adapters_dir=REPO / "adapters", device="cpu", **settings)),
-                            start_timeout_s=180)
     return ServedClient(create_app(Settings(model=str(setup.model_dir), sae=setup.sae_dir, adapters_dir=setup.adapters_dir,
                                             device="cpu", max_new_tokens_cap=400, **settings)))
 
@@ -289,27 +285,26 @@ def test_a_stream_burst_beyond_the_queue_gets_503s_never_a_200_with_an_error(set
 
 
 @pytest.mark.slow
-def test_the_first_reported_cases_on_the_default_model():
+def test_the_first_reported_cases_on_the_default_model(default_server):
     """The cases first measured against the default model (both requests got 500 then)."""
     ordinary = {"messages": [{"role": "user", "content": "Tell me about volcanoes."}],
                 "adapter": "concise", "max_new_tokens": 48, "ignore_eos": True}
-    with served(None) as server:
-        with httpx.Client(base_url=server.base_url, timeout=120.0) as c:
-            alone = c.post("/generate", json=ordinary).json()["steered"]["text"]
-            greedy = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4}).json()["steered"]["text"]
-        cases = [({"prompt": "hi", "max_new_tokens": 4, "temperature": 1e-38}, 200),
-                 ({"prompt": "hi", "features": [{"index": 0, "op": "set", "value": 1e39}]}, 422),
-                 ({"prompt": "hi \ud800"}, 422)]
-        for body, status in cases:
-            with httpx.Client(base_url=server.base_url, timeout=120.0) as mine, \
-                    httpx.Client(base_url=server.base_url, timeout=120.0) as theirs, \
-                    mine.stream("POST", "/generate", json={**ordinary, "stream": True}) as r:
-                lines = r.iter_lines()
-                next(line for line in lines if line.startswith("data: "))
-                bad = theirs.post("/generate", content=json.dumps(body).encode(), headers=JSON)
-                events = [json.loads(line.removeprefix("data: ")) for line in lines
-                          if line.startswith("data: ") and line != "data: [DONE]"]
-            assert bad.status_code == status, bad.text
-            if status == 200:
-                assert bad.json()["steered"]["text"] == greedy
-            assert events[-1]["response"]["steered"]["text"] == alone
+    with httpx.Client(base_url=default_server.url, timeout=120.0) as c:
+        alone = c.post("/generate", json=ordinary).json()["steered"]["text"]
+        greedy = c.post("/generate", json={"prompt": "hi", "max_new_tokens": 4}).json()["steered"]["text"]
+    cases = [({"prompt": "hi", "max_new_tokens": 4, "temperature": 1e-38}, 200),
+             ({"prompt": "hi", "features": [{"index": 0, "op": "set", "value": 1e39}]}, 422),
+             ({"prompt": "hi \ud800"}, 422)]
+    for body, status in cases:
+        with httpx.Client(base_url=default_server.url, timeout=120.0) as mine, \
+                httpx.Client(base_url=default_server.url, timeout=120.0) as theirs, \
+                mine.stream("POST", "/generate", json={**ordinary, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            bad = theirs.post("/generate", content=json.dumps(body).encode(), headers=JSON)
+            events = [json.loads(line.removeprefix("data: ")) for line in lines
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert bad.status_code == status, bad.text
+        if status == 200:
+            assert bad.json()["steered"]["text"] == greedy
+        assert events[-1]["response"]["steered"]["text"] == alone

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fsrl.testing import read_sse, serving
+from fsrl.testing import read_sse
 
 import _server_fixtures as fixtures
 from _server_fixtures import assert_error
@@ -276,15 +276,14 @@ def test_lm_eval_harness_scores_choices_as_the_model_does(server, setup, model, 
 
 
 @pytest.mark.slow
-def test_lm_eval_harness_accuracy_on_the_default_model_equals_its_own(tmp_path, monkeypatch):
+def test_lm_eval_harness_accuracy_on_the_default_model_equals_its_own(default_server, tmp_path, monkeypatch):
     """The same on the real default model, where the questions have right answers to find."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fsrl.models import DEFAULT_MODEL_NAME, ensure_default_model
 
     folder = ensure_default_model()
-    with serving(["--device", "cpu"], tmp_path / "server.log", timeout_s=180, max_polls=1800) as proc:
-        acc, scores = run_multiple_choice(proc.url, DEFAULT_MODEL_NAME, folder, tmp_path, monkeypatch)
+    acc, scores = run_multiple_choice(default_server.url, DEFAULT_MODEL_NAME, folder, tmp_path, monkeypatch)
     net = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     want_acc, want_scores = own_multiple_choice(net, AutoTokenizer.from_pretrained(folder))
     assert acc == want_acc and acc >= 0.5  # a real model answers these

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fsrl.testing import ServerProcess, serving, tiny_server_args
+from fsrl.testing import serving, tiny_server_args
 
 import _server_fixtures as fixtures
 from _server_fixtures import CAP, generate
@@ -136,43 +136,37 @@ def test_concurrent_requests_answer_as_each_would_alone_and_share_forward_passes
 # --- the real default model -----------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_default_model_and_sae_answer_a_steered_compare_request(tmp_path):
-    proc = ServerProcess(["--adapters-dir", str(REPO / "adapters"), "--device", "cpu"],
-                         log_path=tmp_path / "server.log")
-    try:
-        proc.wait_ready(timeout_s=180, max_polls=1800)
-        health = httpx.get(f"{proc.url}/health", timeout=10).json()
-        assert health["model"] == "SmolLM2-135M-Instruct"
-        body = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
-                "features": [{"index": 0, "op": "set", "value": 10.0}], "compare": True,
-                "max_new_tokens": 16, "return_features": 3}
-        r = httpx.post(f"{proc.url}/generate", json=body, timeout=300)
-        assert r.status_code == 200, r.text
-        out = r.json()
-        for output in ("steered", "base"):
-            text = out[output]["text"]
-            assert sum(ch.isalpha() for ch in text) >= 5, (output, text)
-        assert "Paris" in out["base"]["text"]
-        returned = [f for step in out["steered"]["features"] for f in step]
-        assert any(f["index"] == 0 for f in returned)
-        # The shipped labels: nearly every feature a request reports has one, with its source.
-        assert sum(f["label"] is not None for f in returned) >= 0.9 * len(returned)
-        found = httpx.get(f"{proc.url}/features", params={"q": "list", "limit": 3}, timeout=30).json()["features"]
-        assert found and all("list" in f["label"] for f in found)
-        # The shipped adapters load; `concise` answers in a complete, clearly shorter text.
-        assert health["adapters"] == 2
-        r = httpx.post(f"{proc.url}/generate", timeout=300, json={
-            "messages": [{"role": "user", "content": "Tell me about volcanoes."}],
-            "adapter": "concise", "compare": True, "max_new_tokens": 96})
-        out = r.json()
-        assert out["steered"]["finish_reason"] == "stop" and out["base"]["finish_reason"] == "length"
-        # "Clearly shorter" as the demo's evaluation rule reads it: at most 3/4 of the base's length.
-        assert out["steered"]["completion_tokens"] <= 0.75 * out["base"]["completion_tokens"]
-        features = httpx.get(f"{proc.url}/adapters/concise/features", params={"top": 5}, timeout=60).json()
-        assert len(features["features"]) == 5 and features["measured_on_tokens"] > 1000
-        # Both ship their audit, made on the weights they ship.
-        for adapter_id in ("concise", "bullets"):
-            card = httpx.get(f"{proc.url}/adapters/{adapter_id}/card", timeout=30).json()
-            assert card["weights_match"] is True and card["summary"]["pairs"] > 0, card
-    finally:
-        proc.stop()
+def test_default_model_and_sae_answer_a_steered_compare_request(default_server):
+    health = httpx.get(f"{default_server.url}/health", timeout=10).json()
+    assert health["model"] == "SmolLM2-135M-Instruct"
+    body = {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "features": [{"index": 0, "op": "set", "value": 10.0}], "compare": True,
+            "max_new_tokens": 16, "return_features": 3}
+    r = httpx.post(f"{default_server.url}/generate", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    for output in ("steered", "base"):
+        text = out[output]["text"]
+        assert sum(ch.isalpha() for ch in text) >= 5, (output, text)
+    assert "Paris" in out["base"]["text"]
+    returned = [f for step in out["steered"]["features"] for f in step]
+    assert any(f["index"] == 0 for f in returned)
+    # The shipped labels: nearly every feature a request reports has one, with its source.
+    assert sum(f["label"] is not None for f in returned) >= 0.9 * len(returned)
+    found = httpx.get(f"{default_server.url}/features", params={"q": "list", "limit": 3}, timeout=30).json()["features"]
+    assert found and all("list" in f["label"] for f in found)
+    # The shipped adapters load; `concise` answers in a complete, clearly shorter text.
+    assert health["adapters"] == 2
+    r = httpx.post(f"{default_server.url}/generate", timeout=300, json={
+        "messages": [{"role": "user", "content": "Tell me about volcanoes."}],
+        "adapter": "concise", "compare": True, "max_new_tokens": 96})
+    out = r.json()
+    assert out["steered"]["finish_reason"] == "stop" and out["base"]["finish_reason"] == "length"
+    # "Clearly shorter" as the demo's evaluation rule reads it: at most 3/4 of the base's length.
+    assert out["steered"]["completion_tokens"] <= 0.75 * out["base"]["completion_tokens"]
+    features = httpx.get(f"{default_server.url}/adapters/concise/features", params={"top": 5}, timeout=60).json()
+    assert len(features["features"]) == 5 and features["measured_on_tokens"] > 1000
+    # Both ship their audit, made on the weights they ship.
+    for adapter_id in ("concise", "bullets"):
+        card = httpx.get(f"{default_server.url}/adapters/{adapter_id}/card", timeout=30).json()
+        assert card["weights_match"] is True and card["summary"]["pairs"] > 0, card
