@@ -179,15 +179,56 @@ SELECTION_REQUESTS = (
 )
 
 
+# Naming requests (the fifth recipe on): the fourth evaluation set's misses were names, answered
+# with the animal's own name ("1. Lizard / 2. Snake / 3. Crocodile"), and the training data had
+# only eight naming requests. The subject is the topic; a naming answer's list is judged by
+# `fsrl.demo.build_data.naming_list` (names, not the subject), not by `relevant`.
+NAMING_REQUESTS = (
+    ("Suggest some names for a pet snake.", "snake"),
+    ("What should I name my new pony?", "pony"),
+    ("Give me some name ideas for a pet frog.", "frog"),
+    ("Suggest some names for a pet ferret.", "ferret"),
+    ("What should I name my new betta fish?", "betta fish"),
+    ("Suggest some names for a pet chicken.", "chicken"),
+    ("What should I name my new canary?", "canary"),
+    ("Give me some name ideas for a pet pig.", "pig"),
+    ("Suggest some names for a pet goat.", "goat"),
+    ("What should I name my new koi?", "koi"),
+    ("Suggest some names for a gray cat.", "cat"),
+    ("What should I name my new bulldog?", "bulldog"),
+    ("Give me some name ideas for a pet duck.", "duck"),
+    ("Suggest some names for a pet mouse.", "mouse"),
+    ("What should I name my new horse?", "horse"),
+    ("Suggest some names for a flower shop.", "flower shop"),
+    ("Give me some name ideas for a coffee shop.", "coffee shop"),
+    ("Suggest some names for a fishing boat.", "boat"),
+    ("What should I name my new robot vacuum?", "robot vacuum"),
+    ("Suggest some names for a soccer team.", "soccer team"),
+    ("Give me some name ideas for a podcast about cooking.", "podcast"),
+    ("Suggest some names for a garden blog.", "blog"),
+    ("What should I name my new car?", "car"),
+    ("Suggest some names for a fantasy kingdom.", "kingdom"),
+    ("Give me some name ideas for a lemonade stand.", "lemonade stand"),
+    ("Suggest some names for a toy dragon.", "dragon"),
+    ("What should I name my new bonsai tree?", "bonsai"),
+    ("Suggest some names for a pet parakeet.", "parakeet"),
+    ("What should I name my new tortoise?", "tortoise"),
+    ("Give me some name ideas for a pet crab.", "crab"),
+    ("Suggest some names for a bookshop.", "bookshop"),
+    ("What should I name my new teddy bear?", "teddy bear"),
+)
+
+
 def _requests(split: str, requests: tuple[tuple[str, str], ...], prefix: str = "") -> list[DemoPrompt]:
     return [DemoPrompt(id=f"{split}-{prefix}r{i:02d}", topic=topic, text=text, split=split, template=REQUEST)
             for i, (text, topic) in enumerate(requests)]
 
 
 def list_train_prompts() -> list[DemoPrompt]:
-    """`bullets`' training prompts: the training topics through the templates, the requests, and
-    the spent second evaluation set with its templates on some training topics."""
-    return [p for p in demo_prompts() if p.split == "train"] + _requests("train", TRAIN_REQUESTS) + _spent_list_prompts()
+    """`bullets`' training prompts: the training topics through the templates, the requests, the
+    spent second evaluation set with its templates on some training topics, and the naming requests."""
+    return ([p for p in demo_prompts() if p.split == "train"] + _requests("train", TRAIN_REQUESTS)
+            + _spent_list_prompts() + _requests("train", NAMING_REQUESTS, prefix="n"))
 
 
 def list_selection_prompts() -> list[DemoPrompt]:
@@ -245,7 +286,7 @@ def _spent_list_prompts() -> list[DemoPrompt]:
 
 # `bullets`' third evaluation set: answered once, by the third recipe's adapter (its figures are in
 # git history), and spent when its misses (lists that repeat one item) chose the fourth recipe's
-# change. Kept so that the fourth set can be checked apart from it; it trains nothing.
+# change. Kept so that the later sets can be checked apart from it; it trains nothing.
 SPENT_LIST3_TEMPLATES = (
     "Walk me through {topic}.",
     "What makes {topic} special?",
@@ -286,29 +327,25 @@ SPENT_LIST3_REQUESTS = (
 )
 
 
-def spent_list_sets() -> list[DemoPrompt]:
-    """The spent second and third evaluation sets (the second also trains; see above)."""
-    return (_spent_list_prompts() + _grid("lists-", "eval", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES)
-            + _requests("eval", SPENT_LIST3_REQUESTS))
 
 
-# `bullets`' evaluation set (its fourth), frozen (committed, digest below) before any adapter
-# answered it: new topics through new templates, and requests of the shapes above on new subjects.
-# None of it appears in training, in the selection set, in the spent sets or in the README's
-# example requests (`fsrl.demo.examples`), and nothing is chosen on it.
-LIST_EVAL_TEMPLATES = (
+# `bullets`' fourth evaluation set: answered once, by the fourth recipe's adapter (its figures are in
+# git history, digest e9ace3c16b6aaa8c), and spent when its misses (naming requests answered with
+# the animal's own name) chose the fifth recipe's change. Kept so that the fifth set can be checked
+# apart from it; it trains nothing.
+SPENT_LIST4_TEMPLATES = (
     "Help me understand {topic}.",
     "What do people love about {topic}?",
     "Fill me in on {topic}.",
     "What's worth knowing about {topic}?",
 )
 
-LIST_EVAL_TOPICS = (
+SPENT_LIST4_TOPICS = (
     "giraffes", "lightning", "maple syrup", "the Statue of Liberty", "kayaking", "cheese making",
     "the northern lights", "dolphins", "Mount Everest", "crossword puzzles", "the human eye", "pizza",
 )
 
-LIST_EVAL_REQUESTS = (
+SPENT_LIST4_REQUESTS = (
     ("What should I pack for a business trip?", "business trip"),
     ("Suggest some names for a pet turtle.", "turtle"),
     ("How can I keep my bathroom clean?", "bathroom"),
@@ -334,14 +371,66 @@ LIST_EVAL_REQUESTS = (
     ("What should I look for in a good pair of running shoes?", "running shoes"),
     ("How do I welcome a new coworker?", "coworker"),
 )
-LIST_EVAL_SET_SHA256_16 = "e9ace3c16b6aaa8c"
+
+
+def spent_list_sets() -> list[DemoPrompt]:
+    """The spent second, third and fourth evaluation sets (the second also trains; see above)."""
+    return (_spent_list_prompts() + _grid("lists-", "eval", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES)
+            + _requests("eval", SPENT_LIST3_REQUESTS)
+            + _grid("lists4-", "eval", SPENT_LIST4_TOPICS, SPENT_LIST4_TEMPLATES)
+            + _requests("eval", SPENT_LIST4_REQUESTS, prefix="4"))
+
+
+# `bullets`' evaluation set (its fifth), frozen (committed, digest below) before any adapter
+# answered it: new topics through new templates, and requests of the shapes above on new subjects.
+# None of it appears in training, in the selection set, in the spent sets or in the README's
+# example requests (`fsrl.demo.examples`), and nothing is chosen on it.
+LIST_EVAL_TEMPLATES = (
+    "Tell me the key facts about {topic}.",
+    "What's the story of {topic}?",
+    "Break down {topic} for me.",
+    "What are the highlights of {topic}?",
+)
+
+LIST_EVAL_TOPICS = (
+    "hummingbirds", "the Colosseum", "snowflakes", "the Grand Canyon", "roller coasters", "elephants",
+    "the Mona Lisa", "bicycles", "quilting", "fireflies", "the Nile River", "sushi",
+)
+
+LIST_EVAL_REQUESTS = (
+    ("What should I pack for a music festival?", "festival"),
+    ("Suggest some names for a pet hedgehog.", "hedgehog"),
+    ("How can I keep my car tidy?", "tidy"),
+    ("Why do cats knead blankets?", "knead"),
+    ("Explain what the ocean is to a child.", "ocean"),
+    ("What are good ways to thank a teacher?", "teacher"),
+    ("How do I unclog a drain?", "drain"),
+    ("What are some tips for hosting a barbecue?", "barbecue"),
+    ("Give me ideas for a family game night.", "game night"),
+    ("How can I stop biting my nails?", "nails"),
+    ("What should I name my new guinea pig?", "guinea pig"),
+    ("Why do we get goosebumps?", "goosebumps"),
+    ("What are easy ways to add more fiber to my diet?", "fiber"),
+    ("How do I care for an orchid?", "orchid"),
+    ("What should I know before going on a cruise?", "cruise"),
+    ("How can I keep my houseplants free of pests?", "pests"),
+    ("What are some good questions to ask a new doctor?", "doctor"),
+    ("Suggest some names for a food truck.", "food truck"),
+    ("How do I remove rust from tools?", "rust"),
+    ("What are the benefits of volunteering?", "volunteering"),
+    ("How can I stay cool without air conditioning?", "cool"),
+    ("Why is the ocean salty?", "salty"),
+    ("What should I look for in a good backpack?", "backpack"),
+    ("How do I politely decline an invitation?", "decline"),
+)
+LIST_EVAL_SET_SHA256_16 = "39e917d34e913e2e"
 
 
 def list_eval_prompts() -> list[DemoPrompt]:
     """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
     LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
-    return (_grid("lists4-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
-            + _requests("eval", LIST_EVAL_REQUESTS, prefix="4"))
+    return (_grid("lists5-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
+            + _requests("eval", LIST_EVAL_REQUESTS, prefix="5"))
 
 
 def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:

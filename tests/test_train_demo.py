@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fsrl.demo.build_data import make_list_pairs, make_pairs, repeat_first_item, seed_for
+from fsrl.demo.build_data import is_naming_request, make_list_pairs, make_pairs, repeat_first_item, seed_for
 from fsrl.prompts import HELDOUT_TOPICS, TRAIN_TOPICS, demo_prompts
 from fsrl.demo.rules import (complete, distinct_items, has_list, judge_bullets, judge_concise,
                               list_items)
@@ -68,9 +68,9 @@ def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_d
 
 def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_selection():
     from fsrl.demo.examples import EXAMPLES
-    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST3_TEMPLATES, SPENT_LIST_TEMPLATES,
-                              TEMPLATES, list_eval_prompts, list_selection_prompts, list_train_prompts, prompts_digest,
-                              spent_list_sets)
+    from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST3_TEMPLATES, SPENT_LIST4_TEMPLATES,
+                              SPENT_LIST_TEMPLATES, TEMPLATES, list_eval_prompts, list_selection_prompts,
+                              list_train_prompts, prompts_digest, spent_list_sets)
 
     prompts = list_eval_prompts()
     assert prompts_digest(prompts) == LIST_EVAL_SET_SHA256_16 and len(prompts) == 72
@@ -78,7 +78,8 @@ def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_s
     assert not {p.text for p in prompts} & ({p.text for p in seen} | set(EXAMPLES["bullets"]))
     assert not {p.topic for p in prompts} & {p.topic for p in seen}
     assert not {p.id for p in prompts} & {p.id for p in seen}
-    assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES) | set(SPENT_LIST3_TEMPLATES))
+    assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES) | set(SPENT_LIST3_TEMPLATES)
+                                          | set(SPENT_LIST4_TEMPLATES))
 
 
 def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_answer_and_a_botched_list(tmp_path):
@@ -106,6 +107,26 @@ def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_an
     assert [p["rejected_variant"] for p in pairs[2:]] == [f"bullets-s1-cut{short}", "bullets-s1-repeat"]
     # (train-r01 has no good list: no pair)
     assert pairs[0]["prompt"] == "What should I pack for camping?"        # the hint is never shown
+
+
+def test_a_naming_request_chooses_a_list_of_names_and_rejects_the_subject_said_at_every_item(tmp_path):
+    def row(variant, text):
+        return {"prompt_id": "train-nr00", "topic": "rabbit", "split": "train", "prompt": "Suggest some names for a rabbit.",
+                "variant": variant, "text": text, "finished": True}
+
+    with_subject = "1. Max\n2. Luna\n3. Rabbit"                     # a list, but one item is the subject
+    names = "1. Clover\n2. Thumper\n3. Hazel"
+    lists = tmp_path / "lists.jsonl"
+    lists.write_text("".join(json.dumps(r) + "\n" for r in [
+        row("bullets-greedy", with_subject), row("bullets-s0", names), row("plain-greedy", "Rabbits are nice.")]))
+    (tmp_path / "responses.jsonl").write_text("")
+    assert is_naming_request("What should I name my new goldfish?") and is_naming_request("Give me some name ideas for a pig.")
+    assert not is_naming_request("How do I get better at remembering names?")
+    assert make_list_pairs(lists, tmp_path / "responses.jsonl", tmp_path) == {"train": 4, "heldout": 0}
+    pairs = [json.loads(line) for line in (tmp_path / "bullets" / "train.jsonl").read_text().splitlines()]
+    assert {p["chosen"] for p in pairs} == {names}
+    assert [p["rejected"] for p in pairs][2:] == ["1. Clover\n2. Clover\n3. Clover", "1. Rabbit\n2. Rabbit\n3. Rabbit"]
+    assert pairs[-1]["rejected_variant"] == "bullets-s0-subject"
 
 
 def test_a_repeated_list_names_its_first_item_at_every_marker_and_is_no_list():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -120,16 +121,40 @@ def cut_list(text: str, items: int) -> str:
     return text[:ends[items - 1]]
 
 
+def _every_item_saying(text: str, said: str, skip_first: bool) -> str:
+    """The list with its items' text replaced by `said` (markers and the text around kept)."""
+    pieces, at = [], 0
+    for item in list(ITEM.finditer(text))[1 if skip_first else 0:]:
+        pieces += [text[at:item.start(1)], said]
+        at = item.end(1)
+    return "".join(pieces) + text[at:]
+
+
 def repeat_first_item(text: str) -> str:
     """The same list with every item after the first saying the first item again (markers and
     the text around the list kept): the list that names one thing over and over."""
-    items = list(ITEM.finditer(text))
-    first = items[0].group(1)
-    pieces, at = [], 0
-    for item in items[1:]:
-        pieces += [text[at:item.start(1)], first]
-        at = item.end(1)
-    return "".join(pieces) + text[at:]
+    return _every_item_saying(text, ITEM.search(text).group(1), skip_first=True)
+
+
+_NAMING = re.compile(r"\b(names? for|name ideas|name my|call my)\b", re.IGNORECASE)
+
+
+def is_naming_request(prompt: str) -> bool:
+    """"Suggest some names for a X", "What should I name my new X?": the answer is names."""
+    return bool(_NAMING.search(prompt))
+
+
+def naming_list(text: str, subject: str) -> bool:
+    """A list of names for `subject`: a list (`has_list`) no item of which names the subject
+    itself ("1. Max / 2. Luna / 3. Rabbit" for a rabbit is not one)."""
+    from fsrl.demo.rules import has_list, relevant
+
+    return has_list(text) and not any(relevant(item, subject) for item in ITEM.findall(text))
+
+
+def name_the_subject(text: str, subject: str) -> str:
+    """The list with every item saying the subject ("1. Goldfish / 2. Goldfish / 3. Goldfish")."""
+    return _every_item_saying(text, subject[:1].upper() + subject[1:], skip_first=False)
 
 
 def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, int]:
@@ -140,7 +165,10 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     in a third, the chosen list cut after its first item or its first two (by the prompt's seed),
     so that stopping a list short is learned as a loss; in a fourth, the chosen list with its first
     item repeated in place of every other ("1. Goldfish / 2. Goldfish / 3. Goldfish"), so that a
-    list of one thing loses to a list of several. Stored under the plain prompt; written to
+    list of one thing loses to a list of several. For a naming request (`is_naming_request`) the
+    chosen list is one of names (`naming_list`, no item naming the subject), and a fifth pair
+    rejects it with every item saying the subject ("1. Goldfish / 2. Goldfish / 3. Goldfish").
+    Stored under the plain prompt; written to
     <out_dir>/bullets/{train,heldout}.jsonl."""
     from fsrl.demo.rules import has_list, relevant
 
@@ -153,7 +181,9 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     for pid, variants in sorted(by_prompt.items()):
         hinted = [variants[f"bullets-{n}"] for n in LIST_SAMPLES if f"bullets-{n}" in variants]
         plain = variants.get("plain-greedy") or variants.get("plain")
-        good = [h for h in hinted if h["finished"] and has_list(h["text"]) and relevant(h["text"], h["topic"])]
+        naming = bool(hinted) and is_naming_request(hinted[0]["prompt"])
+        good = [h for h in hinted if h["finished"] and (naming_list(h["text"], h["topic"]) if naming else
+                                                        has_list(h["text"]) and relevant(h["text"], h["topic"]))]
         if not good or plain is None:
             continue
         chosen = good[0]
@@ -162,6 +192,9 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
         short = 1 + seed_for(pid, "cut") % 2
         rejected.append({**chosen, "text": cut_list(chosen["text"], short), "variant": f"{chosen['variant']}-cut{short}"})
         rejected.append({**chosen, "text": repeat_first_item(chosen["text"]), "variant": f"{chosen['variant']}-repeat"})
+        if naming:
+            rejected.append({**chosen, "text": name_the_subject(chosen["text"], chosen["topic"]),
+                             "variant": f"{chosen['variant']}-subject"})
         for k, r in enumerate(rejected):
             rows[chosen["split"]].append({
                 "prompt": chosen["prompt"], "chosen": chosen["text"], "rejected": r["text"],
