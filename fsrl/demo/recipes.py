@@ -111,18 +111,22 @@ RECIPES: dict[str, Recipe] = {
         data_commands=LIST_DATA_COMMANDS,
         data_note=(
             "Prompts: `fsrl/prompts.py`'s `list_train_prompts` (the training topics x 4 templates, 48 requests "
-            "of other shapes: advice, names, how-to, why; and the spent second evaluation set, with its 4 "
-            "templates on every fourth training topic) and, for selection, `list_selection_prompts` (the "
+            "of other shapes: advice, names, how-to, why; the spent second evaluation set, with its 4 "
+            "templates on every fourth training topic; and 32 naming requests: \"Suggest some names for a pet "
+            "snake.\", \"What should I name my new pony?\") and, for selection, `list_selection_prompts` (the "
             "held-out topics and 16 more requests). For each prompt the default model answered the prompt with "
             "the hint `{hint}` appended three times (greedy, and twice at temperature 0.7, top-p 0.9; at most "
             "192 new tokens) and the prompt as written greedily (128; for the prompts of the first templates, the "
             "sampled answer of the concise data). Chosen: the first hinted answer that is a finished, on-topic "
-            "list (`has_list`). Rejected, one pair each: the answer to the prompt as written when it is no list; "
+            "list (`has_list`); for a naming request, a finished list of which no item names the subject "
+            "(`naming_list`: \"1. Max / 2. Luna / 3. Rabbit\" is not one for a rabbit). Rejected, one pair each: the answer to the prompt as written when it is no list; "
             "the first hinted answer that is no list (a list that repeats one item over and over, say), when "
             "there is one; the chosen list cut after its first item or its first two (by the prompt's seed), "
             "since stopping after one or two items was the second recipe's commonest miss; and the chosen list "
             "with its first item in place of every other (\"1. Goldfish / 2. Goldfish / 3. Goldfish\"), since "
-            "a list repeating one item was the third recipe's commonest miss. Stored under the "
+            "a list repeating one item was the third recipe's commonest miss; for a naming request also the "
+            "chosen list with the subject at every item (\"1. Rabbit / 2. Rabbit / 3. Rabbit\"), since "
+            "names answered with the animal's own name were the fourth recipe's commonest miss. Stored under the "
             "prompt as written: the hint never appears in training. The objective adds the chosen answers' "
             "negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns to write the "
             "lists, not only to prefer them. Earlier recipes, records in git history: the first (one sampled "
@@ -130,20 +134,22 @@ RECIPES: dict[str, Recipe] = {
             "on 14.1 % of the first evaluation set; the second (this recipe without the cut lists, the repeated "
             "lists and the spent set's prompts: 391 pairs) on 55.6 % of the second (lists of any topic: 77.8 %); "
             "the third (without the repeated lists: 939 pairs) on 66.7 % of the third (any topic: 86.1 %; its "
-            "records at commit 35db512)."),
+            "records at commit 35db512); the fourth (without the naming requests and the subject lists: 1309 "
+            "pairs) on 81.9 % of the fourth (any topic: 98.6 %; its records at commit 99c8eaf)."),
         eval_flags=("--scale", "1", "--presence-penalty", "0.5"),
         eval_note="Greedy decoding (what a request without a temperature gets) with a presence penalty of 0.5 "
                   "(`presence_penalty`, OpenAI's: without it this small model's greedy lists repeat one item over "
                   "and over, prompted or steered), for every arm alike, at steering scale 1: the scale the "
                   "selection prompts chose for the second recipe (`--scale auto` over 0.5, 1 and 1.5 on "
                   "`fsrl.prompts.list_selection_prompts`; the trials below), not chosen again for this adapter "
-                  "(for the third and fourth recipes `--scale auto` was not rerun, for time). "
+                  "(for the third, fourth and fifth recipes `--scale auto` was not rerun, for time). "
                   "The penalty, `--nll 2` and lambda 3e-2 were chosen on the selection prompts (the trials below, "
                   "with the second recipe's data); the third recipe's changes (the cut lists, the spent second "
                   "evaluation set's prompts in training, one epoch over the larger data) answer that set's "
-                  "misses, and the fourth's (the repeated lists) the third set's, which is why both are spent and "
-                  "this fourth set was frozen before any adapter answered it. This adapter is the only one "
-                  "trained on the fourth recipe, and the evaluation set was answered once.",
+                  "misses, the fourth's (the repeated lists) the third set's, and the fifth's (the naming requests) "
+                  "the fourth set's, which is why all three are spent and this fifth set was frozen before any "
+                  "adapter answered it. This adapter is the only one trained on the fifth recipe, and the "
+                  "evaluation set was answered once.",
         earlier=((2, ("3e-2",), "The second recipe: 391 pairs (no cut lists, no spent-set prompts), two epochs; "
                   "its win rate and coherence are on the second evaluation set (`9ceed5efde35111f`), now "
                   "spent."),)),
@@ -300,8 +306,8 @@ def _versus_prompt(report: dict, scale: float) -> str:
             f"a median perplexity under the base model of {ppl[0]} against {ppl[1]}. Head to head on the same "
             f"prompts (each answer's verdict against base): the adapter did better on {h['better']}, the prompt on "
             f"{h['worse']}, the same on {h['same']} (exact two-sided sign test, ties left out: p = {h['p']:.3g}; "
-            "a reading added after the bullets figures of 2026-12-06 were seen; the intervals are the comparison "
-            "stated before them).")
+            "a reading added on 2026-12-06, after both demos' earlier tables had been seen; the intervals are the "
+            "comparison stated first).")
 
 
 def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
