@@ -179,9 +179,9 @@ SELECTION_REQUESTS = (
 )
 
 
-# Naming requests (the fifth recipe on): the fourth evaluation set's misses were names, answered
-# with the animal's own name ("1. Lizard / 2. Snake / 3. Crocodile"), and the training data had
-# only eight naming requests. The subject is the topic; a naming answer's list is judged by
+# Naming requests (the fifth recipe on): the fourth evaluation set's misses were naming requests
+# answered with animals, not names ("1. Lizard / 2. Snake / 3. Crocodile" for a lizard), and the
+# training data had only five naming requests. The subject is the topic; a naming answer's list is judged by
 # `fsrl.demo.build_data.naming_list` (names, not the subject), not by `relevant`.
 NAMING_REQUESTS = (
     ("Suggest some names for a pet snake.", "snake"),
@@ -327,11 +327,9 @@ SPENT_LIST3_REQUESTS = (
 )
 
 
-
-
 # `bullets`' fourth evaluation set: answered once, by the fourth recipe's adapter (its figures are in
 # git history, digest e9ace3c16b6aaa8c), and spent when its misses (naming requests answered with
-# the animal's own name) chose the fifth recipe's change. Kept so that the fifth set can be checked
+# animals, not names) chose the fifth recipe's change. Kept so that the fifth set can be checked
 # apart from it; it trains nothing.
 SPENT_LIST4_TEMPLATES = (
     "Help me understand {topic}.",

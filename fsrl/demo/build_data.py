@@ -153,7 +153,7 @@ def naming_list(text: str, subject: str) -> bool:
 
 
 def name_the_subject(text: str, subject: str) -> str:
-    """The list with every item saying the subject ("1. Goldfish / 2. Goldfish / 3. Goldfish")."""
+    """The list with every item saying the subject ("1. Rabbit / 2. Rabbit / 3. Rabbit")."""
     return _every_item_saying(text, subject[:1].upper() + subject[1:], skip_first=False)
 
 
@@ -167,7 +167,7 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     item repeated in place of every other ("1. Goldfish / 2. Goldfish / 3. Goldfish"), so that a
     list of one thing loses to a list of several. For a naming request (`is_naming_request`) the
     chosen list is one of names (`naming_list`, no item naming the subject), and a fifth pair
-    rejects it with every item saying the subject ("1. Goldfish / 2. Goldfish / 3. Goldfish").
+    rejects it with every item saying the subject ("1. Rabbit / 2. Rabbit / 3. Rabbit").
     Stored under the plain prompt; written to
     <out_dir>/bullets/{train,heldout}.jsonl."""
     from fsrl.demo.rules import has_list, relevant

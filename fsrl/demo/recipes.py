@@ -126,7 +126,7 @@ RECIPES: dict[str, Recipe] = {
             "with its first item in place of every other (\"1. Goldfish / 2. Goldfish / 3. Goldfish\"), since "
             "a list repeating one item was the third recipe's commonest miss; for a naming request also the "
             "chosen list with the subject at every item (\"1. Rabbit / 2. Rabbit / 3. Rabbit\"), since "
-            "names answered with the animal's own name were the fourth recipe's commonest miss. Stored under the "
+            "naming requests answered with animals, not names, were the fourth recipe's commonest miss. Stored under the "
             "prompt as written: the hint never appears in training. The objective adds the chosen answers' "
             "negative log-likelihood (`--nll 2`, CPO's alpha) to SimPO's, so the adapter learns to write the "
             "lists, not only to prefer them. Earlier recipes, records in git history: the first (one sampled "
