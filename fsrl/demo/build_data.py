@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fsrl.corpus import chat_ids
-from fsrl.demo.rules import ITEM, RULES
+from fsrl.demo.rules import ITEM, RULES, has_list, relevant
 from fsrl.prompts import TEMPLATES, DemoPrompt, demo_prompts, list_selection_prompts, list_train_prompts
 from fsrl.sampling import SamplingParams
 
@@ -147,8 +147,6 @@ def is_naming_request(prompt: str) -> bool:
 def naming_list(text: str, subject: str) -> bool:
     """A list of names for `subject`: a list (`has_list`) no item of which names the subject
     itself ("1. Max / 2. Luna / 3. Rabbit" for a rabbit is not one)."""
-    from fsrl.demo.rules import has_list, relevant
-
     return has_list(text) and not any(relevant(item, subject) for item in ITEM.findall(text))
 
 
@@ -170,8 +168,6 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     rejects it with every item saying the subject ("1. Rabbit / 2. Rabbit / 3. Rabbit").
     Stored under the plain prompt; written to
     <out_dir>/bullets/{train,heldout}.jsonl."""
-    from fsrl.demo.rules import has_list, relevant
-
     by_prompt: dict[str, dict[str, dict]] = {}
     for path in (responses, lists):
         for row in map(json.loads, path.read_text().splitlines()):
