@@ -182,7 +182,8 @@ SELECTION_REQUESTS = (
 # Naming requests (the fifth recipe on): the fourth evaluation set's misses were naming requests
 # answered with animals, not names ("1. Lizard / 2. Snake / 3. Crocodile" for a lizard), and the
 # training data had only five naming requests. The subject is the topic; a naming answer's list is judged by
-# `fsrl.demo.build_data.naming_list` (names, not the subject), not by `relevant`.
+# `fsrl.demo.rules.naming_list` (names, not the subject), not by `relevant`. The sixth recipe adds
+# the second block, and answers every naming request with a list from NAME_LISTS.
 NAMING_REQUESTS = (
     ("Suggest some names for a pet snake.", "snake"),
     ("What should I name my new pony?", "pony"),
@@ -216,7 +217,118 @@ NAMING_REQUESTS = (
     ("Give me some name ideas for a pet crab.", "crab"),
     ("Suggest some names for a bookshop.", "bookshop"),
     ("What should I name my new teddy bear?", "teddy bear"),
+    # the sixth recipe's
+    ("Suggest some names for a pet guppy.", "guppy"),
+    ("What should I name my new angelfish?", "angelfish"),
+    ("Give me some name ideas for a clownfish.", "clownfish"),
+    ("What should I name my new beagle?", "beagle"),
+    ("Suggest some names for a pet gerbil.", "gerbil"),
+    ("What should I name my new dog?", "dog"),
+    ("Give me some name ideas for a pet rat.", "rat"),
+    ("Suggest some names for a pet tarantula.", "tarantula"),
+    ("What should I name my new tabby?", "tabby"),
+    ("Suggest some names for a pet axolotl.", "axolotl"),
+    ("What should I name my new cockatiel?", "cockatiel"),
+    ("Give me some name ideas for a pet bunny.", "bunny"),
+    ("Suggest some names for a pet chinchilla.", "chinchilla"),
+    ("What should I name my new sheepdog?", "sheepdog"),
+    ("Suggest some names for a pet cow.", "cow"),
+    ("Suggest some names for a rowing club.", "rowing club"),
+    ("Give me some name ideas for a candle shop.", "candle shop"),
+    ("Suggest some names for a rock band.", "rock band"),
+    ("What should I name my new motorcycle?", "motorcycle"),
+    ("Give me some name ideas for a chess club.", "chess club"),
+    ("Suggest some names for a pet lamb.", "lamb"),
+    ("What should I name my new fern?", "fern"),
+    ("Suggest some names for a pet seahorse.", "seahorse"),
+    ("What should I name my new sailing dinghy?", "dinghy"),
 )
+
+# The sixth recipe's chosen answer to each naming request of training and selection: names written
+# by hand, not by the model (whose own hinted lists named the subject, or animals, or repeated one
+# name: "1. Koi / 2. Goldfish" for a koi, "1. Kangaroo / 2. Kookaburra" for a goat).
+NAME_LISTS: dict[str, tuple[str, ...]] = {
+    "Suggest some names for a pet snake.": ("Noodle", "Slinky", "Monty", "Medusa", "Sir Hiss"),
+    "What should I name my new pony?": ("Daisy", "Butterscotch", "Pepper", "Biscuit", "Sundance"),
+    "Give me some name ideas for a pet frog.": ("Hopper", "Lily", "Kermit", "Ribbit", "Jade"),
+    "Suggest some names for a pet ferret.": ("Bandit", "Slinky", "Noodle", "Ziggy", "Pippin"),
+    "What should I name my new betta fish?": ("Neptune", "Sapphire", "Finn", "Ruby", "Blaze"),
+    "Suggest some names for a pet chicken.": ("Henrietta", "Nugget", "Penny", "Goldie", "Marigold"),
+    "What should I name my new canary?": ("Sunny", "Tweety", "Goldie", "Lemon", "Pip"),
+    "Give me some name ideas for a pet pig.": ("Wilbur", "Hamlet", "Peppa", "Truffle", "Babe"),
+    "Suggest some names for a pet goat.": ("Billy", "Clover", "Pepper", "Gruff", "Heidi"),
+    "What should I name my new koi?": ("Sakura", "Goldie", "Kumo", "Mochi", "Sunny"),
+    "Suggest some names for a gray cat.": ("Smokey", "Misty", "Shadow", "Ash", "Pebble"),
+    "What should I name my new bulldog?": ("Tank", "Winston", "Bruno", "Daisy", "Meatball"),
+    "Give me some name ideas for a pet duck.": ("Puddles", "Waddles", "Daffy", "Quackers", "Dottie"),
+    "Suggest some names for a pet mouse.": ("Squeak", "Pip", "Nibbles", "Whiskers", "Crumb"),
+    "What should I name my new horse?": ("Spirit", "Thunder", "Maple", "Duke", "Star"),
+    "Suggest some names for a flower shop.": ("Petal & Stem", "Bloom Room", "Wild Rose", "Daisy Chain",
+                                               "The Blooming Bucket"),
+    "Give me some name ideas for a coffee shop.": ("The Daily Grind", "Bean There", "Morning Brew", "The Perk",
+                                                    "Common Grounds"),
+    "Suggest some names for a fishing boat.": ("Reel Deal", "Lucky Catch", "Salty Dog", "Northern Star", "Sea Hawk"),
+    "What should I name my new robot vacuum?": ("Dusty", "Sir Sweeps-a-Lot", "Crumbs", "Zippy", "R2-Clean"),
+    "Suggest some names for a soccer team.": ("The Thunderbolts", "Riverside Rovers", "The Golden Strikers",
+                                               "Northside United", "The Comets"),
+    "Give me some name ideas for a podcast about cooking.": ("Stir It Up", "The Simmer", "Salt & Pepper Talk",
+                                                              "Taste Buds", "Second Helpings"),
+    "Suggest some names for a garden blog.": ("The Green Thumb Diary", "Seeds and Soil", "Bloom Notes",
+                                               "Weekend Weeding", "The Potting Bench"),
+    "What should I name my new car?": ("Betsy", "Silver Bullet", "Rusty", "Blue Thunder", "Herbie"),
+    "Suggest some names for a fantasy kingdom.": ("Eldoria", "Valoria", "Stormhold", "Avalon", "Brightmere"),
+    "Give me some name ideas for a lemonade stand.": ("Sunshine Sips", "Squeeze the Day", "Pucker Up",
+                                                       "Sweet & Sour", "The Yellow Cup"),
+    "Suggest some names for a toy dragon.": ("Ember", "Puff", "Sparky", "Ignis", "Toast"),
+    "What should I name my new bonsai tree?": ("Miyagi", "Twiggy", "Zen", "Hoshi", "Little Oak"),
+    "Suggest some names for a pet parakeet.": ("Kiwi", "Skye", "Pip", "Mango", "Bluebell"),
+    "What should I name my new tortoise?": ("Sheldon", "Speedy", "Tank", "Shelly", "Methuselah"),
+    "Give me some name ideas for a pet crab.": ("Sebastian", "Pinchy", "Sandy", "Clawde", "Hermie"),
+    "Suggest some names for a bookshop.": ("Dog-Eared Pages", "The Reading Nook", "Chapter & Verse", "Paper Lantern",
+                                            "Between the Lines"),
+    "What should I name my new teddy bear?": ("Mr. Snuggles", "Honey", "Barnaby", "Cuddles", "Button"),
+    "Suggest some names for a pet guppy.": ("Bubbles", "Finn", "Zippy", "Pebble", "Splash"),
+    "What should I name my new angelfish?": ("Seraph", "Marina", "Flutter", "Coral", "Halo"),
+    "Give me some name ideas for a clownfish.": ("Pickles", "Sunny", "Juggles", "Bingo", "Tango"),
+    "What should I name my new beagle?": ("Copper", "Biscuit", "Daisy", "Scout", "Rosie"),
+    "Suggest some names for a pet gerbil.": ("Nibbles", "Peanut", "Hazel", "Squeak", "Toffee"),
+    "What should I name my new dog?": ("Buddy", "Luna", "Max", "Bella", "Charlie"),
+    "Give me some name ideas for a pet rat.": ("Whiskers", "Remy", "Ziggy", "Mochi", "Pip"),
+    "Suggest some names for a pet tarantula.": ("Fuzzy", "Octavia", "Boris", "Velvet", "Spindle"),
+    "What should I name my new tabby?": ("Marmalade", "Tiger", "Ginger", "Pumpkin", "Oliver"),
+    "Suggest some names for a pet axolotl.": ("Pinky", "Wiggles", "Gilbert", "Bubbles", "Sprout"),
+    "What should I name my new cockatiel?": ("Sunny", "Kiwi", "Mango", "Pip", "Echo"),
+    "Give me some name ideas for a pet bunny.": ("Clover", "Thumper", "Cocoa", "Hopscotch", "Willow"),
+    "Suggest some names for a pet chinchilla.": ("Dusty", "Mochi", "Pebbles", "Ash", "Velvet"),
+    "What should I name my new sheepdog?": ("Bramble", "Skye", "Murphy", "Tess", "Barley"),
+    "Suggest some names for a pet cow.": ("Buttercup", "Daisy", "Clementine", "Bessie", "Marigold"),
+    "Suggest some names for a rowing club.": ("Swift Blades", "River Foxes", "Silver Oars", "The Early Risers",
+                                               "Tidewater Crew"),
+    "Give me some name ideas for a candle shop.": ("Wick & Wonder", "The Glow Room", "Ember Lane", "Flicker",
+                                                    "Soft Light Studio"),
+    "Suggest some names for a rock band.": ("Midnight Static", "Neon Harbor", "Silver Lanterns", "Echo Valley",
+                                             "The Loose Threads"),
+    "What should I name my new motorcycle?": ("Thunder", "Blaze", "Comet", "Rusty", "Shadow"),
+    "Give me some name ideas for a chess club.": ("Knight Moves", "The Gambit Society", "Rook and Roll", "Pawn Stars",
+                                                   "Endgame"),
+    "Suggest some names for a pet lamb.": ("Snowball", "Dolly", "Clover", "Woolly", "Pip"),
+    "What should I name my new fern?": ("Frond", "Sage", "Willow", "Greta", "Leafy"),
+    "Suggest some names for a pet seahorse.": ("Coral", "Neptune", "Drift", "Pearl", "Ripple"),
+    "What should I name my new sailing dinghy?": ("Puffin", "Little Wave", "Breezy", "Skipper", "Minnow"),
+    # naming requests among the other training and selection requests
+    "Suggest a few names for a bakery.": ("Rise & Shine", "The Golden Crust", "Flour Power", "Sweet Crumbs",
+                                          "The Rolling Pin"),
+    "What should I name my new hamster?": ("Peanut", "Hammy", "Biscuit", "Nugget", "Cheeks"),
+    "Suggest some names for a pet rabbit.": ("Thumper", "Clover", "Hazel", "Bun Bun", "Cinnamon"),
+    "Suggest some names for a black kitten.": ("Midnight", "Salem", "Onyx", "Pepper", "Shadow"),
+    "What should I name my new parrot?": ("Polly", "Captain", "Rio", "Mango", "Kiwi"),
+    "Suggest some names for a sailboat.": ("Windsong", "Sea Breeze", "Serenity", "Wanderer", "Blue Horizon"),
+}
+
+
+def name_list_answer(request: str) -> str:
+    """The hand-written answer to a naming request of training or selection: its names, numbered."""
+    return "\n".join(f"{i}. {name}" for i, name in enumerate(NAME_LISTS[request], 1))
 
 
 def _requests(split: str, requests: tuple[tuple[str, str], ...], prefix: str = "") -> list[DemoPrompt]:
@@ -372,30 +484,32 @@ SPENT_LIST4_REQUESTS = (
 
 
 def spent_list_sets() -> list[DemoPrompt]:
-    """The spent second, third and fourth evaluation sets (the second also trains; see above)."""
+    """The spent second to fifth evaluation sets (the second also trains; see above)."""
     return (_spent_list_prompts() + _grid("lists-", "eval", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES)
             + _requests("eval", SPENT_LIST3_REQUESTS)
             + _grid("lists4-", "eval", SPENT_LIST4_TOPICS, SPENT_LIST4_TEMPLATES)
-            + _requests("eval", SPENT_LIST4_REQUESTS, prefix="4"))
+            + _requests("eval", SPENT_LIST4_REQUESTS, prefix="4")
+            + _grid("lists5-", "eval", SPENT_LIST5_TOPICS, SPENT_LIST5_TEMPLATES)
+            + _requests("eval", SPENT_LIST5_REQUESTS, prefix="5"))
 
 
-# `bullets`' evaluation set (its fifth), frozen (committed, digest below) before any adapter
-# answered it: new topics through new templates, and requests of the shapes above on new subjects.
-# None of it appears in training, in the selection set, in the spent sets or in the README's
-# example requests (`fsrl.demo.examples`), and nothing is chosen on it.
-LIST_EVAL_TEMPLATES = (
+# `bullets`' fifth evaluation set: answered once, by the fifth recipe's adapter (its figures are in
+# git history, digest 39e917d34e913e2e), and spent when the README's goldfish example, still no list,
+# and its naming lists counted as off-topic chose the sixth recipe and the naming rule. Kept so that
+# the sixth set can be checked apart from it; it trains nothing.
+SPENT_LIST5_TEMPLATES = (
     "Tell me the key facts about {topic}.",
     "What's the story of {topic}?",
     "Break down {topic} for me.",
     "What are the highlights of {topic}?",
 )
 
-LIST_EVAL_TOPICS = (
+SPENT_LIST5_TOPICS = (
     "hummingbirds", "the Colosseum", "snowflakes", "the Grand Canyon", "roller coasters", "elephants",
     "the Mona Lisa", "bicycles", "quilting", "fireflies", "the Nile River", "sushi",
 )
 
-LIST_EVAL_REQUESTS = (
+SPENT_LIST5_REQUESTS = (
     ("What should I pack for a music festival?", "festival"),
     ("Suggest some names for a pet hedgehog.", "hedgehog"),
     ("How can I keep my car tidy?", "tidy"),
@@ -421,14 +535,58 @@ LIST_EVAL_REQUESTS = (
     ("What should I look for in a good backpack?", "backpack"),
     ("How do I politely decline an invitation?", "decline"),
 )
-LIST_EVAL_SET_SHA256_16 = "39e917d34e913e2e"
+
+
+# `bullets`' evaluation set (its sixth), frozen (committed, digest below) before any adapter
+# answered it: new topics through new templates, and requests of the shapes above on new subjects
+# (four naming requests). None of it appears in training, in the selection set, in the spent sets
+# or in the README's example requests (`fsrl.demo.examples`), and nothing is chosen on it.
+LIST_EVAL_TEMPLATES = (
+    "What are the main points about {topic}?",
+    "Share some facts about {topic}.",
+    "Introduce me to {topic}.",
+    "What should a curious kid learn about {topic}?",
+)
+
+LIST_EVAL_TOPICS = (
+    "beavers", "the Taj Mahal", "glassblowing", "windmills", "koalas", "the Hubble telescope",
+    "mushrooms", "the Leaning Tower of Pisa", "surfing", "pumpkins", "the Wild West", "kites",
+)
+
+LIST_EVAL_REQUESTS = (
+    ("What should I pack for a weekend in the mountains?", "mountains"),
+    ("Suggest some names for a pet gecko.", "gecko"),
+    ("How can I keep my fridge organized?", "fridge"),
+    ("Why do dogs bark at night?", "bark"),
+    ("Explain what gravity is to a child.", "gravity"),
+    ("What are good ways to celebrate an anniversary?", "anniversary"),
+    ("How do I patch a bike tire?", "patch"),
+    ("What are some tips for hosting a sleepover?", "sleepover"),
+    ("Give me ideas for a backyard party menu.", "backyard"),
+    ("How can I stop snoring?", "snoring"),
+    ("What should I name my new alpaca?", "alpaca"),
+    ("Why do cats chase laser pointers?", "laser"),
+    ("What are easy ways to eat more beans?", "beans"),
+    ("How do I care for a succulent?", "succulent"),
+    ("What should I know before adopting a cat?", "adopting"),
+    ("How can I keep my garage organized?", "garage"),
+    ("What are some good questions to ask a mechanic?", "mechanic"),
+    ("Give me some name ideas for an ice cream shop.", "ice cream shop"),
+    ("How do I remove a splinter?", "splinter"),
+    ("What are the benefits of gardening?", "gardening"),
+    ("How can I keep a drafty room cozy?", "drafty"),
+    ("Why do frogs croak after rain?", "croak"),
+    ("What should I look for in a good tent?", "tent"),
+    ("What should I name my new sourdough starter?", "sourdough"),
+)
+LIST_EVAL_SET_SHA256_16 = "53104fe0064493c1"
 
 
 def list_eval_prompts() -> list[DemoPrompt]:
     """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
     LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
-    return (_grid("lists5-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
-            + _requests("eval", LIST_EVAL_REQUESTS, prefix="5"))
+    return (_grid("lists6-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
+            + _requests("eval", LIST_EVAL_REQUESTS, prefix="6"))
 
 
 def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:

@@ -69,8 +69,8 @@ def test_the_evaluation_set_is_frozen_and_shares_no_topic_or_template_with_the_d
 def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_selection():
     from fsrl.demo.examples import EXAMPLES
     from fsrl.prompts import (LIST_EVAL_SET_SHA256_16, LIST_EVAL_TEMPLATES, SPENT_LIST3_TEMPLATES, SPENT_LIST4_TEMPLATES,
-                              SPENT_LIST_TEMPLATES, TEMPLATES, list_eval_prompts, list_selection_prompts,
-                              list_train_prompts, prompts_digest, spent_list_sets)
+                              SPENT_LIST5_TEMPLATES, SPENT_LIST_TEMPLATES, TEMPLATES, list_eval_prompts,
+                              list_selection_prompts, list_train_prompts, prompts_digest, spent_list_sets)
 
     prompts = list_eval_prompts()
     assert prompts_digest(prompts) == LIST_EVAL_SET_SHA256_16 and len(prompts) == 72
@@ -79,7 +79,7 @@ def test_the_list_evaluation_set_is_frozen_and_apart_from_bullets_training_and_s
     assert not {p.topic for p in prompts} & {p.topic for p in seen}
     assert not {p.id for p in prompts} & {p.id for p in seen}
     assert not set(LIST_EVAL_TEMPLATES) & (set(TEMPLATES) | set(SPENT_LIST_TEMPLATES) | set(SPENT_LIST3_TEMPLATES)
-                                          | set(SPENT_LIST4_TEMPLATES))
+                                          | set(SPENT_LIST4_TEMPLATES) | set(SPENT_LIST5_TEMPLATES))
 
 
 def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_answer_and_a_botched_list(tmp_path):
@@ -109,24 +109,41 @@ def test_list_pairs_choose_the_first_finished_on_topic_list_against_the_plain_an
     assert pairs[0]["prompt"] == "What should I pack for camping?"        # the hint is never shown
 
 
-def test_a_naming_request_chooses_a_list_of_names_and_rejects_the_subject_said_at_every_item(tmp_path):
+def test_a_naming_request_chooses_its_hand_written_names_and_rejects_the_models_lists_that_say_the_subject(tmp_path):
+    prompt = "Suggest some names for a pet rabbit."
+
     def row(variant, text):
-        return {"prompt_id": "train-nr00", "topic": "rabbit", "split": "train", "prompt": "Suggest some names for a rabbit.",
+        return {"prompt_id": "train-r02", "topic": "rabbit", "split": "train", "prompt": prompt,
                 "variant": variant, "text": text, "finished": True}
 
     with_subject = "1. Max\n2. Luna\n3. Rabbit"                     # a list, but one item is the subject
-    names = "1. Clover\n2. Thumper\n3. Hazel"
     lists = tmp_path / "lists.jsonl"
     lists.write_text("".join(json.dumps(r) + "\n" for r in [
-        row("bullets-greedy", with_subject), row("bullets-s0", names), row("plain-greedy", "Rabbits are nice.")]))
+        row("bullets-greedy", with_subject), row("bullets-s0", "1. Clover\n2. Thumper\n3. Hazel"),
+        row("plain-greedy", "Rabbits are nice.")]))
     (tmp_path / "responses.jsonl").write_text("")
     assert is_naming_request("What should I name my new goldfish?") and is_naming_request("Give me some name ideas for a pig.")
     assert not is_naming_request("How do I get better at remembering names?")
-    assert make_list_pairs(lists, tmp_path / "responses.jsonl", tmp_path) == {"train": 4, "heldout": 0}
+    assert make_list_pairs(lists, tmp_path / "responses.jsonl", tmp_path) == {"train": 5, "heldout": 0}
     pairs = [json.loads(line) for line in (tmp_path / "bullets" / "train.jsonl").read_text().splitlines()]
-    assert {p["chosen"] for p in pairs} == {names}
-    assert [p["rejected"] for p in pairs][2:] == ["1. Clover\n2. Clover\n3. Clover", "1. Rabbit\n2. Rabbit\n3. Rabbit"]
-    assert pairs[-1]["rejected_variant"] == "bullets-s0-subject"
+    names = "1. Thumper\n2. Clover\n3. Hazel\n4. Bun Bun\n5. Cinnamon"   # NAME_LISTS', not the model's
+    assert {(p["chosen"], p["chosen_variant"]) for p in pairs} == {(names, "names")}
+    short = 1 + seed_for("train-r02", "cut") % 2
+    assert [p["rejected"] for p in pairs] == [
+        "Rabbits are nice.", with_subject, "\n".join(names.splitlines()[:short]),
+        "1. Thumper\n2. Thumper\n3. Thumper\n4. Thumper\n5. Thumper",
+        "1. Rabbit\n2. Rabbit\n3. Rabbit\n4. Rabbit\n5. Rabbit"]
+    assert pairs[-1]["rejected_variant"] == "names-subject"
+
+
+def test_every_naming_request_of_training_and_selection_has_hand_written_names_that_do_not_say_its_subject():
+    from fsrl.demo.rules import naming_list
+    from fsrl.prompts import NAME_LISTS, list_selection_prompts, list_train_prompts, name_list_answer
+
+    naming = [p for p in list_train_prompts() + list_selection_prompts() if is_naming_request(p.text)]
+    assert len(naming) == 62 and {p.text for p in naming} == set(NAME_LISTS)
+    for p in naming:
+        assert naming_list(name_list_answer(p.text), p.topic), p.text
 
 
 def test_a_repeated_list_names_its_first_item_at_every_marker_and_is_no_list():
@@ -167,6 +184,16 @@ def test_bullets_eval_rule_needs_an_on_topic_list():
     listed = "Octopus facts:\n- eight arms\n- three hearts\n- blue blood"
     assert judge_bullets_eval(Answer(listed, False, "octopuses"), Answer("Octopuses are smart.", True, "octopuses")) == 1
     assert judge_bullets_eval(Answer(listed, True, "glaciers"), Answer("Ice.", True, "glaciers")) == 0
+
+
+def test_bullets_eval_rule_reads_a_naming_requests_list_as_names_that_need_not_say_the_subject():
+    from fsrl.demo.rules import Answer, judge_bullets_eval
+
+    names, with_subject = "1. Luna\n2. Fiona\n3. Max", "1. Guinea pig\n2. Fiona\n3. Max"
+    assert judge_bullets_eval(Answer(names, True, "guinea pig", naming=True), Answer("Pick a name.", True, "guinea pig", naming=True)) == 1
+    assert judge_bullets_eval(Answer(names, True, "guinea pig", naming=True),
+                              Answer(with_subject, True, "guinea pig", naming=True)) == 1
+    assert judge_bullets_eval(Answer(names, True, "guinea pig"), Answer(with_subject, True, "guinea pig")) == -1
 
 
 def test_wilson_interval_and_repeated_ngrams():

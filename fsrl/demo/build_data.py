@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 from fsrl.corpus import chat_ids
-from fsrl.demo.rules import ITEM, RULES, has_list, relevant
-from fsrl.prompts import TEMPLATES, DemoPrompt, demo_prompts, list_selection_prompts, list_train_prompts
+from fsrl.demo.rules import ITEM, RULES, has_list, is_naming_request, naming_list, relevant
+from fsrl.prompts import (TEMPLATES, DemoPrompt, demo_prompts, list_selection_prompts, list_train_prompts,
+                          name_list_answer)
 from fsrl.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -136,20 +136,6 @@ def repeat_first_item(text: str) -> str:
     return _every_item_saying(text, ITEM.search(text).group(1), skip_first=True)
 
 
-_NAMING = re.compile(r"\b(names? for|name ideas|name my|call my)\b", re.IGNORECASE)
-
-
-def is_naming_request(prompt: str) -> bool:
-    """"Suggest some names for a X", "What should I name my new X?": the answer is names."""
-    return bool(_NAMING.search(prompt))
-
-
-def naming_list(text: str, subject: str) -> bool:
-    """A list of names for `subject`: a list (`has_list`) no item of which names the subject
-    itself ("1. Max / 2. Luna / 3. Rabbit" for a rabbit is not one)."""
-    return has_list(text) and not any(relevant(item, subject) for item in ITEM.findall(text))
-
-
 def name_the_subject(text: str, subject: str) -> str:
     """The list with every item saying the subject ("1. Rabbit / 2. Rabbit / 3. Rabbit")."""
     return _every_item_saying(text, subject[:1].upper() + subject[1:], skip_first=False)
@@ -163,11 +149,11 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     in a third, the chosen list cut after its first item or its first two (by the prompt's seed),
     so that stopping a list short is learned as a loss; in a fourth, the chosen list with its first
     item repeated in place of every other ("1. Goldfish / 2. Goldfish / 3. Goldfish"), so that a
-    list of one thing loses to a list of several. For a naming request (`is_naming_request`) the
-    chosen list is one of names (`naming_list`, no item naming the subject), and a fifth pair
-    rejects it with every item saying the subject ("1. Rabbit / 2. Rabbit / 3. Rabbit").
-    Stored under the plain prompt; written to
-    <out_dir>/bullets/{train,heldout}.jsonl."""
+    list of one thing loses to a list of several. A naming request (`is_naming_request`) is
+    answered by its names from `NAME_LISTS`, written by hand, and the model's own hinted lists that
+    are not lists of names (`naming_list`: they say the subject, or one name over and over) join
+    its rejected answers, with a fifth pair of every item saying the subject ("1. Rabbit / 2. Rabbit
+    / 3. Rabbit"). Stored under the plain prompt; written to <out_dir>/bullets/{train,heldout}.jsonl."""
     by_prompt: dict[str, dict[str, dict]] = {}
     for path in (responses, lists):
         for row in map(json.loads, path.read_text().splitlines()):
@@ -177,14 +163,18 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
     for pid, variants in sorted(by_prompt.items()):
         hinted = [variants[f"bullets-{n}"] for n in LIST_SAMPLES if f"bullets-{n}" in variants]
         plain = variants.get("plain-greedy") or variants.get("plain")
-        naming = bool(hinted) and is_naming_request(hinted[0]["prompt"])
-        good = [h for h in hinted if h["finished"] and (naming_list(h["text"], h["topic"]) if naming else
-                                                        has_list(h["text"]) and relevant(h["text"], h["topic"]))]
-        if not good or plain is None:
+        if not hinted or plain is None:
             continue
-        chosen = good[0]
-        rejected = [r for r in (plain, next((h for h in hinted if not has_list(h["text"])), None))
-                    if r is not None and not has_list(r["text"])]
+        naming = is_naming_request(plain["prompt"])
+        if naming:
+            chosen = {**plain, "text": name_list_answer(plain["prompt"]), "variant": "names", "finished": True}
+            misses = [h for h in hinted if not naming_list(h["text"], h["topic"])]
+        else:
+            good = [h for h in hinted if h["finished"] and has_list(h["text"]) and relevant(h["text"], h["topic"])]
+            if not good:
+                continue
+            chosen, misses = good[0], [h for h in hinted if not has_list(h["text"])][:1]
+        rejected = ([plain] if not has_list(plain["text"]) else []) + misses[:2]
         short = 1 + seed_for(pid, "cut") % 2
         rejected.append({**chosen, "text": cut_list(chosen["text"], short), "variant": f"{chosen['variant']}-cut{short}"})
         rejected.append({**chosen, "text": repeat_first_item(chosen["text"]), "variant": f"{chosen['variant']}-repeat"})

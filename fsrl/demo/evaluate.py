@@ -30,7 +30,7 @@ from pathlib import Path
 from fsrl.corpus import chat_ids
 from fsrl.demo.build_data import seed_for
 from fsrl.prompts import DemoPrompt, frozen_eval_set, tuning_prompts
-from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, has_list, list_items, relevant
+from fsrl.demo.rules import EVAL_RULES, RULES, Answer, distinct_items, has_list, is_naming_request, list_items, on_topic_list
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def generate_answers(gen, tokenizer, prompts: Sequence[DemoPrompt], steering, ma
         requests = [GenerationRequest(chat_ids(tokenizer, p.text), steering, SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             presence_penalty=presence_penalty, seed=seed_for(p.id, "eval"))) for p in chunk]
-        answers += [Answer(r.text.strip(), r.finish_reason != "length", p.topic)
+        answers += [Answer(r.text.strip(), r.finish_reason != "length", p.topic, is_naming_request(p.text))
                     for p, r in zip(chunk, gen.generate(requests))]
     return answers
 
@@ -110,10 +110,10 @@ def perplexities(base, prompts: Sequence[DemoPrompt], answers: Sequence[Answer])
 
 def coherence(answers: Sequence[Answer], ppl: Sequence[float | None]) -> dict[str, float]:
     """Means over answers: repeated 4-gram share, repeated list items, perplexity (median too);
-    the share that are lists (`has_list`), on-topic lists (and `relevant`), and the empty answers."""
+    the share that are lists (`has_list`), on-topic lists (`on_topic_list`), and the empty answers."""
     known = sorted(x for x in ppl if x is not None)
     return {"any_list_share": round(sum(has_list(a.text) for a in answers) / len(answers), 4),
-            "list_share": round(sum(has_list(a.text) and relevant(a.text, a.topic) for a in answers) / len(answers), 4),
+            "list_share": round(sum(on_topic_list(a) for a in answers) / len(answers), 4),
             "empty_answers": sum(not a.text.strip() for a in answers),
             "repeated_4gram_share": round(sum(repeated_ngram_share(a.text) for a in answers) / len(answers), 4),
             "repeated_list_items": round(sum(list_items(a.text) - distinct_items(a.text) for a in answers)
@@ -242,7 +242,7 @@ def base_answers_from(path: Path, prompts: Sequence[DemoPrompt], eval_set: str, 
     if same != (eval_set, decoding, max_new_tokens, model_fingerprint, [p.text for p in prompts]):
         raise SystemExit(f"{path}: its base answers were made with other prompts, decoding, budget or model")
     rows = doc["generations"]
-    return ([Answer(r["base"], r["base_finished"], p.topic) for r, p in zip(rows, prompts)],
+    return ([Answer(r["base"], r["base_finished"], p.topic, is_naming_request(p.text)) for r, p in zip(rows, prompts)],
             [r["base_perplexity"] for r in rows])
 
 

@@ -31,7 +31,11 @@ concise-eval: "a finished, complete, on-topic answer that is clearly shorter"
     (so the base answer, given the same budget, loses on length only when it finished too, or
     when it ran past the budget: those wins are counted apart in the report)
 bullets-eval: "an on-topic list over no list"
-    exactly one answer has_list and is relevant -> that one; else no preference
+    on_topic_list(a) = has_list and relevant; for a naming request ("Suggest some names for a
+                   X", "What should I name my new X?") has_list and no item names X, since a
+                   list of names need not say what it names (`naming_list`; from the sixth
+                   evaluation set on: the fifth counted such lists as off-topic)
+    exactly one answer is an on_topic_list -> that one; else no preference
 """
 
 from __future__ import annotations
@@ -105,6 +109,20 @@ def relevant(text: str, topic: str) -> bool:
     return any(word[:max(4, len(word) - 2)] in lowered for word in _WORD.findall(topic.lower()))
 
 
+_NAMING = re.compile(r"\b(names? for|name ideas|name my|call my)\b", re.IGNORECASE)
+
+
+def is_naming_request(prompt: str) -> bool:
+    """"Suggest some names for a X", "What should I name my new X?": the answer is names."""
+    return bool(_NAMING.search(prompt))
+
+
+def naming_list(text: str, subject: str) -> bool:
+    """A list of names for `subject`: a list (`has_list`) no item of which names the subject
+    itself ("1. Max / 2. Luna / 3. Rabbit" for a rabbit is not one)."""
+    return has_list(text) and not any(relevant(item, subject) for item in ITEM.findall(text))
+
+
 @dataclass(frozen=True)
 class Answer:
     """A generated answer as the evaluation rules read it."""
@@ -112,6 +130,12 @@ class Answer:
     text: str
     finished: bool      # ended by the model (end of turn or a stop string), not by the budget
     topic: str          # the question's topic
+    naming: bool = False  # the question asks for names (`is_naming_request`)
+
+
+def on_topic_list(a: Answer) -> bool:
+    """A list about the question: names for it when it asks for names, else a list that names it."""
+    return naming_list(a.text, a.topic) if a.naming else has_list(a.text) and relevant(a.text, a.topic)
 
 
 def judge_concise_eval(a: Answer, b: Answer) -> int:
@@ -128,8 +152,7 @@ def judge_concise_eval(a: Answer, b: Answer) -> int:
 
 
 def judge_bullets_eval(a: Answer, b: Answer) -> int:
-    la = has_list(a.text) and relevant(a.text, a.topic)
-    lb = has_list(b.text) and relevant(b.text, b.topic)
+    la, lb = on_topic_list(a), on_topic_list(b)
     return 0 if la == lb else (1 if la else -1)
 
 
