@@ -147,14 +147,16 @@ RECIPES: dict[str, Recipe] = {
                   "and over, prompted or steered), for every arm alike, at steering scale 1: the scale the "
                   "selection prompts chose for the second recipe (`--scale auto` over 0.5, 1 and 1.5 on "
                   "`fsrl.prompts.list_selection_prompts`; the trials below), not chosen again for this adapter "
-                  "(for the third, fourth and fifth recipes `--scale auto` was not rerun, for time). "
+                  "(for the third to sixth recipes `--scale auto` was not rerun, for time). "
                   "The penalty, `--nll 2` and lambda 3e-2 were chosen on the selection prompts (the trials below, "
                   "with the second recipe's data); the third recipe's changes (the cut lists, the spent second "
                   "evaluation set's prompts in training, one epoch over the larger data) answer that set's "
-                  "misses, the fourth's (the repeated lists) the third set's, and the fifth's (the naming requests) "
-                  "the fourth set's, which is why all three are spent and this fifth set was frozen before any "
-                  "adapter answered it. This adapter is the only one trained on the fifth recipe, and the "
-                  "evaluation set was answered once.",
+                  "misses, the fourth's (the repeated lists) the third set's, the fifth's (the naming requests) "
+                  "the fourth set's, and the sixth's (hand-written names) the fifth set's and the README's goldfish "
+                  "example, which is why all four are spent and this sixth set was frozen before any adapter "
+                  "answered it, with the rule's reading of a naming request (`on_topic_list`: names need not say "
+                  "the subject). This adapter is the only one trained on the sixth recipe, and the evaluation set "
+                  "was answered once.",
         earlier=((2, ("3e-2",), "The second recipe: 391 pairs (no cut lists, no spent-set prompts), two epochs; "
                   "its win rate and coherence are on the second evaluation set (`9ceed5efde35111f`), now "
                   "spent."),)),
@@ -346,7 +348,7 @@ def render_readme(recipe: Recipe, root: Path = Path(".")) -> str:
         f"| of those wins, the base answer ran past the budget | - | {gen['wins_where_base_ran_past_budget']} |",
         *[f"| {label} | {fmt(coh['base'][key])} | {fmt(coh['steered'][key])} |" for key, label, fmt in (
             ("any_list_share", "lists of at least 3 distinct items (`has_list`)", "{:.1%}".format),
-            ("list_share", "on-topic lists of at least 3 distinct items (`has_list` and `relevant`)", "{:.1%}".format),
+            ("list_share", "on-topic lists of at least 3 distinct items (`on_topic_list`)", "{:.1%}".format),
             ("empty_answers", "empty answers", str),
             ("words_mean", "words per answer (mean)", str),
             ("finished_share", "answers that ended on their own", "{:.0%}".format),
