@@ -285,6 +285,8 @@ def selection_trials_section(root: Path, recipe: Recipe) -> list[str]:
     for trial in doc["trials"]:
         a, pp = trial["adapter"], trial["decoding"]["presence_penalty"]
         for arm, texts in trial["answers"].items():
+            # read as when they chose the decoding: naming requests' lists by `relevant` too (the
+            # rule's reading of names, `on_topic_list`, came with the sixth evaluation set)
             c = coherence([Answer(t, True, p.topic) for t, p in zip(texts, prompts)], [None] * len(texts))
             steered = arm not in ("base", "hint")
             name = f"scale {arm}" if steered else arm
