@@ -610,8 +610,8 @@ function renderTelemetry() {
   const fired = points.filter((t) => t.conditions.length).length;
   $("telemetry-summary").textContent = `${points.length} tokens: norm up to ${fmt(maxNorm, 2)} (solid), ` +
     `KL up to ${kls.length ? fmt(Math.max(...kls), 3) : "–"} (dashed), ` +
-    `${fmt(points.reduce((a, t) => a + t.pushed, 0) / points.length, 1)} features pushed a token, ` +
-    `conditions passed at ${fired} of them.`;
+    `${fmt(points.reduce((a, t) => a + t.pushed, 0) / points.length, 1)} features pushed per token on average, ` +
+    `conditions passed at ${fired} of the tokens.`;
 }
 
 function selectToken(i) {
