@@ -483,14 +483,19 @@ SPENT_LIST4_REQUESTS = (
 )
 
 
+def _list_eval_set(tag: str, topics: tuple[str, ...], templates: tuple[str, ...],
+                   requests: tuple[tuple[str, str], ...]) -> list[DemoPrompt]:
+    """One of `bullets`' evaluation sets: its topics through its templates (ids `lists<tag>-`), then
+    its requests (ids `eval-<tag>rNN`)."""
+    return _grid(f"lists{tag}-", "eval", topics, templates) + _requests("eval", requests, prefix=tag)
+
+
 def spent_list_sets() -> list[DemoPrompt]:
     """The spent second to fifth evaluation sets (the second also trains; see above)."""
-    return (_spent_list_prompts() + _grid("lists-", "eval", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES)
-            + _requests("eval", SPENT_LIST3_REQUESTS)
-            + _grid("lists4-", "eval", SPENT_LIST4_TOPICS, SPENT_LIST4_TEMPLATES)
-            + _requests("eval", SPENT_LIST4_REQUESTS, prefix="4")
-            + _grid("lists5-", "eval", SPENT_LIST5_TOPICS, SPENT_LIST5_TEMPLATES)
-            + _requests("eval", SPENT_LIST5_REQUESTS, prefix="5"))
+    return (_spent_list_prompts()
+            + _list_eval_set("", SPENT_LIST3_TOPICS, SPENT_LIST3_TEMPLATES, SPENT_LIST3_REQUESTS)
+            + _list_eval_set("4", SPENT_LIST4_TOPICS, SPENT_LIST4_TEMPLATES, SPENT_LIST4_REQUESTS)
+            + _list_eval_set("5", SPENT_LIST5_TOPICS, SPENT_LIST5_TEMPLATES, SPENT_LIST5_REQUESTS))
 
 
 # `bullets`' fifth evaluation set: answered once, by the fifth recipe's adapter (its figures are in
@@ -585,8 +590,7 @@ LIST_EVAL_SET_SHA256_16 = "53104fe0064493c1"
 def list_eval_prompts() -> list[DemoPrompt]:
     """`bullets`' frozen evaluation set: every LIST_EVAL_TOPICS topic through every
     LIST_EVAL_TEMPLATES template, then the LIST_EVAL_REQUESTS."""
-    return (_grid("lists6-", "eval", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES)
-            + _requests("eval", LIST_EVAL_REQUESTS, prefix="6"))
+    return _list_eval_set("6", LIST_EVAL_TOPICS, LIST_EVAL_TEMPLATES, LIST_EVAL_REQUESTS)
 
 
 def frozen_eval_set(rule: str) -> tuple[list[DemoPrompt], str]:

@@ -21,6 +21,8 @@ tests/test_vllm_plugin.py in processes of their own while the other tests run
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,14 +30,30 @@ import pytest
 import _prefetch
 
 SHARED_VLLM = "shared_vllm"  # the mark (_server_fixtures.SHARED_VLLM); registered in pyproject.toml
-_running: list = []  # the SharedVllmServer while it runs
-_last_user: list[pytest.Item] = []
-_default_running: list = []  # the default model's ServerProcess while it runs
-_last_default_user: list[pytest.Item] = []
 
 
 def _talks_to_shared_vllm(item: pytest.Item) -> bool:
     return bool(item.get_closest_marker(SHARED_VLLM)) or "vllm_server" in getattr(item, "fixturenames", ())
+
+
+# The session's servers, by fixture: which tests use it, the server while it runs, and the last
+# test that uses it (after which it is stopped).
+_USES: dict[str, Callable[[pytest.Item], bool]] = {
+    "vllm_server": _talks_to_shared_vllm,
+    "default_server": lambda item: "default_server" in getattr(item, "fixturenames", ())}
+_running: dict[str, list] = {name: [] for name in _USES}
+_last_user: dict[str, pytest.Item] = {}
+
+
+@contextmanager
+def _running_as(name: str, server):
+    """`server` counts as the running `name` server until it is stopped here."""
+    _running[name].append(server)
+    try:
+        yield server
+    finally:
+        server.stop()
+        _running[name].remove(server)
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +71,8 @@ def vllm_server(vllm_setup, tmp_path_factory):
     (slow: a subprocess)."""
     from _server_fixtures import SharedVllmServer
 
-    server = SharedVllmServer(vllm_setup, tmp_path_factory.mktemp("vllm-log"))
-    _running.append(server)
-    try:
+    with _running_as("vllm_server", SharedVllmServer(vllm_setup, tmp_path_factory.mktemp("vllm-log"))) as server:
         yield server.start()
-    finally:
-        server.stop()
-        _running.remove(server)
 
 
 @pytest.fixture(scope="session")
@@ -69,22 +82,18 @@ def default_server(tmp_path_factory):
     from fsrl.testing import ServerProcess
 
     adapters = Path(__file__).resolve().parents[1] / "adapters"
-    proc = ServerProcess(["--adapters-dir", str(adapters), "--device", "cpu"],
-                         log_path=tmp_path_factory.mktemp("default-server") / "server.log")
-    _default_running.append(proc)
-    try:
+    with _running_as("default_server", ServerProcess(
+            ["--adapters-dir", str(adapters), "--device", "cpu"],
+            log_path=tmp_path_factory.mktemp("default-server") / "server.log")) as proc:
         proc.wait_ready(timeout_s=180, max_polls=1800)
         yield proc
-    finally:
-        proc.stop()
-        _default_running.remove(proc)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    users = [item for item in session.items if _talks_to_shared_vllm(item)]
-    _last_user[:] = users[-1:]
-    default_users = [item for item in session.items if "default_server" in getattr(item, "fixturenames", ())]
-    _last_default_user[:] = default_users[-1:]
+    for name, uses in _USES.items():
+        users = [item for item in session.items if uses(item)]
+        if users:
+            _last_user[name] = users[-1]
     if importlib.util.find_spec("vllm") is not None and not session.config.option.collectonly:
         # (the checks' tests skip without vLLM)
         _prefetch.start([item.nodeid for item in session.items])
@@ -99,7 +108,7 @@ def _shared_vllm_server_left_as_found(request):
     yield
     if not _talks_to_shared_vllm(request.node):
         return
-    for server in _running:
+    for server in _running["vllm_server"]:
         if server.proc is not None:
             changed = server.put_back()
             if changed:
@@ -108,9 +117,7 @@ def _shared_vllm_server_left_as_found(request):
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    if _last_user and item is _last_user[0]:
-        for server in _running:
-            server.stop()
-    if _last_default_user and item is _last_default_user[0]:
-        for proc in _default_running:
-            proc.stop()
+    for name, last in _last_user.items():
+        if item is last:
+            for server in _running[name]:
+                server.stop()

@@ -38,9 +38,8 @@ def test_help_lists_every_command():
 def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
     import json
 
-    from fsrl.testing import write_tiny_setup
-
     from fsrl.cli import main
+    from fsrl.testing import write_tiny_setup
 
     setup = write_tiny_setup(tmp_path / "tiny")
     out = tmp_path / "bench.json"
@@ -56,9 +55,8 @@ def test_bench_measures_a_tiny_model_plain_and_packed(tmp_path):
 def test_bench_adapters_measures_each_count_of_distinct_adapters_beside_the_stock_batch(tmp_path):
     import json
 
-    from fsrl.testing import write_tiny_setup
-
     from fsrl.cli import main
+    from fsrl.testing import write_tiny_setup
 
     setup = write_tiny_setup(tmp_path / "tiny")
     out = tmp_path / "bench.json"

@@ -168,13 +168,13 @@ def make_list_pairs(lists: Path, responses: Path, out_dir: Path) -> dict[str, in
         naming = is_naming_request(plain["prompt"])
         if naming:
             chosen = {**plain, "text": name_list_answer(plain["prompt"]), "variant": "names", "finished": True}
-            misses = [h for h in hinted if not naming_list(h["text"], h["topic"])]
+            misses = [h for h in hinted if not naming_list(h["text"], h["topic"])][:2]
         else:
             good = [h for h in hinted if h["finished"] and has_list(h["text"]) and relevant(h["text"], h["topic"])]
             if not good:
                 continue
             chosen, misses = good[0], [h for h in hinted if not has_list(h["text"])][:1]
-        rejected = ([plain] if not has_list(plain["text"]) else []) + misses[:2]
+        rejected = ([plain] if not has_list(plain["text"]) else []) + misses
         short = 1 + seed_for(pid, "cut") % 2
         rejected.append({**chosen, "text": cut_list(chosen["text"], short), "variant": f"{chosen['variant']}-cut{short}"})
         rejected.append({**chosen, "text": repeat_first_item(chosen["text"]), "variant": f"{chosen['variant']}-repeat"})
